@@ -1,0 +1,12 @@
+"""qdlm-export: quantize diffusion LLMs into Hub-ready checkpoints that reload with ``from_pretrained``.
+
+Importing the package registers the ``qdlm`` quantization method with transformers.
+"""
+
+__version__ = "0.1.0"
+
+from .loader import register_with_transformers as _register
+
+_register()
+
+from . import families, methods  # noqa: E402,F401  (register families and methods)

@@ -1,0 +1,280 @@
+"""The ``qdlm-export`` command line: a thin Typer layer that parses, calls the library, and renders.
+
+No logic lives here. Every user-fixable problem arrives as a ``QdlmError`` and leaves through
+:func:`main`'s one exception-to-message table; tracebacks appear only with ``QDLM_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+app = typer.Typer(
+    name="qdlm-export",
+    help="Quantize diffusion LLMs (LLaDA, Dream, ...) into Hub-ready checkpoints that reload with from_pretrained.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny-llada"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qdlm-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Quantize diffusion LLMs into Hub-ready checkpoints."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    from .errors import ConfigError
+
+    raise ConfigError(f"--max-shard-size {text!r} is not a size", hint="write it like 5GB or 500MB")
+
+
+# --------------------------------------------------------------------------------------- quantize
+@app.command(
+    epilog="Examples:\n\n"
+    "  qdlm-export quantize --out tiny-w4                      # the embedded tiny LLaDA, RTN W4 g128\n\n"
+    "  qdlm-export quantize GSAI-ML/LLaDA-8B-Instruct --trust-remote-code --method rtn --bits 4 --out llada-w4\n\n"
+    "  qdlm-export quantize ./my-model --bits 8 --group-size -1 --asymmetric --out my-model-w8"
+)
+def quantize(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Local model folder or Hub id. Omitted: the tiny LLaDA embedded in the package (offline)."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")] = ...,
+    method: Annotated[str, typer.Option("--method", "-m", help="Quantization method: rtn.")] = "rtn",
+    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Input columns per scale group; -1 for one scale per output channel.")] = 128,
+    symmetric: Annotated[
+        bool, typer.Option("--symmetric/--asymmetric", help="Symmetric (no zero point) or asymmetric (zero point per group).")
+    ] = True,
+    include_lm_head: Annotated[bool, typer.Option(help="Also quantize the LM head (kept in full precision by default).")] = False,
+    group_fallback: Annotated[
+        str, typer.Option(help="When --group-size does not divide a layer's input size: 'error', or 'per-channel' for that layer.")
+    ] = "error",
+    scale_dtype: Annotated[
+        Optional[str], typer.Option(help="Scale dtype: float16, bfloat16 or float32 [default: float32 for float32 models, else float16].")
+    ] = None,
+    calib: Annotated[str, typer.Option(help="Calibration text: 'default' (shipped corpus), a .txt/.jsonl file, a folder, or a Hub dataset.")] = "default",
+    calib_field: Annotated[str, typer.Option(help="JSONL/dataset field holding the text.")] = "text",
+    nsamples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling and masking.")] = 0,
+    calib_masking: Annotated[
+        str, typer.Option(help="'none': clean text; 'random': mask tokens with a per-sample ratio t~U(0,1), as dLLMs see them.")
+    ] = "none",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available).")] = "auto",
+    compute_dtype: Annotated[
+        Optional[str], typer.Option(help="Dtype blocks run in during calibration [default: float32 on CPU, bfloat16 on CUDA].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Calibration sequences per forward pass.")] = 8,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow the model's own modeling code (LLaDA, Dream). Review it first.")
+    ] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of MODEL.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(help="Reload the result and measure its output error against the original.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Quantize MODEL and write a checkpoint that reloads with from_pretrained."""
+    from .configs import CalibrationConfig
+    from .quantize import make_config
+    from .quantize import quantize as run_quantize
+
+    if model is None:
+        model, trust_remote_code = str(EMBEDDED_DEFAULT), True  # our own shipped code
+    config = make_config(
+        method, bits=bits, group_size=group_size, symmetric=symmetric, include_lm_head=include_lm_head,
+        group_fallback=group_fallback, scale_dtype=scale_dtype,
+    )
+    calibration = CalibrationConfig(
+        source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field
+    )
+    command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with _block_progress(disable=as_json) as on_block:
+        summary = run_quantize(
+            model, out_dir, config, calibration=calibration, trust_remote_code=trust_remote_code,
+            overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size,
+            verify=verify, max_shard_bytes=_parse_size(max_shard_size), revision=revision,
+            on_block=on_block, command=command,
+        )
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    table = Table(title=f"{summary.method} W{summary.bits} g{summary.group_size} -> {summary.out}", show_header=False)
+    table.add_row("quantized linears", str(summary.quantized_modules))
+    table.add_row("bits per weight", f"{summary.bits_per_weight:.3f}")
+    ratio = summary.linear_bytes_quantized / max(summary.linear_bytes_original, 1)
+    table.add_row("linear weights", f"{_size(summary.linear_bytes_original)} -> {_size(summary.linear_bytes_quantized)} ({ratio:.1%})")
+    table.add_row("checkpoint", f"{_size(summary.source_checkpoint_bytes)} -> {_size(summary.checkpoint_bytes)}")
+    if summary.relative_output_error is not None:
+        table.add_row("relative output error", f"{summary.relative_output_error:.4f} (logits vs original, 4 masked samples)")
+    table.add_row("time", f"{summary.elapsed_s:.1f} s")
+    out.print(table)
+    out.print(f"Next: qdlm-export inspect {summary.out}   |   qdlm-export push {summary.out} YOUR_NAME/REPO")
+
+
+class _block_progress:
+    """A rich progress bar with ETA over decoder blocks (silent with --json)."""
+
+    def __init__(self, disable: bool):
+        self.disable = disable
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("quantizing blocks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err, disable=self.disable, transient=True,
+        )
+        self.progress.__enter__()
+        self.task = None
+
+        def on_block(done: int, total: int) -> None:
+            if self.task is None:
+                self.task = self.progress.add_task("blocks", total=total)
+            self.progress.update(self.task, completed=done)
+
+        return on_block
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------- inspect
+@app.command(epilog="Example:\n\n  qdlm-export inspect llada-w4 --json")
+def inspect(
+    folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
+    """Describe a checkpoint and validate that every promised tensor exists with the right dtype and shape."""
+    from .inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(folder)
+    if as_json:
+        typer.echo(json.dumps({**info.to_dict(), "valid": True}, indent=2))
+        return
+    sym = "symmetric" if info.symmetric else "asymmetric"
+    table = Table(title=str(folder), show_header=False)
+    table.add_row("method", info.method)
+    table.add_row("weights", f"{info.bits}-bit, group {info.group_size}, {sym}, scales {info.scale_dtype}")
+    table.add_row("activations", json.dumps(info.activations) if info.activations else "full precision")
+    table.add_row("family", str(info.family))
+    table.add_row("quantized linears", str(len(info.quantized_modules)))
+    table.add_row("kept in full precision", ", ".join(info.modules_not_converted) or "-")
+    if info.module_overrides:
+        table.add_row("per-module overrides", ", ".join(f"{k}: {v}" for k, v in info.module_overrides.items()))
+    table.add_row("bits per weight", f"{info.bits_per_weight:.3f}")
+    table.add_row("weights on disk", _size(info.checkpoint_bytes))
+    table.add_row("validation", "[green]ok[/green]: every tensor present with the expected dtype and shape")
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------- push
+@app.command(
+    epilog="Examples:\n\n  qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4\n\n"
+    "  qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4 --private --revision w4-g128"
+)
+def push(
+    folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
+    repo_id: Annotated[str, typer.Argument(help="Target Hub repo, e.g. your-name/LLaDA-8B-Instruct-w4.")],
+    private: Annotated[bool, typer.Option(help="Create the repo as private (if it does not exist yet).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created if missing) [default: main].")] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message [default: a description of the checkpoint].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`)."""
+    from .hub import push_checkpoint
+
+    result = push_checkpoint(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    if as_json:
+        typer.echo(json.dumps(result.__dict__, indent=2))
+    else:
+        out.print(f"Uploaded {folder} to {result.repo_url} (commit {result.commit_oid[:10]}): {result.commit_url}")
+
+
+# ------------------------------------------------------------------------------------------- main
+def _render_error(message: str, hint: str | None, code: int) -> int:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True)
+    if hint:
+        err.print(f"[yellow]hint:[/yellow] {hint}", highlight=False)
+    return code
+
+
+def main() -> None:
+    """Entry point: runs the app and maps every known failure to a message and exit code."""
+    from .errors import QdlmError
+
+    debug = os.environ.get("QDLM_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except QdlmError as exc:
+        if debug:
+            raise
+        sys.exit(_render_error(exc.message, exc.hint, exc.exit_code))
+    except KeyboardInterrupt:
+        sys.exit(_render_error("interrupted; no output was left behind", None, 130))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(_render_error("aborted", None, 130))
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        sys.exit(
+            _render_error(
+                f"internal error: {type(exc).__name__}: {exc}",
+                "this is a bug in qdlm-export; re-run with QDLM_DEBUG=1 for the traceback and report it",
+                3,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

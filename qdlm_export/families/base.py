@@ -1,0 +1,111 @@
+"""What a model family *is*, as data: where its blocks live, which linears share an input, which norm
+feeds which linears, how its attention is shaped, and how it is used as a masked diffusion model.
+
+Methods read a :class:`FamilyAdapter`; they never branch on model names. Adding a family is one file in
+this package that builds an adapter and registers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of one block that read the same input, in forward order within the block.
+
+    ``norm`` names the norm whose output is that input (so scales/rotations can be folded into it);
+    ``prev_linear`` names the linear whose output is that input (v -> attention output, up -> down)
+    when no norm sits between them. Names are relative to the block.
+    """
+
+    linears: tuple[str, ...]
+    norm: str | None = None
+    prev_linear: str | None = None
+    role: str = ""  # "qkv", "attn_out", "gate_up", "down": for humans and per-role options
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Architecture facts of one model family. All module paths are dotted ``named_modules`` names."""
+
+    name: str
+    model_types: tuple[str, ...]  # config.model_type values this adapter claims
+    blocks: str  # the ModuleList of decoder blocks, e.g. "model.transformer.blocks"
+    groups: tuple[LinearGroup, ...]  # every quantizable linear of a block, in forward order
+    embeddings: str
+    final_norm: str
+    lm_head: str
+    # Config keys, in order of preference, for the attention shape (configs differ across families).
+    hidden_size_keys: tuple[str, ...] = ("hidden_size",)
+    num_heads_keys: tuple[str, ...] = ("num_attention_heads",)
+    num_kv_heads_keys: tuple[str, ...] = ("num_key_value_heads",)
+    head_dim_keys: tuple[str, ...] = ("head_dim",)
+    num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    tie_keys: tuple[str, ...] = ("tie_word_embeddings",)
+    # dLLM facts.
+    is_diffusion: bool = True
+    default_mask_token_id: int | None = None
+    mask_token_id_keys: tuple[str, ...] = ("mask_token_id",)
+    logits_shift: bool = False  # True: logits at i-1 predict token i (Dream)
+    needs_remote_code: bool = True
+    auto_class: str = "AutoModel"  # the Auto class that loads the full model with its head
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived facts -------------------------------------------------------------------------
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group.linears)
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        blocks = model.get_submodule(self.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"{self.blocks} is {type(blocks).__name__}, expected a ModuleList of blocks")
+        return blocks
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks}.{index}"
+
+    def quantizable_linears(self, num_blocks: int) -> list[str]:
+        """Full names of every linear the adapter lists, block by block, in forward order."""
+        return [f"{self.block_prefix(i)}.{name}" for i in range(num_blocks) for name in self.linear_names]
+
+    def attention_shape(self, config: Any) -> AttentionShape:
+        hidden = _first(config, self.hidden_size_keys)
+        heads = _first(config, self.num_heads_keys)
+        kv_heads = _first(config, self.num_kv_heads_keys, default=None) or heads
+        head_dim = _first(config, self.head_dim_keys, default=None) or hidden // heads
+        return AttentionShape(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden)
+
+    def num_layers(self, config: Any) -> int:
+        return _first(config, self.num_layers_keys)
+
+    def mask_token_id(self, config: Any) -> int | None:
+        return _first(config, self.mask_token_id_keys, default=None) or self.default_mask_token_id
+
+    def ties_embeddings(self, config: Any) -> bool:
+        return bool(_first(config, self.tie_keys, default=False))
+
+
+_MISSING = object()
+
+
+def _first(config: Any, keys: tuple[str, ...], default: Any = _MISSING) -> Any:
+    for key in keys:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if value is not None:
+            return value
+    if default is _MISSING:
+        raise KeyError(f"none of the config keys {keys} is set")
+    return default

@@ -1,0 +1,1 @@
+"""On-disk formats: bit packing, the native qdlm layout, sharded writing."""

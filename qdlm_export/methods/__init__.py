@@ -1,0 +1,7 @@
+"""Quantization methods, one module each, registered by name."""
+
+from . import rtn  # noqa: F401  (registers the method)
+from .base import BlockCalibration, QuantMethod
+from .registry import available_methods, method_class, register_method
+
+__all__ = ["BlockCalibration", "QuantMethod", "available_methods", "method_class", "register_method"]
