@@ -85,7 +85,7 @@ def tokenize_corpus(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.T
         if end < len(text):
             cut = text.rfind("\n", start, end)
             end = cut + 1 if cut > start else end
-        ids.extend(tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
         start = end
     return torch.tensor(ids, dtype=torch.long)
 

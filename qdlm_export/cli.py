@@ -248,7 +248,11 @@ def main() -> None:
 
     debug = os.environ.get("QDLM_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # click turns Ctrl-C into Abort and returns its exit code
+            sys.exit(_render_error("interrupted; no output was left behind", None, 130))
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except QdlmError as exc:
         if debug:
             raise

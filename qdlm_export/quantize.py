@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .calibration import calibration_tokens
 from .configs import CalibrationConfig, WeightOnlyConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModelNotFoundError
 from .formats.native import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name
 from .formats.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .methods import method_class
@@ -86,6 +86,7 @@ def quantize(
     try:
         method = method_class(config.method)(config, source.adapter, source.config_dict)
         method.scale_dtype = _scale_dtype(config, source)
+        _check_layer_shapes(source, method)
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
         mask_id = source.adapter.mask_token_id(source.config_dict)
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
@@ -144,6 +145,26 @@ def quantize(
         checkpoint_bytes=checkpoint_bytes, source_checkpoint_bytes=report["source_checkpoint_bytes"],
         relative_output_error=error, elapsed_s=time.perf_counter() - started,
     )
+
+
+def _check_layer_shapes(source: SourceModel, method) -> None:
+    """Resolve every layer's scheme from the safetensors headers before any work, so a group size
+    that does not fit a layer fails at once, naming the layer."""
+    adapter = source.adapter
+    names = adapter.quantizable_linears(adapter.num_layers(source.config_dict))
+    if method.config.include_lm_head:
+        names.append(adapter.lm_head)
+    for name in names:
+        key = f"{name}.weight"
+        if not source.has(key):
+            if name == adapter.lm_head:
+                continue  # tied head: refused later with its own message
+            raise ModelNotFoundError(
+                f"the checkpoint has no tensor {key}, which the {adapter.name} family expects",
+                hint="the weights do not match the model family; check the model folder",
+            )
+        _, shape = source.tensor_meta(key)
+        method.layer_scheme(name, shape[1])
 
 
 def _scale_dtype(config: WeightOnlyConfig, source: SourceModel) -> torch.dtype:

@@ -51,8 +51,14 @@ def _logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_
 def load_quantized(folder: Path, auto_class: str, trust_remote_code: bool, device: torch.device) -> nn.Module:
     import transformers
 
+    from transformers.utils import logging as hf_logging
+
     cls = getattr(transformers, auto_class)
-    model = cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    hf_logging.disable_progress_bar()  # our own progress is on screen; theirs would interleave
+    try:
+        model = cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    finally:
+        hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

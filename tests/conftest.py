@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny architecture-faithful models built once per session from a seed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the real Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory):
+    from qdlm_export.fixtures import build_tiny_model
+
+    return build_tiny_model("llada", tmp_path_factory.mktemp("models") / "tiny-llada", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory):
+    from qdlm_export.fixtures import build_tiny_model
+
+    return build_tiny_model("dream", tmp_path_factory.mktemp("models") / "tiny-dream", seed=2)
+
+
+@pytest.fixture(params=["llada", "dream"])
+def tiny_model(request, tiny_llada, tiny_dream):
+    """Each tiny dLLM family in turn: (family, folder)."""
+    return request.param, {"llada": tiny_llada, "dream": tiny_dream}[request.param]
