@@ -134,7 +134,7 @@ def quantize(
                 "eval": None,
             }
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-            _write_card(tmp)
+            _write_card(tmp, repo_id=out.name)
     finally:
         source.close()
 
@@ -228,9 +228,8 @@ def _quantization_config(config, source, result, calibration, method, command) -
     }
 
 
-def _write_card(folder: Path) -> None:
-    try:
-        from .model_card import write_model_card
-    except ImportError:  # the card module is optional at this layer
-        return
-    write_model_card(folder)
+def _write_card(folder: Path, repo_id: str) -> None:
+    from .model_card import write_model_card
+
+    # The loading example names the final folder; `push` re-renders it with the Hub repo id.
+    write_model_card(folder, repo_id)
