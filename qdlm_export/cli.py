@@ -152,7 +152,8 @@ def quantize(
         table.add_row("relative output error", f"{summary.relative_output_error:.4f} (logits vs original, 4 masked samples)")
     table.add_row("time", f"{summary.elapsed_s:.1f} s")
     out.print(table)
-    out.print(f"Next: qdlm-export inspect {summary.out}   |   qdlm-export push {summary.out} YOUR_NAME/REPO")
+    out.print(f"Next: qdlm-export inspect {summary.out}", soft_wrap=True, highlight=False)
+    out.print(f"      qdlm-export push {summary.out} YOUR_NAME/REPO", soft_wrap=True, highlight=False)
 
 
 class _block_progress:
