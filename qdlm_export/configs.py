@@ -84,6 +84,49 @@ class RTNConfig(WeightOnlyConfig):
     method: ClassVar[str] = "rtn"
 
 
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class WeightActivationConfig(WeightOnlyConfig):
+    """Weight *and* activation quantization (SmoothQuant, QuaRot, DuQuant): weights as above, plus
+    the integer format of every quantized linear's input, applied online by the loader."""
+
+    act_bits: int = 8
+    act_granularity: str = "token"  # "token": dynamic per-token scales; "tensor": one static scale
+    act_symmetric: bool = True
+    act_clip_ratio: float = 1.0
+    qkv_bits: int | None = None  # also quantize the q/k/v projections' outputs (None: keep 16-bit)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_bits not in (4, 8):
+            raise ConfigError(f"--act-bits {self.act_bits} is not supported", hint="choose 4 or 8")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ConfigError(
+                f"--act-granularity {self.act_granularity!r} is invalid", hint=f"choose one of {ACT_GRANULARITIES}"
+            )
+        if not 0.0 < self.act_clip_ratio <= 1.0:
+            raise ConfigError(f"--act-clip-ratio {self.act_clip_ratio} must be in (0, 1]")
+        if self.qkv_bits is not None and self.qkv_bits not in (4, 8):
+            raise ConfigError(f"--qkv-bits {self.qkv_bits} is not supported", hint="choose 4 or 8")
+
+    def activations(self) -> dict[str, Any]:
+        """The ``activations`` section of the checkpoint's quantization_config."""
+        return {
+            "bits": self.act_bits,
+            "granularity": self.act_granularity,
+            "dynamic": self.act_granularity == "token",
+            "symmetric": self.act_symmetric,
+            "clip_ratio": self.act_clip_ratio,
+            "qkv_bits": self.qkv_bits,
+        }
+
+    def method_options(self) -> dict[str, Any]:
+        shared = {f.name for f in dataclasses.fields(WeightActivationConfig)}
+        return {k: v for k, v in self.to_dict().items() if k not in shared}
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration text comes from and how it is cut into model inputs."""

@@ -30,6 +30,8 @@ class PipelineResult:
     quantized_modules: list[str] = field(default_factory=list)
     modules_not_converted: list[str] = field(default_factory=list)
     module_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # module name -> its online input transforms (the checkpoint's transforms.modules)
+    module_transforms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     linear_params: int = 0
     linear_bytes_original: int = 0
     linear_bytes_quantized: int = 0
@@ -169,7 +171,7 @@ def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweig
     result.linear_params += out * inp
     result.linear_bytes_original += out * inp * torch.empty((), dtype=dtype).element_size()
     result.linear_bytes_quantized += sum(
-        t.numel() * t.element_size() for k, t in tensors.items() if k != "bias"
+        t.numel() * t.element_size() for k, t in tensors.items() if k != "bias" and k not in qweight.extra_tensors
     )
 
 
@@ -182,6 +184,8 @@ def _write_block(source, writer, block, prefix, qweights, result) -> None:
         tensors = linear_tensors(qweight)
         writer.add_all(name, tensors)
         _record_linear(result, source, name, qweight, tensors)
+        if qweight.input_transforms:
+            result.module_transforms[name] = list(qweight.input_transforms)
         written.update({f"{name}.weight", f"{name}.bias"})
     for local, param in block.named_parameters():
         name = f"{prefix}.{local}"

@@ -13,7 +13,7 @@ follow from scales, so every method ends in the same :class:`QuantizedWeight`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,10 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None  # uint8 [out, groups]; None when symmetric
     scheme: WeightScheme
     bias: torch.Tensor | None = None
+    # Online transforms the loader applies to this linear's input before the matmul, in order, as
+    # data (docs/FORMAT.md "Transforms"), and the tensors they reference, by suffix.
+    input_transforms: list[dict] = field(default_factory=list)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -207,7 +207,7 @@ def _quantization_config(config, source, result, calibration, method, command) -
             "symmetric": config.symmetric,
             "scale_dtype": dtype_name(method.scale_dtype),
         },
-        "activations": None,
+        "activations": config.activations() if hasattr(config, "activations") else None,
         "family": adapter.name,
         "dllm": {
             "mask_token_id": adapter.mask_token_id(source.config_dict),
@@ -216,7 +216,9 @@ def _quantization_config(config, source, result, calibration, method, command) -
         "quantized_modules": result.quantized_modules,
         "module_overrides": result.module_overrides,
         "modules_not_converted": result.modules_not_converted,
-        "transforms": {},
+        "transforms": {"modules": result.module_transforms, **method.transform_metadata()}
+        if (result.module_transforms or method.transform_metadata())
+        else {},
         "calibration": _calibration_record(calibration) if method.needs_calibration else None,
         "provenance": {
             "source": source.model_id,

@@ -87,6 +87,10 @@ def linear_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
         tensors["weight_zero_point"] = qweight.zero_point.to(torch.uint8).contiguous()
     if qweight.bias is not None:
         tensors["bias"] = qweight.bias.detach().contiguous()
+    for suffix, tensor in qweight.extra_tensors.items():  # transform tensors (rotations, smoothing)
+        if suffix in tensors:
+            raise ValueError(f"transform tensor name {suffix!r} collides with a weight tensor")
+        tensors[suffix] = tensor.detach().contiguous()
     return tensors
 
 

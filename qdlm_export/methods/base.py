@@ -76,6 +76,11 @@ class QuantMethod:
     def prepare(self, model: nn.Module) -> None:
         """Whole-model offline transforms before the block walk (rotations, centring). Default: none."""
 
+    def transform_metadata(self) -> dict[str, Any]:
+        """Facts about offline transforms already fused into the weights (rotation seed, smoothing
+        alpha...), recorded in ``transforms`` for provenance; the loader does not need them."""
+        return {}
+
     def layer_scheme(self, full_name: str, in_features: int) -> WeightScheme:
         """The scheme for one linear, applying the group-size fallback the user allowed."""
         scheme = self.config.scheme
