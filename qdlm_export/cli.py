@@ -82,18 +82,36 @@ def quantize(
         typer.Argument(help="Local model folder or Hub id. Omitted: the tiny LLaDA embedded in the package (offline)."),
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")] = ...,
-    method: Annotated[str, typer.Option("--method", "-m", help="Quantization method: rtn.")] = "rtn",
-    bits: Annotated[int, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Input columns per scale group; -1 for one scale per output channel.")] = 128,
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="Quantization method: rtn, gptq, awq, smoothquant, quarot, duquant, rtn-wa.")
+    ] = "rtn",
+    bits: Annotated[Optional[int], typer.Option(help="Weight bits: 2, 3, 4 or 8 [default: 4].")] = None,
+    group_size: Annotated[
+        Optional[int], typer.Option(help="Input columns per scale group; -1 for one scale per output channel [default: 128].")
+    ] = None,
     symmetric: Annotated[
-        bool, typer.Option("--symmetric/--asymmetric", help="Symmetric (no zero point) or asymmetric (zero point per group).")
-    ] = True,
-    include_lm_head: Annotated[bool, typer.Option(help="Also quantize the LM head (kept in full precision by default).")] = False,
+        Optional[bool],
+        typer.Option("--symmetric/--asymmetric", help="Symmetric (no zero point) or asymmetric weights [default: the method's; asymmetric for awq].", show_default=False),
+    ] = None,
+    include_lm_head: Annotated[Optional[bool], typer.Option("--include-lm-head", help="Also quantize the LM head (kept in full precision by default).", show_default=False)] = None,
     group_fallback: Annotated[
-        str, typer.Option(help="When --group-size does not divide a layer's input size: 'error', or 'per-channel' for that layer.")
-    ] = "error",
+        Optional[str], typer.Option(help="When --group-size does not divide a layer's input size: 'error', or 'per-channel' for that layer [default: error].")
+    ] = None,
     scale_dtype: Annotated[
         Optional[str], typer.Option(help="Scale dtype: float16, bfloat16 or float32 [default: float32 for float32 models, else float16].")
+    ] = None,
+    act_bits: Annotated[Optional[int], typer.Option(help="Activation bits for weight-activation methods: 8 or 4 [default: 8].")] = None,
+    act_granularity: Annotated[
+        Optional[str], typer.Option(help="Activation scales: 'token' (dynamic per token) or 'tensor' (static, calibrated) [default: token].")
+    ] = None,
+    qkv_bits: Annotated[Optional[int], typer.Option(help="Also quantize attention q/k/v outputs to 8 or 4 bits [default: off].")] = None,
+    damp: Annotated[Optional[float], typer.Option(help="GPTQ dampening, a fraction of mean(diag H) [default: 0.01].")] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups keep the layout kernel-friendly).", show_default=False)] = None,
+    mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip", help="GPTQ: search each group's clipping range by MSE.", show_default=False)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="SmoothQuant/DuQuant migration strength alpha [default: 0.5].")] = None,
+    option: Annotated[
+        Optional[list[str]],
+        typer.Option("--option", "-O", help="Any other method option as KEY=VALUE (repeatable), e.g. -O block_size=64. See docs/METHODS.md."),
     ] = None,
     calib: Annotated[str, typer.Option(help="Calibration text: 'default' (shipped corpus), a .txt/.jsonl file, a folder, or a Hub dataset.")] = "default",
     calib_field: Annotated[str, typer.Option(help="JSONL/dataset field holding the text.")] = "text",
@@ -124,10 +142,14 @@ def quantize(
 
     if model is None:
         model, trust_remote_code = str(EMBEDDED_DEFAULT), True  # our own shipped code
-    config = make_config(
-        method, bits=bits, group_size=group_size, symmetric=symmetric, include_lm_head=include_lm_head,
-        group_fallback=group_fallback, scale_dtype=scale_dtype,
+    given = dict(
+        bits=bits, group_size=group_size, symmetric=symmetric, include_lm_head=include_lm_head,
+        group_fallback=group_fallback, scale_dtype=scale_dtype, act_bits=act_bits, act_granularity=act_granularity,
+        qkv_bits=qkv_bits, damp=damp, act_order=act_order, mse_clip=mse_clip, alpha=alpha,
     )
+    options = {k: v for k, v in given.items() if v is not None}
+    options.update(parse_options(method, option or []))
+    config = make_config(method, **options)
     calibration = CalibrationConfig(
         source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field
     )
@@ -143,6 +165,8 @@ def quantize(
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
     table = Table(title=f"{summary.method} W{summary.bits} g{summary.group_size} -> {summary.out}", show_header=False)
+    if summary.act_bits:
+        table.title = f"{summary.method} W{summary.bits}A{summary.act_bits} g{summary.group_size} -> {summary.out}"
     table.add_row("quantized linears", str(summary.quantized_modules))
     table.add_row("bits per weight", f"{summary.bits_per_weight:.3f}")
     ratio = summary.linear_bytes_quantized / max(summary.linear_bytes_original, 1)
@@ -181,6 +205,53 @@ class _block_progress:
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
+
+
+def parse_options(method: str, pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings -> typed method options, typed by the method config's fields."""
+    import dataclasses
+    import typing
+
+    from .errors import ConfigError
+    from .methods import method_class
+
+    config_class = method_class(method).config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    parsed: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--option {pair!r} is not KEY=VALUE", hint="write it like -O block_size=64")
+        if key not in fields:
+            raise ConfigError(
+                f"option {key!r} does not apply to method {method!r}", hint=f"{method} accepts: {', '.join(sorted(fields))}"
+            )
+        parsed[key] = _coerce(key, raw.strip(), hints.get(key, str))
+    return parsed
+
+
+def _coerce(key: str, raw: str, hint: object) -> object:
+    from .errors import ConfigError
+
+    text = str(hint)
+    if raw.lower() in ("none", "null") and ("None" in text or "Optional" in text):
+        return None
+    try:
+        if "bool" in text:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "int" in text and "float" not in text:
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"option {key}={raw!r} is not a valid {text.replace('typing.', '')}") from None
+    return raw
 
 
 # ---------------------------------------------------------------------------------------- inspect

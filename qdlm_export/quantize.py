@@ -38,6 +38,7 @@ class QuantizeSummary:
     method: str
     bits: int
     group_size: int
+    act_bits: int | None
     quantized_modules: int
     bits_per_weight: float
     linear_bytes_original: int
@@ -140,6 +141,7 @@ def quantize(
 
     return QuantizeSummary(
         out=out, method=config.method, bits=config.bits, group_size=config.group_size,
+        act_bits=getattr(config, "act_bits", None),
         quantized_modules=len(result.quantized_modules), bits_per_weight=bpw,
         linear_bytes_original=result.linear_bytes_original, linear_bytes_quantized=result.linear_bytes_quantized,
         checkpoint_bytes=checkpoint_bytes, source_checkpoint_bytes=report["source_checkpoint_bytes"],
