@@ -144,6 +144,7 @@ class SourceModel:
 
     def close(self) -> None:
         self._stack.close()
+        self._stack = ExitStack()
         self._handles.clear()
 
     # ---- model skeleton ------------------------------------------------------------------------
@@ -170,12 +171,17 @@ class SourceModel:
         """Load every parameter under ``prefix`` ('' for all) from the safetensors into ``model``."""
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, param in list(model.named_parameters(remove_duplicate=False)):
-            if prefix and not (name == prefix or name.startswith(prefix + ".")):
-                continue
-            key = self._checkpoint_key(name)
-            value = self.tensor(key).to(dtype)
-            set_module_tensor_to_device(model, name, device, value=value)
+        try:
+            for name, param in list(model.named_parameters(remove_duplicate=False)):
+                if prefix and not (name == prefix or name.startswith(prefix + ".")):
+                    continue
+                key = self._checkpoint_key(name)
+                value = self.tensor(key).to(dtype)
+                set_module_tensor_to_device(model, name, device, value=value)
+        finally:
+            # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS
+            # for the whole run, and peak memory would appear to grow with depth.
+            self.close()
 
     def release(self, model: nn.Module, prefix: str) -> None:
         """Send the parameters under ``prefix`` back to ``meta`` to free their memory."""

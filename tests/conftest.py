@@ -28,3 +28,9 @@ def tiny_dream(tmp_path_factory):
 def tiny_model(request, tiny_llada, tiny_dream):
     """Each tiny dLLM family in turn: (family, folder)."""
     return request.param, {"llada": tiny_llada, "dream": tiny_dream}[request.param]
+
+
+def pytest_configure(config):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep test output readable

@@ -27,11 +27,20 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
+ROWS_PER_CHUNK = 1024  # bounds the int64 temporaries to a few MB per chunk on 8B-sized matrices
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes`` (any integer dtype, values in ``[0, 2**bits)``, shape ``[rows, cols]``) into int32."""
     _check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"pack_rows expects a 2-D tensor, got shape {tuple(codes.shape)}")
+    if codes.shape[0] > ROWS_PER_CHUNK:
+        return torch.cat([_pack(chunk, bits) for chunk in codes.split(ROWS_PER_CHUNK)])
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     values = codes.to(torch.int64)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= (1 << bits)):

@@ -1,68 +1,105 @@
-"""Streams tensors into safetensors shards with a Hugging Face index file.
+"""Streams tensors into safetensors shards with a Hugging Face index file, in bounded memory.
 
-Tensors are buffered until a shard is full, then written, so memory holds at most one shard beyond
-what the caller keeps. Shards get their final ``model-0000i-of-0000n`` names once ``n`` is known.
+Each tensor's bytes are appended to the current shard's data file as soon as it arrives, so the
+writer holds no tensors: peak memory stays at one block however large the model. When a shard is
+full its safetensors header (which must precede the data) is written and the data copied behind it.
+Shards get their final ``model-0000i-of-0000n`` names once ``n`` is known.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_suffix(".data")
+        self.data = open(self.data_path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def append(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        self.entries[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + len(raw)],
+        }
+        self.data.write(raw)
+        self.size += len(raw)
+
+    def finish(self) -> None:
+        """Write ``header length | JSON header (space-padded to 8 bytes) | data`` as safetensors does."""
+        self.data.close()
+        header = {"__metadata__": {"format": "pt"}, **self.entries}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self.data_path.unlink()
 
 
 class ShardedWriter:
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
+        self._shards: list[_Shard] = []
         self._seen: set[str] = set()
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
         self._seen.add(name)
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+        shard = self._shards[-1] if self._shards else None
+        if shard is None or (shard.entries and shard.size + size > self.max_shard_bytes):
+            if shard is not None:
+                shard.finish()
+            shard = _Shard(self.folder / f".shard-{len(self._shards):05d}.safetensors.part")
+            self._shards.append(shard)
+        shard.append(name, tensor)
         self.total_bytes += size
 
     def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         for suffix, tensor in tensors.items():
             self.add(f"{prefix}.{suffix}" if prefix else suffix, tensor)
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards):05d}.safetensors.part"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
-
     def close(self) -> list[Path]:
-        """Write the last shard, give shards their final names, write the index if sharded."""
-        if self._pending or not self._shards:
-            self._flush()
+        """Finish the last shard, give shards their final names, write the index if sharded."""
+        if not self._shards:
+            raise ValueError("no tensors were written")
+        self._shards[-1].finish()
         n = len(self._shards)
         if n == 1:
             final = self.folder / "model.safetensors"
-            self._shards[0][0].rename(final)
+            self._shards[0].path.rename(final)
             return [final]
         weight_map, finals = {}, []
-        for i, (path, names) in enumerate(self._shards, 1):
+        for i, shard in enumerate(self._shards, 1):
             final = self.folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(final)
+            shard.path.rename(final)
             finals.append(final)
-            weight_map.update({name: final.name for name in names})
+            weight_map.update({name: final.name for name in shard.entries})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return finals

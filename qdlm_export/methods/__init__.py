@@ -1,6 +1,6 @@
 """Quantization methods, one module each, registered by name."""
 
-from . import rtn  # noqa: F401  (registers the method)
+from . import awq, gptq, rtn  # noqa: F401  (registers the methods)
 from .base import BlockCalibration, QuantMethod
 from .registry import available_methods, method_class, register_method
 

@@ -26,6 +26,7 @@ class RTN(QuantMethod):
             full_name = f"{prefix}.{name}"
             scheme = self.layer_scheme(full_name, linear.in_features)
             qweight = quantize_rtn(linear.weight.data, scheme, self.scale_dtype, bias=linear.bias)
-            self.load_quantized(linear, qweight)
+            if calib is not None:  # only needed when later blocks are calibrated on these outputs
+                self.load_quantized(linear, qweight)
             results[full_name] = qweight
         return results
