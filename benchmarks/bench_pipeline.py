@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ LLADA_8B = dict(hidden_size=4096, intermediate_size=12288, num_heads=32)
 def run_one(model_dir: Path, out_dir: Path, method: str, nsamples: int, seqlen: int, device: str) -> dict:
     """Quantize in a child process so its peak RSS is its own."""
     code = f"""
-import json, resource, time
+import json, time
 from qdlm_export.configs import CalibrationConfig
 from qdlm_export.quantize import make_config, quantize
 start = time.perf_counter()
@@ -33,7 +32,9 @@ s = quantize({str(model_dir)!r}, {str(out_dir)!r}, make_config({method!r}, bits=
              calibration=CalibrationConfig(nsamples={nsamples}, seqlen={seqlen}), trust_remote_code=True,
              verify=False, device={device!r}, batch_size=4)
 report = json.load(open({str(out_dir / 'qdlm_report.json')!r}))
-print(json.dumps({{"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+# VmHWM is this process's own high-water mark; ru_maxrss would include the parent's (kept across exec).
+hwm_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print(json.dumps({{"peak_rss_gb": hwm_kb / 1024**2,
                   "seconds_per_block": report["seconds_per_block"], "total_s": time.perf_counter() - start}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
