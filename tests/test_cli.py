@@ -193,3 +193,18 @@ def test_pickle_only_model_is_refused(monkeypatch, capsys, tmp_path, tiny_llada)
     code, _, err = run_cli(monkeypatch, capsys, "quantize", str(src), "--trust-remote-code", "--out", str(tmp_path / "o"))
     assert_clean_failure(code, err, "safetensors", "pytorch_model.bin")
     assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "someone/not-here", "--out", str(tmp_path / "o"))
+    assert_clean_failure(code, err, "could not download someone/not-here")
+    assert listing(tmp_path) == []
+
+
+def test_unknown_model_type_is_named(monkeypatch, capsys, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", str(src), "--out", str(tmp_path / "o"))
+    assert_clean_failure(code, err, "'mamba'", "llada")

@@ -98,3 +98,30 @@ def test_sharded_output_has_index_and_reloads(tiny_dream, tmp_path):
         got = model(input_ids=tokens).logits.double()
     ref = reference_logits(tiny_dream, out, tokens)
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-3
+
+
+def test_dense_decoder_family_round_trip(tmp_path):
+    """A plain Qwen2 causal LM (no remote code) quantizes and reloads with AutoModelForCausalLM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from qdlm_export.fixtures import tokenizer_dir
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False)
+    src = tmp_path / "qwen2"
+    Qwen2ForCausalLM(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(src)
+    out = tmp_path / "q"
+    summary = quantize(str(src), out, make_config("rtn", bits=4, symmetric=False), verify=True)
+    assert summary.quantized_modules == 14 and summary.relative_output_error < 0.5
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["family"] == "dense-decoder" and qc["dllm"]["mask_token_id"] is None
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float64)
+    for name, weight in dequantized_weights(out).items():
+        ref_model.get_submodule(name).weight.data = weight
+    tokens = torch.randint(0, 2048, (2, 16))
+    with torch.no_grad():
+        got, ref = model(input_ids=tokens).logits.double(), ref_model(input_ids=tokens).logits
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-3
