@@ -28,6 +28,8 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -252,12 +254,46 @@ def gptq_quantize(
     Hinv = _upper_cholesky_of_inverse(H, damp)
     del H
 
-    codes = torch.zeros(out_features, cols, dtype=torch.uint8, device=W.device)
+    # The column loop works on transposed copies, so that "column j" is a contiguous row and the
+    # rank-1 error updates are in-place ``addr_`` calls (no temporaries): several times faster on
+    # CPU than column slices of a row-major W, with identical arithmetic.
+    Wt = W.t().contiguous()
+    del W
+    codes_t = torch.zeros(cols, out_features, dtype=torch.uint8, device=Wt.device)
     max_code = scheme.max_code
     bs = block_size if static else _aligned_block_size(block_size, group)
+    with _single_thread_on_cpu(Wt.device):
+        _column_loop(Wt, Hinv, codes_t, scale, zero, col_group, static, group, bs, max_code, qargs)
+    del Hinv, Wt
+    codes = codes_t.t().contiguous()
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    zero_point = None if scheme.symmetric else zero.to(torch.uint8)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero_point, scheme=scheme, bias=bias)
+
+
+@contextmanager
+def _single_thread_on_cpu(device: torch.device):
+    """The column loop is thousands of small, latency-bound ops: on CPU, intra-op threads only add
+    synchronisation (4x slower with 2 threads than with 1 on a 2-core machine, measured)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _column_loop(Wt, Hinv, codes_t, scale, zero, col_group, static, group, bs, max_code, qargs) -> None:
+    """Quantize column by column (rows of ``Wt``), spreading each rounding error over later columns."""
+    cols = Wt.shape[0]
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [block cols, out]
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -265,26 +301,21 @@ def gptq_quantize(
             g = col_group[j]
             if not static and j % group == 0:
                 # A group starts: its columns as updated so far (the whole group is in this block, or
-                # it starts the block, when W itself is up to date).
-                current = W[:, j : j + group] if i == 0 else W1[:, i : i + group]
-                scale[:, g], zero[:, g] = _qparams(current, *qargs)
-            w = W1[:, i]
+                # it starts the block, when Wt itself is up to date).
+                current = Wt[j : j + group] if i == 0 else W1[i : i + group]
+                scale[:, g], zero[:, g] = _qparams(current.t(), *qargs)
+            w = W1[i]
             s = scale[:, g].float()
             z = zero[:, g]
             # Same arithmetic as quantize_with_qparams / dequantize, so stored codes reproduce w_hat.
             q = torch.clamp(torch.round(w / s) + z, 0, max_code)
-            codes[:, j] = q.to(torch.uint8)
+            codes_t[j] = q.to(torch.uint8)
             err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
         # Lazy batch update of every later column with this block's errors.
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    del Hinv, W
-
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    zero_point = None if scheme.symmetric else zero.to(torch.uint8)
-    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero_point, scheme=scheme, bias=bias)
+        if i2 < cols:
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
 
 # ---- the method ----------------------------------------------------------------------------------
