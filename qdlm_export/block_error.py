@@ -19,7 +19,9 @@ from .families import family_for_config
 
 def _load(folder: Path, auto_class: str, trust_remote_code: bool) -> nn.Module:
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     cls = getattr(transformers, auto_class)
     return cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
 

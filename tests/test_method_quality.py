@@ -15,7 +15,7 @@ from qdlm_export.configs import CalibrationConfig
 from qdlm_export.fixtures import tokenizer_dir
 from qdlm_export.quantize import make_config, quantize
 
-CALIB = CalibrationConfig(nsamples=24, seqlen=128, seed=0)
+CALIB = CalibrationConfig(nsamples=64, seqlen=128, seed=0)
 
 
 @pytest.fixture(scope="module")
