@@ -1,0 +1,67 @@
+"""The one place that imports Triton. Everything else asks this module whether Triton can run.
+
+Triton is optional: ``import qdlm_export.kernels`` must work without it. The Triton kernel modules
+(``*_triton.py``) import ``triton`` at their top and are themselves imported lazily, the first time a
+Triton backend actually runs. That matters for the interpreter: ``triton.jit`` decides *when a kernel
+is defined* whether it is compiled for a GPU or interpreted on the CPU (``TRITON_INTERPRET=1``), so
+the variable must be set before the first Triton kernel runs, not merely before it is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    """Installed Triton version, or None when Triton cannot be imported."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        import triton
+    except Exception:  # pragma: no cover - a broken install counts as absent
+        return None
+    return str(triton.__version__)
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """None if a Triton kernel can run on tensors of ``device``; otherwise why not."""
+    if triton_version() is None:
+        return "triton is not installed (pip install 'qdlm-export[triton]')"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return None
+    if dev.type == "cpu" and interpret_mode():
+        return None
+    return f"tensors on {dev.type} need CUDA (or TRITON_INTERPRET=1 for CPU tests)"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether a kernel must upcast ``dtype`` operands to fp32 before ``tl.dot``.
+
+    The interpreter keeps bfloat16 tiles as raw uint16 and ``tl.dot`` then multiplies the bit
+    patterns (checked with triton 3.9), so interpreted kernels convert bf16 tiles to fp32 first. On a
+    GPU the bf16 tiles go to the tensor cores unchanged.
+    """
+    return interpret_mode() and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def fast_hadamard_transform_available() -> bool:
+    """Whether Dao-AILab's ``fast_hadamard_transform`` CUDA extension can be imported."""
+    if importlib.util.find_spec("fast_hadamard_transform") is None:
+        return False
+    try:
+        import fast_hadamard_transform  # noqa: F401
+    except Exception:  # pragma: no cover - needs the CUDA extension
+        return False
+    return True

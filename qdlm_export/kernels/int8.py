@@ -1,0 +1,181 @@
+"""Integer-activation GEMMs (W8A8, W4A4), torch backend, and their shared conventions.
+
+Per-token dynamic activation quantization (symmetric)::
+
+    quantize_per_token_torch(x, bits=8, clip_ratio=1.0) -> (x_q, x_scale)
+        x [..., K] float  ->  x_q int8 [..., K] in [-qmax, qmax],  x_scale float32 [..., 1]
+        qmax = 2**(bits-1) - 1 (127 for 8 bits, 7 for 4 bits: "int4 held in int8")
+        x_scale = (max|x| * clip_ratio) / qmax over the row;  x_q = round(x * (1 / x_scale))
+        These are the float32 operations of ``activations.activation_codes`` (the loader's fake
+        quantizer), in the same order, with IEEE divisions; rounding is half away from zero
+        (floor(|v| + 0.5) with the sign put back). Every backend does exactly these operations, so
+        the codes agree bit for bit. An all-zero row gets x_scale = 0 and x_q = 0.
+
+int8 x int8 GEMM with per-token and per-channel scales::
+
+    int8_gemm_torch(a_q, a_scale, b_q, b_scale, bias=None, out_dtype=torch.bfloat16) -> [..., N]
+        a_q int8 [..., K], a_scale float [..., 1] (or [...]), b_q int8 [N, K], b_scale float [N]
+        (or [N, 1]), bias [N] or None:   y = (a_q @ b_q.T) * a_scale * b_scale.T + bias
+        The int32 product uses ``torch._int_mm`` where it applies (CPU: any shape; CUDA: K and N
+        multiples of 8, M > 16 -- smaller M is padded to 17 rows); otherwise an exact float64 matmul.
+
+Integer activations times *packed* weights (the W4A4 path; also W8A8 on 8-bit symmetric weights)::
+
+    packed_int_linear_torch(x_q, x_scale, weight_packed, weight_scale, weight_zero_point, bits,
+                            group_size, in_features, bias=None, out_dtype=torch.bfloat16)
+        The weight is the project's packed format (see ``weight_only.py``); ``q - z`` fits int8 for
+        2/3/4 bits and for symmetric 8 bits. Per-channel weights (group_size -1) go through the int8
+        GEMM; grouped weights need one scale per (group, channel) inside the K sum, which eager torch
+        cannot do on integer tensor cores, so they dequantize both sides to float32 and matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .weight_only import dequantize_packed, unpack_codes
+
+INT_ACT_BITS = (4, 8)
+
+
+def qmax_for(bits: int) -> int:
+    if bits not in INT_ACT_BITS:
+        raise ValueError(f"activation bits must be one of {INT_ACT_BITS}, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (the convention every backend here shares)."""
+    return torch.floor(v.abs() + 0.5).copysign(v)
+
+
+def quantize_per_token_torch(
+    x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of ``x [..., K]`` to int8 codes in ``[-qmax, qmax]``."""
+    qmax = qmax_for(bits)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else xf.new_zeros(*x.shape[:-1], 1)
+    # Tensor / tensor divisions: IEEE on every device (torch turns division by a Python scalar
+    # into a reciprocal multiply on CUDA, which the Triton kernel would not reproduce).
+    scale = (amax * clip_ratio).div_(torch.full_like(amax, float(qmax)))
+    inv = torch.where(scale > 0, torch.ones_like(scale).div_(scale), torch.zeros_like(scale))
+    q = round_half_away(xf * inv).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b_t [K, N] int8 -> int32 [M, N]``, exact, with ``torch._int_mm`` when it applies."""
+    M, K = a.shape
+    N = b_t.shape[1]
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b_t)
+    if a.device.type == "cuda" and K % 8 == 0 and N % 8 == 0 and K > 0 and N > 0:
+        if M > 16:
+            return torch._int_mm(a, b_t)
+        # cuBLASLt's int8 path wants more than 16 rows: pad with zero rows and slice them off.
+        return torch._int_mm(F.pad(a, (0, 0, 0, 17 - M)), b_t)[:M]
+    # Other devices and odd shapes: float64 holds every int32 partial sum exactly.
+    return (a.double() @ b_t.double()).to(torch.int32)
+
+
+def _scale_epilogue(
+    acc: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    y = acc.float()
+    y.mul_(a_scale.reshape(-1, 1).float()).mul_(b_scale.reshape(1, -1).float())
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype)
+
+
+def int8_gemm_torch(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``(a_q @ b_q.T) * a_scale * b_scale.T + bias`` with an exact int32 product (see module doc)."""
+    if a_q.dtype != torch.int8 or b_q.dtype != torch.int8:
+        raise ValueError(f"int8_gemm expects int8 operands, got {a_q.dtype} and {b_q.dtype}")
+    lead = a_q.shape[:-1]
+    a2 = a_q.reshape(-1, a_q.shape[-1])
+    acc = int_mm(a2, b_q.t())
+    return _scale_epilogue(acc, a_scale, b_scale, bias, out_dtype).view(*lead, b_q.shape[0])
+
+
+def int_weight_codes(
+    weight_packed: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Signed weight integers ``q - z`` as int8 ``[out, in]`` (only where they fit int8)."""
+    if bits == 8 and weight_zero_point is not None:
+        raise ValueError("asymmetric 8-bit weights give q - z outside int8")
+    codes = unpack_codes(weight_packed, bits, in_features).to(torch.int16)
+    out = codes.shape[0]
+    group = in_features if group_size == -1 else group_size
+    if weight_zero_point is None:
+        codes -= 1 << (bits - 1)
+    else:
+        codes = codes.view(out, in_features // group, group) - weight_zero_point.to(torch.int16).unsqueeze(-1)
+    return codes.view(out, in_features).to(torch.int8)
+
+
+def packed_int_linear_torch(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Integer activations (``x_q`` int8, per-token ``x_scale``) times a packed quantized weight."""
+    if x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be int8, got {x_q.dtype}")
+    n_out = weight_packed.shape[0]
+    lead = x_q.shape[:-1]
+    x2 = x_q.reshape(-1, in_features)
+    per_channel = group_size == -1 or group_size == in_features
+    if per_channel and not (bits == 8 and weight_zero_point is not None):
+        w = int_weight_codes(weight_packed, weight_zero_point, bits, group_size, in_features)
+        acc = int_mm(x2, w.t())
+        y = _scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
+    else:
+        w = dequantize_packed(
+            weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, torch.float32
+        )
+        xf = x2.float().mul_(x_scale.reshape(-1, 1).float())
+        y = F.linear(xf, w, None if bias is None else bias.float()).to(out_dtype)
+    return y.view(*lead, n_out)
+
+
+# Limits of the Triton kernels (int8_triton.py), kept here so that checking them never imports triton.
+
+
+def triton_packed_unsupported_reason(
+    *, bits: int, group_size: int, in_features: int, symmetric: bool = True, **_: object
+) -> str | None:
+    """None when the Triton packed-weight integer GEMM takes this problem, else why not."""
+    if bits not in (2, 3, 4, 8):
+        return f"{bits}-bit weights are not supported"
+    if bits == 8 and not symmetric:
+        return "asymmetric 8-bit weights give q - z outside int8"
+    if group_size != -1 and group_size % 32:
+        return f"group_size {group_size} is not a multiple of 32 (int8 MMAs step K by 32)"
+    if group_size != -1 and in_features % group_size:
+        return f"in_features {in_features} is not a multiple of group_size {group_size}"
+    return None

@@ -1,0 +1,142 @@
+"""Weight-only quantized linear, torch backend: dequantize the packed weight, then one dense matmul.
+
+    y = x @ W_hat.T + bias,   W_hat[n, k] = (q[n, k] - z[n, g]) * s[n, g],   g = k // group_size
+
+``weight_packed`` is int32 ``[out, ceil(in*bits/32)]`` in the layout of
+:mod:`qdlm_export.formats.packing` (a dense little-endian bit stream per row). ``weight_scale`` is
+``[out, groups]`` (fp16/bf16/fp32); ``weight_zero_point`` is uint8 ``[out, groups]`` or None for
+symmetric weights (then ``z = 2**(bits-1)``). ``group_size == -1`` means one group per row.
+
+This is the CPU fallback and the GPU fallback for shapes the Triton kernel does not take. It is
+dequantize-then-matmul done with as few passes as eager torch allows: codes are read from the bytes
+of the packed words (no index gathers, no int64 intermediates), the affine map runs in place on one
+float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 8 codes for 3 bits).
+``(q - z) * s`` is computed in float32 and cast once, so the weight is rounded exactly as
+:func:`qdlm_export.quantization.dequantize` rounds it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.packing import SUPPORTED_BITS, packed_words, unpack_rows
+
+
+def unpack_codes(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """int32 ``[out, words]`` -> uint8 codes ``[out, in_features]`` (the values of ``unpack_rows``).
+
+    On a little-endian host the packed bit stream *is* the byte sequence of the int32 words (stream
+    bit ``t`` is bit ``t % 8`` of byte ``t // 8``), so we read bytes, never gather:
+
+    * 8 bits: byte ``j`` is code ``j``;
+    * 4 / 2 bits: byte ``j`` holds codes ``j*cpb ... j*cpb + cpb-1`` (``cpb = 8 // bits``) at bit
+      offsets ``0, bits, 2*bits...``;
+    * 3 bits: every 3 bytes (24 bits) hold exactly 8 codes at offsets ``0, 3, ..., 21``; a code may
+      straddle a byte (or int32 word) boundary, so the 3 bytes are first joined into one int32.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if weight_packed.dim() != 2 or weight_packed.dtype != torch.int32:
+        raise ValueError(f"weight_packed must be 2-D int32, got {weight_packed.dtype} {tuple(weight_packed.shape)}")
+    rows, n_words = weight_packed.shape
+    if n_words != packed_words(in_features, bits):
+        raise ValueError(
+            f"packed weight has {n_words} words a row; {in_features} codes of {bits} bits need "
+            f"{packed_words(in_features, bits)}"
+        )
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+        return unpack_rows(weight_packed, bits, in_features)
+    b = weight_packed.contiguous().view(torch.uint8)  # [rows, 4 * n_words]
+    if bits == 8:
+        return b[:, :in_features]
+    if bits == 3:
+        n_bytes = b.shape[1]
+        triples = -(-n_bytes // 3)
+        if triples * 3 != n_bytes:
+            b = F.pad(b, (0, triples * 3 - n_bytes))
+        t = b.view(rows, triples, 3).to(torch.int32)
+        v = t[..., 0] | (t[..., 1] << 8) | (t[..., 2] << 16)  # 24 stream bits = 8 codes
+        codes = torch.stack([((v >> (3 * i)) & 7).to(torch.uint8) for i in range(8)], dim=-1)
+    else:
+        mask = (1 << bits) - 1
+        codes = torch.stack([(b >> (bits * i)) & mask for i in range(8 // bits)], dim=-1)
+    return codes.view(rows, -1)[:, :in_features]
+
+
+def dequantize_packed(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Packed int32 ``[out, words]`` -> dense ``[out, in]`` weight ``(q - z) * s`` in ``dtype``.
+
+    Computed in float32 and cast once, exactly like :func:`qdlm_export.quantization.dequantize`.
+    """
+    group = in_features if group_size == -1 else group_size
+    if in_features % group:
+        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    out = weight_packed.shape[0]
+    groups = in_features // group
+    if tuple(weight_scale.shape) != (out, groups):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(out, groups)}")
+    w = unpack_codes(weight_packed, bits, in_features).to(torch.float32).view(out, groups, group)
+    if weight_zero_point is None:
+        w.sub_(float(1 << (bits - 1)))
+    else:
+        w.sub_(weight_zero_point.to(torch.float32).unsqueeze(-1))
+    w.mul_(weight_scale.to(torch.float32).unsqueeze(-1))
+    return w.view(out, in_features).to(dtype)
+
+
+def weight_only_linear_torch(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize to ``x.dtype``, then ``F.linear``. ``x`` is ``[..., in]``; returns ``[..., out]``."""
+    w = dequantize_packed(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# Limits of the Triton kernel (weight_only_triton.py), kept here so that checking them never imports
+# triton: importing a Triton module fixes, for the whole process, whether its kernels are compiled or
+# interpreted.
+
+
+def triton_block_k(group_size: int, cap: int = 128) -> int | None:
+    """Largest power-of-two K step in [16, cap] that divides the group (any, when per channel)."""
+    if group_size == -1:
+        return min(cap, 64)
+    bk = cap
+    while bk >= 16:
+        if group_size % bk == 0:
+            return bk
+        bk //= 2
+    return None
+
+
+def triton_unsupported_reason(
+    *, bits: int, group_size: int, in_features: int, dtype: torch.dtype | None = None, **_: object
+) -> str | None:
+    """None when the Triton kernel takes this problem, else why not (used by the dispatcher)."""
+    if bits not in (2, 3, 4, 8):
+        return f"{bits}-bit weights are not supported"
+    if group_size != -1 and triton_block_k(group_size) is None:
+        return f"group_size {group_size} is not a multiple of 16"
+    if group_size != -1 and in_features % group_size:
+        return f"in_features {in_features} is not a multiple of group_size {group_size}"
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"activations in {dtype} are not supported"
+    return None

@@ -1,0 +1,220 @@
+"""Weight-only quantized linear, Triton backend: a grouped dequantize-GEMM on the packed weight.
+
+``y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n]`` with ``g = k // group_size``,
+read straight from the packed int32 layout of :mod:`qdlm_export.formats.packing`. Same arguments as
+:func:`qdlm_export.kernels.weight_only.weight_only_linear_torch`, plus ``out=``.
+
+Supported (``weight_only.triton_unsupported_reason`` says why not): bits 2/3/4/8, symmetric or
+asymmetric, ``group_size`` -1 or a multiple of 16 dividing ``in_features``, any ``M`` / ``N`` / ``K``
+(tails are masked; with ``group_size == -1`` any ``K``), fp16 / bf16 / fp32 activations, scales in
+any float dtype.
+
+How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``):
+
+* ``BLOCK_K`` divides ``group_size``, so each K step lies inside one quantization group: the step
+  multiplies ``x`` by the *integer* matrix ``q - z`` (exact in fp16/bf16 since ``|q - z| <= 255``),
+  accumulates in fp32 and applies the group's scale to the ``[BLOCK_M, BLOCK_N]`` partial sum.
+  Per-channel weights (one group) skip that and scale the accumulator once at the end.
+* Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
+  ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word. For 3 bits the codes at
+  shifts 30 and 31 continue at bit 0 of the next word: we also load that word and OR in its low
+  bits shifted up by ``32 - shift``. Words are read as uint32 so that ``>>`` is a logical shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import dot_upcast
+from .weight_only import triton_block_k, triton_unsupported_reason
+
+
+@triton.jit
+def unpack_codes_tile(wp_ptr, stride_wn, offs_k, offs_n, K, N, BITS: tl.constexpr):
+    """Codes ``q[k, n]`` (int32, ``[BLOCK_K, BLOCK_N]``) of the packed rows ``offs_n``; 0 outside."""
+    bit = offs_k * BITS  # stream position of code k inside its row
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    inside = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    ptrs = wp_ptr + offs_n[None, :] * stride_wn + word[:, None]
+    q = tl.load(ptrs, mask=inside, other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
+    if BITS == 3:
+        # A code at shift 30 or 31 straddles: its high bits are the low bits of the next word.
+        straddles = (shift + BITS) > 32
+        nxt = tl.load(ptrs + 1, mask=inside & straddles[:, None], other=0).to(tl.uint32, bitcast=True)
+        # (32 - shift) % 32 keeps the shift amount legal; nxt is 0 wherever the code does not straddle.
+        q = q | (nxt << ((32 - shift) % 32)[:, None])
+    return (q & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row/column offsets of this program's output tile.
+
+    Programs are numbered so that GROUP_M consecutive row-blocks walk the column-blocks together:
+    they reuse the same weight tiles while those are still in L2.
+    """
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_here = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_here
+    pid_n = (pid % per_group) // rows_here
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _wo_gemm_kernel(
+    x_ptr,
+    wp_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_sn,
+    stride_zn,
+    stride_ym,
+    stride_yn,
+    BITS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (k[None, :] < K),
+            other=0.0,
+        )
+        q = unpack_codes_tile(wp_ptr, stride_wn, k, offs_n, K, N, BITS)
+        g = k0 // group_size  # the one group this K step lies in (0 when per channel)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)
+            w = q - z[None, :]
+        else:
+            w = q - (1 << (BITS - 1))
+        if UPCAST:
+            x = x.to(tl.float32)
+        w = w.to(x.dtype)  # small integers: exact in every float dtype
+        if PER_CHANNEL:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        else:
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & n_ok[None, :],
+    )
+
+
+def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
+    """Tile sizes by problem size (heuristic, not autotuned).
+
+    Small M (diffusion steps over short blocks, decoding) is bound by reading the weight: narrow
+    output tiles give enough programs to cover the GPU. Large M is bound by the MMAs: large tiles.
+    """
+    if M <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32 if N <= 4096 else 64, BLOCK_K=128, num_warps=4, num_stages=3)
+    elif M <= 64:
+        cfg = dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    elif M <= 256:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
+    cfg["GROUP_M"] = 8
+    return cfg
+
+
+def weight_only_linear_triton(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton dequantize-GEMM. ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype`` (or into ``out``)."""
+    reason = triton_unsupported_reason(bits=bits, group_size=group_size, in_features=in_features, dtype=x.dtype)
+    if reason:
+        raise ValueError(f"triton weight-only GEMM: {reason}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
+    n_out = weight_packed.shape[0]
+    groups = 1 if group_size == -1 else in_features // group_size
+    if tuple(weight_scale.shape) != (n_out, groups):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    M = x2.shape[0]
+    y = out if out is not None else torch.empty(*lead, n_out, dtype=x.dtype, device=x.device)
+    if tuple(y.shape) != (*lead, n_out):
+        raise ValueError(f"out has shape {tuple(y.shape)}, expected {(*lead, n_out)}")
+    y2 = y.view(-1, n_out)  # raises if `out` is not viewable as 2-D
+    if M == 0 or n_out == 0:
+        return y
+    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
+    scale = weight_scale if weight_scale.stride(-1) == 1 else weight_scale.contiguous()
+    zero = None
+    if weight_zero_point is not None:
+        zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
+    cfg = pick_config(M, n_out, group_size, in_features)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _wo_gemm_kernel[grid](
+        x2,
+        wp,
+        scale,
+        zero if zero is not None else scale,
+        bias if bias is not None else scale,
+        y2,
+        M,
+        n_out,
+        in_features,
+        in_features if group_size == -1 else group_size,
+        x2.stride(0),
+        x2.stride(1),
+        wp.stride(0),
+        scale.stride(0),
+        zero.stride(0) if zero is not None else 0,
+        y2.stride(0),
+        y2.stride(1),
+        BITS=bits,
+        HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None,
+        PER_CHANNEL=groups == 1,
+        UPCAST=dot_upcast(x.dtype),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **cfg,
+    )
+    return y

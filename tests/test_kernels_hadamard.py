@@ -1,0 +1,259 @@
+"""Hadamard matrices and transforms: constructions verified from their defining identity, transforms
+checked against explicit float64 matrix products built independently here, and both checked
+against the checkpoint format's definition (``qdlm_export.transforms``) when that module is present.
+
+Triton cases run compiled on a CUDA GPU when there is one, else in the CPU interpreter
+(``TRITON_INTERPRET=1``); they are skipped without triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = torch.device("cuda" if GPU else "cpu")  # where the Triton cases run
+
+from qdlm_export.kernels import dispatch as D  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export.kernels.hadamard import (  # noqa: E402 (after TRITON_INTERPRET is set)
+    HADAMARD_ORDERS,
+    hadamard_k,
+    hadamard_matrix,
+    hadamard_transform_torch,
+    split_size,
+    williamson_rows,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("QDLM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"QDLM_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+
+
+def sylvester_ref(n: int) -> torch.Tensor:
+    """Natural-order Sylvester matrix by repeated Kronecker products with [[1, 1], [1, -1]]."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    base = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(h, base)
+    return h
+
+
+def sylvester_rows(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows ``rows`` of the natural-order Sylvester matrix of order n: (-1)**popcount(i & j)."""
+    v = rows[:, None] & torch.arange(n)[None, :]
+    parity = torch.zeros_like(v)
+    while bool(v.any()):
+        parity ^= v & 1
+        v >>= 1
+    return (1 - 2 * parity).double()
+
+
+def explicit(n: int) -> torch.Tensor:
+    """H_n = H_m (x) S_p from the order-m matrix and the reference Sylvester matrix."""
+    k, p = split_size(n)
+    return torch.kron(torch.from_numpy(hadamard_k(k).astype(np.float64)), sylvester_ref(p))
+
+
+def assert_rel(y, ref, rtol, what):
+    scale = ref.abs().max().item() + 1e-30
+    err = (y.double() - ref).abs().max().item()
+    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} vs {rtol * scale:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Constructions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", HADAMARD_ORDERS + (44, 68, 76, 84))
+def test_order_k_matrix_is_hadamard(k):
+    h = hadamard_k(k).astype(np.int64)
+    assert h.shape == (k, k)
+    assert set(np.unique(h)) == {-1, 1}
+    assert np.array_equal(h @ h.T, k * np.eye(k, dtype=np.int64))
+
+
+def test_williamson_matrices_of_order_13():
+    rows = [np.array(r) for r in williamson_rows(13)]
+    idx = np.arange(13)
+    mats = [r[(idx[None, :] - idx[:, None]) % 13] for r in rows]
+    for m in mats:
+        assert np.array_equal(m, m.T)  # symmetric circulant
+    assert np.array_equal(sum(m @ m for m in mats), 52 * np.eye(13, dtype=np.int64))
+
+
+def test_order_172_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="172"):
+        hadamard_k(172)
+    with pytest.raises(ValueError, match="172"):
+        split_size(172 * 64)  # LLaMA-2-7B's 11008
+    with pytest.raises(ValueError, match="116"):
+        split_size(116 * 4)  # 115 is not prime, 57 is neither prime nor a prime square
+    with pytest.raises(ValueError, match="multiples of 4"):
+        split_size(6)
+    with pytest.raises(D.KernelBackendError, match="172"):
+        D.hadamard_transform(torch.randn(2, 172 * 4))
+
+
+@pytest.mark.parametrize(
+    "n,expect", [(4096, (1, 4096)), (12288, (12, 1024)), (18944, (148, 128)), (3584, (28, 128)), (160, (20, 8))]
+)
+def test_split_size_of_model_dims(n, expect):
+    assert split_size(n) == expect
+
+
+@pytest.mark.parametrize(
+    "n", [16, 256, 12 * 16, 20 * 8, 28 * 4, 36 * 4, 40 * 4, 52 * 4, 60 * 4, 108, 140 * 4, 148 * 4, 156 * 4]
+)
+def test_hadamard_matrix_is_orthogonal(n):
+    h = hadamard_matrix(n)
+    assert torch.equal(h, explicit(n))
+    assert torch.equal(sylvester_ref(64), sylvester_rows(torch.arange(64), 64))
+    hn = hadamard_matrix(n, normalized=True)
+    assert torch.allclose(hn @ hn.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_order_40_is_built_but_never_chosen():
+    h = hadamard_k(40).astype(np.int64)
+    assert np.array_equal(h @ h.T, 40 * np.eye(40, dtype=np.int64))
+    assert split_size(40 * 64) == (20, 128)  # the format splits 40 * 2**k as 20 * 2**(k+1)
+
+
+@pytest.mark.parametrize(
+    "n", [1024, 12 * 64, 20 * 32, 28 * 128, 36 * 16, 44 * 4, 52 * 4, 60 * 4, 108 * 4, 140 * 4, 148 * 8]
+)
+def test_same_matrices_as_the_checkpoint_format(gen, n):
+    transforms = pytest.importorskip("qdlm_export.transforms")
+    if not hasattr(transforms, "hadamard_matrix"):
+        pytest.skip("qdlm_export.transforms has no hadamard_matrix")
+    assert torch.equal(hadamard_matrix(n, normalized=True), transforms.hadamard_matrix(n))
+    x = torch.randn(3, n, generator=gen, dtype=torch.float64)
+    assert_rel(D.hadamard_transform(x), transforms.hadamard_transform(x), 1e-12, "transform")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch transform
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n",
+    [
+        1,
+        2,
+        8,
+        128,
+        256,
+        2048,
+        12 * 64,
+        20 * 32,
+        28 * 128,
+        36 * 16,
+        40 * 8,
+        52 * 4,
+        60 * 4,
+        108 * 4,
+        140 * 4,
+        148 * 8,
+        156 * 4,
+        44 * 4,
+    ],
+)
+def test_torch_transform_equals_explicit_matmul(gen, n):
+    x = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    h = explicit(n)
+    assert_rel(hadamard_transform_torch(x, normalized=False), x @ h, 1e-12, "forward")
+    assert_rel(hadamard_transform_torch(x, normalized=False, inverse=True), x @ h.T, 1e-12, "inverse")
+    assert_rel(hadamard_transform_torch(x), x @ h / math.sqrt(n), 1e-12, "normalized")
+
+
+@pytest.mark.parametrize("n", [12288, 18944, 32768])
+def test_torch_transform_large_model_dims_on_sampled_rows(gen, n):
+    """Full matrices are too big; check 64 random output columns against rows of H built here."""
+    k, p = split_size(n)
+    x = torch.randn(3, n, generator=gen, dtype=torch.float64)
+    y = hadamard_transform_torch(x, normalized=False)
+    cols = torch.randint(0, n, (64,), generator=gen)
+    hk = torch.from_numpy(hadamard_k(k).astype(np.float64))
+    # column i of H_m (x) S_p is H_m[:, i // p] (x) S_p[:, i % p] (S is symmetric: a row)
+    columns = (hk[:, cols // p].T[:, :, None] * sylvester_rows(cols % p, p)[:, None, :]).reshape(64, n)
+    assert_rel(y[:, cols], x @ columns.T, 1e-12, f"n={n}")
+
+
+@pytest.mark.parametrize("n", [64, 4096, 12 * 256, 28 * 128, 148 * 16, 20 * 4])
+def test_orthogonal_and_involution(gen, n):
+    x = torch.randn(7, n, generator=gen, dtype=torch.float64)
+    y = hadamard_transform_torch(x)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12)
+    assert torch.allclose(hadamard_transform_torch(y, inverse=True), x, atol=1e-12)
+    k, _ = split_size(n)
+    if np.array_equal(hadamard_k(k), hadamard_k(k).T):  # powers of two, Paley II: symmetric
+        assert torch.allclose(hadamard_transform_torch(y), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_torch_transform_low_precision(gen, dtype):
+    n = 12 * 128
+    x = torch.randn(2, 3, n, generator=gen).to(dtype)
+    y = D.hadamard_transform(x, backend="torch")
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_rel(y, x.double() @ explicit(n) / math.sqrt(n), RTOL[dtype], str(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton FWHT (interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("n,rows", [(16, 1), (64, 37), (128, 20), (256, 3), (2048, 5), (16384, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_fwht(gen, n, rows, dtype):
+    from qdlm_export.kernels.hadamard_triton import fwht_triton
+
+    x = torch.randn(rows, n, generator=gen).to(dtype)
+    out = torch.full_like(x, float("nan"), device=DEV)
+    fwht_triton(x.to(DEV), 0.25, out=out)
+    out = out.cpu()
+    cols = torch.randperm(n, generator=gen)[:256]  # 256 sampled output columns (n up to 16384)
+    assert_rel(out[:, cols], 0.25 * x.double() @ sylvester_rows(cols, n).T, RTOL[dtype], f"n={n}")
+    assert torch.isfinite(out).all(), "poisoned output not fully written"
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [12 * 64, 148 * 128, 40 * 16, 1024])
+def test_triton_backend_through_dispatch(gen, n):
+    x = torch.randn(2, 3, n, generator=gen)
+    expect = hadamard_transform_torch(x.double())
+    assert_rel(D.hadamard_transform(x.to(DEV), backend="triton").cpu(), expect, 1e-5, "forward")
+    inv = D.hadamard_transform(expect.float().to(DEV), inverse=True, backend="triton").cpu()
+    assert_rel(inv, x.double(), 1e-5, "inverse")
+
+
+def test_hadamard_backend_choice():
+    assert D.select_backend("hadamard", "cpu", n=4096).name == "torch"
+    text = D.describe_backend("hadamard", "cuda", n=18944)
+    assert text.startswith(("fast_hadamard_transform", "triton", "torch"))
+    if HAS_TRITON:
+        with pytest.raises(D.KernelBackendError, match="outside"):
+            D.select_backend("hadamard", DEV, backend="triton", n=4)
