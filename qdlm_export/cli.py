@@ -306,6 +306,58 @@ def push(
         out.print(f"Uploaded {folder} to {result.repo_url} (commit {result.commit_oid[:10]}): {result.commit_url}")
 
 
+# ------------------------------------------------------------------------------------------ bench
+@app.command(
+    epilog="Examples:\n\n  qdlm-export bench                      # kernels + a denoising step of the embedded default, W4\n\n"
+    "  qdlm-export bench llada-w4 --full --json"
+)
+def bench(
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Argument(help="A quantized checkpoint for the denoising-step benchmark [default: the embedded tiny LLaDA, RTN W4 g128].")
+    ] = None,
+    full: Annotated[bool, typer.Option("--full/--quick", help="Every dLLM GEMM shape and token count, or a quick subset.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Run the GEMM micro-benchmarks.")] = True,
+    step: Annotated[bool, typer.Option("--step/--no-step", help="Time one full denoising step against the original model.")] = True,
+    seqlen: Annotated[int, typer.Option(help="Sequence length of the denoising step.")] = 256,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when available].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Benchmark kernels at dLLM shapes and a full denoising step, as ratios to bf16 (fp32 on CPU) measured in the same run."""
+    import tempfile
+
+    result: dict = {}
+    if kernels:
+        from .bench import format_report, run_kernel_benchmarks
+
+        result["kernels"] = run_kernel_benchmarks(quick=not full, device=device)
+        if not as_json:
+            out.print(format_report(result["kernels"]), highlight=False, soft_wrap=True)
+    if step:
+        from .bench_model import run_model_benchmark
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = checkpoint
+            if target is None:
+                from .quantize import make_config
+                from .quantize import quantize as run_quantize
+
+                target = Path(tmp) / "tiny-w4"
+                run_quantize(str(EMBEDDED_DEFAULT), target, make_config("rtn"), trust_remote_code=True, verify=False)
+            result["step"] = run_model_benchmark(target, seqlen=seqlen, device=device)
+        if not as_json:
+            s = result["step"]
+            out.print(
+                f"denoising step ({s['tokens']} tokens, {s['device']}): {s['dense_dtype']} {s['dense_step_ms']} ms, "
+                f"{s['method']} W{s['bits']}{'A' + str(s['act_bits']) if s['act_bits'] else ''} {s['quantized_step_ms']} ms "
+                f"-> speedup {s['speedup']}x; quantized linears hold {s['linear_memory_ratio']:.1%} of their bf16 bytes"
+                + (f"; online Hadamard {s['hadamard_share']:.1%} of the step" if s["hadamard_share"] is not None else ""),
+                highlight=False, soft_wrap=True,
+            )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+
+
 # ------------------------------------------------------------------------------------------- main
 def _render_error(message: str, hint: str | None, code: int) -> int:
     err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True)
