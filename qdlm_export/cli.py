@@ -127,6 +127,12 @@ def quantize(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Calibration sequences per forward pass.")] = 8,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    output_format: Annotated[
+        str, typer.Option("--format", help="Output format: native, gptq, awq or compressed-tensors (see docs/EXPORTS.md).")
+    ] = "native",
+    self_contained: Annotated[
+        bool, typer.Option(help="Native checkpoints of remote-code models carry the loader, so they load without qdlm-export.")
+    ] = True,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow the model's own modeling code (LLaDA, Dream). Review it first.")
     ] = False,
@@ -159,7 +165,7 @@ def quantize(
             model, out_dir, config, calibration=calibration, trust_remote_code=trust_remote_code,
             overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size,
             verify=verify, max_shard_bytes=_parse_size(max_shard_size), revision=revision,
-            on_block=on_block, command=command,
+            on_block=on_block, command=command, output_format=output_format, self_contained=self_contained,
         )
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
@@ -304,6 +310,32 @@ def push(
         typer.echo(json.dumps(result.__dict__, indent=2))
     else:
         out.print(f"Uploaded {folder} to {result.repo_url} (commit {result.commit_oid[:10]}): {result.commit_url}")
+
+
+# ---------------------------------------------------------------------------------------- convert
+@app.command(
+    epilog="Examples:\n\n  qdlm-export convert llada-w4 --to compressed-tensors --out llada-w4-ct\n\n"
+    "  qdlm-export convert llada-w4 --to gptq --out llada-w4-gptq"
+)
+def convert(
+    folder: Annotated[Path, typer.Argument(help="A native checkpoint written by `qdlm-export quantize`.")],
+    to: Annotated[str, typer.Option("--to", help="Target format: gptq, awq or compressed-tensors.")] = ...,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")] = ...,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Convert a native checkpoint to GPTQ, AWQ or compressed-tensors; refuses what the format cannot express."""
+    from .convert import convert as run_convert
+
+    from .inspect import read_quantization_config
+
+    read_quantization_config(folder)  # a clear error if FOLDER is not a native checkpoint
+    result = run_convert(folder, out_dir, to, overwrite=overwrite, max_shard_bytes=_parse_size(max_shard_size))
+    if as_json:
+        typer.echo(json.dumps({"out": str(result), "format": to}))
+    else:
+        out.print(f"Wrote {to} checkpoint {result}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -6,9 +6,11 @@ into a staged temporary folder, verify the written result by reloading it, then 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import shutil
+import tempfile
 import sys
 import time
 from dataclasses import dataclass
@@ -75,10 +77,32 @@ def quantize(
     revision: str | None = None,
     on_block: Callable[[int, int], None] | None = None,
     command: str | None = None,
+    output_format: str = "native",
+    self_contained: bool = True,
 ) -> QuantizeSummary:
+    """Quantize ``model`` into ``out``.
+
+    ``output_format`` other than native: the native checkpoint is written and verified in a scratch
+    folder, then converted (formats/); what the format cannot express is refused before any work
+    where it can be known from the options. ``self_contained``: native checkpoints of remote-code
+    families carry the loader as remote code, so they load with transformers alone.
+    """
+    from .convert import FORMATS, check_convertible
+
     started = time.perf_counter()
     out = Path(out).expanduser().resolve()
     check_output(out, overwrite)
+    if output_format not in FORMATS:
+        raise ConfigError(f"--format {output_format!r} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
+    if output_format in ("gptq", "awq") and config.scale_dtype is None:
+        config = dataclasses.replace(config, scale_dtype="float16")  # what their loaders expect
+    if output_format != "native":
+        check_convertible(
+            {"weights": {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
+                         **({"scale_dtype": config.scale_dtype} if config.scale_dtype else {})},
+             "activations": config.activations() if hasattr(config, "activations") else None},
+            output_format,
+        )
     calibration = calibration or CalibrationConfig()
     torch_device = resolve_device(device)
     dtype = DTYPES[compute_dtype] if compute_dtype else default_compute_dtype(torch_device)
@@ -92,7 +116,9 @@ def quantize(
         mask_id = source.adapter.mask_token_id(source.config_dict)
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
 
-        with staged_output(out, overwrite) as tmp:
+        with staged_output(out, overwrite) as stage:
+            # Non-native formats: write (and verify) native in a scratch folder, convert at the end.
+            tmp = stage if output_format == "native" else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
             writer = ShardedWriter(tmp, max_shard_bytes)
             result = run_pipeline(
                 source, method, writer, calib_tokens=calib_tokens, device=torch_device,
@@ -136,6 +162,16 @@ def quantize(
             }
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             _write_card(tmp, repo_id=out.name)
+            if output_format != "native":
+                from .convert import write_converted
+
+                write_converted(tmp, stage, output_format, max_shard_bytes=max_shard_bytes, repo_id=out.name)
+                shutil.rmtree(tmp)
+                checkpoint_bytes = sum(f.stat().st_size for f in stage.glob("*.safetensors"))
+            elif self_contained and source.config_dict.get("auto_map"):
+                from .formats.selfcontained import make_self_contained
+
+                make_self_contained(stage)
     finally:
         source.close()
 

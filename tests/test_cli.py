@@ -208,3 +208,25 @@ def test_unknown_model_type_is_named(monkeypatch, capsys, tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
     code, _, err = run_cli(monkeypatch, capsys, "quantize", str(src), "--out", str(tmp_path / "o"))
     assert_clean_failure(code, err, "'mamba'", "llada")
+
+
+def test_quantize_to_other_formats_and_convert(monkeypatch, capsys, tmp_path, tiny_llada):
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", str(tiny_llada), "--trust-remote-code", "--format", "gptq",
+                           "--out", str(tmp_path / "g"), "--no-verify")
+    assert code == 0, err
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["bits"] == 4
+    assert not [p for p in (tmp_path / "g").iterdir() if p.name.startswith(".")]
+
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", str(tiny_llada), "--trust-remote-code", "--format", "awq",
+                           "--bits", "3", "--out", str(tmp_path / "a"))
+    assert_clean_failure(code, err, "4-bit")
+    assert not (tmp_path / "a").exists()
+
+    run_cli(monkeypatch, capsys, "quantize", str(tiny_llada), "--trust-remote-code", "--out", str(tmp_path / "n"), "--no-verify")
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "n"), "--to", "compressed-tensors", "--out", str(tmp_path / "ct"))
+    assert code == 0, err
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "n"), "--to", "exl2", "--out", str(tmp_path / "x"))
+    assert_clean_failure(code, err, "exl2")
