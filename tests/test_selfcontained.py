@@ -79,7 +79,8 @@ def exports(tiny_llada, tiny_dream, tmp_path_factory):
         ("llada-wa", tiny_llada, "rtn-wa", dict(bits=8, act_bits=8)),
     ):
         native = root / f"{family}-native"
-        quantize(str(source), native, make_config(method, **options), trust_remote_code=True, verify=False)
+        quantize(str(source), native, make_config(method, **options), trust_remote_code=True, verify=False,
+                 self_contained=False)
         if method == "rtn-wa":
             _add_online_hadamard(native)
         sc = root / f"{family}-sc"
