@@ -19,13 +19,20 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .activations import INPUT_SCALE, INPUT_ZERO_POINT, quantize_activation
 from .errors import CheckpointError
 from .formats.native import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
 from .kernels import weight_only_linear
+from .transforms import apply_input_transforms, transform_ops
 
 
 class QdlmLinear(nn.Module):
-    """A linear layer holding packed integer weights; computes through ``kernels`` dispatch."""
+    """A linear layer holding packed integer weights; computes through ``kernels`` dispatch.
+
+    Weight-activation checkpoints add, in this order: the module's online input transforms
+    (``transforms.py``), quantization of the transformed input (``activations.py``), the matmul,
+    and for q/k/v with ``qkv_bits`` a per-token quantization of the output.
+    """
 
     def __init__(self, spec: LinearSpec, device: torch.device | str | None = None):
         super().__init__()
@@ -36,6 +43,10 @@ class QdlmLinear(nn.Module):
             self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device=device))
         if not spec.has_bias:
             self.bias = None
+        self._ops = transform_ops(spec.input_transforms)
+        self._transform_names = tuple(spec.transform_tensors())
+        self._act_in = spec.input_activation
+        self._act_out = spec.output_activation
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearSpec) -> "QdlmLinear":
@@ -43,7 +54,9 @@ class QdlmLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        return weight_only_linear(
+        if self._ops or self._act_in is not None:
+            x = self._prepare_input(x)
+        y = weight_only_linear(
             x,
             self.weight_packed,
             self.weight_scale,
@@ -53,13 +66,33 @@ class QdlmLinear(nn.Module):
             s.in_features,
             self.bias,
         )
+        if self._act_out is not None:
+            y = quantize_activation(y, self._act_out).to(y.dtype)
+        return y
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transforms, then activation fake-quantization, computed in float32 (float64 inputs stay)."""
+        h = x if x.dtype == torch.float64 else x.float()
+        if self._ops:
+            tensors = {name: getattr(self, name) for name in self._transform_names}
+            h = apply_input_transforms(h, self._ops, tensors)
+        if self._act_in is not None:
+            h = quantize_activation(
+                h, self._act_in, getattr(self, INPUT_SCALE, None), getattr(self, INPUT_ZERO_POINT, None)
+            )
+        return h.to(x.dtype)
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (
+        text = (
             f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, "
             f"group_size={s.group_size}, symmetric={s.symmetric}, bias={s.has_bias}"
         )
+        if self._ops:
+            text += ", transforms=" + "+".join(op["op"] for op in self._ops)
+        if self._act_in is not None:
+            text += f", act_bits={self._act_in.bits}, act={self._act_in.granularity}"
+        return text
 
 
 class QdlmConfig(QuantizationConfigMixin):

@@ -10,6 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the real Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Triton kernels are tested on the CPU through Triton's interpreter. The variable must be set before
+# the first kernel is defined (see qdlm_export/kernels/_triton.py), so it is set here, at collection.
+# On a GPU machine the kernels compile for real unless the caller sets TRITON_INTERPRET=1 itself.
+if "TRITON_INTERPRET" not in os.environ and _no_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 @pytest.fixture(scope="session")
 def tiny_llada(tmp_path_factory):
     from qdlm_export.fixtures import build_tiny_model

@@ -8,6 +8,11 @@ Per quantized linear ``NAME`` (tensor names follow compressed-tensors where they
     NAME.weight_zero_point  uint8   [out, groups]             asymmetric only; unsigned zero codes
     NAME.weight_shape       int64   [2]                       (out, in)
     NAME.bias               float*  [out]                     only if the source linear has a bias
+
+Weight-activation checkpoints add, per module, the tensors its online input transforms reference
+(``transforms.modules[NAME]``: ``input_smooth``, ``input_rotation_*``, ``input_permutation``; see
+``qdlm_export/transforms.py``) and, for static activation quantization, ``input_scale`` (and
+``input_zero_point``) (``qdlm_export/activations.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from typing import Any
 
 import torch
 
+from ..activations import ActivationSpec
+from ..errors import CheckpointError
 from ..quantization import QuantizedWeight, WeightScheme
+from ..transforms import transform_tensor_specs
 from .packing import pack_rows, packed_words
 
 FORMAT_NAME = "qdlm"
@@ -43,6 +51,37 @@ class LinearSpec:
     scale_dtype: torch.dtype
     has_bias: bool = False
     bias_dtype: torch.dtype = torch.float32
+    # Weight-activation checkpoints: the module's online ops (transforms.modules[NAME], a tuple of
+    # dicts) and the checkpoint's activations section (None: inputs stay in floating point).
+    input_transforms: tuple = ()
+    activations: dict | None = None
+
+    @property
+    def quantizes_input(self) -> bool:
+        return any(op["op"] == "quantize_input" for op in self.input_transforms)
+
+    @property
+    def quantizes_output(self) -> bool:
+        return any(op["op"] == "quantize_output" for op in self.input_transforms)
+
+    @property
+    def input_activation(self) -> ActivationSpec | None:
+        """The quantizer of this module's (transformed) input, or None."""
+        if not self.quantizes_input:
+            return None
+        if not self.activations:
+            raise ValueError("a module quantizes its input but the checkpoint has no activations section")
+        return ActivationSpec.from_config(self.activations)
+
+    @property
+    def output_activation(self) -> ActivationSpec | None:
+        """The per-token quantizer of this module's output (q/k/v with ``qkv_bits``), or None."""
+        if not self.quantizes_output:
+            return None
+        if not self.activations or not self.activations.get("qkv_bits"):
+            raise ValueError("a module quantizes its output but the activations section has no qkv_bits")
+        spec = ActivationSpec.from_config(self.activations, bits=int(self.activations["qkv_bits"]))
+        return ActivationSpec(spec.bits, "token", spec.symmetric, spec.clip_ratio)
 
     @property
     def scheme(self) -> WeightScheme:
@@ -53,7 +92,24 @@ class LinearSpec:
         return self.scheme.groups(self.in_features)
 
     def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Suffix -> (dtype, shape) of every tensor this linear stores."""
+        """Suffix -> (dtype, shape) of every tensor this linear stores (weights, transforms, activations)."""
+        spec = self.weight_tensors()
+        for suffix, value in self.transform_tensors().items():
+            if suffix in spec:
+                raise ValueError(f"transform tensor name {suffix!r} collides with a weight tensor")
+            spec[suffix] = value
+        return spec
+
+    def transform_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Suffix -> (dtype, shape) of the online-transform and static activation tensors."""
+        spec = transform_tensor_specs(self.input_transforms, self.in_features)
+        act = self.input_activation
+        if act is not None:
+            spec.update(act.tensor_specs())
+        return spec
+
+    def weight_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Suffix -> (dtype, shape) of the quantized weight's own tensors (and the bias)."""
         spec = {
             "weight_packed": (torch.int32, (self.out_features, packed_words(self.in_features, self.bits))),
             "weight_scale": (self.scale_dtype, (self.out_features, self.groups)),
@@ -67,7 +123,7 @@ class LinearSpec:
 
     def stored_bytes(self) -> int:
         total = 0
-        for dtype, shape in self.tensors().values():
+        for dtype, shape in self.weight_tensors().values():  # transforms are not weight bytes
             n = 1
             for s in shape:
                 n *= s
@@ -99,7 +155,8 @@ def module_spec(qconfig: dict[str, Any], name: str, in_features: int, out_featur
     """The spec of module ``name`` under a checkpoint's ``quantization_config`` (overrides applied)."""
     weights = dict(qconfig["weights"])
     weights.update(qconfig.get("module_overrides", {}).get(name, {}))
-    return LinearSpec(
+    ops = ((qconfig.get("transforms") or {}).get("modules") or {}).get(name, [])
+    spec = LinearSpec(
         in_features=in_features,
         out_features=out_features,
         bits=int(weights["bits"]),
@@ -108,4 +165,14 @@ def module_spec(qconfig: dict[str, Any], name: str, in_features: int, out_featur
         scale_dtype=DTYPES[weights["scale_dtype"]],
         has_bias=has_bias,
         bias_dtype=bias_dtype,
+        input_transforms=tuple(dict(op) for op in ops),
+        activations=dict(qconfig["activations"]) if qconfig.get("activations") else None,
     )
+    try:
+        spec.tensors()  # validates the transform ops against the layer's size
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"module {name}: invalid transforms/activations in quantization_config ({exc})",
+            hint="the checkpoint was written by a newer qdlm-export or edited by hand",
+        ) from None
+    return spec

@@ -1,0 +1,203 @@
+"""QuaRot (Ashkboos et al., 2024): rotate the residual stream so no channel stands out, then quantize.
+
+An orthogonal ``Q`` applied to every vector of the residual stream changes nothing the network
+computes, provided every reader of the stream sees ``W Q`` instead of ``W`` and every writer writes
+``Q^T W``; RMSNorm commutes with ``Q`` once its gain has been moved into the readers. After the
+rotation the few huge channels of LLMs are spread over all channels, so per-token quantization
+of the readers' inputs loses little. In the paper's order:
+
+Offline (fused into the stored weights):
+  * fold every RMSNorm gain into the linears that read it (the final norm into the LM head) and
+    set the gains to 1;
+  * optionally centre the embeddings (``center_embeddings``; see below);
+  * ``Q = D H(hidden)``, a Hadamard matrix with a random +-1 diagonal ``D`` (``rotation_seed``):
+    embeddings ``E Q``; readers (q/k/v, gate/up, LM head) ``W Q``; writers (attention output,
+    down projection) ``Q^T W`` (and their biases);
+  * per head, ``H(head_dim)`` on the value projection's outputs and the attention output's inputs
+    (attention mixes tokens, not channels, so a per-head rotation of ``v`` passes through it).
+
+Online (recorded per module, applied by the loader):
+  * the attention output's input: a Hadamard over heads (``size = num_heads``, ``stride =
+    head_dim``); with the per-head part already in the weights, the input sees ``H(heads) (x)
+    H(head_dim)``;
+  * the down projection's input: a full ``H(intermediate)`` (the SiLU gate in between stops it from
+    being folded into ``up``): LLaDA's 12288 = 12 * 1024 and Dream's 18944 = 148 * 128 use the
+    non-power-of-two constructions of ``transforms.hadamard_matrix``.
+
+Weights: GPTQ on the rotated weights with the rotated inputs' Hessians (the study), or RTN;
+activations per token, symmetric. QuaRot's extra Hadamard on queries and keys after RoPE only
+matters for a quantized K cache, which dLLMs do not have; ``qkv_bits`` instead quantizes the q/k/v
+projection outputs per token before RoPE (an approximation, see docs/FORMAT.md).
+
+Centring the embeddings (the study's QuaRot does it) removes each token embedding's mean. That is
+exact for LayerNorm models but *changes* RMSNorm models such as LLaDA and Dream (RMSNorm does not
+subtract the mean), so it is off by default here: with it off, the rotated model computes exactly
+what the original does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..configs import WeightActivationConfig
+from ..errors import ConfigError
+from ..families import LinearGroup
+from ..transforms import hadamard_transform, has_hadamard, random_hadamard_signs
+from .base import BlockCalibration, find_linear
+from .registry import register_method
+from .rtn_wa import WEIGHT_METHODS, LinearPlan, WeightActivationMethod
+
+
+@dataclass(frozen=True)
+class QuaRotConfig(WeightActivationConfig):
+    """QuaRot with the study's settings: W4A4, per-channel symmetric GPTQ weights with a clip
+    search, per-token symmetric activations."""
+
+    method: ClassVar[str] = "quarot"
+
+    bits: int = 4
+    group_size: int = -1
+    act_bits: int = 4
+    rotation_seed: int = 0
+    weight_method: str = "gptq"  # "gptq" (the study) or "rtn"
+    damp: float = 0.01  # GPTQ dampening
+    w_clip: bool = True  # GPTQ: search each row's clipping range (the study's --w_clip)
+    center_embeddings: bool = False  # the study centres; not function-preserving under RMSNorm
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ConfigError(f"--weight-method {self.weight_method!r} is invalid", hint=f"choose one of {WEIGHT_METHODS}")
+        if self.damp < 0:
+            raise ConfigError(f"--damp {self.damp} must be non-negative")
+
+
+def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``W Q`` for ``Q = diag(signs) H``: what a reader of the rotated stream must hold."""
+    w = weight.detach().double() * signs.to(weight.device)
+    return hadamard_transform(w).to(weight.dtype)
+
+
+def _rotate_output(linear: nn.Linear, signs: torch.Tensor) -> None:
+    """``Q^T W`` and ``b Q``: a writer of the residual stream writes rotated vectors."""
+    linear.weight.data = _rotate_rows(linear.weight.data.t(), signs).t().contiguous()
+    if linear.bias is not None:
+        linear.bias.data = _rotate_rows(linear.bias.data[None], signs)[0]
+
+
+def _per_head(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``W`` with ``H(head_dim)`` applied to every run of ``head_dim`` columns."""
+    w = weight.detach().double()
+    return hadamard_transform(w.reshape(*w.shape[:-1], -1, head_dim)).reshape(w.shape).to(weight.dtype)
+
+
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear], where: str) -> None:
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or getattr(norm, "bias", None) is not None:
+        raise ConfigError(
+            f"QuaRot folds norm gains into the next linears, but {where} is not a bias-free scaled norm",
+            hint="QuaRot supports RMSNorm-style norms (LLaDA, Dream, Llama, Qwen2)",
+        )
+    for linear in linears:
+        linear.weight.data = (linear.weight.data.double() * weight.data.double()).to(linear.weight.dtype)
+    norm.weight.data = torch.ones_like(norm.weight.data)
+
+
+def residual_writers(groups: tuple[LinearGroup, ...]) -> set[str]:
+    """Linears whose output is added to the residual stream: a group that is followed by a norm
+    group (the next sub-block's readers), or that ends the block."""
+    writers = set()
+    for i, group in enumerate(groups):
+        if group.norm is None and (i + 1 == len(groups) or groups[i + 1].norm is not None):
+            writers.update(group.linears)
+    return writers
+
+
+@register_method
+class QuaRot(WeightActivationMethod):
+    name = "quarot"
+    config_class = QuaRotConfig
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shape = self.adapter.attention_shape(self.model_config)
+        hidden, heads, head_dim = self.shape.hidden_size, self.shape.num_heads, self.shape.head_dim
+        for size, what in ((hidden, "hidden size"), (heads, "number of attention heads"), (head_dim, "head dim")):
+            if not has_hadamard(size):
+                raise ConfigError(
+                    f"QuaRot needs a Hadamard matrix of the model's {what} {size}, and none is built in",
+                    hint="supported sizes are m * 2^k with m = 1 or a Paley order (12, 20, 28, 36, 44, 52, 60, 108, "
+                    "140, 148, ...)",
+                )
+        self.signs = random_hadamard_signs(hidden, self.config.rotation_seed)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Embeddings, final norm and LM head: fold, (centre), rotate."""
+        adapter = self.adapter
+        embed = model.get_submodule(adapter.embeddings)
+        head = model.get_submodule(adapter.lm_head)
+        if adapter.ties_embeddings(self.model_config) or head.weight is embed.weight:
+            raise ConfigError(
+                "QuaRot needs an LM head separate from the input embeddings (they are rotated differently), "
+                "and this model ties them",
+                hint="use smoothquant or duquant for this model",
+            )
+        with torch.no_grad():
+            _fold_norm(model.get_submodule(adapter.final_norm), [head], adapter.final_norm)
+            if self.config.center_embeddings:
+                w = embed.weight.data.double()
+                embed.weight.data = (w - w.mean(-1, keepdim=True)).to(embed.weight.dtype)
+            embed.weight.data = _rotate_rows(embed.weight.data, self.signs)
+            head.weight.data = _rotate_rows(head.weight.data, self.signs)
+
+    @torch.no_grad()
+    def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
+        groups = self.adapter.groups
+        heads, head_dim = self.shape.num_heads, self.shape.head_dim
+        writers = residual_writers(groups)
+        plans = {name: LinearPlan() for name in self.adapter.linear_names}
+        for group in groups:
+            linears = [find_linear(block, name) for name in group.linears]
+            if group.norm is not None:  # readers of the residual stream
+                _fold_norm(block.get_submodule(group.norm), linears, f"{prefix}.{group.norm}")
+                for linear in linears:
+                    linear.weight.data = _rotate_rows(linear.weight.data, self.signs)
+            if group.role == "attn_out":
+                # Per head on v's outputs (offline) and o's inputs (offline part), heads online.
+                v = find_linear(block, group.prev_linear)
+                v.weight.data = _per_head(v.weight.data.t(), head_dim).t().contiguous()
+                if v.bias is not None:
+                    v.bias.data = _per_head(v.bias.data[None], head_dim)[0]
+                for name, linear in zip(group.linears, linears):
+                    linear.weight.data = _per_head(linear.weight.data, head_dim)
+                    plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": heads, "stride": head_dim}])
+            elif group.norm is None:
+                # e.g. the down projection: nonlinear gating in front, so the whole rotation is online.
+                for name, linear in zip(group.linears, linears):
+                    if not has_hadamard(linear.in_features):
+                        raise ConfigError(
+                            f"QuaRot needs a Hadamard matrix of size {linear.in_features} for {prefix}.{name}, "
+                            "and none is built in"
+                        )
+                    plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": linear.in_features, "stride": 1}])
+            for name, linear in zip(group.linears, linears):
+                if name in writers:
+                    _rotate_output(linear, self.signs)
+        return plans
+
+    def transform_metadata(self) -> dict[str, Any]:
+        return {
+            "offline": {
+                "kind": "quarot",
+                "rotation": "random-hadamard",
+                "rotation_seed": self.config.rotation_seed,
+                "hidden_size": self.shape.hidden_size,
+                "norms_folded": True,
+                "center_embeddings": self.config.center_embeddings,
+                "per_head_value_hadamard": self.shape.head_dim,
+            }
+        }
