@@ -25,11 +25,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: with rich markup, "[default: 4]" in a help string would be eaten as a tag.
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True)
 
 EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny-llada"
+
+
+def _examples(*lines: str) -> str:
+    """An epilog of example command lines, kept verbatim by click (the \\b marker stops rewrapping)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _version(value: bool) -> None:
@@ -71,10 +78,12 @@ def _parse_size(text: str) -> int:
 
 # --------------------------------------------------------------------------------------- quantize
 @app.command(
-    epilog="Examples:\n\n"
-    "  qdlm-export quantize --out tiny-w4                      # the embedded tiny LLaDA, RTN W4 g128\n\n"
-    "  qdlm-export quantize GSAI-ML/LLaDA-8B-Instruct --trust-remote-code --method rtn --bits 4 --out llada-w4\n\n"
-    "  qdlm-export quantize ./my-model --bits 8 --group-size -1 --asymmetric --out my-model-w8"
+    epilog=_examples(
+        "qdlm-export quantize --out tiny-w4    # the embedded tiny LLaDA, RTN W4 g128",
+        "qdlm-export quantize GSAI-ML/LLaDA-8B-Instruct --trust-remote-code --method gptq --bits 4 --out llada-w4",
+        "qdlm-export quantize ./my-model --bits 8 --group-size -1 --asymmetric --out my-model-w8",
+        "qdlm-export quantize --method quarot --bits 4 --act-bits 4 --out tiny-w4a4",
+    )
 )
 def quantize(
     model: Annotated[
@@ -261,7 +270,7 @@ def _coerce(key: str, raw: str, hint: object) -> object:
 
 
 # ---------------------------------------------------------------------------------------- inspect
-@app.command(epilog="Example:\n\n  qdlm-export inspect llada-w4 --json")
+@app.command(epilog=_examples("qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json"))
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
@@ -291,8 +300,10 @@ def inspect(
 
 # ------------------------------------------------------------------------------------------- push
 @app.command(
-    epilog="Examples:\n\n  qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4\n\n"
-    "  qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4 --private --revision w4-g128"
+    epilog=_examples(
+        "qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4",
+        "qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4 --private --revision w4-g128",
+    )
 )
 def push(
     folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
@@ -314,8 +325,10 @@ def push(
 
 # ---------------------------------------------------------------------------------------- convert
 @app.command(
-    epilog="Examples:\n\n  qdlm-export convert llada-w4 --to compressed-tensors --out llada-w4-ct\n\n"
-    "  qdlm-export convert llada-w4 --to gptq --out llada-w4-gptq"
+    epilog=_examples(
+        "qdlm-export convert llada-w4 --to compressed-tensors --out llada-w4-ct",
+        "qdlm-export convert llada-w4 --to gptq --out llada-w4-gptq",
+    )
 )
 def convert(
     folder: Annotated[Path, typer.Argument(help="A native checkpoint written by `qdlm-export quantize`.")],
@@ -340,8 +353,10 @@ def convert(
 
 # ------------------------------------------------------------------------------------------ bench
 @app.command(
-    epilog="Examples:\n\n  qdlm-export bench                      # kernels + a denoising step of the embedded default, W4\n\n"
-    "  qdlm-export bench llada-w4 --full --json"
+    epilog=_examples(
+        "qdlm-export bench                  # kernels + a denoising step of the embedded default, W4",
+        "qdlm-export bench llada-w4 --full --json",
+    )
 )
 def bench(
     checkpoint: Annotated[
@@ -388,6 +403,64 @@ def bench(
             )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
+
+
+# ------------------------------------------------------------------------------------------- eval
+@app.command(
+    "eval",
+    epilog=_examples(
+        "qdlm-export eval tiny-w4                                   # bundled multiple-choice task, offline",
+        "qdlm-export eval tiny-w4 --tasks qdlm_stdlib_mc,qdlm_stdlib_gen --limit 20 --json",
+        "qdlm-export eval llada-w4 --tasks arc_easy,hellaswag --limit 200 --mc-num 128",
+        "qdlm-export eval llada-w4 --tasks gsm8k -O gen_length=256 -O steps=256 -O block_length=32",
+    ),
+)
+def eval_command(
+    folder: Annotated[Path, typer.Argument(help="A quantized checkpoint folder written by `qdlm-export quantize`.")],
+    tasks: Annotated[
+        str,
+        typer.Option(help="Comma-separated lm-eval tasks. Bundled offline tasks: qdlm_stdlib_mc, qdlm_stdlib_gen (tag qdlm_offline)."),
+    ] = "qdlm_stdlib_mc",
+    limit: Annotated[Optional[float], typer.Option(help="Examples per task (an int, or a fraction below 1) [default: all].")] = None,
+    original: Annotated[
+        Optional[str], typer.Option(help="The original model to compare against [default: the checkpoint's recorded source].")
+    ] = None,
+    mc_num: Annotated[int, typer.Option(help="Monte-Carlo masked copies per log-likelihood.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="Masked copies per forward pass [default: min(mc-num, 32)].")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples per prompt [default: the task's].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the masks and of sampling (the same for both models).")] = 1234,
+    nll: Annotated[bool, typer.Option("--nll/--no-nll", help="Also score the held-out masked-token NLL on the shipped corpus.")] = True,
+    option: Annotated[
+        Optional[list[str]],
+        typer.Option("--option", "-O", help="A qdlm model argument as KEY=VALUE (repeatable): gen_length, steps, block_length, alg, temperature, ... See docs/EVAL.md."),
+    ] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option(help="A folder of extra lm-eval task YAMLs (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when available].")] = None,
+    dtype: Annotated[str, typer.Option(help="Dtype the models run in: auto, float32, bfloat16, float16.")] = "auto",
+    write: Annotated[bool, typer.Option("--write/--no-write", help="Store the table in the folder's qdlm_report.json and model card.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Evaluate the original and the quantized model side by side with lm-eval (the `qdlm` dLLM model)."""
+    from .eval.evaluate import evaluate_checkpoint, format_table, parse_model_args
+
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    if not as_json:
+        err.print(f"evaluating the original and {folder} on {tasks} ...", highlight=False)
+    result = evaluate_checkpoint(
+        folder, tasks, limit=limit, original=original, mc_num=mc_num, batch_size=batch_size,
+        num_fewshot=num_fewshot, seed=seed, nll=nll, model_args=parse_model_args(option or []),
+        include_path=[str(p) for p in include_path] if include_path else None, device=device, dtype=dtype,
+        write=write,
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    out.print(format_table(result["table"]), highlight=False, soft_wrap=True)
+    out.print(f"original: {result['original']}", highlight=False, soft_wrap=True)
+    if write:
+        where = {"regenerated": "qdlm_report.json and README.md", "kept": "qdlm_report.json (README.md was edited by hand: kept)"}
+        out.print(f"wrote the table into {where.get(result['card'], 'qdlm_report.json')} of {folder}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------- main

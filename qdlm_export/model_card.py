@@ -312,7 +312,27 @@ def _quality(f: _Facts) -> str:
                 )
     if rows:
         out.append("| Task | Original | Quantized | Δ |\n|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+        how = _eval_settings_note(_dict(r.get("eval_settings")))
+        if how:
+            out.append(how)
     return "## Quality\n\n" + "\n".join(out) if out else ""
+
+
+def _eval_settings_note(s: dict[str, Any]) -> str:
+    """One sentence on how the eval table was made (written by ``qdlm-export eval``)."""
+    if not s:
+        return ""
+    bits = []
+    if s.get("lm_eval_version"):
+        bits.append(f"lm-eval {s['lm_eval_version']}")
+    if _number(s.get("mc_num")) is not None:
+        bits.append(f"mc_num={_fmt(s['mc_num'])}")
+    if _number(s.get("limit")) is not None:
+        bits.append(f"at most {_fmt(s['limit'])} examples per task")
+    text = "Measured with `qdlm-export eval`" + (f" ({', '.join(bits)})" if bits else "") + "."
+    if isinstance(s.get("nll"), dict):
+        text += " `masked_token_nll` is the held-out masked-token NLL in nats (lower is better)."
+    return text + "\n"
 
 
 def _format_note(f: _Facts) -> str:

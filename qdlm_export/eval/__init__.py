@@ -1,0 +1,1 @@
+"""Evaluation of masked diffusion LMs, original and quantized alike (likelihood, generation)."""
