@@ -273,12 +273,17 @@ def _coerce(key: str, raw: str, hint: object) -> object:
 @app.command(epilog=_examples("qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json"))
 def inspect(
     folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
+    device: Annotated[
+        Optional[str], typer.Option(help="Device to report kernel backends for: cpu or cuda [default: cuda when available].")
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Rows (batch x sequence) to report kernel backends for.")] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
 ) -> None:
-    """Describe a checkpoint and validate that every promised tensor exists with the right dtype and shape."""
+    """Describe a checkpoint, validate that every promised tensor exists with the right dtype and shape,
+    and show which kernel backend each layer would use."""
     from .inspect import inspect_checkpoint
 
-    info = inspect_checkpoint(folder)
+    info = inspect_checkpoint(folder, device=device, tokens=tokens)
     if as_json:
         typer.echo(json.dumps({**info.to_dict(), "valid": True}, indent=2))
         return
@@ -295,6 +300,12 @@ def inspect(
     table.add_row("bits per weight", f"{info.bits_per_weight:.3f}")
     table.add_row("weights on disk", _size(info.checkpoint_bytes))
     table.add_row("validation", "[green]ok[/green]: every tensor present with the expected dtype and shape")
+    groups: dict[str, int] = {}
+    for plan in info.kernels.values():
+        groups[plan] = groups.get(plan, 0) + 1
+    for i, (plan, count) in enumerate(groups.items()):
+        label = f"kernels ({info.kernel_device}, M={info.kernel_tokens})" if i == 0 else ""
+        table.add_row(label, f"{count} linear{'s' if count != 1 else ''}: {plan}", end_section=False)
     out.print(table)
 
 

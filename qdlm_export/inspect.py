@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
-from .formats.native import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, dtype_name, module_spec
+from .formats.native import FORMAT_NAME, LinearSpec, SUPPORTED_FORMAT_VERSIONS, dtype_name, module_spec
+from .kernels import describe_backend
+from .loader import uses_integer_input
 from .pipeline import SAFETENSORS_DTYPES
 
 ST_DTYPES = {**SAFETENSORS_DTYPES, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
@@ -39,6 +41,9 @@ class CheckpointInfo:
     bits_per_weight: float
     provenance: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] | None = None
+    kernels: dict[str, str] = field(default_factory=dict)  # module -> the backends the loader would use
+    kernel_device: str = "cpu"
+    kernel_tokens: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +82,19 @@ class _Tensors:
             return handle.get_tensor(key)
 
 
+def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype) -> str:
+    """Which kernel backends the loader would run this linear on (``inspect``), for ``tokens`` rows."""
+    shapes = dict(M=tokens, in_features=spec.in_features, out_features=spec.out_features, bits=spec.bits,
+                  group_size=spec.group_size, symmetric=spec.symmetric, dtype=dtype)
+    parts = [f"hadamard({op['size']}): {describe_backend('hadamard', device, n=op['size'], dtype=torch.float32)}"
+             for op in spec.input_transforms if op.get("op") == "hadamard"]
+    if uses_integer_input(spec):
+        parts.append(describe_backend("w4a4_linear", device, act_bits=spec.input_activation.bits, **shapes))
+    else:
+        parts.append(describe_backend("weight_only_linear", device, **shapes))
+    return "; ".join(parts)
+
+
 def read_quantization_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -110,9 +128,15 @@ def read_quantization_config(folder: Path) -> dict[str, Any]:
     return qconfig
 
 
-def inspect_checkpoint(folder: str | Path) -> CheckpointInfo:
-    """Describe and validate a checkpoint; raises :class:`CheckpointError` naming the first bad tensor."""
+def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens: int = 256) -> CheckpointInfo:
+    """Describe and validate a checkpoint; raises :class:`CheckpointError` naming the first bad tensor.
+
+    ``kernels`` says, per quantized linear, which backend the loader would pick on ``device``
+    (default: cuda when available) for ``tokens`` rows (batch x sequence) in the model's dtype."""
     folder = Path(folder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = _model_dtype(folder)
+    kernels: dict[str, str] = {}
     qconfig = read_quantization_config(folder)
     tensors = _Tensors(folder)
     linear_params = linear_bytes = 0
@@ -138,6 +162,7 @@ def inspect_checkpoint(folder: str | Path) -> CheckpointInfo:
                 raise CheckpointError(f"tensor {key} has shape {list(got_shape)}, expected {list(shape)}")
         if f"{name}.weight" in tensors.meta:
             raise CheckpointError(f"tensor {name}.weight is present although {name} is listed as quantized")
+        kernels[name] = describe_kernels(spec, device, tokens, compute_dtype)
         linear_params += out * inp
         linear_bytes += spec.stored_bytes() - (out * torch.empty((), dtype=bias_dtype).element_size() if has_bias else 0)
 
@@ -163,4 +188,17 @@ def inspect_checkpoint(folder: str | Path) -> CheckpointInfo:
         bits_per_weight=8 * linear_bytes / max(linear_params, 1),
         provenance=dict(qconfig.get("provenance", {})),
         report=report,
+        kernels=kernels,
+        kernel_device=device,
+        kernel_tokens=tokens,
     )
+
+
+def _model_dtype(folder: Path) -> torch.dtype:
+    """The dtype a checkpoint loads in by default (config ``dtype``/``torch_dtype``; float32 if absent)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32) if isinstance(name, str) else torch.float32

@@ -22,8 +22,16 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .activations import INPUT_SCALE, INPUT_ZERO_POINT, quantize_activation
 from .errors import CheckpointError
 from .formats.native import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
-from .kernels import weight_only_linear
+from .kernels import packed_int_linear, quantize_per_token, weight_only_linear
 from .transforms import apply_input_transforms, transform_ops
+
+
+def uses_integer_input(spec: LinearSpec) -> bool:
+    """Whether the loader runs this linear on the integer kernels: dynamic symmetric per-token inputs
+    (int8 codes times the packed weight, int32 accumulation) compute what fake quantization computes,
+    without dequantizing the input. Static or asymmetric inputs are fake-quantized, then dequant-GEMM."""
+    act = spec.input_activation
+    return act is not None and not act.static and act.symmetric and act.bits in (4, 8)
 
 
 class QdlmLinear(nn.Module):
@@ -47,6 +55,7 @@ class QdlmLinear(nn.Module):
         self._transform_names = tuple(spec.transform_tensors())
         self._act_in = spec.input_activation
         self._act_out = spec.output_activation
+        self._integer_input = uses_integer_input(spec)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: LinearSpec) -> "QdlmLinear":
@@ -54,9 +63,24 @@ class QdlmLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
+        if self._integer_input:
+            h = self._transformed(x)
+            x_q, x_scale = quantize_per_token(h, self._act_in.bits, self._act_in.clip_ratio)
+            y = packed_int_linear(
+                x_q, x_scale, self.weight_packed, self.weight_scale, getattr(self, "weight_zero_point", None),
+                s.bits, s.group_size, s.in_features, self.bias, x.dtype,
+            )
+        else:
+            y = self._dequantized_forward(x)
+        if self._act_out is not None:
+            y = quantize_activation(y, self._act_out).to(y.dtype)
+        return y
+
+    def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
         if self._ops or self._act_in is not None:
             x = self._prepare_input(x)
-        y = weight_only_linear(
+        return weight_only_linear(
             x,
             self.weight_packed,
             self.weight_scale,
@@ -66,16 +90,18 @@ class QdlmLinear(nn.Module):
             s.in_features,
             self.bias,
         )
-        if self._act_out is not None:
-            y = quantize_activation(y, self._act_out).to(y.dtype)
-        return y
 
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Transforms, then activation fake-quantization, computed in float32 (float64 inputs stay)."""
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """The online input transforms, computed in float32 (float64 inputs stay float64)."""
         h = x if x.dtype == torch.float64 else x.float()
         if self._ops:
             tensors = {name: getattr(self, name) for name in self._transform_names}
             h = apply_input_transforms(h, self._ops, tensors)
+        return h
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transforms, then activation fake-quantization (static or asymmetric activations)."""
+        h = self._transformed(x)
         if self._act_in is not None:
             h = quantize_activation(
                 h, self._act_in, getattr(self, INPUT_SCALE, None), getattr(self, INPUT_ZERO_POINT, None)

@@ -230,3 +230,25 @@ def test_quantize_to_other_formats_and_convert(monkeypatch, capsys, tmp_path, ti
     assert qc["quant_method"] == "compressed-tensors"
     code, _, err = run_cli(monkeypatch, capsys, "convert", str(tmp_path / "n"), "--to", "exl2", "--out", str(tmp_path / "x"))
     assert_clean_failure(code, err, "exl2")
+
+
+def test_inspect_reports_the_kernel_backend_of_every_layer(monkeypatch, capsys, tmp_path):
+    """Weight-only layers report the dequantize-GEMM, dynamic symmetric W4A4 layers the integer path
+    (per-token quantize, then the integer GEMM) and their online Hadamards; a forced backend shows."""
+    w4, w4a4 = tmp_path / "w4", tmp_path / "w4a4"
+    assert run_cli(monkeypatch, capsys, "quantize", "--out", str(w4), "--no-verify")[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--out", str(w4a4), "--method", "quarot", "--bits", "4",
+                           "--act-bits", "4", "--group-size", "-1", "--nsamples", "4", "--seqlen", "32", "--no-verify")
+    assert code == 0, err
+    code, out, _ = run_cli(monkeypatch, capsys, "inspect", str(w4), "--json", "--device", "cpu")
+    info = json.loads(out)
+    assert set(info["kernels"]) == set(info["quantized_modules"]) and info["kernel_device"] == "cpu"
+    assert all(plan.startswith("torch (dequantize") for plan in info["kernels"].values())
+    info = json.loads(run_cli(monkeypatch, capsys, "inspect", str(w4a4), "--json", "--device", "cpu")[1])
+    plans = info["kernels"]
+    assert all("per-token" in plan and "_int_mm" in plan for plan in plans.values())
+    assert "hadamard(768)" in plans["model.transformer.blocks.0.ff_out"]
+    assert "hadamard" not in plans["model.transformer.blocks.0.q_proj"]
+    monkeypatch.setenv("QDLM_KERNEL_BACKEND", "triton")
+    info = json.loads(run_cli(monkeypatch, capsys, "inspect", str(w4), "--json", "--device", "cpu")[1])
+    assert all("unavailable" in plan or "triton" in plan for plan in info["kernels"].values())

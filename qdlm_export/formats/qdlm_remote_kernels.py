@@ -3,8 +3,9 @@
 A self-contained export (``formats/selfcontained.py``) carries copies of qdlm-export's loader and its
 pure-torch helpers so that ``from_pretrained(..., trust_remote_code=True)`` works with only torch
 and transformers installed. The package's full dispatcher (``kernels/dispatch.py``) pulls in numpy
-and every backend; this module stands in for ``qdlm_export.kernels`` there and offers the one op
-the loader calls, with the same backend choice for it:
+and every backend; this module stands in for ``qdlm_export.kernels`` there and offers the ops the
+loader calls. The integer-activation ops (``quantize_per_token``, ``packed_int_linear``) are the
+torch implementations; the weight-only linear has the same backend choice as in the package:
 
 * ``auto`` (default): the Triton dequantize-GEMM when triton is installed and the tensors are on a
   CUDA GPU (and the shape suits it), otherwise the torch fallback (dequantize, then matmul);
@@ -22,7 +23,11 @@ import os
 import torch
 
 from ..kernels._triton import triton_unavailable_reason
+from ..kernels.int8 import packed_int_linear_torch as packed_int_linear
+from ..kernels.int8 import quantize_per_token_torch as quantize_per_token
 from ..kernels.weight_only import triton_unsupported_reason, weight_only_linear_torch
+
+__all__ = ["packed_int_linear", "quantize_per_token", "requested_backend", "weight_only_backend", "weight_only_linear"]
 
 ENV_VAR = "QDLM_KERNEL_BACKEND"
 FAMILIES = ("auto", "torch", "triton")
