@@ -109,7 +109,7 @@ def quantize(
     scale_dtype: Annotated[
         Optional[str], typer.Option(help="Scale dtype: float16, bfloat16 or float32 [default: float32 for float32 models, else float16].")
     ] = None,
-    act_bits: Annotated[Optional[int], typer.Option(help="Activation bits for weight-activation methods: 8 or 4 [default: 8].")] = None,
+    act_bits: Annotated[Optional[int], typer.Option(help="Activation bits for weight-activation methods: 8 or 4 [default: the method's: 8 for smoothquant and rtn-wa, 4 for quarot and duquant].")] = None,
     act_granularity: Annotated[
         Optional[str], typer.Option(help="Activation scales: 'token' (dynamic per token) or 'tensor' (static, calibrated) [default: token].")
     ] = None,

@@ -73,15 +73,15 @@ class DuQuantConfig(WeightActivationConfig):
             raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
         if self.block_size <= 1 or not has_hadamard(self.block_size):
             raise ConfigError(
-                f"--block-size {self.block_size} is invalid",
-                hint="use a Hadamard size such as 64 or 128 (the study uses 128)",
+                f"DuQuant block size {self.block_size} (-O block_size=) is invalid: it must be a Hadamard size above 1",
+                hint="use a size such as 64 or 128 (the study uses 128)",
             )
         if self.max_rotation_steps < 0:
-            raise ConfigError(f"--max-rotation-steps {self.max_rotation_steps} must be non-negative")
+            raise ConfigError(f"-O max_rotation_steps={self.max_rotation_steps} must be non-negative")
         if not 0.0 < self.swc <= 1.0:
-            raise ConfigError(f"--swc {self.swc} must be in (0, 1]")
+            raise ConfigError(f"-O swc={self.swc} (the weight clip ratio) must be in (0, 1]")
         if self.rotation_tokens <= 0:
-            raise ConfigError(f"--rotation-tokens {self.rotation_tokens} must be positive")
+            raise ConfigError(f"-O rotation_tokens={self.rotation_tokens} must be positive")
 
 
 def base_rotation(block: int, seed: int) -> torch.Tensor:
@@ -179,6 +179,14 @@ class DuQuant(WeightActivationMethod):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Fail before any calibration work when the block size cannot tile the residual stream (the
+        # other input sizes are checked per block, in plan_block).
+        hidden = self.adapter.attention_shape(self.model_config).hidden_size
+        if hidden % self.config.block_size:
+            raise ConfigError(
+                f"DuQuant block size {self.config.block_size} does not divide the model's hidden size {hidden}",
+                hint="pass -O block_size=N with N dividing every linear's input size (the study uses 128)",
+            )
         self.rot = base_rotation(self.config.block_size, self.config.rotation_seed)
         self.online_smoothing: list[str] = []
 
@@ -200,7 +208,7 @@ class DuQuant(WeightActivationMethod):
                 raise ConfigError(
                     f"DuQuant block size {cfg.block_size} does not divide the input size {in_features} of "
                     f"{prefix}.{group.linears[0]}",
-                    hint="choose a --block-size that divides every linear's input size",
+                    hint="pass -O block_size=N with N dividing every linear's input size (the study uses 128)",
                 )
         stats = collect_group_inputs(block, groups, calib, sample_tokens=cfg.rotation_tokens)
         smoothed = smooth_block(block, groups, stats, cfg.alpha, fold=cfg.fold_smoothing)

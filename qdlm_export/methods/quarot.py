@@ -71,9 +71,25 @@ class QuaRotConfig(WeightActivationConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.weight_method not in WEIGHT_METHODS:
-            raise ConfigError(f"--weight-method {self.weight_method!r} is invalid", hint=f"choose one of {WEIGHT_METHODS}")
+            raise ConfigError(
+                f"-O weight_method={self.weight_method} is invalid", hint=f"choose one of {', '.join(WEIGHT_METHODS)}"
+            )
         if self.damp < 0:
             raise ConfigError(f"--damp {self.damp} must be non-negative")
+
+
+# Config keys of the MLP width (Dream/Qwen2/Llama; LLaDA), for the early Hadamard size check.
+INTERMEDIATE_SIZE_KEYS = ("intermediate_size", "mlp_hidden_size")
+_SIZES_HINT = ("supported sizes are m * 2^k with m = 1 or a Paley order (12, 20, 28, 36, 44, 52, 60, 108, 140, 148, "
+               "...); use smoothquant or duquant for this model")
+
+
+def _config_value(config: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if value is not None:
+            return value
+    return None
 
 
 def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -130,9 +146,16 @@ class QuaRot(WeightActivationMethod):
             if not has_hadamard(size):
                 raise ConfigError(
                     f"QuaRot needs a Hadamard matrix of the model's {what} {size}, and none is built in",
-                    hint="supported sizes are m * 2^k with m = 1 or a Paley order (12, 20, 28, 36, 44, 52, 60, 108, "
-                    "140, 148, ...)",
+                    hint=_SIZES_HINT,
                 )
+        # The down projection's online Hadamard: checked here too, so that a model without one fails
+        # before any calibration work (plan_block checks every linear's real size again).
+        inter = _config_value(self.model_config, INTERMEDIATE_SIZE_KEYS)
+        if isinstance(inter, int) and not has_hadamard(inter):
+            raise ConfigError(
+                f"QuaRot needs a Hadamard matrix of the model's intermediate (MLP) size {inter}, and none is built in",
+                hint=_SIZES_HINT,
+            )
         self.signs = random_hadamard_signs(hidden, self.config.rotation_seed)
 
     def prepare(self, model: nn.Module) -> None:
@@ -181,7 +204,8 @@ class QuaRot(WeightActivationMethod):
                     if not has_hadamard(linear.in_features):
                         raise ConfigError(
                             f"QuaRot needs a Hadamard matrix of size {linear.in_features} for {prefix}.{name}, "
-                            "and none is built in"
+                            "and none is built in",
+                            hint=_SIZES_HINT,
                         )
                     plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": linear.in_features, "stride": 1}])
             for name, linear in zip(group.linears, linears):
