@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -180,14 +181,29 @@ def _sylvester_transform(x: torch.Tensor) -> torch.Tensor:
 
 
 def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """``x @ hadamard_matrix(n)`` along the last dim (``n`` = its size), in O(n log n + n*m).
+    """``x @ hadamard_matrix(n)`` along the last dim (``n`` = its size).
 
-    With ``x`` viewed as ``[..., m, p]`` (index ``i = a*p + b``), ``x (H_m (x) S_p) = H_m^T X S_p``.
-    Computes in ``x``'s dtype (callers pass float32 or float64).
+    On a GPU (or when ``QDLM_KERNEL_BACKEND`` forces a backend) it runs through the kernel dispatch
+    (fast-hadamard-transform, Triton, or torch: ``kernels/hadamard.py``, which reproduces these exact
+    matrices); otherwise :func:`hadamard_transform_reference`.
     """
     n = x.shape[-1] if n is None else n
     if x.shape[-1] != n:
         raise ValueError(f"last dimension {x.shape[-1]} is not the Hadamard size {n}")
+    if x.device.type == "cuda" or os.environ.get("QDLM_KERNEL_BACKEND", "auto").strip().lower() not in ("", "auto"):
+        from .kernels import hadamard_transform as kernel_hadamard_transform
+
+        return kernel_hadamard_transform(x)
+    return hadamard_transform_reference(x)
+
+
+def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
+    """``x @ hadamard_matrix(n)`` in torch, in O(n log n + n*m): the definition every kernel matches.
+
+    With ``x`` viewed as ``[..., m, p]`` (index ``i = a*p + b``), ``x (H_m (x) S_p) = H_m^T X S_p``.
+    Computes in ``x``'s dtype (callers pass float32 or float64).
+    """
+    n = x.shape[-1]
     m, p = hadamard_factors(n)
     y = _sylvester_transform(x.reshape(*x.shape[:-1], m, p)) if p > 1 else x.reshape(*x.shape[:-1], m, p)
     if m > 1:

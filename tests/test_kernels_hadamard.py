@@ -257,3 +257,48 @@ def test_hadamard_backend_choice():
     if HAS_TRITON:
         with pytest.raises(D.KernelBackendError, match="outside"):
             D.select_backend("hadamard", DEV, backend="triton", n=4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_path, monkeypatch, backend):
+    """A QuaRot checkpoint's online Hadamards (over heads, and the 768 = 12 * 64 down projection) go
+    through kernel dispatch when a backend is forced (and always on a GPU): the loaded model then
+    computes what the format's reference transform computes, and the dispatch was really called."""
+    from transformers import AutoModel
+
+    import qdlm_export  # noqa: F401
+    from qdlm_export.fixtures import build_tiny_model
+    from qdlm_export.quantize import make_config, quantize
+
+    src = build_tiny_model("llada", tmp_path / "src", seed=5, hidden_size=256, intermediate_size=768,
+                           num_layers=1, num_heads=16)  # 16 heads: Triton's smallest power of two
+    out = tmp_path / "quarot"
+    from qdlm_export.configs import CalibrationConfig
+
+    quantize(str(src), out, make_config("quarot", bits=8, act_bits=8, weight_method="rtn"), trust_remote_code=True,
+             verify=False, calibration=CalibrationConfig(nsamples=2, seqlen=32))
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(3, 2048, (2, 24), generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    import qdlm_export.kernels as K
+    from qdlm_export.transforms import hadamard_transform_reference
+
+    calls, errors = [], []
+    real = K.hadamard_transform
+
+    def spy(x, *args, **kwargs):
+        y = real(x, *args, **kwargs)
+        want = hadamard_transform_reference(x.double())
+        calls.append(x.shape[-1])
+        errors.append(((y.double() - want).norm() / want.norm()).item())
+        return y
+
+    monkeypatch.setattr(K, "hadamard_transform", spy)
+    monkeypatch.setenv("QDLM_KERNEL_BACKEND", backend)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert sorted(set(calls)) == [16, 768]
+    assert max(errors) < 1e-5  # each online transform is the format's matrix product
+    # End to end the same up to 8-bit activation codes that float rounding moved across a boundary.
+    assert ((got - reference).norm() / reference.norm()).item() < 1e-2

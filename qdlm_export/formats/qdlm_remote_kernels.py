@@ -27,7 +27,8 @@ from ..kernels.int8 import packed_int_linear_torch as packed_int_linear
 from ..kernels.int8 import quantize_per_token_torch as quantize_per_token
 from ..kernels.weight_only import triton_unsupported_reason, weight_only_linear_torch
 
-__all__ = ["packed_int_linear", "quantize_per_token", "requested_backend", "weight_only_backend", "weight_only_linear"]
+__all__ = ["hadamard_transform", "packed_int_linear", "quantize_per_token", "requested_backend",
+           "weight_only_backend", "weight_only_linear"]
 
 ENV_VAR = "QDLM_KERNEL_BACKEND"
 FAMILIES = ("auto", "torch", "triton")
@@ -73,3 +74,12 @@ def weight_only_linear(
 
         return weight_only_linear_triton(x, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias)
     return weight_only_linear_torch(x, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias)
+
+
+def hadamard_transform(x: torch.Tensor, normalized: bool = True, inverse: bool = False, *, backend: str | None = None):
+    """``x @ H_n`` (normalised): the format's torch transform (no numpy-built kernel tables here)."""
+    if not normalized or inverse:
+        raise ValueError("the self-contained loader applies only the normalised forward Hadamard")
+    from ..transforms import hadamard_transform_reference
+
+    return hadamard_transform_reference(x)
