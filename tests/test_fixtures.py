@@ -8,6 +8,7 @@ fixtures compute what LLaDA and Dream compute.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -27,7 +28,10 @@ from qdlm_export.fixtures import (
 )
 
 ASSETS = tokenizer_dir().parent
-EMBEDDED = ASSETS / "tiny-llada"
+EMBEDDED = ASSETS / "tiny-llada"  # the embedded default of `qdlm-export quantize`
+SHIPPED = {"llada": EMBEDDED, "dream": ASSETS / "tiny-dream"}  # trained by examples/train_tiny_dllm.py
+REMOTE_CODE = {"llada": ("configuration_llada.py", "modeling_llada.py"),
+               "dream": ("configuration_dream.py", "modeling_dream.py")}
 VOCAB = 2048
 SIZES = {"hidden_size": 64, "intermediate_size": 96, "num_layers": 2, "num_heads": 4}  # head_dim 16
 
@@ -343,20 +347,30 @@ def test_default_corpus_is_shipped():
     assert "Python Software Foundation" in (ASSETS / "corpus" / "SOURCE.md").read_text()
 
 
-def test_embedded_default_checkpoint():
-    files = {p.name for p in EMBEDDED.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "configuration_llada.py", "modeling_llada.py"} <= files
-    assert sum(p.stat().st_size for p in EMBEDDED.iterdir()) <= 8 * 2**20
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_trained_checkpoint(family):
+    """tiny-llada (the embedded default) and tiny-dream: complete, small, current code, loadable."""
+    folder = SHIPPED[family]
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training.json",
+            "README.md", *REMOTE_CODE[family]} <= files
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 8 * 2**20
     # The shipped remote code is the package's current code.
-    for name in ("configuration_llada.py", "modeling_llada.py"):
-        assert (EMBEDDED / name).read_bytes() == (remote_code_dir("llada") / name).read_bytes()
-    config = json.loads((EMBEDDED / "config.json").read_text())
-    assert (config["d_model"], config["n_heads"], config["mlp_hidden_size"], config["n_layers"]) == (256, 4, 768, 2)
+    for name in REMOTE_CODE[family]:
+        assert (folder / name).read_bytes() == (remote_code_dir(family) / name).read_bytes()
+    config = json.loads((folder / "config.json").read_text())
+    sizes = json.loads((folder / "training.json").read_text())["sizes"]
+    if family == "llada":
+        got = (config["d_model"], config["n_heads"], config["n_kv_heads"], config["mlp_hidden_size"], config["n_layers"])
+    else:
+        got = (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"],
+               config["intermediate_size"], config["num_hidden_layers"])
+    assert got == tuple(sizes[k] for k in ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_layers"))
+    assert got[0] % 128 == 0 and got[3] % 128 == 0  # group size 128 applies to every linear
     assert config["torch_dtype"] == "bfloat16" and config["vocab_size"] == VOCAB
-    model = AutoModel.from_pretrained(EMBEDDED, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     assert model.dtype == torch.bfloat16
-    tok = AutoTokenizer.from_pretrained(EMBEDDED)
+    tok = AutoTokenizer.from_pretrained(folder)
     text = "Return the sum of the items."
     ids = tok(text, return_tensors="pt")["input_ids"]
     assert tok.decode(ids[0]) == text
@@ -364,6 +378,37 @@ def test_embedded_default_checkpoint():
         assert torch.isfinite(model(ids).logits.float()).all()
 
 
-def test_embedded_default_is_what_the_script_builds(tmp_path):
-    folder = build_tiny_model("llada", tmp_path / "d", seed=0, dtype=torch.bfloat16)
-    assert (folder / "model.safetensors").read_bytes() == (EMBEDDED / "model.safetensors").read_bytes()
+def test_embedded_default_is_the_trained_llada():
+    from qdlm_export.cli import EMBEDDED_DEFAULT
+
+    assert EMBEDDED_DEFAULT.resolve() == EMBEDDED.resolve()
+
+
+def _without_version(path):
+    data = json.loads(path.read_text())
+    data.pop("transformers_version", None)
+    return data
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shipped_checkpoint_is_the_builders_layout_with_the_recorded_weights(tmp_path, family):
+    """Everything but the weights is what build_tiny_model writes for the recorded sizes and seed;
+    the weights have the builder's names, shapes and dtype, differ from its initialisation (they are
+    trained) and hash to the sha256 that training.json records."""
+    folder = SHIPPED[family]
+    record = json.loads((folder / "training.json").read_text())
+    sizes = {k: record["sizes"][k] for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")}
+    built = build_tiny_model(family, tmp_path / "b", seed=record["seed"], dtype=torch.bfloat16, **sizes)
+    for path in built.iterdir():
+        if path.name == "model.safetensors":
+            continue
+        if path.suffix == ".json":
+            assert _without_version(folder / path.name) == _without_version(path), path.name
+        else:
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+    init, shipped = load_file(built / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert {k: (v.shape, v.dtype) for k, v in shipped.items()} == {k: (v.shape, v.dtype) for k, v in init.items()}
+    assert all(not torch.equal(init[k], shipped[k]) for k in init)
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == record["model_safetensors_sha256"]
+    assert record["family"] == family and record["heldout_nll"] < record["random_init_heldout_nll"]
