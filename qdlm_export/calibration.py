@@ -93,9 +93,9 @@ def tokenize_corpus(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.T
 def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` token windows drawn at random offsets of the tokenized corpus.
 
-    With ``config.masking == "random"`` each sample draws a ratio ``t ~ U(0, 1)`` and masks each
-    token with probability ``t`` (LLaDA's forward process), so calibration sees what the model sees
-    at denoising steps rather than clean text only.
+    With ``config.masking == "random"`` (and ``"auto"`` when the model has a mask token) each sample
+    draws a ratio ``t ~ U(0, 1)`` and masks each token with probability ``t`` (LLaDA's forward
+    process), so calibration sees what the model sees at denoising steps rather than clean text only.
     """
     text = load_text(config.source, config.text_field)
     ids = tokenize_corpus(tokenizer, text)
@@ -107,7 +107,7 @@ def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int 
     gen = torch.Generator().manual_seed(config.seed)
     starts = torch.randint(0, ids.numel() - config.seqlen, (config.nsamples,), generator=gen)
     tokens = torch.stack([ids[s : s + config.seqlen] for s in starts.tolist()])
-    if config.masking == "random":
+    if config.resolved_masking(mask_token_id) == "random":
         if mask_token_id is None:
             raise ConfigError("--calib-masking random needs a mask token, and this model has none")
         ratio = torch.rand(config.nsamples, 1, generator=gen)

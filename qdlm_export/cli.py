@@ -128,8 +128,8 @@ def quantize(
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and masking.")] = 0,
     calib_masking: Annotated[
-        str, typer.Option(help="'none': clean text; 'random': mask tokens with a per-sample ratio t~U(0,1), as dLLMs see them.")
-    ] = "none",
+        str, typer.Option(help="'random': mask tokens with a per-sample ratio t~U(0,1), as dLLMs see them while denoising (measured better, docs/calibration.md); 'none': clean text, as the study did; 'auto': random for models with a mask token, else none.")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available).")] = "auto",
     compute_dtype: Annotated[
         Optional[str], typer.Option(help="Dtype blocks run in during calibration [default: float32 on CPU, bfloat16 on CUDA].")

@@ -127,6 +127,9 @@ class WeightActivationConfig(WeightOnlyConfig):
         return {k: v for k, v in self.to_dict().items() if k not in shared}
 
 
+CALIB_MASKINGS = ("auto", "random", "none")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration text comes from and how it is cut into model inputs."""
@@ -135,8 +138,10 @@ class CalibrationConfig:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    # dLLMs run on partially masked sequences; "none" feeds clean text as the study did.
-    masking: str = "none"  # "none" | "random": per-sample ratio t ~ U(0,1), tokens masked with prob t
+    # "random": per-sample ratio t ~ U(0,1), tokens masked with prob t, as a dLLM sees its input while
+    # denoising; "none": clean text, as the study did; "auto" (default): random for models with a mask
+    # token (dLLMs), none for the others. Chosen by measurement (docs/calibration.md).
+    masking: str = "auto"
     text_field: str = "text"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -145,5 +150,11 @@ class CalibrationConfig:
             raise ConfigError(f"--nsamples must be positive, got {self.nsamples}")
         if self.seqlen <= 1:
             raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}")
-        if self.masking not in ("none", "random"):
-            raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint="choose 'none' or 'random'")
+        if self.masking not in CALIB_MASKINGS:
+            raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint=f"choose one of {', '.join(CALIB_MASKINGS)}")
+
+    def resolved_masking(self, mask_token_id: int | None) -> str:
+        """``"random"`` or ``"none"``: what ``auto`` means for a model with (or without) a mask token."""
+        if self.masking == "auto":
+            return "random" if mask_token_id is not None else "none"
+        return self.masking

@@ -114,6 +114,7 @@ def quantize(
         _check_layer_shapes(source, method)
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
         mask_id = source.adapter.mask_token_id(source.config_dict)
+        calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id))
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
 
         with staged_output(out, overwrite) as stage:

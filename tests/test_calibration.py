@@ -58,3 +58,19 @@ def test_too_short_corpus(tokenizer, tmp_path):
     (tmp_path / "tiny.txt").write_text("too short")
     with pytest.raises(ConfigError, match="fewer than --seqlen"):
         calibration_tokens(tokenizer, CalibrationConfig(source=str(tmp_path / "tiny.txt"), seqlen=512))
+
+
+def test_auto_masking_masks_for_dllms_only(tokenizer):
+    """The default, ``auto``: the dLLM forward process where the model has a mask token, clean text
+    where it has none (plain autoregressive decoders)."""
+    auto = CalibrationConfig(nsamples=16, seqlen=64, seed=1)
+    assert auto.masking == "auto"
+    assert auto.resolved_masking(MASK_ID) == "random" and auto.resolved_masking(None) == "none"
+    clean = calibration_tokens(tokenizer, CalibrationConfig(nsamples=16, seqlen=64, seed=1, masking="none"), MASK_ID)
+    assert torch.equal(calibration_tokens(tokenizer, auto, None), clean)
+    masked = calibration_tokens(tokenizer, auto, MASK_ID)
+    assert torch.equal(masked, calibration_tokens(tokenizer, CalibrationConfig(nsamples=16, seqlen=64, seed=1,
+                                                                               masking="random"), MASK_ID))
+    assert (masked == MASK_ID).any() and torch.all(masked[masked != clean] == MASK_ID)
+    with pytest.raises(ConfigError, match="calib-masking"):
+        CalibrationConfig(masking="sometimes")

@@ -1,7 +1,8 @@
 """GPTQ and AWQ against the RTN baseline on the tiny fixtures, block by block.
 
-Each block's error is measured on held-out text (not the calibration windows), with the source
-model's own block inputs, so blocks are compared one by one (qdlm_export.block_error)."""
+Each block's error is measured on held-out text (not the calibration windows), masked the way a dLLM
+sees its input while denoising (as the default calibration is), with the source model's own block
+inputs, so blocks are compared one by one (qdlm_export.block_error)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer
 from qdlm_export.block_error import block_output_errors
 from qdlm_export.calibration import calibration_tokens
 from qdlm_export.configs import CalibrationConfig
-from qdlm_export.fixtures import tokenizer_dir
+from qdlm_export.fixtures import MASK_ID, tokenizer_dir
 from qdlm_export.quantize import make_config, quantize
 
 CALIB = CalibrationConfig(nsamples=64, seqlen=128, seed=0)
@@ -21,7 +22,7 @@ CALIB = CalibrationConfig(nsamples=64, seqlen=128, seed=0)
 @pytest.fixture(scope="module")
 def held_out():
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
-    return calibration_tokens(tok, CalibrationConfig(nsamples=8, seqlen=128, seed=12345))
+    return calibration_tokens(tok, CalibrationConfig(nsamples=8, seqlen=128, seed=12345, masking="random"), MASK_ID)
 
 
 def errors(source, tmp_path, held_out, method, bits, symmetric):
