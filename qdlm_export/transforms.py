@@ -98,7 +98,20 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return chi[diff]
 
 
+def _on_cpu(build):
+    """Build (and cache) on the CPU whatever device context the caller is in: transformers loads
+    models under ``torch.device("meta")``, and a cached matrix built there would hold no data."""
+
+    @functools.wraps(build)
+    def wrapper(*args):
+        with torch.device("cpu"):
+            return build(*args)
+
+    return wrapper
+
+
 @functools.lru_cache(maxsize=None)
+@_on_cpu
 def _paley(m: int) -> torch.Tensor | None:
     """A +-1 Hadamard matrix of order m by Paley's constructions, or None when neither applies."""
     q = m - 1
@@ -144,6 +157,7 @@ def has_hadamard(n: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@_on_cpu
 def _small_factor(m: int) -> torch.Tensor:
     H = _paley(m)
     if H is None:

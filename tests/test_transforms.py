@@ -256,3 +256,17 @@ def test_zero_tokens_stay_zero():
     x = torch.zeros(2, 16)
     for symmetric in (True, False):
         assert torch.equal(quantize_activation(x, ActivationSpec(bits=4, symmetric=symmetric)), x)
+
+
+def test_cached_matrices_built_under_a_meta_device_context_hold_data():
+    """transformers builds models under ``torch.device("meta")``; a loader that first needs a
+    Hadamard factor there (a cold process loading a QuaRot checkpoint) must still cache real data."""
+    from qdlm_export import transforms as T
+
+    T._small_factor.cache_clear()
+    T._paley.cache_clear()
+    with torch.device("meta"):
+        factor = T._small_factor(12)
+    assert factor.device.type == "cpu"
+    x = torch.randn(3, 768, dtype=torch.float64)
+    torch.testing.assert_close(T.hadamard_transform(x), x @ T.hadamard_matrix(768), rtol=1e-12, atol=1e-12)
