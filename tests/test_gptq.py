@@ -329,3 +329,38 @@ def test_registered_with_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GPTQConfig(act_order=True, static_groups=False, group_size=-1)  # per channel needs no g_idx
+
+
+def test_hessian_collection_stops_each_forward_once_the_group_has_its_inputs():
+    """feed_inputs gives every listed linear exactly its forward-time input, and stops the block's
+    forward right after the last of them: later modules never run."""
+    import torch.nn as nn
+
+    from qdlm_export.methods.base import BlockCalibration, feed_inputs
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.calls = []
+
+        def forward(self, x):
+            self.calls.append("a")
+            h = self.a(x)
+            self.calls.append("b")
+            h = self.b(torch.relu(h))
+            self.calls.append("c")
+            return self.c(h)
+
+    block = Block()
+    xs = [torch.randn(2, 5, 8) for _ in range(3)]
+    got = {"a": [], "b": []}
+    seen = feed_inputs(block, {"a": block.a, "b": block.b}, BlockCalibration(hidden=xs),
+                       lambda name, x: got[name].append(x))
+    assert seen == {"a": 3, "b": 3} and block.calls == ["a", "b"] * 3  # c never ran
+    for x, xa, xb in zip(xs, got["a"], got["b"]):
+        torch.testing.assert_close(xa, x)
+        torch.testing.assert_close(xb, torch.relu(block.a(x)))
+    acc = collect_hessians(block, {"a": block.a}, BlockCalibration(hidden=xs))["a"]
+    flat = torch.cat([x.reshape(-1, 8) for x in xs]).double()
+    torch.testing.assert_close(acc.H.double(), 2 * flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)

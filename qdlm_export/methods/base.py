@@ -12,7 +12,7 @@ Methods know adapters and schemes; they never know file formats.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,46 @@ class BlockCalibration:
             out = block(h, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
+
+
+class _InputsSeen(Exception):
+    """Raised by :meth:`BlockCalibration.feed` to stop a block's forward early."""
+
+
+@torch.no_grad()
+def feed_inputs(block: nn.Module, modules: dict[str, nn.Module], calib: "BlockCalibration",
+                consume: Callable[[str, torch.Tensor], None]) -> dict[str, int]:
+    """Run ``block`` on every calibration batch and hand each named module's input to
+    ``consume(name, x)``; each batch's forward stops as soon as every module has received its input,
+    so collecting the first group's inputs costs almost nothing and no batch runs the rest of the
+    block. Returns how many batches reached each module (a module the forward never calls gets 0)."""
+    seen: dict[str, int] = {name: 0 for name in modules}
+    pending: set[str] = set()
+
+    def pre_hook(name):
+        def hook(module, args):
+            consume(name, args[0].detach())
+            seen[name] += 1
+            pending.discard(name)
+            if not pending:
+                raise _InputsSeen
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in modules.items()]
+    try:
+        for i, h in enumerate(calib.hidden):
+            pending.update(modules)
+            args = calib.call_args[i] if calib.call_args else ()
+            kwargs = calib.call_kwargs[i] if calib.call_kwargs else {}
+            try:
+                block(h, *args, **kwargs)
+            except _InputsSeen:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def find_linear(block: nn.Module, name: str) -> nn.Linear:

@@ -36,7 +36,7 @@ import torch.nn as nn
 from ..configs import WeightOnlyConfig
 from ..errors import ConfigError
 from ..quantization import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
-from .base import BlockCalibration, QuantMethod, find_linear
+from .base import BlockCalibration, QuantMethod, feed_inputs, find_linear
 from .registry import register_method
 
 __all__ = ["GPTQ", "GPTQConfig", "HessianAccumulator", "collect_hessians", "gptq_quantize"]
@@ -93,23 +93,16 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
         self.nsamples = total
 
-    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.add_batch(inputs[0].detach())
-
 
 @torch.no_grad()
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], calib: BlockCalibration
 ) -> dict[str, HessianAccumulator]:
-    """Run ``block`` over every calibration batch and return each named linear's Hessian."""
+    """Run ``block`` over every calibration batch and return each named linear's Hessian (each
+    batch's forward stops once all of them have seen their input: ``base.feed_inputs``)."""
     accs = {name: HessianAccumulator(lin.in_features, device=lin.weight.device) for name, lin in linears.items()}
-    handles = [lin.register_forward_hook(accs[name].hook) for name, lin in linears.items()]
-    try:
-        calib.run(block)
-    finally:
-        for handle in handles:
-            handle.remove()
-    silent = [name for name, acc in accs.items() if acc.nsamples == 0]
+    seen = feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x))
+    silent = [name for name, count in seen.items() if count == 0]
     if silent:
         raise RuntimeError(
             f"linear(s) {', '.join(silent)} saw no input while the block ran on the calibration data; "
