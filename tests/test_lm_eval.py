@@ -148,19 +148,10 @@ def test_offline_mode_restores_the_environment(monkeypatch):
 def test_eval_command_on_the_embedded_default(monkeypatch, capsys, tmp_path):
     """`qdlm-export quantize` then `qdlm-export eval` on the embedded default, offline: the JSON table
     has both models' scores, its differences are quantized - original, and the folder keeps it."""
-    import sys
-
-    from qdlm_export import cli
+    from tests.cli_runner import run_cli
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["qdlm-export", *args])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(monkeypatch, capsys, *args)
 
     out = tmp_path / "w3"
     code, _, err = run("quantize", "--out", str(out), "--bits", "3", "--no-verify", "--json")

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qdlm_export import cli
+from tests.cli_runner import run_cli
 from qdlm_export.inspect import inspect_checkpoint
 from qdlm_export.loader import QdlmLinear
 from qdlm_export.quantize import make_config, quantize
@@ -363,15 +362,6 @@ def test_loaded_linear_computes_the_format_from_raw_tensors(written, family, tag
 # ---- the CLI ------------------------------------------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["qdlm-export", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 FAST_CALIB = ("--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--device", "cpu")
