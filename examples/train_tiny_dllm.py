@@ -41,7 +41,6 @@ import platform
 import shutil
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -57,6 +56,7 @@ from qdlm_export.eval.likelihood import (
     masked_token_nll_per_ratio,
 )
 from qdlm_export.fixtures import MASK_ID, build_tiny_model, tokenizer_dir
+from qdlm_export.machine import cpu_name
 
 ASSETS = Path(__file__).resolve().parents[1] / "qdlm_export" / "assets"
 EVAL_WINDOWS, EVAL_SEQLEN, EVAL_SEED = 64, 128, 0  # the held-out set every reported NLL uses
@@ -157,15 +157,7 @@ def unigram_baselines(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: in
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__}
 
 

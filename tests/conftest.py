@@ -47,3 +47,15 @@ def pytest_configure(config):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep test output readable
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: solvers and rotation searches are loops of small ops, which
+    OpenMP spinning slows down many-fold on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,14 +23,7 @@ from qdlm_export.quantization import WeightScheme, compute_qparams, dequantize, 
 PREFIX = "model.layers.0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The solver is a loop of small ops; on a shared 2-core box, OpenMP spinning makes that loop
-    # ~100x slower with 2 threads than with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- synthetic layer --------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from qdlm_export.configs import CalibrationConfig
 from qdlm_export.quantize import make_config
@@ -35,12 +34,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..machine import cpu_name
 from .tasks import MC_TASK
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -83,16 +84,8 @@ class Settings:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     threads = torch.get_num_threads()
-    return (f"{cpu}, {os.cpu_count()} logical CPUs ({threads} torch thread{'s' if threads != 1 else ''}), "
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs ({threads} torch thread{'s' if threads != 1 else ''}), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 
