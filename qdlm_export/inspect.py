@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
-from .formats.native import FORMAT_NAME, LinearSpec, SUPPORTED_FORMAT_VERSIONS, dtype_name, module_spec
+from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, dtype_name, module_spec
 from .kernels import describe_backend
 from .loader import uses_integer_input
 from .pipeline import SAFETENSORS_DTYPES
@@ -200,5 +200,4 @@ def _model_dtype(folder: Path) -> torch.dtype:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return torch.float32
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32) if isinstance(name, str) else torch.float32
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
