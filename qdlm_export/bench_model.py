@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+# The package's own tiny LLaDA: its code is ours, so timing it never needs --trust-remote-code.
+EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny-llada"
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -35,13 +38,47 @@ def _time_forward(model: nn.Module, tokens: torch.Tensor, device: torch.device, 
     return sorted(times)[len(times) // 2]
 
 
-def _load(folder: str, auto_class: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _load(
+    folder: str, auto_class: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+) -> nn.Module:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from .remote_code import refusal_from_transformers
+
     hf_logging.disable_progress_bar()
     cls = getattr(transformers, auto_class)
-    return cls.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+    try:
+        model = cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    except ValueError as exc:
+        refusal = refusal_from_transformers(exc, folder)
+        if refusal is None:
+            raise
+        raise refusal from None
+    return model.to(device).eval()
+
+
+def _original_of(quantized_dir: Path) -> str:
+    config = json.loads((quantized_dir / "config.json").read_text())
+    return str(config["quantization_config"]["provenance"]["source"])
+
+
+def check_trusted(quantized_dir: str | Path, trust_remote_code: bool, original: str | Path | None = None) -> None:
+    """Refuse (naming the ``.py`` files) when timing ``quantized_dir`` or its original would run code
+    shipped in their folders and ``trust_remote_code`` is False. The package's own embedded default
+    is always allowed."""
+    from .remote_code import require_trust
+
+    if trust_remote_code:
+        return
+    quantized_dir = Path(quantized_dir)
+    require_trust(quantized_dir, False, what="the checkpoint")
+    try:
+        source = str(original) if original is not None else _original_of(quantized_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable provenance: run_model_benchmark reports that itself
+    if Path(source).expanduser().resolve() != EMBEDDED_DEFAULT.resolve():
+        require_trust(source, False, what="its original model")
 
 
 def linear_memory(model: nn.Module) -> tuple[int, int]:
@@ -64,10 +101,15 @@ def run_model_benchmark(
     seqlen: int = 256,
     repeat: int = 3,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
+    """Time one denoising step of ``quantized_dir`` and of its original. Loading either may run
+    Python code shipped in its folder (LLaDA, Dream): that needs ``trust_remote_code=True``, else
+    ``UnsupportedModelError`` names the files."""
     from .families import family_for_config
 
     quantized_dir = Path(quantized_dir)
+    check_trusted(quantized_dir, trust_remote_code, original)
     config = json.loads((quantized_dir / "config.json").read_text())
     qconfig = config["quantization_config"]
     original = str(original or qconfig["provenance"]["source"])
@@ -82,10 +124,11 @@ def run_model_benchmark(
         tokens[:, seqlen // 2 :] = mask_id
     tokens = tokens.to(dev)
 
-    dense_model = _load(original, adapter.auto_class, dtype, dev)
+    trusted = trust_remote_code or Path(original).expanduser().resolve() == EMBEDDED_DEFAULT.resolve()
+    dense_model = _load(original, adapter.auto_class, dtype, dev, trusted)
     dense_s = _time_forward(dense_model, tokens, dev, repeat)
     del dense_model
-    quant_model = _load(str(quantized_dir), adapter.auto_class, dtype, dev)
+    quant_model = _load(str(quantized_dir), adapter.auto_class, dtype, dev, trust_remote_code)
     quant_s = _time_forward(quant_model, tokens, dev, repeat)
     held, dense_bytes = linear_memory(quant_model)
     hadamard_share = _hadamard_share(quant_model, tokens, dev, quant_s)

@@ -8,15 +8,79 @@ checkpoint records how it was made. Methods register their config class in ``met
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
 from .formats.packing import SUPPORTED_BITS
 from .quantization import WeightScheme
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 GROUP_FALLBACKS = ("error", "per-channel")
+# Calibration seeds go to torch generators (64 bits); verification also uses seed + 1.
+MAX_SEED = 2**63 - 1
+
+# Config fields with a `quantize` flag of their own; every other field is set with `-O KEY=VALUE`.
+CLI_FLAGS = {
+    "bits", "group_size", "symmetric", "include_lm_head", "group_fallback", "scale_dtype", "act_bits",
+    "act_granularity", "qkv_bits", "damp", "act_order", "mse_clip", "alpha",
+}
+CALIBRATION_FLAGS = {"source": "calib", "text_field": "calib-field", "masking": "calib-masking"}
+
+
+def option_name(field_name: str, calibration: bool = False) -> str:
+    """How a user sets a config field on the command line: ``--damp`` or ``-O block_size``."""
+    if calibration:
+        return "--" + CALIBRATION_FLAGS.get(field_name, field_name.replace("_", "-"))
+    return "--" + field_name.replace("_", "-") if field_name in CLI_FLAGS else f"-O {field_name}"
+
+
+def _accepted(hint: Any) -> tuple[tuple[type, ...], str] | None:
+    """(types a value may have, their description) for a field's annotation; None: not checked."""
+    names = {int: "an int", float: "a number", bool: "a bool (True or False)", str: "a str", type(None): "None"}
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(a in names for a in args):
+        return None
+    return tuple(args), " or ".join(names[a] for a in args)
+
+
+def _matches(value: Any, allowed: tuple[type, ...]) -> bool:
+    for t in allowed:
+        if t is type(None) and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return True
+        if t is str and isinstance(value, str):
+            return True
+    return False
+
+
+def check_field_values(config: Any, *, calibration: bool = False) -> None:
+    """Every field of a config dataclass has its annotated type, and every number is finite (NaN and
+    Inf cannot be written to config.json: strict JSON has neither). Errors name the CLI option."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        accepted = _accepted(hints.get(f.name))
+        if accepted is not None and not _matches(value, accepted[0]):
+            raise ArgumentTypeError(
+                f"{cls.__name__} {f.name}={value!r} ({type(value).__name__}) is not {accepted[1]}",
+                hint=f"pass {f.name} ({option_name(f.name, calibration)}) as {accepted[1]}",
+            )
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise ConfigError(
+                f"{option_name(f.name, calibration)} {value} is not a finite number",
+                hint=f"give {option_name(f.name, calibration)} a finite value (NaN and Inf are refused)",
+            )
 
 
 @dataclass(frozen=True)
@@ -36,6 +100,7 @@ class WeightOnlyConfig:
     scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(
                 f"--bits {self.bits} is not supported by {self.method or 'this method'}",
@@ -101,15 +166,18 @@ class WeightActivationConfig(WeightOnlyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.act_bits not in (4, 8):
-            raise ConfigError(f"--act-bits {self.act_bits} is not supported", hint="choose 4 or 8")
+            raise ConfigError(f"--act-bits {self.act_bits} is not supported", hint="--act-bits accepts 4 or 8")
         if self.act_granularity not in ACT_GRANULARITIES:
             raise ConfigError(
                 f"--act-granularity {self.act_granularity!r} is invalid", hint=f"choose one of {ACT_GRANULARITIES}"
             )
         if not 0.0 < self.act_clip_ratio <= 1.0:
-            raise ConfigError(f"--act-clip-ratio {self.act_clip_ratio} must be in (0, 1]")
+            raise ConfigError(
+                f"-O act_clip_ratio={self.act_clip_ratio} is out of range",
+                hint="act_clip_ratio accepts a fraction in (0, 1], e.g. 0.9",
+            )
         if self.qkv_bits is not None and self.qkv_bits not in (4, 8):
-            raise ConfigError(f"--qkv-bits {self.qkv_bits} is not supported", hint="choose 4 or 8")
+            raise ConfigError(f"--qkv-bits {self.qkv_bits} is not supported", hint="--qkv-bits accepts 4 or 8")
 
     def activations(self) -> dict[str, Any]:
         """The ``activations`` section of the checkpoint's quantization_config."""
@@ -146,10 +214,17 @@ class CalibrationConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_values(self, calibration=True)
         if self.nsamples <= 0:
-            raise ConfigError(f"--nsamples must be positive, got {self.nsamples}")
+            raise ConfigError(
+                f"--nsamples {self.nsamples} is invalid", hint="--nsamples accepts a positive count, e.g. 128"
+            )
         if self.seqlen <= 1:
-            raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen}")
+            raise ConfigError(
+                f"--seqlen {self.seqlen} is invalid", hint="--seqlen accepts a token count of at least 2, e.g. 512"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed {self.seed} is out of range", hint=f"--seed accepts 0 to 2**63-1 ({MAX_SEED})")
         if self.masking not in CALIB_MASKINGS:
             raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint=f"choose one of {', '.join(CALIB_MASKINGS)}")
 

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError, ConfigError
+from .errors import ArgumentTypeError, CheckpointError, ConfigError
 from .formats.native import LinearSpec, module_spec
+from .formats.native_wrappers import is_generated, strip_added_code, unwrap_config
 from .formats.packing import unpack_rows
 from .formats.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .output import staged_output
@@ -422,19 +423,22 @@ def write_converted(
         writer.close()
 
         qconfig = target.quantization_config(ckpt)
-        config = dict(ckpt.config)
+        config = unwrap_config(ckpt.config)  # the source's model_type/architectures: stock loaders build it
         config["quantization_config"] = qconfig
         (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     finally:
         ckpt.close()
 
-    for f in sorted(src.iterdir()):
-        if f.name in ("config.json", REPORT_FILE, CARD_FILE) or _is_weight_file(f.name) or f.name.startswith("."):
+    from .source import copyable_model_files
+
+    # The same allow-list as quantize: code, tokenizer, generation config, license; never pickles,
+    # hidden files, folders or symlinks out of the checkpoint (config, report and card are written here).
+    for f in copyable_model_files(src):
+        if _is_weight_file(f.name) or is_generated(f):  # is_generated: the native format's wrapper/loader files
             continue
-        if f.is_dir():
-            shutil.copytree(f, dst / f.name)
-        else:
-            shutil.copy2(f, dst / f.name)
+        shutil.copy2(f, dst / f.name)
+        if f.suffix == ".py":  # remote code without the qdlm loader registration or guard appended to it
+            (dst / f.name).write_text(strip_added_code(f.read_text(encoding="utf-8")), encoding="utf-8")
     _write_report(src, dst, target, ckpt.qconfig)
     if model_card:
         _write_card(src, dst, target, config, repo_id or dst.name)
@@ -448,14 +452,34 @@ def convert(src_dir: str | Path, out_dir: str | Path, to: str, *, overwrite: boo
     Atomic: written into a hidden sibling folder and moved into place when complete. Refusals
     (:class:`ConfigError`) happen before anything is written.
     """
+    _check_argument("src_dir", src_dir, (str, Path), "a folder path")
+    _check_argument("out_dir", out_dir, (str, Path), "a folder path")
+    _check_argument("to", to, str, f"one of {', '.join(repr(t) for t in TARGETS)}")
+    _check_argument("overwrite", overwrite, bool, "True or False")
+    _check_argument("max_shard_bytes", max_shard_bytes, int, "a positive number of bytes")
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}", hint="pass a positive number of bytes")
     src = Path(src_dir).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
     if src == out:
         raise ConfigError(f"convert writes a new folder; {out} is the source", hint="choose another output folder")
     get_format(to)  # unknown names fail before any reading
-    with staged_output(out, overwrite) as tmp:
+    with staged_output(out, overwrite, source=src) as tmp:
         write_converted(src, tmp, to, max_shard_bytes=max_shard_bytes, repo_id=out.name)
     return out
+
+
+def _check_argument(name: str, value: Any, types: type | tuple[type, ...], accepted: str) -> None:
+    """Python API arguments: a wrong type is a ConfigError (a truthy string is not ``True``)."""
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        raise ArgumentTypeError(
+            f"convert() argument {name} must be {accepted}, got {type(value).__name__} {value!r}",
+            hint=f"pass {name} as {accepted}",
+        )
 
 
 def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any]) -> None:

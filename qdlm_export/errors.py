@@ -44,5 +44,14 @@ class CheckpointError(QdlmError):
     """A quantized checkpoint is missing a tensor, has a wrong dtype/shape, or a bad config."""
 
 
+class InputDataError(QdlmError):
+    """Input data the tool cannot use: a corrupted or truncated source file, a config.json that does
+    not match the weights, NaN/Inf in a source tensor, a calibration file that is not UTF-8 text."""
+
+
+class ArgumentTypeError(ConfigError, TypeError):
+    """A Python API argument of the wrong type (a string where a bool belongs, ...)."""
+
+
 class HubError(QdlmError):
     """An upload to the Hugging Face Hub failed (authentication, permissions, server)."""

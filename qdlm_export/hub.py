@@ -1,9 +1,17 @@
 """Publish a quantized checkpoint folder to the Hugging Face Hub.
 
-:func:`push_checkpoint` checks the folder locally before any request, writes a model card when
-README.md is missing (or is the untouched card ``quantize`` wrote), then creates the repo (and branch) and uploads the folder in one call to
-``huggingface_hub``. Every failure becomes a :class:`~qdlm_export.errors.HubError` (or another
-``QdlmError`` for local problems) whose text says what happened and what to do.
+:func:`push_checkpoint` validates the folder first with the one checkpoint validation
+(:func:`qdlm_export.inspect.validate_checkpoint`: no staging folder, every promised tensor present
+with its dtype and shape, no index entry or symlink leading outside the folder, no truncated file),
+so nothing is sent for a folder that is not a complete checkpoint. It then uploads an allow-list:
+the weight files the checkpoint loads, its index, and the top-level files a model repo is made of
+(configs, tokenizer, remote code, model card, license); pickles (``*.pkl *.pt *.pth *.bin *.ckpt``),
+hidden files, sub-folders and stray files are left out and named in a warning. A model card is
+rendered for the upload when README.md is missing (or is the untouched card ``quantize`` wrote);
+the local README.md is written only after the Hub confirmed the commit, so a failed push leaves
+every local file as it was. Every HTTP request has a timeout (``QDLM_HUB_TIMEOUT`` seconds, default
+:data:`DEFAULT_TIMEOUT_S`). Every failure becomes a :class:`~qdlm_export.errors.HubError` (or
+another ``QdlmError`` for local problems) whose text says what happened and what to do.
 
 The token is never handled as text here: ``token=None`` lets ``huggingface_hub`` find ``HF_TOKEN`` or
 the saved login. The token is still known to this module so that it can be scrubbed from any text
@@ -12,22 +20,33 @@ that comes back from the server or the HTTP stack before it reaches a message or
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import re
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .errors import CheckpointError, HubError, QdlmError
-from .model_card import CARD_FILE, render_model_card, write_model_card
+from .errors import ConfigError, HubError, QdlmError
+from .inspect import INDEX_FILE, ValidCheckpoint, link_roots, stays_inside, validate_checkpoint
+from .model_card import CARD_FILE, render_model_card
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-# Never worth publishing: caches and editor leftovers. (huggingface_hub already skips .git and .cache.)
-IGNORE_PATTERNS = ["__pycache__/*", "**/__pycache__/*", "*.pyc", ".DS_Store", "*.tmp", "*.partial"]
+TIMEOUT_ENV = "QDLM_HUB_TIMEOUT"
+DEFAULT_TIMEOUT_S = 60.0  # per HTTP request: connecting, or waiting for the next bytes of an answer
+# (huggingface_hub retries its pre-upload and LFS requests up to 5 times after a timeout, with backoff;
+# repo creation and the commit itself fail at the first timeout.)
+# What a checkpoint repo is made of besides its weights (top-level files only): configs, tokenizer
+# files, remote code and the loader copies, model card, license texts, chat templates.
+UPLOAD_SUFFIXES = (".json", ".py", ".txt", ".model", ".md", ".jinja", ".tiktoken", ".yaml", ".yml")
+UPLOAD_PREFIXES = ("LICENSE", "NOTICE", "COPYING")
+# Never uploaded, whatever their name: pickles can run code when loaded.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt")
 _TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _AUTH_HINT = "Set HF_TOKEN to a token with write access, or run `hf auth login`."
 
@@ -37,6 +56,8 @@ class PushResult:
     repo_url: str
     commit_url: str
     commit_oid: str
+    uploaded: tuple[str, ...] = ()  # paths in the repo
+    skipped: tuple[str, ...] = ()  # local entries left out (not part of a checkpoint)
 
 
 # ----------------------------------------------------------------------------------- local checks
@@ -63,59 +84,111 @@ def _is_untouched_generated_card(card: Path) -> bool:
         return False
 
 
-def _weight_files(folder: Path) -> list[str]:
-    names = [p.name for p in folder.iterdir() if p.is_file()]
-    return sorted(n for n in names if n.endswith(".safetensors") or re.fullmatch(r"pytorch_model.*\.bin", n))
-
-
 def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
-    """Raise a ``QdlmError`` unless ``folder`` looks like a checkpoint; return its config.json."""
-    make = f"Make one with `qdlm-export quantize MODEL --out {folder}`, then push it."
-    if not folder.exists():
-        raise CheckpointError(f"Checkpoint folder {folder} does not exist.", hint=make)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is a file; push expects a checkpoint folder.", hint=make)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{folder} has no config.json, so it is not a checkpoint.", hint=make)
-    inspect = f"Run `qdlm-export inspect {folder}` to see what is wrong."
+    """Raise a ``QdlmError`` unless ``folder`` is a complete checkpoint; return its config.json.
+
+    The one validation (:func:`~qdlm_export.inspect.validate_checkpoint`); checkpoints of other
+    formats (converted exports) are accepted with everything but the qdlm tensor layout checked."""
+    return validate_checkpoint(Path(folder), require_qdlm=False).config
+
+
+def upload_plan(checked: ValidCheckpoint) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``([(path in repo, local file)], [left-out entries])``: the allow-list of what ``push`` uploads.
+
+    Uploaded: the weight files the checkpoint loads (its index's shards, or ``model.safetensors``),
+    the index, and top-level files with a model-repo suffix (:data:`UPLOAD_SUFFIXES`) or a license
+    name. Left out: pickles, hidden files, sub-folders, safetensors the index does not list, anything
+    else. Symlinks are only followed inside the folder (the validation refused the others)."""
+    folder = checked.folder
+    roots = link_roots(folder)
+    take: dict[str, Path] = {f.relative_to(folder).as_posix(): f for f in checked.weight_files}
+    skipped: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if name in take:
+            continue
+        if name.startswith("."):
+            if name not in (".git", ".cache"):
+                skipped.append(name)
+        elif entry.is_dir():
+            skipped.append(name + "/")
+        elif not entry.is_file() or not stays_inside(entry, roots):
+            skipped.append(name)
+        elif name == INDEX_FILE:
+            take[name] = entry
+        elif name.lower().endswith(PICKLE_SUFFIXES) or name.endswith(".safetensors"):
+            skipped.append(name)
+        elif name.endswith(UPLOAD_SUFFIXES) or name.startswith(UPLOAD_PREFIXES):
+            take[name] = entry
+        else:
+            skipped.append(name)
+    return sorted(take.items()), skipped
+
+
+def hub_timeout(value: float | str | None = None) -> float:
+    """Seconds each Hub request may wait: ``value``, else ``QDLM_HUB_TIMEOUT``, else the default."""
+    source = "timeout" if value is not None else TIMEOUT_ENV
+    raw = value if value is not None else os.environ.get(TIMEOUT_ENV, "").strip()
+    if raw in ("", None):
+        return DEFAULT_TIMEOUT_S
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path} is not readable JSON ({e}).", hint=inspect) from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path} should hold a JSON object.", hint=inspect)
-
-    qc = config.get("quantization_config")
-    if qc is not None and not isinstance(qc, dict):
-        raise CheckpointError(f"`quantization_config` in {cfg_path} is not an object.", hint=inspect)
-    if isinstance(qc, dict) and qc.get("quant_method") == "qdlm":
-        missing = [k for k in ("format_version", "weights") if k not in qc]
-        if missing:
-            raise CheckpointError(
-                f"`quantization_config` in {cfg_path} lacks {', '.join(missing)}; the checkpoint is incomplete.",
-                hint=inspect,
-            )
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index.", hint=inspect) from None
-        absent = sorted(s for s in shards if not (folder / s).is_file())
-        if absent:
-            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-            raise CheckpointError(
-                f"{folder} is missing {len(absent)} weight shard(s) listed in {index.name}: {shown}.",
-                hint=f"The export was interrupted or files were moved. {make}",
-            )
-    elif not _weight_files(folder):
-        raise CheckpointError(
-            f"{folder} has config.json but no weights (model.safetensors or shards with model.safetensors.index.json).",
-            hint=make,
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"{source}={raw!r} is not a positive number of seconds",
+            hint=f"set {TIMEOUT_ENV} to a number of seconds such as 120, or unset it (default {DEFAULT_TIMEOUT_S:g} s)",
         )
-    return config
+    return seconds
+
+
+@contextmanager
+def _http_timeout(seconds: float) -> Iterator[None]:
+    """Every request ``huggingface_hub`` makes in this block gives up after ``seconds`` without progress.
+
+    huggingface_hub shares one HTTP client, built by a factory, and builds it with no timeout; the
+    factory in force (the default, or the user's) is wrapped to set one and restored afterwards."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+
+    def factory():
+        client = previous()
+        client.timeout = seconds
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+
+
+def _write_card_after_push(card: Path, text: str) -> None:
+    """Store the uploaded card locally too (atomically); a failure here does not undo the push. A
+    README.md that is a link (a Hub cache snapshot) is left alone."""
+    if card.is_symlink():
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{card.name}.", suffix=".tmp", dir=card.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, card)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        logger.warning("Pushed, but could not write the model card to %s (%s).", card, e.strerror or e)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -162,6 +235,14 @@ def _known_token(token: str | None) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- error mapping
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):
+        return True
+    return any(
+        c.__name__ == "TimeoutException" and c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(exc).__mro__
+    )
+
+
 def _is_transport_error(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -180,7 +261,8 @@ def _server_message(exc: BaseException) -> str | None:
 
 
 def _to_hub_error(
-    exc: BaseException, *, step: str, endpoint: str, repo_id: str, revision: str | None, scrub: _Scrubber
+    exc: BaseException, *, step: str, endpoint: str, repo_id: str, revision: str | None, scrub: _Scrubber,
+    timeout: float | None = None,
 ) -> HubError:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
 
@@ -234,6 +316,13 @@ def _to_hub_error(
             err = HubError(f"The Hub at {endpoint} refused the request {where} (HTTP {status}).{says}")
         err.status_code = status  # type: ignore[attr-defined]
         return err
+    if _is_timeout(exc) and timeout is not None:
+        return HubError(
+            f"The Hub at {endpoint} did not answer within {timeout:g} s {where} ({type(exc).__name__}); the upload "
+            "was not confirmed.",
+            hint=f"Check the network connection and try again (pushing the same folder again is safe); on a slow "
+            f"link, allow more time with {TIMEOUT_ENV}=SECONDS (now {timeout:g}).",
+        )
     if _is_transport_error(exc):
         return HubError(
             f"Cannot reach the Hub at {endpoint} {where} ({type(exc).__name__}: {scrub(str(exc)) or 'no detail'}).",
@@ -281,20 +370,25 @@ def push_checkpoint(
     commit_message: str | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    timeout: float | None = None,
 ) -> PushResult:
     """Upload the checkpoint in ``folder`` to ``repo_id`` and return where the commit landed.
 
-    Checks the folder first (nothing is sent if it is not a checkpoint), writes README.md with
-    :func:`~qdlm_export.model_card.write_model_card` if the folder has none (or has the untouched card
-    that ``quantize`` wrote, so that the loading example names ``repo_id``), creates the repo if
-    needed (``private=True`` asks for a private one; otherwise the namespace's default applies) and
-    the branch ``revision`` if it is missing, then uploads every file in one commit.
+    Validates the folder first (nothing is sent unless it is a complete checkpoint), renders a model
+    card if the folder has none (or has the untouched card that ``quantize`` wrote, so that the
+    loading example names ``repo_id``), creates the repo if needed (``private=True`` asks for a
+    private one; otherwise the namespace's default applies) and the branch ``revision`` if it is
+    missing, then uploads the allow-listed files (:func:`upload_plan`) in one commit. ``timeout``:
+    seconds each request may wait (default ``QDLM_HUB_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`).
+    Local files change only after the Hub confirmed the commit (the rendered card is then saved).
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     folder = Path(folder)
-    config = check_checkpoint_folder(folder)
+    checked = validate_checkpoint(folder, require_qdlm=False)
+    config = checked.config
     _check_repo_id(repo_id)
+    seconds = hub_timeout(timeout)
     ep = (endpoint or constants.ENDPOINT or DEFAULT_ENDPOINT).rstrip("/")
     if _offline():
         raise HubError(
@@ -306,21 +400,26 @@ def push_checkpoint(
     if not known:
         raise HubError(f"No Hugging Face token found, and uploading to {ep} needs one.", hint=_AUTH_HINT)
 
+    files, skipped = upload_plan(checked)
+    if skipped:
+        logger.warning(
+            "Not uploaded (not part of a checkpoint: pickles, hidden files, folders, stray files): %s", ", ".join(skipped)
+        )
     qc = config.get("quantization_config")
-    is_qdlm = isinstance(qc, dict) and qc.get("quant_method") == "qdlm"
+    is_qdlm = checked.is_qdlm
     card = folder / CARD_FILE
+    card_text: str | None = None  # a card rendered for this push, saved locally after success
     if not card.exists() or (is_qdlm and _is_untouched_generated_card(card)):
         if is_qdlm:
-            try:
-                path = write_model_card(folder, repo_id)
-            except OSError as e:
-                raise CheckpointError(
-                    f"Cannot write {folder / CARD_FILE} ({e}).",
-                    hint="Make the folder writable or add a README.md yourself.",
-                ) from None
-            logger.info("Wrote model card %s", path)
+            card_text = render_model_card(folder, repo_id)
         else:
             logger.warning("%s has no README.md and no qdlm quantization_config; pushing without a model card.", folder)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files
+        if not (card_text is not None and name == CARD_FILE)
+    ]
+    if card_text is not None:
+        operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text.encode("utf-8")))
 
     if commit_message is None:
         what = f"{qc.get('method', 'qdlm')} checkpoint" if is_qdlm else "checkpoint"
@@ -330,25 +429,26 @@ def push_checkpoint(
     api = HfApi(endpoint=endpoint, token=token, library_name="qdlm-export", library_version=_tool_version())
     step = "creating the repository"
     try:
-        logger.info("Creating %s on %s (exist_ok)", repo_id, ep)
-        repo_url = _create_repo(api, repo_id, private=private, endpoint=ep)
-        if revision and revision != "main" and not revision.startswith("refs/"):
-            step = f"creating branch {revision!r}"
-            logger.info("Creating branch %s in %s (exist_ok)", revision, repo_id)
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        step = "uploading the files"
-        logger.info("Uploading %s to %s%s", folder, repo_id, f"@{revision}" if revision else "")
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=revision,
-            ignore_patterns=list(IGNORE_PATTERNS),
-        )
+        with _http_timeout(seconds):
+            logger.info("Creating %s on %s (exist_ok)", repo_id, ep)
+            repo_url = _create_repo(api, repo_id, private=private, endpoint=ep)
+            if revision and revision != "main" and not revision.startswith("refs/"):
+                step = f"creating branch {revision!r}"
+                logger.info("Creating branch %s in %s (exist_ok)", revision, repo_id)
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            step = "uploading the files"
+            logger.info("Uploading %d files of %s to %s%s", len(operations), folder, repo_id,
+                        f"@{revision}" if revision else "")
+            info = api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                revision=revision,
+            )
     except QdlmError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure is mapped to one clear HubError
-        err = _to_hub_error(e, step=step, endpoint=ep, repo_id=repo_id, revision=revision, scrub=scrub)
+        err = _to_hub_error(e, step=step, endpoint=ep, repo_id=repo_id, revision=revision, scrub=scrub, timeout=seconds)
         # `from None`: the original exception may quote server text; only the scrubbed copy travels.
         raise _scrubbed(err, scrub) from None
 
@@ -359,5 +459,9 @@ def push_checkpoint(
             f"The Hub at {ep} did not confirm the commit to {repo_id} (no commit id in its answer).",
             hint="Check the repository page before pushing again.",
         )
+    if card_text is not None:
+        _write_card_after_push(card, card_text)
     logger.info("Pushed %s to %s (commit %s)", folder, repo_id, oid)
-    return PushResult(repo_url=str(repo_url), commit_url=str(commit_url), commit_oid=str(oid))
+    uploaded = tuple(op.path_in_repo for op in operations)
+    return PushResult(repo_url=str(repo_url), commit_url=str(commit_url), commit_oid=str(oid),
+                      uploaded=uploaded, skipped=tuple(skipped))

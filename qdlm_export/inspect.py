@@ -1,24 +1,33 @@
 """``inspect``: what a qdlm checkpoint is, and whether every tensor its config promises is there
 with the right dtype and shape. Reads safetensors headers only (plus the tiny ``weight_shape``
-tensors), so it is instant on any size of model."""
+tensors), so it is instant on any size of model.
+
+:func:`validate_checkpoint` is the one validation of a checkpoint folder: ``inspect``, ``push``,
+``eval`` and ``convert`` call it, and its per-tensor check is the one ``from_pretrained`` runs
+(``loader.check_module_tensors``)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from .errors import CheckpointError
-from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, dtype_name, module_spec
+from .errors import CheckpointError, QdlmError
+from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
 from .kernels import describe_backend
-from .loader import uses_integer_input
+from .loader import DAMAGED_HINT, TensorEntry, check_module_tensors, read_safetensors_headers, uses_integer_input
+from .output import INCOMPLETE_MARKER, is_staging_folder
 from .pipeline import SAFETENSORS_DTYPES
 
 ST_DTYPES = {**SAFETENSORS_DTYPES, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MAKE_HINT = "pass the folder written by `qdlm-export quantize` (make one with `qdlm-export quantize MODEL --out DIR`)"
 
 
 @dataclass
@@ -49,37 +58,273 @@ class CheckpointInfo:
         return asdict(self)
 
 
-class _Tensors:
-    """Header-level view of every tensor in a folder's safetensors files."""
+@dataclass
+class ValidCheckpoint:
+    """What :func:`validate_checkpoint` established about a folder."""
 
-    def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            for f in files:
-                if not (folder / f).is_file():
-                    raise CheckpointError(f"shard {f} listed in model.safetensors.index.json is missing")
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{folder} has no .safetensors weights")
-        self.meta: dict[str, tuple[torch.dtype | str, tuple[int, ...], Path]] = {}
-        self.bytes = 0
-        for f in files:
-            path = folder / f
-            self.bytes += path.stat().st_size
-            try:
-                with safe_open(path, "pt") as handle:
-                    for key in handle.keys():
-                        sl = handle.get_slice(key)
-                        self.meta[key] = (ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()), path)
-            except Exception as exc:
-                raise CheckpointError(f"weight file {f} cannot be read ({exc})", hint="the file is truncated or corrupt") from None
+    folder: Path
+    config: dict[str, Any]
+    qconfig: dict[str, Any] | None  # None: not a qdlm-native checkpoint (a converted format)
+    weight_files: list[Path]  # the safetensors files the checkpoint loads (index shards, or model.safetensors)
+    tensors: dict[str, TensorEntry]  # every tensor in those files, from their headers
+    specs: dict[str, LinearSpec] = field(default_factory=dict)  # quantized module -> its tensors' spec
 
-    def value(self, key: str) -> torch.Tensor:
-        with safe_open(self.meta[key][2], "pt") as handle:
-            return handle.get_tensor(key)
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+    @property
+    def is_qdlm(self) -> bool:
+        return self.qconfig is not None
+
+
+# ----------------------------------------------------------------------------------- validation
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def link_roots(folder: Path) -> tuple[Path, ...]:
+    """Where symlinks in ``folder`` may lead: the folder itself and, for a snapshot of the Hugging
+    Face cache (``models--X/snapshots/REV``, whose files are links into ``models--X/blobs``), that
+    repository's blobs."""
+    root = folder.resolve()
+    roots = [root]
+    blobs = root.parent.parent / "blobs"
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--") and blobs.is_dir():
+        roots.append(blobs)
+    return tuple(roots)
+
+
+def stays_inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether ``path``, links resolved, lies in one of ``roots`` (:func:`link_roots`)."""
+    target = path.resolve()
+    return any(_inside(target, root) for root in roots)
+
+
+def check_symlinks(folder: Path) -> None:
+    """Refuse a symlink anywhere in ``folder`` whose target lies outside it (it would be read,
+    loaded or uploaded as if it were part of the checkpoint)."""
+    roots = link_roots(folder)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for entry in (*dirnames, *filenames):
+            path = Path(dirpath) / entry
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not stays_inside(path, roots):
+                raise CheckpointError(
+                    f"{path.relative_to(folder).as_posix()} in {folder} is a symbolic link to {target}, outside the "
+                    "checkpoint folder; it is refused so that nothing outside the folder is read or uploaded",
+                    hint="replace the link by a copy of the file, or remove it",
+                )
+
+
+def _shard_path(folder: Path, shard: Any) -> Path:
+    """The path of one index entry's shard; refuses entries that leave the folder."""
+    where = f"{INDEX_FILE} in {folder}"
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{where} maps a tensor to {shard!r}, which is not a file name", hint=DAMAGED_HINT)
+    pure = PurePosixPath(shard.replace("\\", "/"))
+    if pure.is_absolute() or os.path.isabs(shard) or ".." in pure.parts:
+        raise CheckpointError(
+            f"{where} lists the shard {shard!r}, a path outside the checkpoint folder; shards must be files inside it",
+            hint="the index was edited or is hostile: re-create the checkpoint with `qdlm-export quantize`",
+        )
+    path = folder / pure
+    if not stays_inside(path, link_roots(folder)):
+        raise CheckpointError(
+            f"{where} lists the shard {shard!r}, which resolves outside the checkpoint folder",
+            hint="the index was edited or is hostile: re-create the checkpoint with `qdlm-export quantize`",
+        )
+    if not shard.endswith(".safetensors"):
+        raise CheckpointError(f"{where} lists the shard {shard!r}, which is not a .safetensors file", hint=DAMAGED_HINT)
+    return path
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a checkpoint loads: the shards of its index (each checked to stay inside
+    the folder and to exist), or else ``model.safetensors``."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map object)",
+                                  hint=DAMAGED_HINT) from None
+        shards = {value: _shard_path(folder, value) for value in weight_map.values()}
+        absent = sorted(name for name, path in shards.items() if not path.is_file())
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise CheckpointError(
+                f"{folder} is missing {len(absent)} weight shard(s) listed in {INDEX_FILE}: {shown}",
+                hint="the export was interrupted or files were moved. " + DAMAGED_HINT,
+            )
+        files = sorted(set(shards.values()))
+    else:  # what from_pretrained loads without an index: model.safetensors, nothing else
+        files = [folder / SINGLE_FILE] if (folder / SINGLE_FILE).is_file() else []
+    if not files:
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        found = f" ({', '.join(others[:3])} {'is' if len(others) == 1 else 'are'} not loaded without an index)" if others else ""
+        raise CheckpointError(
+            f"{folder} has config.json but no weights ({SINGLE_FILE}, or shards with {INDEX_FILE}){found}",
+            hint=MAKE_HINT,
+        )
+    return files
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{folder} has no config.json, so it is not a complete checkpoint",
+            hint="it may be an interrupted run; " + MAKE_HINT,
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not readable JSON ({exc})", hint=DAMAGED_HINT) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} should hold a JSON object, not a {type(config).__name__}",
+                              hint=DAMAGED_HINT)
+    return config
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist", hint=MAKE_HINT)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, not a checkpoint folder", hint=MAKE_HINT)
+    if is_staging_folder(folder):
+        raise CheckpointError(
+            f"{folder} is the staging folder of a qdlm-export run that is still running or was interrupted "
+            f"(it holds {INCOMPLETE_MARKER} or is named like .NAME.partial-*): it is not a finished checkpoint",
+            hint="use the --out folder once quantize has finished; a leftover of a killed run can be deleted "
+            "(the next run into the same parent folder removes it)",
+        )
+
+
+def _quantization_config(config: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    qconfig = config.get("quantization_config")
+    if not qconfig:
+        raise CheckpointError(f"{config_file} has no quantization_config: this is not a quantized checkpoint",
+                              hint=MAKE_HINT)
+    if not isinstance(qconfig, dict):
+        raise CheckpointError(f"quantization_config in {config_file} is not a JSON object", hint=DAMAGED_HINT)
+    if qconfig.get("quant_method") != FORMAT_NAME:
+        raise CheckpointError(
+            f"quant_method is {qconfig.get('quant_method')!r}, not {FORMAT_NAME!r}",
+            hint="inspect reads qdlm-native checkpoints; other formats load with their own toolkit",
+        )
+    if qconfig.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"qdlm format_version {qconfig.get('format_version')!r} is not supported (supports {SUPPORTED_FORMAT_VERSIONS})",
+            hint="upgrade qdlm-export: pip install -U qdlm-export",
+        )
+    for key, kind in (("weights", dict), ("quantized_modules", list), ("method", str)):
+        if key not in qconfig:
+            raise CheckpointError(f"quantization_config in {config_file} has no {key!r} field; the checkpoint is incomplete",
+                                  hint=DAMAGED_HINT)
+        if not isinstance(qconfig[key], kind):
+            raise CheckpointError(f"quantization_config[{key!r}] in {config_file} is not a {kind.__name__}",
+                                  hint=DAMAGED_HINT)
+    weights = qconfig["weights"]
+    for key in ("bits", "group_size", "symmetric", "scale_dtype"):
+        if key not in weights:
+            raise CheckpointError(f"quantization_config.weights in {config_file} has no {key!r} field", hint=DAMAGED_HINT)
+    if weights["scale_dtype"] not in DTYPES:
+        raise CheckpointError(
+            f"quantization_config.weights.scale_dtype in {config_file} is {weights['scale_dtype']!r}; "
+            f"expected one of {', '.join(DTYPES)}", hint=DAMAGED_HINT,
+        )
+    if not all(isinstance(m, str) for m in qconfig["quantized_modules"]):
+        raise CheckpointError(f"quantization_config.quantized_modules in {config_file} lists something that is not a "
+                              "module name", hint=DAMAGED_HINT)
+    return qconfig
+
+
+def read_quantization_config(folder: Path) -> dict[str, Any]:
+    """The ``quantization_config`` of a qdlm-native checkpoint folder (checked), or a CheckpointError."""
+    folder = Path(folder)
+    _check_folder(folder)
+    return _quantization_config(_read_config(folder), folder / "config.json")
+
+
+def _shape_of(name: str, tensors: dict[str, TensorEntry], where: str) -> tuple[int, int]:
+    key = f"{name}.weight_shape"
+    entry = tensors.get(key)
+    if entry is None:
+        raise CheckpointError(
+            f"tensor {key} is missing from {where} (module {name} is listed as quantized in quantization_config)",
+            hint=DAMAGED_HINT,
+        )
+    if entry.dtype != "I64" or tuple(entry.shape) != (2,):
+        raise CheckpointError(
+            f"tensor {key} in {entry.file} has dtype {entry.dtype} and shape {list(entry.shape)}, expected I64 (int64) [2]",
+            hint=DAMAGED_HINT,
+        )
+    with safe_open(entry.path, "pt") as handle:
+        out, inp = (int(v) for v in handle.get_tensor(key).tolist())
+    if out <= 0 or inp <= 0:
+        raise CheckpointError(f"tensor {key} in {entry.file} holds the shape [{out}, {inp}]", hint=DAMAGED_HINT)
+    return out, inp
+
+
+def validate_checkpoint(folder: str | Path, *, require_qdlm: bool = True) -> ValidCheckpoint:
+    """The one validation of a checkpoint folder, used by ``inspect``, ``push``, ``eval`` and ``convert``.
+
+    Refuses (:class:`CheckpointError` naming the file or tensor): a missing folder, a staging folder
+    of an unfinished run, symlinks leading outside the folder, a missing or malformed config.json,
+    index entries that are absolute, contain ``..`` or resolve outside the folder, missing shards,
+    truncated or corrupted safetensors files; and for a qdlm-native checkpoint, any tensor the
+    config promises that is missing or has the wrong dtype or shape (the same check
+    ``from_pretrained`` runs, :func:`~qdlm_export.loader.check_module_tensors`). Headers only (plus
+    the tiny ``weight_shape`` tensors): instant on any size of model.
+
+    ``require_qdlm=False`` accepts checkpoints of other formats (converted exports), checking
+    everything but the qdlm tensor layout.
+    """
+    folder = Path(folder)
+    _check_folder(folder)
+    check_symlinks(folder)
+    config = _read_config(folder)
+    qc = config.get("quantization_config")
+    is_qdlm = isinstance(qc, dict) and qc.get("quant_method") == FORMAT_NAME
+    qconfig = _quantization_config(config, folder / "config.json") if (require_qdlm or is_qdlm) else None
+    files = weight_files(folder)
+    tensors = read_safetensors_headers(files)
+    result = ValidCheckpoint(folder, config, qconfig, files, tensors)
+    if qconfig is None:
+        return result
+    names = [f.relative_to(folder).as_posix() for f in files]
+    where = ", ".join(names) if len(names) <= 3 else f"the {len(names)} weight files"
+    for name in qconfig["quantized_modules"]:
+        out, inp = _shape_of(name, tensors, where)
+        has_bias = f"{name}.bias" in tensors
+        bias_dtype = ST_DTYPES.get(tensors[f"{name}.bias"].dtype, torch.float32) if has_bias else torch.float32
+        try:
+            spec = module_spec(qconfig, name, inp, out, has_bias, bias_dtype)
+        except QdlmError:
+            raise
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise CheckpointError(
+                f"module {name}: quantization_config does not describe a valid scheme for it ({type(exc).__name__}: {exc})",
+                hint=DAMAGED_HINT,
+            ) from None
+        check_module_tensors(name, spec, tensors, where)
+        if f"{name}.weight" in tensors:
+            raise CheckpointError(
+                f"tensor {name}.weight is present although {name} is listed as quantized",
+                hint="the checkpoint mixes a full-precision and a quantized copy of the layer; " + DAMAGED_HINT,
+            )
+        result.specs[name] = spec
+    return result
 
 
 def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype) -> str:
@@ -95,39 +340,6 @@ def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, 
     return "; ".join(parts)
 
 
-def read_quantization_config(folder: Path) -> dict[str, Any]:
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder", hint="pass the folder written by `qdlm-export quantize`")
-    if not config_file.is_file():
-        raise CheckpointError(
-            f"{folder} has no config.json, so it is not a complete checkpoint",
-            hint="it may be an interrupted run; quantize again with `qdlm-export quantize ... --out DIR`",
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from None
-    qconfig = config.get("quantization_config")
-    if not qconfig:
-        raise CheckpointError(f"{config_file} has no quantization_config: this is not a quantized checkpoint")
-    if qconfig.get("quant_method") != FORMAT_NAME:
-        raise CheckpointError(
-            f"quant_method is {qconfig.get('quant_method')!r}, not {FORMAT_NAME!r}",
-            hint="inspect reads qdlm-native checkpoints",
-        )
-    if qconfig.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise CheckpointError(
-            f"qdlm format_version {qconfig.get('format_version')!r} is not supported (supports {SUPPORTED_FORMAT_VERSIONS})",
-            hint="upgrade qdlm-export: pip install -U qdlm-export",
-        )
-    for key in ("weights", "quantized_modules", "method"):
-        if key not in qconfig:
-            raise CheckpointError(f"quantization_config has no {key!r} field")
-    return qconfig
-
-
 def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens: int = 256) -> CheckpointInfo:
     """Describe and validate a checkpoint; raises :class:`CheckpointError` naming the first bad tensor.
 
@@ -135,40 +347,19 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
     (default: cuda when available) for ``tokens`` rows (batch x sequence) in the model's dtype."""
     folder = Path(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = _model_dtype(folder)
+    checked = validate_checkpoint(folder)
+    qconfig = checked.qconfig
+    compute_dtype = _model_dtype(checked.config)
     kernels: dict[str, str] = {}
-    qconfig = read_quantization_config(folder)
-    tensors = _Tensors(folder)
     linear_params = linear_bytes = 0
-    for name in qconfig["quantized_modules"]:
-        shape_key = f"{name}.weight_shape"
-        if shape_key not in tensors.meta:
-            raise CheckpointError(f"tensor {shape_key} is missing", hint=f"module {name} is listed as quantized")
-        out, inp = (int(v) for v in tensors.value(shape_key).tolist())
-        has_bias = f"{name}.bias" in tensors.meta
-        bias_dtype = tensors.meta[f"{name}.bias"][0] if has_bias else torch.float32
-        spec = module_spec(qconfig, name, inp, out, has_bias, bias_dtype)
-        for suffix, (dtype, shape) in spec.tensors().items():
-            key = f"{name}.{suffix}"
-            if key not in tensors.meta:
-                raise CheckpointError(f"tensor {key} is missing", hint=f"module {name} is listed as quantized")
-            got_dtype, got_shape, _ = tensors.meta[key]
-            if got_dtype != dtype:
-                raise CheckpointError(
-                    f"tensor {key} has dtype {dtype_name(got_dtype) if isinstance(got_dtype, torch.dtype) else got_dtype}, "
-                    f"expected {dtype_name(dtype)}"
-                )
-            if tuple(got_shape) != tuple(shape):
-                raise CheckpointError(f"tensor {key} has shape {list(got_shape)}, expected {list(shape)}")
-        if f"{name}.weight" in tensors.meta:
-            raise CheckpointError(f"tensor {name}.weight is present although {name} is listed as quantized")
+    for name, spec in checked.specs.items():
         kernels[name] = describe_kernels(spec, device, tokens, compute_dtype)
-        linear_params += out * inp
-        linear_bytes += spec.stored_bytes() - (out * torch.empty((), dtype=bias_dtype).element_size() if has_bias else 0)
+        linear_params += spec.out_features * spec.in_features
+        bias_bytes = spec.out_features * torch.empty((), dtype=spec.bias_dtype).element_size() if spec.has_bias else 0
+        linear_bytes += spec.stored_bytes() - bias_bytes
 
     weights = qconfig["weights"]
-    report_file = folder / "qdlm_report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    report = _read_report(folder / "qdlm_report.json")
     return CheckpointInfo(
         path=str(folder),
         method=qconfig["method"],
@@ -182,7 +373,7 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
         modules_not_converted=list(qconfig.get("modules_not_converted", [])),
         module_overrides=dict(qconfig.get("module_overrides", {})),
         transforms=dict(qconfig.get("transforms") or {}),
-        checkpoint_bytes=tensors.bytes,
+        checkpoint_bytes=checked.checkpoint_bytes,
         linear_params=linear_params,
         linear_bytes_quantized=linear_bytes,
         bits_per_weight=8 * linear_bytes / max(linear_params, 1),
@@ -194,10 +385,17 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
     )
 
 
-def _model_dtype(folder: Path) -> torch.dtype:
-    """The dtype a checkpoint loads in by default (config ``dtype``/``torch_dtype``; float32 if absent)."""
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """The report written beside the checkpoint; an unreadable one is left out, not an error."""
+    if not path.is_file():
+        return None
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return torch.float32
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _model_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint loads in by default (config ``dtype``/``torch_dtype``; float32 if absent)."""
     return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)

@@ -240,7 +240,18 @@ def _how_made(f: _Facts) -> str:
 
 
 def _how_to_load(f: _Facts, repo_id: str) -> str:
-    if f.auto_map:
+    base = f.qc.get("base_model_type")
+    if f.auto_map and isinstance(base, str) and f.config.get("model_type") == f"qdlm_{base}":
+        # a transformers-native family under its own model type (formats/native_wrappers.py)
+        auto_cls, extra = "AutoModelForCausalLM", ", trust_remote_code=True"
+        why = (
+            f"`config.json` names the model type `qdlm_{base}` instead of `{base}`, so that transformers without "
+            "qdlm-export refuses this checkpoint instead of loading its quantized layers as random weights. With "
+            "`import qdlm_export` it loads without `trust_remote_code`; without qdlm-export, "
+            "`trust_remote_code=True` runs the small Python files shipped here (subclasses of transformers' "
+            "classes, and the qdlm loader when the checkpoint carries it). Read them before running them."
+        )
+    elif f.auto_map:
         auto_cls = "AutoModel"
         arch = f" (`{f.architecture}`)" if f.architecture else ""
         why = (

@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
-from .calibration import calibration_tokens
+from .calibration import calibration_tokens, check_calibration_fits
 from .configs import CalibrationConfig, WeightOnlyConfig
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
 from .formats.native import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name
 from .formats.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .methods import method_class
@@ -49,6 +49,7 @@ class QuantizeSummary:
     source_checkpoint_bytes: int
     relative_output_error: float | None
     elapsed_s: float
+    compat_repairs: list[str] = dataclasses.field(default_factory=list)  # families/compat.py, as applied
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -79,19 +80,28 @@ def quantize(
     command: str | None = None,
     output_format: str = "native",
     self_contained: bool = True,
+    allow_non_finite: bool = False,
 ) -> QuantizeSummary:
     """Quantize ``model`` into ``out``.
 
     ``output_format`` other than native: the native checkpoint is written and verified in a scratch
     folder, then converted (formats/); what the format cannot express is refused before any work
-    where it can be known from the options. ``self_contained``: native checkpoints of remote-code
-    families carry the loader as remote code, so they load with transformers alone.
+    where it can be known from the options. ``self_contained``: native checkpoints carry the loader as
+    remote code, so they load with transformers alone; without it they refuse to load where qdlm-export
+    is not installed (formats/native_wrappers.py). Never random weights either way.
+    ``allow_non_finite``: quantize source weights that hold NaN/Inf instead of refusing them.
     """
     from .convert import FORMATS, check_convertible
 
+    _check_argument_types(
+        model=model, out=out, config=config, calibration=calibration, trust_remote_code=trust_remote_code,
+        overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size, verify=verify,
+        max_shard_bytes=max_shard_bytes, revision=revision, on_block=on_block, command=command,
+        output_format=output_format, self_contained=self_contained, allow_non_finite=allow_non_finite,
+    )
     started = time.perf_counter()
-    out = Path(out).expanduser().resolve()
-    check_output(out, overwrite)
+    local_source = Path(model).expanduser() if isinstance(model, (str, Path)) else None
+    out = check_output(out, overwrite, source=local_source if local_source and local_source.exists() else None)
     if output_format not in FORMATS:
         raise ConfigError(f"--format {output_format!r} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
     if output_format in ("gptq", "awq") and config.scale_dtype is None:
@@ -107,17 +117,28 @@ def quantize(
     torch_device = resolve_device(device)
     dtype = DTYPES[compute_dtype] if compute_dtype else default_compute_dtype(torch_device)
 
-    source = SourceModel.open(model, trust_remote_code=trust_remote_code, revision=revision)
+    from .families import compat
+
+    compat.reset_log()  # the repairs this run needs are listed in its report
+    source = SourceModel.open(
+        str(model), trust_remote_code=trust_remote_code, revision=revision, allow_non_finite=allow_non_finite
+    )
     try:
         method = method_class(config.method)(config, source.adapter, source.config_dict)
         method.scale_dtype = _scale_dtype(config, source)
         _check_layer_shapes(source, method)
+        if source.trust_remote_code and source.config_dict.get("auto_map"):
+            from .preflight import run_first_block
+
+            run_first_block(source, torch_device)  # the model's own code runs, finitely, before any work
+        if method.needs_calibration:
+            check_calibration_fits(calibration, source.adapter, source.config_dict, device=torch_device, dtype=dtype)
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
         mask_id = source.adapter.mask_token_id(source.config_dict)
         calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id))
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
 
-        with staged_output(out, overwrite) as stage:
+        with staged_output(out, overwrite, source=source.path) as stage:
             # Non-native formats: write (and verify) native in a scratch folder, convert at the end.
             tmp = stage if output_format == "native" else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
             writer = ShardedWriter(tmp, max_shard_bytes)
@@ -132,6 +153,10 @@ def quantize(
             config_dict = dict(source.config_dict)
             config_dict["quantization_config"] = qconfig
             (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+            if output_format == "native":  # before verification, so it loads the layout that ships
+                from .formats.native_wrappers import wrap_native
+
+                wrap_native(tmp)  # a dense family's own model type: never random weights without the tool
 
             error = None
             if verify:
@@ -160,8 +185,13 @@ def quantize(
                 "seconds_per_block": [round(s, 3) for s in result.seconds_per_block],
                 "elapsed_s": round(time.perf_counter() - started, 2),
                 "eval": None,
+                "compat_repairs": compat.applied_repairs(),
             }
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed
+                from .eval.evaluate import record_local_source
+
+                record_local_source(stage, source.path)
             _write_card(tmp, repo_id=out.name)
             if output_format != "native":
                 from .convert import write_converted
@@ -169,10 +199,10 @@ def quantize(
                 write_converted(tmp, stage, output_format, max_shard_bytes=max_shard_bytes, repo_id=out.name)
                 shutil.rmtree(tmp)
                 checkpoint_bytes = sum(f.stat().st_size for f in stage.glob("*.safetensors"))
-            elif self_contained and source.config_dict.get("auto_map"):
-                from .formats.selfcontained import make_self_contained
+            else:  # the loader as remote code, or (--no-self-contained) a guard asking for qdlm-export
+                from .formats.native_wrappers import finish_native
 
-                make_self_contained(stage)
+                finish_native(stage, self_contained=self_contained)
     finally:
         source.close()
 
@@ -183,7 +213,66 @@ def quantize(
         linear_bytes_original=result.linear_bytes_original, linear_bytes_quantized=result.linear_bytes_quantized,
         checkpoint_bytes=checkpoint_bytes, source_checkpoint_bytes=report["source_checkpoint_bytes"],
         relative_output_error=error, elapsed_s=time.perf_counter() - started,
+        compat_repairs=compat.applied_repairs(),
     )
+
+
+def _check_argument_types(**args: Any) -> None:
+    """The Python API's arguments, checked at entry: a wrong type fails here naming the argument and
+    what it accepts, rather than deep inside (or, worse, working by accident: ``overwrite='no'`` is
+    truthy)."""
+    import os
+
+    def fail(name: str, accepted: str) -> None:
+        value = args[name]
+        raise ArgumentTypeError(
+            f"quantize() argument {name}={value!r} ({type(value).__name__}) is not {accepted}",
+            hint=f"pass {name} as {accepted}",
+        )
+
+    for name in ("model", "out"):
+        if not isinstance(args[name], (str, os.PathLike)) or (isinstance(args[name], str) and not args[name]):
+            fail(name, "a non-empty str or os.PathLike (a folder path" + (" or Hub id)" if name == "model" else ")"))
+    if not isinstance(args["config"], WeightOnlyConfig):
+        fail("config", "a method config instance (e.g. make_config('rtn', bits=4) or RTNConfig(...))")
+    if args["calibration"] is not None and not isinstance(args["calibration"], CalibrationConfig):
+        fail("calibration", "a CalibrationConfig or None")
+    for name in ("trust_remote_code", "overwrite", "verify", "self_contained", "allow_non_finite"):
+        if not isinstance(args[name], bool):
+            fail(name, "a bool (True or False)")
+    for name in ("batch_size", "max_shard_bytes"):
+        if isinstance(args[name], bool) or not isinstance(args[name], int):
+            fail(name, "an int")
+        if args[name] <= 0:
+            raise ConfigError(f"quantize() argument {name}={args[name]} must be positive", hint=f"pass {name} >= 1")
+    for name in ("device", "output_format"):
+        if not isinstance(args[name], str):
+            fail(name, "a str")
+    for name in ("compute_dtype", "revision", "command"):
+        if args[name] is not None and not isinstance(args[name], str):
+            fail(name, "a str or None")
+    if args["compute_dtype"] is not None and args["compute_dtype"] not in DTYPES:
+        raise ConfigError(
+            f"compute dtype {args['compute_dtype']!r} is not supported", hint=f"choose one of {', '.join(DTYPES)}"
+        )
+    if args["on_block"] is not None and not callable(args["on_block"]):
+        fail("on_block", "a callable(done, total) or None")
+    calibration = args["calibration"]
+    if calibration is not None:
+        for name in ("nsamples", "seqlen", "seed"):
+            value = getattr(calibration, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ArgumentTypeError(
+                    f"CalibrationConfig {name}={value!r} ({type(value).__name__}) is not an int",
+                    hint=f"pass {name} as an int",
+                )
+        for name in ("source", "masking", "text_field"):
+            value = getattr(calibration, name)
+            if not isinstance(value, str):
+                raise ArgumentTypeError(
+                    f"CalibrationConfig {name}={value!r} ({type(value).__name__}) is not a str",
+                    hint=f"pass {name} as a str",
+                )
 
 
 def _check_layer_shapes(source: SourceModel, method) -> None:
@@ -202,7 +291,14 @@ def _check_layer_shapes(source: SourceModel, method) -> None:
                 f"the checkpoint has no tensor {key}, which the {adapter.name} family expects",
                 hint="the weights do not match the model family; check the model folder",
             )
-        _, shape = source.tensor_meta(key)
+        dtype, shape = source.tensor_meta(key)
+        if len(shape) != 2 or dtype not in SAFETENSORS_DTYPES:
+            raise InputDataError(
+                f"source tensor {key} is {dtype} of shape {list(shape)}; a linear weight is a 2-D floating-point "
+                f"matrix ({', '.join(SAFETENSORS_DTYPES)})",
+                hint="the weights do not match the model family, or are already quantized; pass the original "
+                "full-precision model",
+            )
         method.layer_scheme(name, shape[1])
 
 
@@ -261,6 +357,7 @@ def _quantization_config(config, source, result, calibration, method, command) -
         "calibration": _calibration_record(calibration) if method.needs_calibration else None,
         "provenance": {
             "source": source.model_id,
+            "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",
             "tool": "qdlm-export",
             "tool_version": __version__,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

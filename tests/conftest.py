@@ -37,6 +37,23 @@ def tiny_dream(tmp_path_factory):
     return build_tiny_model("dream", tmp_path_factory.mktemp("models") / "tiny-dream", seed=2)
 
 
+@pytest.fixture(scope="session")
+def published_llada(tmp_path_factory):
+    """The trained tiny LLaDA with remote code "as published" (fixtures/published/llada: the public
+    checkpoints' interfaces and transformers-5 incompatibilities, unrepaired)."""
+    from qdlm_export.fixtures import build_tiny_model
+
+    return build_tiny_model("llada", tmp_path_factory.mktemp("models") / "published-llada", published=True)
+
+
+@pytest.fixture(scope="session")
+def published_dream(tmp_path_factory):
+    """The trained tiny Dream with remote code "as published" (fixtures/published/dream)."""
+    from qdlm_export.fixtures import build_tiny_model
+
+    return build_tiny_model("dream", tmp_path_factory.mktemp("models") / "published-dream", published=True)
+
+
 @pytest.fixture(params=["llada", "dream"])
 def tiny_model(request, tiny_llada, tiny_dream):
     """Each tiny dLLM family in turn: (family, folder)."""

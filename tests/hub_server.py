@@ -21,7 +21,9 @@ new ``huggingface_hub`` release starts calling something new.
 
 Everything received is recorded: every request (method, path, query, headers, body) in
 :attr:`FakeHub.requests`, and each commit's files (path -> bytes) in :attr:`FakeHub.commits`.
-:meth:`FakeHub.fail` makes a named endpoint answer an error status instead. The server stops in
+:meth:`FakeHub.fail` makes a named endpoint answer an error status instead; :meth:`FakeHub.stall`
+makes it read the request and then never answer (until the hub stops, or ``max_stall_s`` passed,
+when it drops the connection), like a Hub that hangs. The server stops in
 :meth:`FakeHub.stop` (used by the ``fake_hub`` fixture at teardown) and, as a safety net, by itself
 after ``max_lifetime_s`` seconds.
 
@@ -107,8 +109,9 @@ def _oid(*parts: bytes) -> str:
 class FakeHub:
     """A loopback Hub. Start with :meth:`start` (or ``with FakeHub() as hub:``), stop with :meth:`stop`."""
 
-    def __init__(self, *, max_lifetime_s: float = 120.0, echo_token_in_errors: bool = False):
+    def __init__(self, *, max_lifetime_s: float = 120.0, echo_token_in_errors: bool = False, max_stall_s: float = 30.0):
         self.max_lifetime_s = max_lifetime_s
+        self.max_stall_s = max_stall_s
         # A hostile server: error bodies repeat the Authorization header. Lets tests prove that
         # callers scrub the token from whatever the server sends back.
         self.echo_token_in_errors = echo_token_in_errors
@@ -117,6 +120,9 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.unknown: list[tuple[str, str]] = []
         self._failures: dict[str, _Failure] = {}
+        self._stalls: dict[str, int | None] = {}  # endpoint -> how many more requests hang (None: all)
+        self._release = threading.Event()  # set at stop: stalled handlers give up
+        self.stalled: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -147,6 +153,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         server, self._server = self._server, None
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.cancel()
@@ -188,8 +195,13 @@ class FakeHub:
             extra.setdefault("X-Error-Message", message)
         self._failures[endpoint] = _Failure(status, message, times, extra)
 
+    def stall(self, endpoint: str, *, times: int | None = None) -> None:
+        """Never answer ``endpoint`` (``times`` times, or always): the request is read, then nothing."""
+        self._stalls[endpoint] = times
+
     def clear_failures(self) -> None:
         self._failures.clear()
+        self._stalls.clear()
 
     def add_repo(self, repo_id: str, *, private: bool = False, branches: tuple[str, ...] = ("main",)) -> FakeRepo:
         repo = FakeRepo(repo_id, private, branches={b: _oid(repo_id.encode(), b.encode()) for b in branches})
@@ -207,6 +219,18 @@ class FakeHub:
         return self.commits[-1]
 
     # ----------------------------------------------------------------------------- internals
+    def _take_stall(self, endpoint: str) -> bool:
+        with self._lock:
+            if endpoint not in self._stalls:
+                return False
+            remaining = self._stalls[endpoint]
+            if remaining is not None:
+                if remaining <= 1:
+                    del self._stalls[endpoint]
+                else:
+                    self._stalls[endpoint] = remaining - 1
+            return True
+
     def _take_failure(self, endpoint: str) -> _Failure | None:
         with self._lock:
             f = self._failures.get(endpoint)
@@ -302,12 +326,19 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         name, args = self._route(self.command, url.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
+        recorded = RecordedRequest(self.command, url.path, parse_qs(url.query), headers, body, name)
         with fake._lock:
-            fake.requests.append(RecordedRequest(self.command, url.path, parse_qs(url.query), headers, body, name))
+            fake.requests.append(recorded)
         if name == "unknown":
             with fake._lock:
                 fake.unknown.append((self.command, self.path))
             self._send(404, {"error": f"fake hub: no route for {self.command} {url.path}"})
+            return
+        if fake._take_stall(name):
+            with fake._lock:
+                fake.stalled.append(recorded)
+            fake._release.wait(fake.max_stall_s)
+            self.close_connection = True  # hang up without an answer
             return
         failure = fake._take_failure(name)
         if failure is not None:

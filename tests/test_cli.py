@@ -23,9 +23,10 @@ def listing(folder: Path) -> list[str]:
 def test_version_and_help(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "--version")
     assert code == 0 and out.strip().startswith("qdlm-export ")
-    for command in ("quantize", "inspect", "push"):
-        code, out, _ = run_cli(monkeypatch, capsys, command, "--help")
-        assert code == 0 and "--json" in out
+    for command in ("quantize", "inspect", "push", "convert", "bench", "eval"):
+        for flag in ("--help", "-h"):
+            code, out, _ = run_cli(monkeypatch, capsys, command, flag)
+            assert code == 0 and "--json" in out and "Usage: qdlm-export " + command in out
 
 
 def test_quantize_embedded_default_then_inspect(monkeypatch, capsys, tmp_path):
@@ -59,7 +60,7 @@ def assert_clean_failure(code, err, *needles):
 @pytest.mark.parametrize(
     "args,needles",
     [
-        (["--method", "magic"], ["unknown method 'magic'", "rtn"]),
+        (["--method", "magic"], ["--method", "'magic' is not one of", "'rtn'", "'gptq'"]),
         (["--bits", "5"], ["--bits 5", "2, 3, 4, 8"]),
         (["--bits", "16"], ["--bits 16"]),
         (["--group-size", "0"], ["--group-size 0"]),
@@ -116,11 +117,20 @@ def test_existing_output_is_never_overwritten_without_flag(monkeypatch, capsys, 
     assert_clean_failure(code, err, "already exists", "--overwrite")
     assert listing(tmp_path) == ["o", "o/precious.txt"]
 
+    # --overwrite replaces only a previous output of the tool (or an empty folder): never other content.
     code, _, err = run_cli(
         monkeypatch, capsys, "quantize", str(tiny_llada), "--trust-remote-code", "--out", str(out_dir), "--overwrite", "--no-verify"
     )
-    assert code == 0, err
-    assert not (out_dir / "precious.txt").exists() and (out_dir / "config.json").exists()
+    assert_clean_failure(code, err, "other content", "precious.txt")
+    assert listing(tmp_path) == ["o", "o/precious.txt"]
+
+    (out_dir / "precious.txt").unlink()
+    for _ in range(2):  # an empty folder, then the previous output
+        code, _, err = run_cli(
+            monkeypatch, capsys, "quantize", str(tiny_llada), "--trust-remote-code", "--out", str(out_dir), "--overwrite", "--no-verify"
+        )
+        assert code == 0, err
+        assert (out_dir / "config.json").exists()
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])

@@ -71,10 +71,19 @@ def make_checkpoint(folder: Path, *, quant_config=QUANT_CONFIG, report=REPORT, a
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if report is not None:
         (folder / "qdlm_report.json").write_text(json.dumps(report, indent=2))
-    tensors = {
-        "model.transformer.blocks.0.q_proj.qweight": torch.arange(64, dtype=torch.int32).reshape(8, 8),
-        "model.transformer.blocks.0.q_proj.scales": torch.linspace(0.1, 1.0, 8).reshape(8, 1),
-    }
+    if isinstance(quant_config, dict) and quant_config.get("quant_method") == "qdlm":
+        # A complete qdlm checkpoint of its listed modules (8 x 128, W4 per 128-group): push validates it.
+        gen = torch.Generator().manual_seed(0)
+        tensors = {}
+        for name in quant_config["quantized_modules"]:
+            tensors[f"{name}.weight_packed"] = torch.randint(-(2**31), 2**31 - 1, (8, 16), dtype=torch.int32, generator=gen)
+            tensors[f"{name}.weight_scale"] = torch.rand(8, 1, generator=gen) + 0.1
+            tensors[f"{name}.weight_shape"] = torch.tensor([8, 128], dtype=torch.int64)
+    else:
+        tensors = {
+            "model.transformer.blocks.0.q_proj.qweight": torch.arange(64, dtype=torch.int32).reshape(8, 8),
+            "model.transformer.blocks.0.q_proj.scales": torch.linspace(0.1, 1.0, 8).reshape(8, 1),
+        }
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "generation_config.json").write_text('{"mask_token_id": 126336}\n')
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}\n')
@@ -337,7 +346,7 @@ def _not_checkpoints(tmp_path: Path):
         "missing": (tmp_path / "nope", "does not exist", "qdlm-export quantize"),
         "empty": (empty, "no config.json", "qdlm-export quantize"),
         "no_weights": (no_weights, "no weights", "qdlm-export quantize"),
-        "bad_json": (bad_json, "not readable JSON", "qdlm-export inspect"),
+        "bad_json": (bad_json, "not readable JSON", "qdlm-export quantize"),
         "missing_shard": (shard, "model-00001-of-00002.safetensors", "qdlm-export quantize"),
     }
 

@@ -115,7 +115,7 @@ def test_evaluate_checkpoint_fills_report_and_card(tiny_llada, tmp_path):
 
     out = tmp_path / "rtn"
     quantize(str(tiny_llada), out, make_config("rtn", bits=4, group_size=64), trust_remote_code=True, verify=False)
-    result = evaluate_checkpoint(out, [MC_TASK], limit=4, mc_num=4, nll_windows=4, nll_seqlen=32)
+    result = evaluate_checkpoint(out, [MC_TASK], limit=4, mc_num=4, nll_windows=4, nll_seqlen=32, trust_remote_code=True)
     table = result["table"]
     assert set(table) == {f"{MC_TASK}/acc", f"{MC_TASK}/acc_norm", "masked_token_nll"}
     nll = table["masked_token_nll"]
@@ -129,7 +129,7 @@ def test_evaluate_checkpoint_fills_report_and_card(tiny_llada, tmp_path):
     assert f"| {MC_TASK}/acc |" in card and "| masked_token_nll |" in card
 
     (out / "README.md").write_text(card + "\nMy own notes.\n")  # an edited card is left alone
-    again = evaluate_checkpoint(out, [MC_TASK], limit=2, mc_num=4, nll=False)
+    again = evaluate_checkpoint(out, [MC_TASK], limit=2, mc_num=4, nll=False, trust_remote_code=True)
     assert again["card"] == "kept" and (out / "README.md").read_text().endswith("My own notes.\n")
     assert json.loads((out / "qdlm_report.json").read_text())["eval_settings"]["limit"] == 2
 
@@ -156,7 +156,7 @@ def test_eval_command_on_the_embedded_default(monkeypatch, capsys, tmp_path):
     out = tmp_path / "w3"
     code, _, err = run("quantize", "--out", str(out), "--bits", "3", "--no-verify", "--json")
     assert code == 0, err
-    code, stdout, err = run("eval", str(out), "--tasks", MC_TASK, "--limit", "3", "--mc-num", "4", "--json")
+    code, stdout, err = run("eval", str(out), "--trust-remote-code", "--tasks", MC_TASK, "--limit", "3", "--mc-num", "4", "--json")
     assert code == 0, err
     result = json.loads(stdout)
     table = result["table"]
@@ -167,6 +167,6 @@ def test_eval_command_on_the_embedded_default(monkeypatch, capsys, tmp_path):
     assert json.loads((out / "qdlm_report.json").read_text())["eval"] == table
 
     code, _, err = run("eval", str(tmp_path / "missing"), "--limit", "2")
-    assert code != 0 and "config.json" in err and "Traceback" not in err
-    code, _, err = run("eval", str(out), "--tasks", " , ")
+    assert code != 0 and "missing does not exist" in err and "Traceback" not in err
+    code, _, err = run("eval", str(out), "--trust-remote-code", "--tasks", " , ")
     assert code != 0 and "no tasks" in err

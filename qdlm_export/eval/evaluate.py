@@ -76,6 +76,31 @@ def parse_model_args(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+# QdlmLM arguments set by evaluate_checkpoint itself (its own options), never through -O.
+_RESERVED_MODEL_ARGS = {"self", "pretrained", "model", "tokenizer", "mc_num", "batch_size", "dtype", "device",
+                        "trust_remote_code", "unused"}
+
+
+def check_model_args(model_args: dict[str, Any]) -> None:
+    """Refuse ``-O`` keys the ``qdlm`` model does not take (lm-eval would only log them) and
+    non-finite numbers, stating what is accepted."""
+    import inspect
+
+    from .lm_eval_model import QdlmLM
+
+    accepted = sorted(n for n in inspect.signature(QdlmLM.__init__).parameters if n not in _RESERVED_MODEL_ARGS)
+    for key, value in model_args.items():
+        if key not in accepted:
+            own = {"mc_num": "--mc-num", "batch_size": "--batch-size", "dtype": "--dtype", "device": "--device",
+                   "trust_remote_code": "--trust-remote-code"}.get(key)
+            raise ConfigError(
+                f"-O {key}: not a qdlm model argument" + (f" (use {own})" if own else ""),
+                hint=f"-O accepts: {', '.join(accepted)}",
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"-O {key}={value} is not a finite number", hint=f"give {key} a finite value")
+
+
 def _typed(raw: str) -> Any:
     low = raw.lower()
     if low in ("true", "false"):
@@ -221,11 +246,13 @@ def evaluate_model(
     nll_seed: int = 0,
     dtype: str | None = "auto",
     device: str | None = None,
+    trust_remote_code: bool = False,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """lm-eval metrics (and the held-out masked-token NLL) of one model: a folder/Hub id or a loaded
     module (then pass ``tokenizer``). Same return shape as :func:`run_tasks`, with the NLL row
-    added to ``values``."""
+    added to ``values``. Loading a folder whose own Python code defines the model (LLaDA, Dream)
+    needs ``trust_remote_code=True``; else ``UnsupportedModelError`` names the files."""
     from .lm_eval_model import offline_mode
 
     tasks = _task_list(tasks)
@@ -234,17 +261,27 @@ def evaluate_model(
         offline = run_kwargs["offline"] = _all_bundled(tasks)
     with offline_mode(offline):
         return _evaluate_model(model, tokenizer, tasks, nll=nll, nll_windows=nll_windows, nll_seqlen=nll_seqlen,
-                               nll_seed=nll_seed, dtype=dtype, device=device, run_kwargs=run_kwargs)
+                               nll_seed=nll_seed, dtype=dtype, device=device, run_kwargs=run_kwargs,
+                               trust_remote_code=trust_remote_code)
 
 
-def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nll_seed, dtype, device, run_kwargs):
+def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nll_seed, dtype, device, run_kwargs,
+                    trust_remote_code=False):
+    from ..remote_code import refusal_from_transformers, require_trust
     from .lm_eval_model import load_model, load_tokenizer
 
     owned = not isinstance(model, torch.nn.Module)
     if owned:
+        require_trust(model, trust_remote_code, what="the model")
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(model, dtype=dtype, device=device)
+        try:
+            model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            refusal = refusal_from_transformers(exc, str(model))
+            if refusal is None:
+                raise
+            raise refusal from None
     elif tokenizer is None:
         raise ValueError("pass the tokenizer along with a loaded model")
     try:
@@ -305,13 +342,48 @@ def original_of(quantized_dir: str | Path) -> str:
             f"{folder} is not a quantized checkpoint (config.json has no quantization_config).",
             hint="Pass a folder written by `qdlm-export quantize`.",
         )
-    source = (qc.get("provenance") or {}).get("source")
+    provenance = qc.get("provenance") or {}
+    source = provenance.get("source")
     if not source:
         raise CheckpointError(
             f"{folder}/config.json does not say which model it was made from (no provenance.source).",
             hint="Pass the original model with --original.",
         )
+    recorded = recorded_local_source(folder)
+    if recorded is not None and Path(recorded).is_dir():
+        return recorded  # the absolute path quantize saw: found from any working directory
+    if Path(str(source)).expanduser().exists():
+        return str(source)
+    from ..model_card import looks_like_hub_id
+
+    if provenance.get("source_kind") == "local" or recorded is not None or not looks_like_hub_id(source):
+        where = f" (at {recorded} when it was quantized)" if recorded else ""
+        raise CheckpointError(
+            f"{folder} was made from the local model folder {source}{where}, which is not found from "
+            f"{Path.cwd()}.",
+            hint="Pass the original model folder with --original PATH.",
+        )
     return str(source)
+
+
+# Where quantize records the absolute path of a local source. `push` uploads an allow-list of
+# suffixes (hub.UPLOAD_SUFFIXES) that ".local" is not on, so no local path is ever published.
+LOCAL_SOURCE_FILE = "qdlm_source.local"
+
+
+def record_local_source(folder: str | Path, source_path: str | Path) -> None:
+    (Path(folder) / LOCAL_SOURCE_FILE).write_text(
+        json.dumps({"source_path": str(Path(source_path).expanduser().resolve())}) + "\n", encoding="utf-8"
+    )
+
+
+def recorded_local_source(folder: str | Path) -> str | None:
+    try:
+        data = json.loads((Path(folder) / LOCAL_SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    path = data.get("source_path") if isinstance(data, dict) else None
+    return path if isinstance(path, str) and path else None
 
 
 def _check_original(source: str) -> None:
@@ -378,6 +450,7 @@ def evaluate_checkpoint(
     dtype: str | None = "auto",
     offline: bool | None = None,
     write: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the original and the quantized model with the same tasks, settings and seeds.
 
@@ -388,24 +461,36 @@ def evaluate_checkpoint(
     held-out masked-token NLL on ``nll_windows`` windows of ``nll_seqlen`` tokens (window and mask
     seed ``nll_seed``). ``offline``:
     default on when every task is a bundled one. ``write``: store the table in the folder's report
-    and card.
+    and card. ``trust_remote_code``: allow the Python files of the checkpoint and of its original
+    (LLaDA, Dream define their models there); without it such a model is refused, naming the files,
+    before anything is loaded.
 
     Returns ``{"table": {row: {...}}, "settings": {...}, "original": str, "quantized": str,
     "card": "regenerated" | "kept" | None}``.
     """
     require_lm_eval()
+    _check_numbers(mc_num=mc_num, batch_size=batch_size, num_fewshot=num_fewshot, nll_windows=nll_windows,
+                   nll_seqlen=nll_seqlen, seed=seed, limit=limit)
+    check_model_args(dict(model_args or {}))
     folder = Path(quantized_dir).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json.", hint="Pass a folder written by `qdlm-export quantize`.")
+    from ..remote_code import require_trust
+
+    require_trust(folder, trust_remote_code, what="the checkpoint")  # reads config.json only
+    from ..inspect import validate_checkpoint
+
+    # The one checkpoint validation, before anything is loaded or computed: an incomplete or
+    # corrupted checkpoint (or a staging folder) is refused naming the file or tensor.
+    validate_checkpoint(folder, require_qdlm=False)
     source = str(original) if original is not None else original_of(folder)
     _check_original(source)
+    require_trust(source, trust_remote_code, what="its original model")
     tasks = _task_list(tasks)
     if offline is None:
         offline = _all_bundled(tasks)
     common = dict(
         limit=limit, num_fewshot=num_fewshot, mc_num=mc_num, batch_size=batch_size, seed=seed,
         model_args=model_args, include_path=include_path, offline=offline, nll=nll, nll_windows=nll_windows,
-        nll_seqlen=nll_seqlen, nll_seed=nll_seed, device=device, dtype=dtype,
+        nll_seqlen=nll_seqlen, nll_seed=nll_seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
     )
     from .lm_eval_model import load_tokenizer, offline_mode
 
@@ -425,6 +510,24 @@ def evaluate_checkpoint(
     }
     card = write_eval(folder, table, settings) if write else None
     return {"table": table, "settings": settings, "original": source, "quantized": str(folder), "card": card}
+
+
+def _check_numbers(*, limit: Any, **ints: Any) -> None:
+    """The numeric arguments of :func:`evaluate_checkpoint`, checked before any work (named as the
+    ``eval`` options they come from)."""
+    lows = {"mc_num": 1, "batch_size": 1, "num_fewshot": 0, "nll_windows": 1, "nll_seqlen": 2, "seed": 0}
+    for name, value in ints.items():
+        if value is None and name in ("batch_size", "num_fewshot"):
+            continue
+        option = "--" + name.replace("_", "-")
+        high = 2**32 - 1 if name == "seed" else None  # lm-eval seeds numpy, which takes 32 bits
+        accepted = f"an integer >= {lows[name]}" if high is None else f"an integer from {lows[name]} to 2**32-1"
+        if isinstance(value, bool) or not isinstance(value, int) or value < lows[name] or (high and value > high):
+            raise ConfigError(f"{option} {value!r} is invalid", hint=f"{option} accepts {accepted}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or limit <= 0):
+        raise ConfigError(f"--limit {limit!r} is invalid",
+                          hint="--limit accepts a positive number of examples, or a fraction in (0, 1)")
 
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:

@@ -16,6 +16,9 @@ and quantized ones alike.
 All randomness comes from one ``torch.Generator`` (``seed`` or ``generator=``), so a call is
 reproducible. Prompts of a batch either have the same length or come left-padded with an
 ``attention_mask`` (1 = real token); the returned tensor holds the prompt and the generated tokens.
+Padding never changes a row's result: models whose forward takes ``position_ids`` (Dream) get the 4-D
+boolean mask and shifted positions their published code needs (:func:`padding_inputs`); the others
+(LLaDA, whose published forward ignores the mask) generate the rows of a padded batch one at a time.
 """
 
 from __future__ import annotations
@@ -88,8 +91,33 @@ def _model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def _takes_positions(model) -> bool:
+    """Whether the model's forward takes ``position_ids`` (Dream's does; LLaDA's published one does not)."""
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def padding_inputs(attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A 2-D 0/1 padding mask as what Dream's published forward needs: a 4-D boolean mask (True =
+    attend; padded queries and keys both blanked, as Dream's own sampler builds it) and position ids
+    that skip the padding, so every row computes what it computes alone."""
+    keep = attention_mask.to(torch.bool)
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(~keep, 1)
+    return {"attention_mask": keep[:, None, None, :] & keep[:, None, :, None], "position_ids": positions}
+
+
 def _logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, logits_shift: bool) -> torch.Tensor:
-    out = model(x) if attention_mask is None else model(x, attention_mask=attention_mask)
+    if attention_mask is None:
+        out = model(x)
+    elif _takes_positions(model):
+        out = model(x, **padding_inputs(attention_mask))
+    else:
+        out = model(x, attention_mask=attention_mask)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits_shift:  # logits at i-1 predict token i: move them onto position i
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
@@ -162,6 +190,19 @@ def llada_generate(
     device = _model_device(model)
     prompt, am = _as_batch(prompt_ids, attention_mask, device)
     gen = _generator(generator, seed, device)
+    if am is not None and not _takes_positions(model):
+        # LLaDA's published forward ignores the attention mask: padding would leak into every other
+        # position. Rows of a padded batch are generated one at a time, each without its padding.
+        rows = []
+        for j in range(prompt.shape[0]):
+            real = prompt[j][am[j].bool()][None]
+            out = llada_generate(
+                model, real, steps=steps, gen_length=gen_length, block_length=block_length,
+                temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_token_id=mask_token_id,
+                logits_shift=logits_shift, generator=gen, callback=callback,
+            )
+            rows.append(torch.cat([prompt[j], out[0, real.shape[1]:]]))
+        return torch.stack(rows)
     batch, plen = prompt.shape
     x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_token_id)], dim=1)
     full_am = _full_mask(am, gen_length)

@@ -107,6 +107,7 @@ def _score(model_dir: Path, tokenizer: Any, s: Settings) -> dict[str, float]:
     out = evaluate_model(
         model_dir, tokenizer, [MC_TASK], limit=s.limit, mc_num=s.mc_num, seed=s.seed, nll_windows=s.nll_windows,
         nll_seqlen=s.nll_seqlen, nll_seed=0, dtype="float32", device="cpu", offline=True,
+        trust_remote_code=True,  # models built here from the package's own assets
     )
     v = out["values"]
     return {

@@ -53,6 +53,10 @@ class FamilyAdapter:
     num_kv_heads_keys: tuple[str, ...] = ("num_key_value_heads",)
     head_dim_keys: tuple[str, ...] = ("head_dim",)
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
+    # Config keys of the MLP width and of the longest input the model was built for (checked against
+    # the weights and against --seqlen; absent keys skip the check).
+    intermediate_size_keys: tuple[str, ...] = ("intermediate_size", "mlp_hidden_size")
+    max_context_keys: tuple[str, ...] = ("max_position_embeddings", "max_sequence_length", "n_positions")
     tie_keys: tuple[str, ...] = ("tie_word_embeddings",)
     # dLLM facts.
     is_diffusion: bool = True
@@ -90,6 +94,14 @@ class FamilyAdapter:
 
     def num_layers(self, config: Any) -> int:
         return _first(config, self.num_layers_keys)
+
+    def max_context(self, config: Any) -> tuple[str, int] | None:
+        """``(config key, value)`` of the model's maximum sequence length, or None when unknown."""
+        for key in self.max_context_keys:
+            value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+        return None
 
     def mask_token_id(self, config: Any) -> int | None:
         return _first(config, self.mask_token_id_keys, default=None) or self.default_mask_token_id

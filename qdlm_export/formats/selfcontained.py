@@ -2,7 +2,9 @@
 
 A native checkpoint of a remote-code family (LLaDA, Dream) already ships its modeling files and is
 loaded with ``trust_remote_code=True``; the only missing piece is the ``qdlm`` quantizer, which
-``import qdlm_export`` registers. :func:`make_self_contained` adds it to the folder:
+``import qdlm_export`` registers. A transformers-native family (Llama, Qwen2, Mistral) has no
+modeling file; :mod:`.native_wrappers` gives its checkpoint a model type of its own with two generated
+modeling files, which then play that part. :func:`make_self_contained` adds the loader to the folder:
 
 * **copies of the package's own loader code**, flattened into the folder as ``qdlm_*.py``: the
   loader (``qdlm_loader.py``: ``QdlmConfig``, ``QdlmHfQuantizer``, ``QdlmLinear``), what it imports
@@ -44,6 +46,8 @@ from ..errors import ConfigError
 PACKAGE = "qdlm_export"
 ROOT_MODULE = "qdlm_export.loader"  # what the modeling files import (its register_with_transformers)
 LOADER_FILE = "qdlm_loader"
+COMPAT_MODULE = "qdlm_export.families.compat"  # also carried: repairs published remote code in memory
+COMPAT_FILE = "qdlm_compat"
 # Package modules replaced by a stand-in written from another source module.
 SHIMS = {"qdlm_export.kernels": "qdlm_export.formats.qdlm_remote_kernels"}
 EXPORT_NAMES = {"qdlm_export.kernels": "qdlm_kernels", ROOT_MODULE: LOADER_FILE}
@@ -55,6 +59,11 @@ REGISTRATION = (
     "# loads with torch + transformers only (see qdlm_loader.py). Harmless when qdlm-export is installed.\n"
     f"from .{LOADER_FILE} import register_with_transformers as _qdlm_register_with_transformers\n\n"
     "_qdlm_register_with_transformers()\n"
+    # Repairs, in memory, the known incompatibilities of published remote code with the installed
+    # transformers (qdlm_compat.py = qdlm_export/families/compat.py), so the folder loads as it did
+    # when it was quantized.
+    f"from .{COMPAT_FILE} import repair_module as _qdlm_repair_module\n\n"
+    "_qdlm_repair_module(globals())\n"
 )
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\S+)\s+import|import\s+\.(\S+)\s*$)", re.MULTILINE)
 
@@ -211,7 +220,7 @@ def loader_files() -> dict[str, str]:
     """
     files: dict[str, str] = {}
     sources: dict[str, str] = {}  # export name -> module it stands for
-    pending = [ROOT_MODULE]
+    pending = [ROOT_MODULE, COMPAT_MODULE]
     provided: dict[str, set[str]] = {}
     wanted: dict[str, set[str]] = {}
     while pending:
@@ -262,8 +271,8 @@ def _remote_modules(config: dict, folder: Path) -> list[Path]:
         raise ConfigError(
             f"{folder} has no auto_map in config.json: it is not a remote-code model, so there is no modeling "
             "file to carry the loader",
-            hint="self-contained loading is for remote-code families (LLaDA, Dream); a model transformers knows "
-            "natively loads without qdlm-export as --format compressed-tensors",
+            hint="a model transformers builds natively gets its wrapper auto_map automatically; this model_type "
+            "is neither (its config lost auto_map?)",
         )
     files: list[Path] = []
     for key, ref in auto_map.items():
@@ -291,9 +300,11 @@ def make_self_contained(folder: str | Path) -> list[Path]:
     """Make the native checkpoint in ``folder`` load with torch + transformers only.
 
     Writes the loader copies (``qdlm_*.py``) into ``folder`` and appends the registration to each
-    remote-code module of ``auto_map``. Idempotent: a second call refreshes the copies and leaves
-    the modeling files as they are. Returns the files written or changed. Raises
-    :class:`ConfigError` for a folder that is not a native remote-code checkpoint.
+    remote-code module of ``auto_map`` (replacing the guard of a ``--no-self-contained`` export). A
+    transformers-native family (Llama, Qwen2, Mistral) is first given its own model type and the
+    generated wrapper files (``native_wrappers.py``). Idempotent: a second call refreshes the copies
+    and leaves the modeling files as they are. Returns the files written or changed. Raises
+    :class:`ConfigError` for a folder that is not a native checkpoint of either kind.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -306,6 +317,10 @@ def make_self_contained(folder: str | Path) -> list[Path]:
             f"{folder} is not a native qdlm checkpoint (quant_method {qconfig.get('quant_method')!r}); only the "
             "native format needs the qdlm loader"
         )
+    from .native_wrappers import GUARD_MARKER, strip_added_code, wrap_native
+
+    if wrap_native(folder):  # a transformers-native family: its own model type and wrapper files first
+        config = json.loads(config_path.read_text())
     modules = _remote_modules(config, folder)
     files = loader_files()
     clash = [n for n in files if (folder / n).is_file() and not (folder / n).read_text().startswith("# Copied by qdlm-export")]
@@ -320,6 +335,8 @@ def make_self_contained(folder: str | Path) -> list[Path]:
         text = path.read_text(encoding="utf-8")
         if MARKER in text:
             continue
+        if GUARD_MARKER in text:  # made with --no-self-contained: the loader replaces the guard
+            text = strip_added_code(text)
         path.write_text(text.rstrip("\n") + REGISTRATION, encoding="utf-8")
         written.append(path)
     return written
