@@ -228,7 +228,7 @@ def _limit_option(value: Optional[float]) -> Optional[float]:
 def quantize(
     model: Annotated[
         Optional[str],
-        typer.Argument(help="Local model folder or Hub id. Omitted: the tiny LLaDA embedded in the package (offline)."),
+        typer.Argument(metavar="MODEL", help="Local model folder or Hub id. Omitted: the tiny LLaDA embedded in the package (offline)."),
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")] = ...,
     method: Annotated[MethodName, typer.Option("--method", "-m", help="Quantization method (docs/METHODS.md).")] = "rtn",
@@ -435,7 +435,7 @@ def _coerce(key: str, raw: str, hint: object) -> object:
 # ---------------------------------------------------------------------------------------- inspect
 @_command(epilog=_examples("qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json"))
 def inspect(
-    folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A checkpoint folder written by `qdlm-export quantize`.")],
     device: Annotated[
         Optional[str],
         typer.Option(help="Device to report kernel backends for: cpu, cuda or cuda:N [default: cuda when available].", callback=_report_device_option),
@@ -481,8 +481,8 @@ def inspect(
     )
 )
 def push(
-    folder: Annotated[Path, typer.Argument(help="A checkpoint folder written by `qdlm-export quantize`.")],
-    repo_id: Annotated[str, typer.Argument(help="Target Hub repo, e.g. your-name/LLaDA-8B-Instruct-w4.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A checkpoint folder written by `qdlm-export quantize`.")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="Target Hub repo, e.g. your-name/LLaDA-8B-Instruct-w4.")],
     private: Annotated[bool, typer.Option(help="Create the repo as private (if it does not exist yet).")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created if missing) [default: main].")] = None,
     commit_message: Annotated[Optional[str], typer.Option(help="Commit message [default: a description of the checkpoint].")] = None,
@@ -506,7 +506,7 @@ def push(
     )
 )
 def convert(
-    folder: Annotated[Path, typer.Argument(help="A native checkpoint written by `qdlm-export quantize`.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A native checkpoint written by `qdlm-export quantize`.")],
     to: Annotated[ConvertTarget, typer.Option("--to", help="Target format.")] = ...,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (written atomically).")] = ...,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -539,7 +539,7 @@ def convert(
 def bench(
     checkpoint: Annotated[
         Optional[Path],
-        typer.Argument(help="A quantized checkpoint for the denoising-step benchmark [default: the embedded tiny LLaDA, RTN W4 g128].")
+        typer.Argument(metavar="CHECKPOINT", help="A quantized checkpoint for the denoising-step benchmark [default: the embedded tiny LLaDA, RTN W4 g128].")
     ] = None,
     full: Annotated[bool, typer.Option("--full/--quick", help="Every dLLM GEMM shape and token count, or a quick subset.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Run the GEMM micro-benchmarks.")] = True,
@@ -603,7 +603,7 @@ def bench(
     ),
 )
 def eval_command(
-    folder: Annotated[Path, typer.Argument(help="A quantized checkpoint folder written by `qdlm-export quantize`.")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A quantized checkpoint folder written by `qdlm-export quantize`.")],
     tasks: Annotated[
         str,
         typer.Option(help="Comma-separated lm-eval tasks. Bundled offline tasks: qdlm_stdlib_mc, qdlm_stdlib_gen (tag qdlm_offline)."),
