@@ -4,7 +4,8 @@
     format_report(result) -> str                                    (a plain-text table)
 
 For each GEMM shape ``K x N`` (in x out features) and token count ``M``, the dense baseline
-``x @ W.T`` (bf16 on CUDA, fp32 on CPU) is timed in the same run, then each quantized op on every
+``x @ W.T`` is timed in the same run (bf16 on CUDA; on a CPU float32 *and* bfloat16, the faster one
+is the baseline and the quantized ops get activations in its dtype), then each quantized op on every
 backend that can run it:
 
 * ``weight_only``: ``weight_only_linear`` on a ``bits``-bit, ``group_size`` packed weight;
@@ -183,27 +184,41 @@ def run_kernel_benchmarks(
     shapes = tuple(tuple(s) for s in (shapes or (SHAPES_QUICK if quick else SHAPES_FULL)))  # type: ignore[misc]
     repeat = repeat or (3 if dev.type == "cpu" else 20)
     warmup = warmup if warmup is not None else (1 if dev.type == "cpu" else 5)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    # The baseline is the fastest dense path of the device, timed in the same run: bf16 on CUDA; on a
+    # CPU both float32 and bfloat16 (AMX/AVX512-BF16 CPUs run bf16 GEMMs several times faster, others
+    # slower). The quantized ops then take activations in the baseline's dtype.
+    dense_dtypes = (torch.bfloat16,) if dev.type == "cuda" else (torch.float32, torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for k, n in shapes:
-        w = (torch.randn(n, k, generator=gen) * 0.02).to(device=dev, dtype=dtype)
+        w32 = torch.randn(n, k, generator=gen) * 0.02
+        weights = {dt: w32.to(device=dev, dtype=dt) for dt in dense_dtypes}
+        del w32
         for m in m_values:
-            x = torch.randn(m, k, generator=gen).to(device=dev, dtype=dtype)
+            x32 = torch.randn(m, k, generator=gen)
+            dense_by_dtype = {}
+            for dt, w in weights.items():
+                xd = x32.to(device=dev, dtype=dt)
+                dense_by_dtype[dt] = _time(functools.partial(torch.matmul, xd, w.T), dev, repeat, warmup)
+            dtype = min(dense_by_dtype, key=dense_by_dtype.get)
+            x, w = x32.to(device=dev, dtype=dtype), weights[dtype]
             dense = functools.partial(torch.matmul, x, w.T)
-            dense_ms = _time(dense, dev, repeat, warmup)
+            dense_ms = dense_by_dtype[dtype]
             dense_mem = _peak_extra_memory(dense, dev)
             base = dict(
                 M=m,
                 K=k,
                 N=n,
                 dense_ms=round(dense_ms, 4),
+                dense_dtype=str(dtype).replace("torch.", ""),
+                dense_ms_by_dtype={str(dt).replace("torch.", ""): round(t, 4) for dt, t in dense_by_dtype.items()},
                 dense_peak_mem_bytes=dense_mem,
                 dense_weight_bytes=w.numel() * w.element_size(),
+                bf16_weight_bytes=w.numel() * 2,
             )
             if progress:
-                progress(f"K={k} N={n} M={m}: dense {dense_ms:.2f} ms")
+                progress(f"K={k} N={n} M={m}: dense {dense_ms:.2f} ms ({base['dense_dtype']})")
             for op in ops:
                 for label, fn, wbytes in _cases(op, x, k, n, bits, group_size, gen):
                     ms = _time(fn, dev, repeat, warmup)
@@ -228,7 +243,7 @@ def run_kernel_benchmarks(
         "torch": torch.__version__,
         "triton": triton_version(),
         "fast_hadamard_transform": fast_hadamard_transform_available(),
-        "dense_dtype": str(dtype).replace("torch.", ""),
+        "dense_dtype": "bfloat16" if dev.type == "cuda" else "fastest of float32, bfloat16 (per row)",
         "weight_only_scheme": {"bits": bits, "group_size": group_size, "symmetric": True},
         "quick": quick,
         "repeat": repeat,
@@ -244,13 +259,13 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']}  torch {result['torch']}  triton {result['triton']}  "
         f"dense {result['dense_dtype']}  ({result['seconds']} s, median of {result['repeat']})",
-        f"{'op':12s} {'backend':24s} {'K':>6s} {'N':>6s} {'M':>5s} {'ms':>9s} {'dense ms':>9s} {'ratio':>6s} "
+        f"{'op':12s} {'backend':24s} {'K':>6s} {'N':>6s} {'M':>5s} {'ms':>9s} {'dense ms':>9s} {'dense':>8s} {'ratio':>6s} "
         f"{'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s}",
     ]
     for r in result["results"]:
         lines.append(
             f"{r['op']:12s} {r['backend']:24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} {r['time_ms']:9.2f} "
-            f"{r['dense_ms']:9.2f} {r['ratio']:6.2f} {r['peak_mem_bytes'] * mb:9.1f} "
+            f"{r['dense_ms']:9.2f} {r.get('dense_dtype', ''):>8s} {r['ratio']:6.2f} {r['peak_mem_bytes'] * mb:9.1f} "
             f"{r['dense_peak_mem_bytes'] * mb:9.1f} {r['weight_bytes'] * mb:10.1f}"
         )
     lines.append(f"peak memory: {result['peak_mem_method']}; ratio = time / dense time (below 1 is faster)")

@@ -215,6 +215,8 @@ def test_weight_only_triton_rejects_group_not_multiple_of_16():
 def test_auto_uses_torch_on_cpu_even_with_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    assert b.name == "cpu_packed"  # torch's packed CPU kernels (kernels/cpu_packed.py), never the interpreter
+    b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=3, group_size=128, dtype=torch.bfloat16)
     assert b.name == "torch"
     assert D.describe_backend(
         "weight_only_linear", "cpu", in_features=64, out_features=8, bits=4, group_size=-1

@@ -2,7 +2,8 @@
 
 Ops and their backends (highest priority first; ``auto`` takes the first one that can run)::
 
-    weight_only_linear  triton (CUDA)                  > torch (dequantize + matmul)
+    weight_only_linear  triton (CUDA)                  > cpu_packed (CPU, bf16/fp16 activations)
+                                                       > torch (dequantize + matmul)
     quantize_per_token  triton (CUDA)                  > torch
     int8_gemm           torch._int_mm (where it applies natively) > triton (CUDA) > torch (padded/float64)
     packed_int_linear   triton (CUDA)                  > torch
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import QdlmError
+from . import cpu_packed as _cpu
 from . import hadamard as _had
 from . import int8 as _int8
 from . import weight_only as _wo
@@ -344,6 +346,33 @@ def _wo_linear_triton(*args: Any, **kwargs: Any) -> torch.Tensor:
 register_backend("weight_only_linear", "torch", family="torch", priority=0, summary="dequantize + matmul")(
     _wo.weight_only_linear_torch
 )
+
+
+def _wo_cpu_packed(p: Problem) -> str | None:
+    return _cpu.unsupported_reason(
+        bits=p.bits,
+        group_size=p.group_size,
+        in_features=p.K,
+        out_features=p.N,
+        symmetric=p.symmetric,
+        device=p.device,
+    )
+
+
+def _wo_cpu_packed_auto(p: Problem) -> bool:
+    # bf16/fp16 models only: the kernels compute in bf16, float32 models keep the exact torch path.
+    return p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+
+
+register_backend(
+    "weight_only_linear",
+    "cpu_packed",
+    family="cpu_packed",
+    priority=10,
+    unsupported=_wo_cpu_packed,
+    auto=_wo_cpu_packed_auto,
+    summary="torch's packed CPU int4/int8 kernels (few tokens) or bf16 dequantize + GEMM (many), repacked once",
+)(_cpu.weight_only_linear_cpu)
 
 
 @register_backend(

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue 16, item 6): in at most ~8 minutes on one H100/H200
+#
+#   1. install   pip install -e ".[dev]" with the machine's own torch (torch only if none is importable)
+#   2. tests     the kernel tests, compiled natively on the GPU (TRITON_INTERPRET=0)
+#   3. bench     qdlm-export bench --full --json
+#   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
+#                (the online-Hadamard share)                       benchmarks/bench_block_step.py
+#   5. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
+#   6. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
+#
+# Usage:  bash benchmarks/gpu_check.sh            (on a CUDA machine, from any folder)
+#         bash benchmarks/gpu_check.sh --dry-run  (any machine: prints the plan, writes a report from a
+#                                                  tiny CPU bench into a temporary file, exits 0)
+#
+# Outputs go to "$OUT/gpu_check" when OUT is set, else to a new temporary folder (printed): the JSON of
+# every step, its log, kernel_tests.xml, meta.json, gpu_section.md and the updated benchmarks.md.
+# docs/benchmarks.md in this working tree is updated too (the section of this GPU is replaced).
+# Each step has a time limit cut to what is left of GPU_CHECK_BUDGET_S (default 470 s); a step that
+# fails or times out is recorded in the report and the next one still runs. Exit status: 0 when every
+# step ran, 1 when one failed (the report is still written), 2 for usage errors or no GPU.
+# Environment: PYTHON (interpreter, default python3), OUT, GPU_CHECK_BUDGET_S, QDLM_SKIP_INSTALL=1.
+
+set -uo pipefail
+
+DRY_RUN=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
+REPORT_RESERVE_S=15
+if [ -n "${OUT:-}" ]; then R="$OUT/gpu_check"; else R="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"; fi
+mkdir -p "$R" || exit 2
+
+declare -A STATUS=()
+ORDER=()
+FAILED=0
+
+log() { echo "[gpu_check $(printf '%3d' "$SECONDS")s] $*" >&2; }
+
+# run_step NAME LIMIT_S STDOUT_FILE CMD...  (STDOUT_FILE '-' = the log); stderr always goes to NAME.log
+run_step() {
+  local name=$1 limit=$2 outfile=$3
+  shift 3
+  ORDER+=("$name")
+  local left=$(( BUDGET_S - SECONDS - REPORT_RESERVE_S ))
+  (( limit > left )) && limit=$left
+  if (( limit < 15 )); then
+    STATUS[$name]="skipped (time budget of ${BUDGET_S}s spent)"; FAILED=1; log "$name: ${STATUS[$name]}"; return
+  fi
+  log "$name (limit ${limit}s): $*"
+  local start=$SECONDS rc
+  if [ "$outfile" = "-" ]; then
+    timeout --kill-after=10 "$limit" "$@" >>"$R/$name.log" 2>&1; rc=$?
+  else
+    timeout --kill-after=10 "$limit" "$@" >"$outfile" 2>>"$R/$name.log"; rc=$?
+  fi
+  local took=$(( SECONDS - start ))
+  case $rc in
+    0) STATUS[$name]="ok (${took} s)" ;;
+    124|137) STATUS[$name]="timed out after ${limit} s"; FAILED=1 ;;
+    *) STATUS[$name]="failed, exit ${rc} (${took} s; see $name.log)"; FAILED=1 ;;
+  esac
+  log "$name: ${STATUS[$name]}"
+  [ "$rc" = 0 ] || tail -n 15 "$R/$name.log" >&2
+}
+
+QDLM=("$PY" -c "import sys; from qdlm_export.cli import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
+KERNEL_TESTS=(tests/test_kernels.py tests/test_kernels_hadamard.py tests/test_kernels_cpu_packed.py)
+TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
+           "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
+BENCH_CMD=("${QDLM[@]}" bench --full --json)
+STEPS_CMD=("$PY" benchmarks/bench_block_step.py --device cuda --batch 4 --seqlen 1024 --repeat 10 --json)
+GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
+
+write_meta() {  # write_meta DRY(0/1) GPU_NAME
+  local statuses="" k
+  for k in "${ORDER[@]}"; do statuses+="$k=${STATUS[$k]}"$'\n'; done
+  GC_DRY="$1" GC_GPU="$2" GC_SECONDS="$SECONDS" GC_STATUSES="$statuses" "$PY" - "$R/meta.json" <<'EOF'
+import datetime, json, os, subprocess, sys
+meta = {"gpu": os.environ["GC_GPU"], "date": datetime.date.today().isoformat(),
+        "seconds": int(os.environ["GC_SECONDS"]), "dry_run": os.environ["GC_DRY"] == "1", "steps": {}}
+for line in os.environ["GC_STATUSES"].splitlines():
+    if "=" in line:
+        k, v = line.split("=", 1)
+        meta["steps"][k] = v
+try:
+    import torch
+    meta["torch"] = torch.__version__
+    meta["cuda"] = torch.version.cuda
+except Exception:  # the report says what is missing
+    pass
+try:
+    q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                       capture_output=True, text=True, timeout=20)
+    if q.returncode == 0 and q.stdout.strip():
+        meta["driver"] = q.stdout.strip().splitlines()[0]
+except (OSError, subprocess.SubprocessError):
+    pass
+json.dump(meta, open(sys.argv[1], "w"), indent=2)
+EOF
+}
+
+report() {  # report DOC
+  "$PY" benchmarks/gpu_report.py --bench "$R/bench.json" --pipeline "$R/pipeline.json" --steps "$R/steps.json" \
+    --tests "$R/kernel_tests.xml" --meta "$R/meta.json" --doc "$1" --section-out "$R/gpu_section.md" \
+    --targets-out "$R/targets.json"
+}
+
+# ------------------------------------------------------------------------------------------- dry run
+if (( DRY_RUN )); then
+  echo "gpu_check.sh --dry-run: outputs would go to $R (budget ${BUDGET_S} s); the plan:"
+  echo "  1. install  $PY -m pip install -e \".[dev]\" (torch first only if 'import torch' fails)"
+  echo "  2. tests    ${TESTS_CMD[*]}"
+  echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
+  echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
+  echo "  5. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
+  echo "  6. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
+  missing=0
+  for f in "${KERNEL_TESTS[@]}" benchmarks/bench_block_step.py benchmarks/bench_pipeline.py benchmarks/gpu_report.py \
+           docs/benchmarks.md pyproject.toml; do
+    [ -f "$f" ] || { echo "missing: $f" >&2; missing=1; }
+  done
+  (( missing )) && exit 1
+  # the report writer on a tiny CPU bench, into a temporary copy of the doc
+  run_step bench 120 "$R/bench.json" "$PY" -c "
+import json
+from qdlm_export.bench import run_kernel_benchmarks
+print(json.dumps({'kernels': run_kernel_benchmarks(quick=True, device='cpu', m_values=[4], shapes=[(256, 128)],
+                                                   repeat=1, warmup=0)}))"
+  write_meta 1 "dry run (CPU)"
+  cp docs/benchmarks.md "$R/benchmarks.md"
+  report "$R/benchmarks.md" || { echo "the report writer failed" >&2; exit 1; }
+  grep -q "^## GPU check: dry run (CPU)" "$R/benchmarks.md" || { echo "no section in $R/benchmarks.md" >&2; exit 1; }
+  echo "dry run: report section written to $R/benchmarks.md ($R/gpu_section.md):"
+  cat "$R/gpu_section.md"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------- on the GPU
+log "outputs: $R"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "gpu_check.sh: nvidia-smi not found: this is not a CUDA machine (use --dry-run to test the script)" >&2
+  exit 2
+fi
+GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+nvidia-smi >"$R/nvidia-smi.txt" 2>&1
+
+# 1. install (the machine's torch is kept: pip is told to keep exactly that version)
+install() {
+  if ! "$PY" -c 'import torch' 2>/dev/null; then
+    "$PY" -m pip install torch || return 1
+  fi
+  local tv
+  tv="$("$PY" -c 'import torch; print(torch.__version__)')" || return 1
+  echo "torch==$tv" >"$R/constraints.txt"
+  "$PY" -m pip install -e ".[dev]" -c "$R/constraints.txt" && return 0
+  echo "pip install -e .[dev] failed; trying without build isolation" >&2
+  "$PY" -m pip install --no-build-isolation -e ".[dev]" -c "$R/constraints.txt"
+}
+if [ "${QDLM_SKIP_INSTALL:-0}" = 1 ]; then
+  ORDER+=(install); STATUS[install]="skipped (QDLM_SKIP_INSTALL=1)"
+else
+  run_step install 150 - bash -c "$(declare -f install); R='$R'; PY='$PY'; install"
+fi
+GPU_NAME_TORCH="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)"
+GPU_NAME="${GPU_NAME_TORCH:-${GPU_NAME:-unknown GPU}}"
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check.sh: torch cannot see a CUDA device (GPU: $GPU_NAME); see $R/install.log" >&2
+  exit 2
+fi
+log "GPU: $GPU_NAME"
+unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
+
+run_step tests 120 - "${TESTS_CMD[@]}"
+run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
+run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
+run_step gptq 150 "$R/pipeline.json" "${GPTQ_CMD[@]}"
+
+write_meta 0 "$GPU_NAME"
+if report docs/benchmarks.md; then
+  cp docs/benchmarks.md "$R/benchmarks.md"
+  log "section written to docs/benchmarks.md (also $R/gpu_section.md)"
+  cat "$R/gpu_section.md"
+else
+  log "the report writer failed"; FAILED=1
+fi
+log "done in ${SECONDS} s; outputs in $R"
+exit $FAILED
