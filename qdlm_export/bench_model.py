@@ -59,14 +59,33 @@ def _load(
 
 
 def _original_of(quantized_dir: Path) -> str:
-    config = json.loads((quantized_dir / "config.json").read_text())
-    return str(config["quantization_config"]["provenance"]["source"])
+    """The recorded original, found as ``eval`` finds it (the absolute path quantize saw, then the
+    provenance source); a ``CheckpointError`` that says to pass it when it cannot be found."""
+    from .eval.evaluate import original_of
+
+    return original_of(quantized_dir)
+
+
+def check_checkpoint(quantized_dir: str | Path, trust_remote_code: bool, original: str | Path | None = None) -> str:
+    """Everything :func:`run_model_benchmark` needs before it loads anything, checked in seconds:
+    the code it would run is trusted, the folder is a complete checkpoint (``inspect``'s validation:
+    not a staging folder, every promised tensor present with its dtype and shape) and its original
+    exists. Returns the original. ``bench`` calls it before minutes of kernel timing."""
+    from .eval.evaluate import _check_original
+    from .inspect import validate_checkpoint
+
+    check_trusted(quantized_dir, trust_remote_code, original)
+    validate_checkpoint(Path(quantized_dir), require_qdlm=False)
+    source = str(original) if original is not None else _original_of(Path(quantized_dir))
+    _check_original(source)
+    return source
 
 
 def check_trusted(quantized_dir: str | Path, trust_remote_code: bool, original: str | Path | None = None) -> None:
     """Refuse (naming the ``.py`` files) when timing ``quantized_dir`` or its original would run code
     shipped in their folders and ``trust_remote_code`` is False. The package's own embedded default
     is always allowed."""
+    from .errors import QdlmError
     from .remote_code import require_trust
 
     if trust_remote_code:
@@ -75,7 +94,7 @@ def check_trusted(quantized_dir: str | Path, trust_remote_code: bool, original: 
     require_trust(quantized_dir, False, what="the checkpoint")
     try:
         source = str(original) if original is not None else _original_of(quantized_dir)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, QdlmError):
         return  # no readable provenance: run_model_benchmark reports that itself
     if Path(source).expanduser().resolve() != EMBEDDED_DEFAULT.resolve():
         require_trust(source, False, what="its original model")
@@ -108,11 +127,14 @@ def run_model_benchmark(
     ``UnsupportedModelError`` names the files."""
     from .families import family_for_config
 
+    from .arguments import check_device
+
+    if device is not None:
+        device = check_device(device, allow_auto=False)
     quantized_dir = Path(quantized_dir)
-    check_trusted(quantized_dir, trust_remote_code, original)
+    original = check_checkpoint(quantized_dir, trust_remote_code, original)
     config = json.loads((quantized_dir / "config.json").read_text())
     qconfig = config["quantization_config"]
-    original = str(original or qconfig["provenance"]["source"])
     adapter = family_for_config(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

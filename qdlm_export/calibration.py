@@ -328,7 +328,10 @@ def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int 
     tokens = torch.stack([ids[s : s + config.seqlen] for s in starts.tolist()])
     if config.resolved_masking(mask_token_id) == "random":
         if mask_token_id is None:
-            raise ConfigError("--calib-masking random needs a mask token, and this model has none")
+            raise ConfigError(
+                "--calib-masking random needs a mask token, and this model has none",
+                hint="use --calib-masking none (or auto, which picks none for models without a mask token)",
+            )
         ratio = torch.rand(config.nsamples, 1, generator=gen)
         masked = torch.rand(tokens.shape, generator=gen) < ratio
         tokens = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)

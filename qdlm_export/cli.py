@@ -318,7 +318,8 @@ def quantize(
         if "allow_non_finite" not in _inspect.signature(run_quantize).parameters:
             from .errors import ConfigError
 
-            raise ConfigError("--allow-non-finite is not supported by this version of the library")
+            raise ConfigError("--allow-non-finite is not supported by this version of the library",
+                              hint="reinstall qdlm-export so that its command line and library match")
         extra["allow_non_finite"] = True
     command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _block_progress(disable=as_json) as on_block:
@@ -557,10 +558,10 @@ def bench(
     import tempfile
 
     result: dict = {}
-    if step and checkpoint is not None:  # refuse untrusted code before minutes of kernel timing
-        from .bench_model import check_trusted
+    if step and checkpoint is not None:  # refuse untrusted code or a broken checkpoint before minutes of kernel timing
+        from .bench_model import check_checkpoint
 
-        check_trusted(checkpoint, trust_remote_code)
+        check_checkpoint(checkpoint, trust_remote_code)
     if kernels:
         from .bench import format_report, run_kernel_benchmarks
 
@@ -706,6 +707,24 @@ def _abort_types() -> tuple[type[BaseException], ...]:
     return tuple(dict.fromkeys(found))
 
 
+def _attach_usage_context(exc: BaseException) -> None:
+    """click's parser raises some usage errors ("Option '--out' requires an argument") without the
+    command's context, so they would print without the usage line: rebuild it from the command line."""
+    if not hasattr(exc, "ctx") or exc.ctx is not None:
+        return
+    try:
+        group = typer.main.get_command(app)
+        ctx = type(group).context_class(group, info_name="qdlm-export", **group.context_settings)
+        for arg in sys.argv[1:]:
+            sub = None if arg.startswith("-") else group.get_command(ctx, arg)
+            if sub is not None:
+                ctx = type(sub).context_class(sub, info_name=arg, parent=ctx)
+                break
+        exc.ctx, exc.cmd = ctx, ctx.command
+    except Exception:  # pragma: no cover - the message still shows, only without the usage line
+        pass
+
+
 # errno -> (what happened, what to do next). The message names the path from the exception.
 _RESOURCE_ERRORS: dict[int, tuple[str, str]] = {
     errno.ENOSPC: ("no space left on the device", "free some space or choose an --out on another disk, then run again"),
@@ -723,8 +742,19 @@ _RESOURCE_ERRORS: dict[int, tuple[str, str]] = {
 
 _OOM_MARKERS = ("bad_alloc", "DefaultCPUAllocator: can't allocate", "out of memory", "not enough memory",
                 "Cannot allocate memory")
-_OOM_HINT = ("use fewer or shorter calibration sequences (--nsamples, --seqlen), a smaller --batch-size "
-             "(eval: a smaller --mc-num or --batch-size), or a machine with more memory")
+# What shrinks memory depends on the command that ran out of it.
+_OOM_HINTS = {
+    "quantize": "use fewer or shorter calibration sequences (--nsamples, --seqlen), a smaller --batch-size, "
+    "or a machine with more memory",
+    "eval": "use a smaller --mc-num or --batch-size, or a machine with more memory",
+    "bench": "use a shorter --seqlen or --quick, or a machine with more memory",
+}
+_OOM_HINT_OTHER = "free memory (close other programs) or use a machine with more memory"
+
+
+def _oom_hint() -> str:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    return _OOM_HINTS.get(command or "", _OOM_HINT_OTHER)
 
 
 def _out_from_argv() -> str | None:
@@ -791,6 +821,7 @@ def main() -> None:
     except _abort_types():
         sys.exit(_render_error("aborted", None, 130))
     except _usage_error_types() as exc:  # usage errors: click renders the usage line and the option
+        _attach_usage_context(exc)
         exc.show()
         sys.exit(exc.exit_code)
     except OSError as exc:
@@ -804,7 +835,7 @@ def main() -> None:
         if debug:
             raise
         if _is_out_of_memory(exc):
-            sys.exit(_render_error(f"out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", _OOM_HINT, 1))
+            sys.exit(_render_error(f"out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", _oom_hint(), 1))
         sys.exit(
             _render_error(
                 f"internal error: {type(exc).__name__}: {exc}",

@@ -149,7 +149,10 @@ class NativeCheckpoint:
     def get(self, key: str) -> torch.Tensor:
         path = self._where.get(key)
         if path is None:
-            raise CheckpointError(f"tensor {key} is missing from {self.folder}")
+            raise CheckpointError(
+                f"tensor {key} is missing from {self.folder}",
+                hint=f"run `qdlm-export inspect {self.folder}` to see what is damaged, or re-create the checkpoint",
+            )
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = safe_open(path, "pt")
@@ -439,7 +442,7 @@ def write_converted(
         shutil.copy2(f, dst / f.name)
         if f.suffix == ".py":  # remote code without the qdlm loader registration or guard appended to it
             (dst / f.name).write_text(strip_added_code(f.read_text(encoding="utf-8")), encoding="utf-8")
-    _write_report(src, dst, target, ckpt.qconfig)
+    _write_report(src, dst, target, ckpt.qconfig, writer.manifest())
     if model_card:
         _write_card(src, dst, target, config, repo_id or dst.name)
     return qconfig
@@ -482,7 +485,8 @@ def _check_argument(name: str, value: Any, types: type | tuple[type, ...], accep
         )
 
 
-def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any]) -> None:
+def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any],
+                  manifest: dict[str, Any]) -> None:
     report: dict[str, Any] = {}
     path = src / REPORT_FILE
     if path.is_file():
@@ -491,6 +495,7 @@ def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: di
         except json.JSONDecodeError:
             report = {}
     report["export"] = {"format": target.name, "native_quantization_config": native_qconfig}
+    report["tensors"] = manifest  # this folder's tensors, not the native source's (docs/FORMAT.md)
     (dst / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -384,6 +384,10 @@ def push_checkpoint(
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
+    from .arguments import check_bool, check_path
+
+    check_path("push_checkpoint", "folder", folder)
+    check_bool("push_checkpoint", "private", private)  # private='no' is truthy
     folder = Path(folder)
     checked = validate_checkpoint(folder, require_qdlm=False)
     config = checked.config

@@ -27,6 +27,8 @@ from .pipeline import SAFETENSORS_DTYPES
 ST_DTYPES = {**SAFETENSORS_DTYPES, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+REPORT_FILE = "qdlm_report.json"
+MANIFEST_KEY = "tensors"  # in REPORT_FILE: every tensor the writer wrote, name -> {"dtype", "shape"}
 MAKE_HINT = "pass the folder written by `qdlm-export quantize` (make one with `qdlm-export quantize MODEL --out DIR`)"
 
 
@@ -68,6 +70,7 @@ class ValidCheckpoint:
     weight_files: list[Path]  # the safetensors files the checkpoint loads (index shards, or model.safetensors)
     tensors: dict[str, TensorEntry]  # every tensor in those files, from their headers
     specs: dict[str, LinearSpec] = field(default_factory=dict)  # quantized module -> its tensors' spec
+    manifest: dict[str, dict[str, Any]] | None = None  # qdlm_report.json's "tensors" (None: written before it existed)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -287,8 +290,15 @@ def validate_checkpoint(folder: str | Path, *, require_qdlm: bool = True) -> Val
     ``from_pretrained`` runs, :func:`~qdlm_export.loader.check_module_tensors`). Headers only (plus
     the tiny ``weight_shape`` tensors): instant on any size of model.
 
+    When ``qdlm_report.json`` holds the manifest of the tensors the checkpoint was written with
+    (``"tensors"``, recorded by ``quantize`` and ``convert``), every tensor it lists must be in the
+    weight files with that dtype and shape (the quantized modules' tensors are judged by the config
+    instead): this catches a missing full-precision tensor (an embedding, a norm) that transformers
+    would fill with random values. Folders written before the
+    manifest existed have none and are checked as before.
+
     ``require_qdlm=False`` accepts checkpoints of other formats (converted exports), checking
-    everything but the qdlm tensor layout.
+    everything but the qdlm tensor layout (their manifest included).
     """
     folder = Path(folder)
     _check_folder(folder)
@@ -299,11 +309,74 @@ def validate_checkpoint(folder: str | Path, *, require_qdlm: bool = True) -> Val
     qconfig = _quantization_config(config, folder / "config.json") if (require_qdlm or is_qdlm) else None
     files = weight_files(folder)
     tensors = read_safetensors_headers(files)
-    result = ValidCheckpoint(folder, config, qconfig, files, tensors)
-    if qconfig is None:
-        return result
     names = [f.relative_to(folder).as_posix() for f in files]
     where = ", ".join(names) if len(names) <= 3 else f"the {len(names)} weight files"
+    result = ValidCheckpoint(folder, config, qconfig, files, tensors, manifest=read_manifest(folder))
+    if qconfig is not None:
+        _check_quantized_modules(result, where)
+    if result.manifest is not None:
+        # quantization_config is the authority on its modules' tensors (checked above, as the loader
+        # does; a deliberate re-encoding edits both consistently); the manifest covers all the others
+        covered = {f"{name}.{suffix}" for name, spec in result.specs.items() for suffix in spec.tensors()}
+        check_manifest(result.manifest, tensors, where, skip=covered)
+    return result
+
+
+def read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The tensor manifest in ``folder``'s ``qdlm_report.json`` (``"tensors"``), checked for form;
+    None when the report or the entry is absent (a folder written before the manifest existed) or
+    the report is not readable JSON (the report is otherwise informational)."""
+    path = folder / REPORT_FILE
+    report = _read_report(path)
+    if report is None or MANIFEST_KEY not in report:
+        return None
+    manifest = report[MANIFEST_KEY]
+
+    def well_formed(entry: Any) -> bool:
+        return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"]))
+
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"the {MANIFEST_KEY!r} entry of {path} is not a JSON object of tensors",
+                              hint=DAMAGED_HINT)
+    for name, entry in manifest.items():
+        if not well_formed(entry):
+            raise CheckpointError(
+                f"the {MANIFEST_KEY!r} entry of {path} describes tensor {name} as {entry!r}, not as "
+                '{"dtype": "<safetensors dtype>", "shape": [<sizes>]}', hint=DAMAGED_HINT,
+            )
+    return manifest
+
+
+def check_manifest(manifest: dict[str, dict[str, Any]], tensors: dict[str, TensorEntry], where: str,
+                   skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every tensor of the manifest is in ``tensors`` (the weight files' headers) with its dtype and
+    shape; names in ``skip`` (a quantized module's tensors, already checked against the config) aside."""
+    for name, entry in manifest.items():
+        if name in skip:
+            continue
+        got = tensors.get(name)
+        if got is None:
+            raise CheckpointError(
+                f"tensor {name} is missing from {where} ({REPORT_FILE} lists it among the tensors this checkpoint "
+                "was written with; transformers would fill it with random values)",
+                hint=DAMAGED_HINT,
+            )
+        if got.dtype != entry["dtype"]:
+            raise CheckpointError(
+                f"tensor {name} in {got.file} has dtype {got.dtype}, expected {entry['dtype']} (as written, "
+                f"according to {REPORT_FILE})", hint=DAMAGED_HINT,
+            )
+        if list(got.shape) != list(entry["shape"]):
+            raise CheckpointError(
+                f"tensor {name} in {got.file} has shape {list(got.shape)}, expected {list(entry['shape'])} (as "
+                f"written, according to {REPORT_FILE})", hint=DAMAGED_HINT,
+            )
+
+
+def _check_quantized_modules(result: ValidCheckpoint, where: str) -> None:
+    """Every module ``quantization_config`` lists has its tensors (``loader.check_module_tensors``)."""
+    qconfig, tensors = result.qconfig, result.tensors
     for name in qconfig["quantized_modules"]:
         out, inp = _shape_of(name, tensors, where)
         has_bias = f"{name}.bias" in tensors
@@ -324,7 +397,6 @@ def validate_checkpoint(folder: str | Path, *, require_qdlm: bool = True) -> Val
                 hint="the checkpoint mixes a full-precision and a quantized copy of the layer; " + DAMAGED_HINT,
             )
         result.specs[name] = spec
-    return result
 
 
 def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype) -> str:
@@ -345,6 +417,12 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
 
     ``kernels`` says, per quantized linear, which backend the loader would pick on ``device``
     (default: cuda when available) for ``tokens`` rows (batch x sequence) in the model's dtype."""
+    from .arguments import check_device, check_int, check_path
+
+    check_path("inspect_checkpoint", "folder", folder)
+    check_int("inspect_checkpoint", "tokens", tokens, low=1, option="--tokens")
+    if device is not None:
+        device = check_device(device, allow_auto=False)
     folder = Path(folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     checked = validate_checkpoint(folder)
@@ -359,7 +437,9 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
         linear_bytes += spec.stored_bytes() - bias_bytes
 
     weights = qconfig["weights"]
-    report = _read_report(folder / "qdlm_report.json")
+    report = _read_report(folder / REPORT_FILE)
+    if report is not None:  # the manifest was checked above; printed, it would be one line per tensor
+        report.pop(MANIFEST_KEY, None)
     return CheckpointInfo(
         path=str(folder),
         method=qconfig["method"],

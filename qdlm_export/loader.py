@@ -148,8 +148,38 @@ class QdlmConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
+def checkpoint_prefix(model: nn.Module, names: Iterable[str]) -> str:
+    """The prefix that ``names`` (checkpoint names, as ``quantized_modules`` lists them) carry beyond
+    ``model``'s own module names: ``""`` normally; the model's ``base_model_prefix`` (``"model"``) when
+    ``model`` is the base model itself (``AutoModel`` of a dense causal LM: ``Qwen2Model``, which has no
+    ``model`` attribute) and every name starts with ``prefix + "."``. transformers maps checkpoint keys
+    to such a model by stripping that prefix; the loader maps names the same way."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = list(names)
+    if not prefix or not names or not all(n.startswith(prefix + ".") for n in names):
+        return ""
+    try:
+        model.get_submodule(prefix)
+    except AttributeError:
+        return prefix  # the model is the base model: the prefix names no module of it
+    return ""  # the model holds its base model under the prefix: names are paths in it as they are
+
+
+def _local_name(name: str, prefix: str) -> str:
+    """A checkpoint module name as a path in the model (see :func:`checkpoint_prefix`)."""
+    return name[len(prefix) + 1:] if prefix else name
+
+
+def _checkpoint_name(name: str, prefix: str) -> str:
+    """A module name of the model as the checkpoint spells it (see :func:`checkpoint_prefix`)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
 def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
-    """Swap each listed ``nn.Linear`` for a :class:`QdlmLinear` of the checkpoint's shape; returns names."""
+    """Swap each listed ``nn.Linear`` for a :class:`QdlmLinear` of the checkpoint's shape; returns the
+    names as listed (the checkpoint's). A base model loaded from a full model's checkpoint (``AutoModel``
+    of a dense causal LM) has its modules under the names without the ``base_model_prefix``
+    (:func:`checkpoint_prefix`)."""
     version = qconfig.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise CheckpointError(
@@ -158,19 +188,24 @@ def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list
             hint="upgrade qdlm-export: pip install -U qdlm-export",
         )
     replaced = []
+    prefix = checkpoint_prefix(model, qconfig["quantized_modules"])
     for name in qconfig["quantized_modules"]:
+        local = _local_name(name, prefix)
         try:
-            linear = model.get_submodule(name)
+            linear = model.get_submodule(local)
         except AttributeError:
             raise CheckpointError(
                 f"quantization_config lists module {name!r}, which this model does not have",
                 hint="the checkpoint's config.json does not match its modeling code",
             ) from None
         if not isinstance(linear, nn.Linear):
-            raise CheckpointError(f"module {name!r} is a {type(linear).__name__}, not a Linear")
+            raise CheckpointError(
+                f"module {name!r} is a {type(linear).__name__}, not a Linear",
+                hint="the checkpoint's config.json does not match its modeling code",
+            )
         bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
         spec = module_spec(qconfig, name, linear.in_features, linear.out_features, linear.bias is not None, bias_dtype)
-        parent_name, _, child = name.rpartition(".")
+        parent_name, _, child = local.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QdlmLinear.from_linear(linear, spec))
         replaced.append(name)
@@ -322,17 +357,18 @@ def quantized_modules(model: nn.Module) -> list[tuple[str, QdlmLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QdlmLinear)]
 
 
-def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike]) -> None:
-    """Before loading: the files' headers hold every tensor of every :class:`QdlmLinear` in ``model``."""
+def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike], prefix: str = "") -> None:
+    """Before loading: the files' headers hold every tensor of every :class:`QdlmLinear` in ``model``
+    (under ``prefix.`` when ``model`` is the base model of the checkpoint's model: :func:`checkpoint_prefix`)."""
     files = [os.fspath(f) for f in checkpoint_files]
     entries = read_safetensors_headers(files)
     names = [os.path.basename(f) for f in files]
     where = ", ".join(names) if len(names) <= 3 else f"the {len(names)} weight files"
     for name, module in quantized_modules(model):
-        check_module_tensors(name, module.spec, entries, where)
+        check_module_tensors(_checkpoint_name(name, prefix), module.spec, entries, where)
 
 
-def check_loaded_modules(model: nn.Module, headers_checked: bool) -> None:
+def check_loaded_modules(model: nn.Module, headers_checked: bool, prefix: str = "") -> None:
     """After loading: every buffer of every :class:`QdlmLinear` holds loaded data of the promised shape.
 
     transformers fills a tensor absent from the checkpoint with uninitialised memory (and only logs
@@ -340,7 +376,7 @@ def check_loaded_modules(model: nn.Module, headers_checked: bool) -> None:
     checked first this cannot happen; otherwise (a ``state_dict`` passed in) the flag decides."""
     for name, module in quantized_modules(model):
         for suffix, (dtype, shape) in module.spec.tensors().items():
-            key = f"{name}.{suffix}"
+            key = f"{_checkpoint_name(name, prefix)}.{suffix}"
             tensor = getattr(module, suffix, None)
             if tensor is None:
                 raise _damaged(f"tensor {key} was not loaded: it is missing from the checkpoint")
@@ -352,6 +388,32 @@ def check_loaded_modules(model: nn.Module, headers_checked: bool) -> None:
                 raise _damaged(f"tensor {key} was loaded as {tensor.dtype}, expected {dtype}")
 
 
+def check_all_tensors_loaded(model: nn.Module, prefix: str = "") -> None:
+    """After loading: every parameter and persistent buffer of ``model`` came from the checkpoint.
+
+    A qdlm checkpoint carries all of its model's tensors. transformers fills one that is absent (an
+    embedding, a norm, the LM head) with freshly initialised values and only logs "MISSING", which
+    would compute with random weights: refused, naming the tensor. Tied weights (filled from their
+    source) and the model's ``_keys_to_ignore_on_load_missing`` are exempt; an offloaded tensor (on
+    ``meta``) is not judged."""
+    import re
+
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    missing = [
+        key for key, tensor in model.state_dict(keep_vars=True).items()
+        if key not in tied and not (ignore is not None and ignore.search(key))
+        and not tensor.is_meta and not getattr(tensor, "_is_hf_initialized", False)
+    ]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _damaged(
+            f"tensor {_checkpoint_name(missing[0], prefix)}{more} was not loaded: it is missing from the checkpoint, "
+            "and transformers would fill it with random values"
+        )
+
+
 class QdlmHfQuantizer(HfQuantizer):
     """transformers' hook into loading: module replacement and the tensor check before weights, and
     the check that every quantized buffer was loaded after."""
@@ -359,14 +421,19 @@ class QdlmHfQuantizer(HfQuantizer):
     requires_calibration = True  # a qdlm checkpoint is made by `qdlm-export quantize`, never on the fly
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        replace_quantized_linears(model, self.quantization_config.to_dict())
+        qconfig = self.quantization_config.to_dict()
+        # AutoModel of a dense causal LM builds the base model: names lose the base_model_prefix
+        self._prefix = checkpoint_prefix(model, qconfig.get("quantized_modules") or [])
+        replace_quantized_linears(model, qconfig)
         files = [f for f in (checkpoint_files or []) if f is not None]
         self._headers_checked = bool(files) and all(str(f).endswith(".safetensors") for f in files)
         if self._headers_checked:
-            check_checkpoint_files(model, files)
+            check_checkpoint_files(model, files, self._prefix)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        check_loaded_modules(model, getattr(self, "_headers_checked", False))
+        prefix = getattr(self, "_prefix", "")
+        check_loaded_modules(model, getattr(self, "_headers_checked", False), prefix)
+        check_all_tensors_loaded(model, prefix)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

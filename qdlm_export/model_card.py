@@ -51,7 +51,10 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
             f"{path} is not readable JSON ({e}).", hint=f"Run `qdlm-export inspect {path.parent}`."
         ) from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}.")
+        raise CheckpointError(
+            f"{path} should hold a JSON object, found {type(data).__name__}.",
+            hint=f"restore the file, or re-create the checkpoint; `qdlm-export inspect {path.parent}` checks the rest",
+        )
     return data
 
 

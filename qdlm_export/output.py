@@ -194,6 +194,13 @@ def check_output(out: str | Path, overwrite: bool, *, source: str | Path | None 
         from .errors import ConfigError
 
         raise ConfigError(f"the output folder must be a path, got {out!r}", hint="pass --out FOLDER")
+    try:  # a name that is not UTF-8 reaches Python as surrogates; safetensors cannot open such a path
+        os.fsdecode(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputRefusedError(
+            f"output folder {os.fsdecode(out)!r} is not a valid UTF-8 path",
+            hint="choose an --out whose name is UTF-8 text (safetensors files cannot be written under other names)",
+        ) from None
     out = _resolve(out)
     src = _resolve(source) if source is not None else None
     _check_protected(out, src)
@@ -232,6 +239,32 @@ def _check_replaceable(out: Path) -> None:
         raise _refused(
             out, f"it is a qdlm-export output but also holds folders qdlm-export never writes ({', '.join(folders[:5])})"
         )
+    foreign = sorted(p.name for p in entries
+                     if (p.is_symlink() and p.is_dir()) or (not p.is_dir() and not _written_by_tool(p.name)))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputRefusedError(
+            f"refusing to write to {out}: it is a qdlm-export output but also holds files qdlm-export never writes "
+            f"({shown}); replacing it would delete them",
+            hint="move those files elsewhere and run again, or choose another --out",
+        )
+
+
+# What a previous output may hold and still be replaced: the files the tool writes (config, report, card,
+# weights, index, the local-source note, its staging marker) and those it copies from a source model
+# (source.COPIED_PATTERNS: code, tokenizer, chat template, generation config, license). Anything else
+# (notes, results, a user's own files) makes --overwrite refuse rather than delete it.
+_TOOL_FILES = ("config.json", REPORT_FILE, "README.md", "qdlm_source.local",  # eval.evaluate.LOCAL_SOURCE_FILE
+               INCOMPLETE_MARKER,
+               "*.safetensors", "*.safetensors.index.json")
+
+
+def _written_by_tool(name: str) -> bool:
+    import fnmatch
+
+    from .source import COPIED_PATTERNS
+
+    return any(fnmatch.fnmatchcase(name, pat) for pat in (*_TOOL_FILES, *COPIED_PATTERNS))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class _Catcher(nn.Module):
 
 
 def resolve_device(device: str) -> torch.device:
+    from .arguments import check_device
+
+    device = check_device(device)  # a ConfigError naming the value, not torch's RuntimeError
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -74,23 +74,28 @@ def _model_frame(exc: BaseException, source) -> traceback.FrameSummary | None:
     return found
 
 
-def remote_code_error(source, exc: BaseException, stage: str) -> UnsupportedModelError:
-    """What to tell the user when the model's own code fails under the installed transformers."""
+def remote_code_error(source, exc: BaseException, stage: str,
+                      other_code: str = "a revision of the model whose code supports transformers 5 (--revision)",
+                      ) -> UnsupportedModelError:
+    """What to tell the user when the model's own code fails under the installed transformers.
+    ``other_code``: how, in the command at hand, to point at a model whose code works."""
     import transformers
 
     frame = _model_frame(exc, source)
     where = (f"{Path(frame.filename).name}, line {frame.lineno}, in {frame.name}: `{(frame.line or '').strip()}`"
              if frame else "its modeling code")
     files = ", ".join(sorted(p.name for p in Path(source.path).glob("*.py"))) or "its remote code"
+    written = (source.config_dict or {}).get("transformers_version")
+    written = f" (its config.json was saved with transformers {written})" if isinstance(written, str) else ""
     return UnsupportedModelError(
         f"{source.model_id}: the model's own code ({where}) fails under the installed transformers "
         f"{transformers.__version__} while {stage}: {type(exc).__name__}: {exc}",
         hint=(
             f"this is an incompatibility between the model's remote code ({files}) and transformers "
             f"{transformers.__version__}, not a problem with the weights; qdlm-export repairs the known ones of the "
-            "published LLaDA and Dream code automatically, and this one is not among them. Use a revision of the "
-            "model whose code supports transformers 5 (--revision), or a local copy of the model folder with the "
-            "code fixed; the model card names the transformers version its code was written for"
+            f"published LLaDA and Dream code automatically, and this one is not among them. Use {other_code}, or a "
+            "local copy of the model folder with the code fixed; the model card names the transformers version its "
+            f"code was written for{written}"
         ),
     )
 

@@ -186,6 +186,7 @@ def quantize(
                 "elapsed_s": round(time.perf_counter() - started, 2),
                 "eval": None,
                 "compat_repairs": compat.applied_repairs(),
+                "tensors": writer.manifest(),  # what inspect/push/eval check is still there (docs/FORMAT.md)
             }
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
             if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed

@@ -72,9 +72,10 @@ def load_quantized(folder: Path, auto_class: str, trust_remote_code: bool, devic
     return model.to(device).eval()
 
 
-def prepare_folder_code(folder: Path, auto_class: str) -> list[str]:
+def prepare_folder_code(folder: Path | str, auto_class: str, auto_map: dict | None = None) -> list[str]:
     """Repair, in memory, the remote-code classes of a checkpoint folder before transformers builds
-    them (what the registration lines of a self-contained checkpoint do when it is loaded)."""
+    them (what the registration lines of a self-contained checkpoint do when it is loaded).
+    ``folder`` may be a Hub id when its config's ``auto_map`` is given."""
     import json
     import sys
 
@@ -82,7 +83,8 @@ def prepare_folder_code(folder: Path, auto_class: str) -> list[str]:
 
     from .families import compat
 
-    auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
+    if auto_map is None:
+        auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
     refs = [auto_map.get("AutoConfig"), auto_map.get(auto_class)]
     refs += [v for k, v in auto_map.items() if k.startswith("AutoModel") and v not in refs]
     installed: list[str] = []

@@ -72,6 +72,17 @@ def test_dream_gets_the_mask_it_needs_and_padding_changes_nothing(published_drea
         assert torch.equal(batch[j, ids.shape[1]:], single[len(p):]), j
 
 
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_sampler_equals_the_published_diffusion_generate(published_dream, alg):
+    """Greedy (temperature 0) sampling is deterministic: our sampler and the published
+    diffusion_generate (repaired: its default generation config needs from_model_config) agree."""
+    model = _load(published_dream)
+    ids = torch.randint(3, 2000, (2, 5), generator=torch.Generator().manual_seed(11))
+    published = model.diffusion_generate(ids, max_new_tokens=6, steps=6, alg=alg, temperature=0.0)
+    ours = dream_generate(model, ids, max_new_tokens=6, steps=6, alg=alg, temperature=0.0, mask_token_id=MASK_ID, seed=0)
+    assert torch.equal(published, ours)
+
+
 # ---- provenance that survives a move ----------------------------------------------------------------
 
 
@@ -104,3 +115,47 @@ def test_eval_finds_a_relative_local_original_from_another_directory(published_l
     with pytest.raises(CheckpointError, match="local model folder models/tiny") as info:
         original_of(out)
     assert "--original" in info.value.hint
+
+
+# ---- the original, as published, loaded for evaluation -----------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_eval_loads_the_published_original_with_its_repairs(family, published_llada, published_dream, tmp_path):
+    """`qdlm-export eval` loads the original (not self-contained) with the same in-memory repairs as
+    `quantize`: under plain transformers 5 its from_pretrained fails (test_published_models.py)."""
+    import shutil
+
+    from qdlm_export.eval.lm_eval_model import load_model
+
+    folder = tmp_path / f"orig-{family}"  # a new folder name: transformers gives it its own, unpatched module
+    shutil.copytree(published_llada if family == "llada" else published_dream, folder)
+    model = load_model(folder, dtype="float32", trust_remote_code=True)
+    ids = torch.randint(3, 2000, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all() and logits.shape == (2, 16, model.config.vocab_size)
+    if family == "dream":  # the rotary buffers were recomputed, not left as from_pretrained made them
+        from qdlm_export.families import compat
+
+        assert torch.allclose(model.model.rotary_emb.inv_freq, compat._default_inv_freq(model.config))
+
+
+def test_eval_reports_broken_original_code_as_the_models(published_dream, tmp_path):
+    import shutil
+
+    import transformers
+
+    from qdlm_export.errors import UnsupportedModelError
+    from qdlm_export.eval.lm_eval_model import load_model
+
+    folder = tmp_path / "orig-broken"
+    shutil.copytree(published_dream, folder)
+    path = folder / "modeling_dream.py"
+    path.write_text(path.read_text().replace("ACT2FN[config.hidden_act]", "ACT2FN[config.hidden_activation]"))
+    with pytest.raises(UnsupportedModelError) as info:
+        load_model(folder, dtype="float32", trust_remote_code=True)
+    message = str(info.value) + " " + (info.value.hint or "")
+    assert "modeling_dream.py" in message and "hidden_activation" in message
+    assert f"transformers {transformers.__version__}" in message and "--original" in message
+    assert "bug" not in message.lower()

@@ -135,6 +135,28 @@ def test_published_dream_fails_under_plain_transformers(published_dream, tmp_pat
         model(input_ids=_tokens(1), attention_mask=torch.ones(2, 24, dtype=torch.long))
 
 
+def test_published_dream_generation_config_from_model_config_fails_under_plain_transformers(published_dream, tmp_path):
+    """diffusion_generate without a generation_config (the model card's usage) builds one with
+    DreamGenerationConfig.from_model_config, which transformers 5 breaks on Dream's own fields."""
+    folder = _fresh_copy(published_dream, tmp_path, "dream-genconfig")
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    modeling = sys.modules[get_class_from_dynamic_module("modeling_dream.DreamModel", str(folder)).__module__]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    published_validate = modeling.DreamGenerationConfig.validate
+    modeling.DreamGenerationConfig.validate = lambda self, *args, **kwargs: published_validate(self, *args)
+    try:  # with only the validate quirk out of the way, from_model_config still fails
+        with pytest.raises(AttributeError, match="eps"):
+            modeling.DreamGenerationConfig.from_model_config(config)
+    finally:
+        modeling.DreamGenerationConfig.validate = published_validate
+    compat.reset_log()
+    compat.repair_module(modeling)
+    generation_config = modeling.DreamGenerationConfig.from_model_config(config)
+    assert generation_config.mask_token_id == MASK_ID and generation_config.steps == 512
+    assert "generation-config-from-model" in compat.applied_repair_ids()
+
+
 # ---- the repairs --------------------------------------------------------------------------------------
 
 
@@ -261,6 +283,9 @@ for job in jobs:
     model = AutoModel.from_pretrained(job["folder"], trust_remote_code=True, dtype=torch.float32)
     with torch.no_grad():
         torch.save(model(input_ids=tokens).logits, job["out"])
+    if hasattr(model, "diffusion_generate"):  # Dream's own sampler, called as its model card does
+        out = model.diffusion_generate(tokens[:, :5], max_new_tokens=4, steps=4, alg="maskgit_plus")
+        assert out.shape == (tokens.shape[0], 9) and bool((out[:, :5] == tokens[:, :5]).all()), out
 leaked = sorted(k for k in sys.modules if k.startswith("qdlm_export"))
 assert not leaked, leaked
 print("isolated-ok")
@@ -344,3 +369,18 @@ def test_verified_run_names_its_repairs(published_dream, tmp_path):
     ids = {line.split(":")[0] for line in summary.compat_repairs}
     assert {"rope-default-init", "tied-weights-keys-list", "rotary-inv-freq"} <= ids
     assert json.loads((out / "qdlm_report.json").read_text())["compat_repairs"] == summary.compat_repairs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_self_contained_published_checkpoint_loads_with_qdlm_export(sources, family, tmp_path):
+    """Without the carried loader (--no-self-contained) the checkpoint's code asks for qdlm-export, and
+    with it installed the published code's repairs are applied as in a self-contained checkpoint."""
+    out = tmp_path / f"{family}-nsc"
+    quantize(str(sources[family][0]), out, make_config("rtn", bits=4), calibration=CALIB, trust_remote_code=True,
+             verify=False, self_contained=False, device="cpu")
+    assert not (out / "qdlm_compat.py").exists()
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = _tokens(6)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert _rel(got, float64_reference(sources[family][1], out, ids)) <= 1e-3

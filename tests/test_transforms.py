@@ -73,9 +73,13 @@ def test_fast_transform_equals_dense_matrix(n):
 
 
 def test_sizes_without_a_construction_are_refused():
-    assert not has_hadamard(156) and not has_hadamard(172) and not has_hadamard(6)
-    with pytest.raises(ValueError):
-        hadamard_matrix(156)
+    # 188 = 4 * 47: neither Paley construction nor the Williamson table; 6 = 2 * 3: no Hadamard matrix exists.
+    assert not has_hadamard(188) and not has_hadamard(188 * 64) and not has_hadamard(6)
+    assert has_hadamard(156) and has_hadamard(172) and has_hadamard(11008)  # the Williamson table
+    with pytest.raises(ValueError, match="188"):
+        hadamard_matrix(188)
+    with pytest.raises(ValueError, match="12032 = 188 \\* 64.*nearest sizes with one are 11840, 11968, 12160, 12288"):
+        transform_tensor_specs([{"op": "hadamard", "size": 188 * 64, "stride": 1}], 188 * 64)
 
 
 # ---- each op against an explicit matrix ---------------------------------------------------------------
@@ -261,12 +265,13 @@ def test_zero_tokens_stay_zero():
 def test_cached_matrices_built_under_a_meta_device_context_hold_data():
     """transformers builds models under ``torch.device("meta")``; a loader that first needs a
     Hadamard factor there (a cold process loading a QuaRot checkpoint) must still cache real data."""
+    from qdlm_export import hadamard as Hd
     from qdlm_export import transforms as T
 
-    T._small_factor.cache_clear()
-    T._paley.cache_clear()
+    Hd.small_hadamard.cache_clear()
     with torch.device("meta"):
-        factor = T._small_factor(12)
-    assert factor.device.type == "cpu"
+        factor = Hd.small_hadamard(12)
+        williamson = Hd.small_hadamard(172)
+    assert factor.device.type == "cpu" and williamson.device.type == "cpu"
     x = torch.randn(3, 768, dtype=torch.float64)
     torch.testing.assert_close(T.hadamard_transform(x), x @ T.hadamard_matrix(768), rtol=1e-12, atol=1e-12)

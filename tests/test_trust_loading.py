@@ -265,3 +265,125 @@ def test_eval_refuses_before_computing(monkeypatch, capsys, broken, case):
     code, out, err = run_cli(monkeypatch, capsys, "eval", str(folder), "--trust-remote-code", "--limit", "2", "--no-nll")
     _clean_failure(code, err, CASES[case].needles)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before  # no report, no card
+
+
+# ----------------------------------------------------------------------------------- full-precision tensors
+# A tensor the quantizer does not own (embedding, norm, LM head) missing from the checkpoint: the
+# headers of quantized modules are all right, but transformers would fill the tensor with freshly
+# initialised (random) values and only log "MISSING". Refused by inspect (and so by push and eval,
+# before any model code) from the manifest of written tensors in qdlm_report.json; and, for a folder
+# without that manifest, after loading, naming the tensor, by the package loader, by the checkpoint's
+# own copy, and by eval.
+FULL_PRECISION = {
+    "missing-embedding": "model.transformer.wte.weight",
+    "missing-norm": "model.transformer.blocks.1.ff_norm.weight",
+}
+
+
+@pytest.fixture(scope="module")
+def missing_full_precision(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("missing-fp")
+    out = {}
+    for name, key in FULL_PRECISION.items():
+        folder = root / name
+        shutil.copytree(checkpoints["w4"], folder)
+        _rewrite(folder, _delete(key))
+        out[name] = folder
+    return out
+
+
+@pytest.mark.parametrize("case", list(FULL_PRECISION))
+def test_missing_full_precision_tensor_is_refused(missing_full_precision, case):
+    with pytest.raises(CheckpointError) as info:
+        _load(missing_full_precision[case])
+    _assert_names(str(info.value), (FULL_PRECISION[case], "missing", "random", "qdlm-export quantize"))
+
+
+def test_missing_full_precision_tensor_is_refused_without_qdlm_export(missing_full_precision, checkpoints, tmp_path):
+    jobs = {name: str(folder) for name, folder in missing_full_precision.items()}
+    jobs["intact"] = str(checkpoints["w4"])
+    stdout = run_isolated(SC_REFUSALS, [json.dumps(jobs)], tmp_path)
+    results = json.loads(stdout.split("RESULTS ", 1)[1].splitlines()[0])
+    assert results["intact"] == {"loaded": True, "finite": True}
+    for name, key in FULL_PRECISION.items():
+        got = results[name]
+        assert got.get("type") == "CheckpointError" and got["module"].endswith(".qdlm_errors"), (name, got)
+        _assert_names(got["message"], (key, "missing"))
+
+
+def test_the_manifest_lists_every_tensor_of_a_fresh_checkpoint(checkpoints):
+    """The manifest against the weight file read back by safetensors: every tensor, its dtype and shape
+    (embedding and norms included), and nothing else."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+             torch.int64: "I64", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
+    for kind, folder in checkpoints.items():
+        manifest = json.loads((folder / "qdlm_report.json").read_text())["tensors"]
+        tensors, _ = _weights(folder)
+        assert manifest == {k: {"dtype": names[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()}, kind
+        assert set(FULL_PRECISION.values()) <= set(manifest)
+
+
+@pytest.mark.parametrize("case", list(FULL_PRECISION))
+def test_inspect_refuses_a_checkpoint_missing_a_full_precision_tensor(monkeypatch, capsys, missing_full_precision,
+                                                                      case):
+    """Headers only, no model code: the tensor is missing from model.safetensors by the manifest."""
+    folder = missing_full_precision[case]
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(folder))
+    _clean_failure(code, err, (FULL_PRECISION[case], "missing", "model.safetensors", "qdlm_report.json",
+                               "incomplete or corrupted"))
+    assert "validation" not in out
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("edit,needles", [
+    (lambda t: t.__setitem__("model.transformer.wte.weight", t["model.transformer.wte.weight"].half()),
+     ("model.transformer.wte.weight", "dtype F16", "expected F32")),
+    (lambda t: t.__setitem__("model.transformer.ln_f.weight", t["model.transformer.ln_f.weight"][:-1].clone()),
+     ("model.transformer.ln_f.weight", "shape", "expected")),
+], ids=["embedding-as-float16", "norm-narrowed"])
+def test_inspect_refuses_a_full_precision_tensor_changed_since_writing(monkeypatch, capsys, checkpoints, tmp_path,
+                                                                        edit, needles):
+    folder = tmp_path / "changed"
+    shutil.copytree(checkpoints["w4"], folder)
+    _rewrite(folder, edit)
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(folder))
+    _clean_failure(code, err, (*needles, "model.safetensors"))
+
+
+def test_a_folder_without_manifest_keeps_the_old_checks(monkeypatch, capsys, checkpoints, missing_full_precision,
+                                                         tmp_path):
+    """Written before the manifest existed: inspect checks what quantization_config promises (an
+    intact folder passes; a missing full-precision tensor is left to loading, which refuses it)."""
+    for name, source in (("intact", checkpoints["w4"]), ("no-embedding", missing_full_precision["missing-embedding"])):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        report = json.loads((folder / "qdlm_report.json").read_text())
+        del report["tensors"]
+        (folder / "qdlm_report.json").write_text(json.dumps(report))
+        code, out, err = run_cli(monkeypatch, capsys, "inspect", str(folder))
+        assert code == 0, err
+    with pytest.raises(CheckpointError, match="model.transformer.wte.weight"):
+        _load(tmp_path / "no-embedding")
+
+
+def test_a_malformed_manifest_is_refused(monkeypatch, capsys, checkpoints, tmp_path):
+    folder = tmp_path / "malformed"
+    shutil.copytree(checkpoints["w4"], folder)
+    report = json.loads((folder / "qdlm_report.json").read_text())
+    report["tensors"]["model.transformer.wte.weight"] = {"dtype": "F32", "shape": "big"}
+    (folder / "qdlm_report.json").write_text(json.dumps(report))
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(folder))
+    _clean_failure(code, err, ("qdlm_report.json", "tensors", "model.transformer.wte.weight"))
+
+
+def test_eval_refuses_a_checkpoint_missing_a_full_precision_tensor(monkeypatch, capsys, missing_full_precision):
+    """eval validates first (the manifest names the tensor): it fails before any model code, not as a
+    model-code incompatibility, and writes nothing (no report, no card)."""
+    folder = missing_full_precision["missing-embedding"]
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    code, out, err = run_cli(monkeypatch, capsys, "eval", str(folder), "--trust-remote-code", "--limit", "1",
+                             "--mc-num", "1", "--no-nll")
+    _clean_failure(code, err, (FULL_PRECISION["missing-embedding"], "missing", "incomplete or corrupted"))
+    assert "remote code" not in err and "incompatibility" not in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

@@ -126,6 +126,16 @@ def _prev_with_folder(root: Path) -> str:
     return str(root / "work" / "prev")
 
 
+def _prev_with_user_file(root: Path) -> str:
+    (root / "work" / "prev" / "my_eval_notes.md").write_text("the user's own notes")
+    return str(root / "work" / "prev")
+
+
+def _prev_with_link_to_source(root: Path) -> str:
+    (root / "work" / "prev" / "src").symlink_to(root / "work" / "model")
+    return str(root / "work" / "prev")
+
+
 def _other_content(root: Path) -> str:
     (root / "work" / "other").mkdir()
     (root / "work" / "other" / "a.txt").write_text("a")
@@ -159,6 +169,9 @@ CASES = {
                                                ["contains the source model folder"], None),
     "unrelated content": (_other_content, ["--overwrite"], 1, ["other content", "a.txt"], None),
     "previous output holding a folder": (_prev_with_folder, ["--overwrite"], 1, ["data"], None),
+    "previous output holding a user's file": (_prev_with_user_file, ["--overwrite"], 1,
+                                              ["files qdlm-export never writes", "my_eval_notes.md", "move those files"], None),
+    "previous output holding a link": (_prev_with_link_to_source, ["--overwrite"], 1, ["never writes", "src"], None),
     "a staging folder": (_staging_named, ["--overwrite"], 1, ["staging folder"], None),
     "out is a file": (lambda r: str(r / "work" / "notes.txt"), ["--overwrite"], 1, ["not a folder"], None),
     "parent is a file": (lambda r: str(r / "work" / "notes.txt" / "q"), [], 1, ["notes.txt is a file"], None),

@@ -124,6 +124,21 @@ def _missing_tensor(ckpt: Path) -> Path:
     return ckpt
 
 
+def _missing_full_precision(key: str):
+    """A tensor quantization_config does not list (embedding, norm): caught by the manifest of written
+    tensors in qdlm_report.json, not at load time only."""
+    def damage(ckpt: Path) -> Path:
+        tensors, metadata = _tensors(ckpt)
+        del tensors[key]
+        save_file(tensors, ckpt / "model.safetensors", metadata=metadata)
+        return ckpt
+    return damage
+
+
+EMBEDDING = "model.transformer.wte.weight"
+NORM = "model.transformer.blocks.0.attn_norm.weight"
+
+
 def _truncated(ckpt: Path) -> Path:
     path = ckpt / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-64])
@@ -157,6 +172,9 @@ REFUSALS = {
     "staging-by-name": (_staging_by_name, ("staging folder", "partial")),
     "staging-by-marker": (_staging_by_marker, ("staging folder", ".qdlm-incomplete")),
     "missing-tensor": (_missing_tensor, (f"{Q}.weight_scale", "missing", "incomplete or corrupted")),
+    "missing-embedding": (_missing_full_precision(EMBEDDING), (EMBEDDING, "missing", "model.safetensors",
+                                                               "qdlm_report.json", "incomplete or corrupted")),
+    "missing-norm": (_missing_full_precision(NORM), (NORM, "missing", "model.safetensors", "qdlm_report.json")),
     "truncated-file": (_truncated, ("model.safetensors", "truncated")),
     "dotdot-in-index": (_dotdot_index, ("model.safetensors.index.json", "../model-00002-of-00002.safetensors",
                                         "outside")),

@@ -1,6 +1,6 @@
 """Never random weights: our checkpoints in stock transformers, with qdlm-export not importable.
 
-For every family (dense Qwen2 and Llama, which transformers builds natively; LLaDA and Dream, which
+For every family (dense Qwen2, Llama and Mistral (LM head tied), which transformers builds natively; LLaDA and Dream, which
 bring their own code), a default export and a ``--no-self-contained`` export are loaded in a fresh
 interpreter where ``import qdlm_export`` fails (meta-path blocker, stdin closed so transformers'
 "run custom code? [y/N]" prompt answers no):
@@ -10,6 +10,10 @@ interpreter where ``import qdlm_export`` fails (meta-path blocker, stdin closed 
   logits equal to the in-package load and to a float64 reference built from the format spec
   (tests/reference.py, no qdlm_export code);
 * ``--no-self-contained`` with ``trust_remote_code=True`` -> refused with "pip install qdlm-export".
+
+``AutoModel`` of a dense export builds the base model (no LM head, no ``model.`` level): it loads with
+the package (no trust_remote_code) and, qdlm_export blocked, with ``trust_remote_code=True``, giving the
+hidden states of the causal LM load's ``model.model(...)``.
 
 No case may load silently: before this, a dense default export loaded as the dense model with random
 linears (a warning about the unknown quant_method), and a LLaDA/Dream ``--no-self-contained`` export too.
@@ -34,7 +38,7 @@ from tests.reference import dequantized_weights
 from tests.test_export_formats import BLOCKER, run_isolated
 
 TOKENS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(7))
-DENSE = {"qwen2", "llama"}
+DENSE = {"qwen2", "llama", "mistral"}
 
 STOCK = BLOCKER + """
 import json, sys, torch
@@ -52,8 +56,8 @@ for job in jobs:
         except Exception as exc:  # the refusal we want: recorded, asserted by the test
             got[str(trust)] = {"refused": type(exc).__name__, "message": str(exc)}
             continue
-        with torch.no_grad():
-            logits = model(input_ids=tokens).logits
+        with torch.no_grad():  # "last_hidden_state" for a base model (AutoModel of a dense causal LM)
+            logits = getattr(model(input_ids=tokens), job.get("output", "logits"))
         out = job["out"] + f"-{trust}.pt"
         torch.save(logits, out)
         got[str(trust)] = {"loaded": type(model).__module__ + "." + type(model).__name__, "logits": out}
@@ -68,7 +72,8 @@ print("isolated-ok")
 @pytest.fixture(scope="module")
 def dense_sources(tmp_path_factory, one_torch_thread):
     """Tiny Qwen2 and Llama causal LMs built by transformers itself, with the shipped tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     from qdlm_export.fixtures import tokenizer_dir
 
@@ -77,7 +82,9 @@ def dense_sources(tmp_path_factory, one_torch_thread):
                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False)
     out = {}
     for name, config, cls, seed in (("qwen2", Qwen2Config(**shape), Qwen2ForCausalLM, 3),
-                                    ("llama", LlamaConfig(attention_bias=True, **shape), LlamaForCausalLM, 4)):
+                                    ("llama", LlamaConfig(attention_bias=True, **shape), LlamaForCausalLM, 4),
+                                    # tied LM head: the tied weight is not in the checkpoint, and must not count as missing
+                                    ("mistral", MistralConfig(**{**shape, "tie_word_embeddings": True}), MistralForCausalLM, 5)):
         torch.manual_seed(seed)
         cls(config).save_pretrained(root / name)
         for f in tokenizer_dir().iterdir():
@@ -115,6 +122,8 @@ def stock(exports, tmp_path_factory):
     work = tmp_path_factory.mktemp("stock")
     jobs = [{"name": f"{family}-{sc}", "folder": str(folder), "auto": auto_class(family),
              "out": str(work / f"{family}-{sc}")} for (family, sc), folder in exports.items()]
+    jobs += [{"name": f"{family}-base", "folder": str(exports[family, True]), "auto": "AutoModel",
+              "output": "last_hidden_state", "out": str(work / f"{family}-base")} for family in sorted(DENSE)]
     torch.save(TOKENS, work / "tokens.pt")
     run_isolated(STOCK, [json.dumps(jobs), str(work / "tokens.pt"), str(work / "results.json")], work)
     return json.loads((work / "results.json").read_text())
@@ -143,7 +152,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-FAMILIES = ["qwen2", "llama", "llada", "dream"]
+FAMILIES = ["qwen2", "llama", "mistral", "llada", "dream"]
 
 
 @pytest.mark.parametrize("sc", [True, False], ids=["default", "no-self-contained"])
@@ -186,7 +195,8 @@ def test_dense_layout(family, exports):
         assert is_self_contained(folder) is sc
         restored = unwrap_config(config)
         assert restored["model_type"] == family and "auto_map" not in restored
-        assert restored["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[family]]
+        assert restored["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                                              "mistral": "MistralForCausalLM"}[family]]
         assert "base_model_type" not in restored["quantization_config"]
         assert wrap_config(restored) == config
         card = (folder / "README.md").read_text()
@@ -208,6 +218,100 @@ def test_installed_qdlm_export_loads_without_trust_remote_code(sc, sources, expo
     with torch.no_grad():
         logits = model(input_ids=TOKENS).logits
     assert rel(logits, reference_logits("qwen2", sources["qwen2"], folder)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------- AutoModel (base)
+# AutoModel of a dense causal LM builds the base model (Qwen2Model: no LM head, no `model.` level);
+# transformers strips the `model.` base_model_prefix from the checkpoint's keys, and the loader maps
+# quantization_config's module names the same way.
+def causal_hidden_states(folder: Path) -> torch.Tensor:
+    """The base model's output inside the causal LM load: ``model.model(...)``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        return model.model(input_ids=TOKENS).last_hidden_state
+
+
+def reference_hidden_states(family: str, source: Path, folder: Path) -> torch.Tensor:
+    """The original base model in float64 with each listed linear replaced by the format spec's
+    dequantization (names without the causal LM's ``model.``)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(source, dtype=torch.float64)
+    for name, weight in dequantized_weights(folder).items():
+        model.get_submodule(name.removeprefix("model.")).weight.data = weight
+    with torch.no_grad():
+        return model(input_ids=TOKENS).last_hidden_state
+
+
+@pytest.mark.parametrize("sc", [True, False], ids=["default", "no-self-contained"])
+@pytest.mark.parametrize("family", sorted(DENSE))
+def test_automodel_base_loads_with_the_package(family, sc, sources, exports):
+    """With the package imported, no trust_remote_code: the base model, every listed linear quantized."""
+    from transformers import AutoModel
+
+    from qdlm_export.loader import QdlmLinear
+
+    folder = exports[family, sc]
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+    assert not hasattr(model, "lm_head") and not hasattr(model, "model")  # the base model itself
+    listed = json.loads((folder / "config.json").read_text())["quantization_config"]["quantized_modules"]
+    assert listed and all(isinstance(model.get_submodule(n.removeprefix("model.")), QdlmLinear) for n in listed)
+    with torch.no_grad():
+        hidden = model(input_ids=TOKENS).last_hidden_state
+    assert torch.equal(hidden, causal_hidden_states(folder))
+    assert rel(hidden, reference_hidden_states(family, sources[family], folder)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(DENSE))
+def test_automodel_base_loads_in_stock_transformers(family, sources, exports, stock):
+    """qdlm_export blocked: refused without trust_remote_code; with it, the folder's own code loads the
+    base model, with the hidden states of the causal LM load."""
+    got = stock[f"{family}-base"]
+    assert got["False"].get("refused") == "ValueError" and "trust_remote_code=True" in got["False"]["message"], got
+    assert "loaded" in got["True"], got
+    assert got["True"]["loaded"].startswith("transformers_modules.")
+    hidden = torch.load(got["True"]["logits"])
+    folder = exports[family, True]
+    assert hidden.shape == (*TOKENS.shape, 128)
+    assert torch.equal(hidden, causal_hidden_states(folder))
+    assert rel(hidden, reference_hidden_states(family, sources[family], folder)) <= 1e-5
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.self_attn.k_proj.weight_scale", "model.norm.weight"])
+def test_automodel_base_is_strict_too(key, exports, tmp_path):
+    """Loading strictness holds for the base model, and names the tensor as the checkpoint spells it."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from qdlm_export.errors import CheckpointError
+
+    folder = tmp_path / "broken"
+    shutil.copytree(exports["qwen2", True], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        AutoModel.from_pretrained(folder, dtype=torch.float32)
+    assert str(info.value).startswith(f"tensor {key} ") and ("missing" in str(info.value))
+
+
+def test_checkpoint_prefix_only_for_a_base_model():
+    """The mapping rule: the prefix is stripped only when the model is the base model (the prefix names
+    none of its modules) and every listed name carries it."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+
+    from qdlm_export.loader import checkpoint_prefix
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+    assert checkpoint_prefix(Qwen2Model(config), names) == "model"
+    assert checkpoint_prefix(Qwen2ForCausalLM(config), names) == ""  # it has `model`: names are paths as they are
+    assert checkpoint_prefix(Qwen2Model(config), ["layers.0.self_attn.q_proj"]) == ""
+    assert checkpoint_prefix(Qwen2Model(config), [*names, "lm_head"]) == ""
+    assert checkpoint_prefix(Qwen2Model(config), []) == ""
 
 
 def test_conversions_restore_the_source_model_type(exports, tmp_path):

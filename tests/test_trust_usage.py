@@ -62,7 +62,7 @@ SUBPROCESS_CASES = [
     ("missing-required-option", ["quantize"], 2, ["Usage: qdlm-export quantize", "Missing option '--out'"]),
     ("unknown-command", ["frobnicate"], 2, ["Usage: qdlm-export", "No such command 'frobnicate'"]),
     ("typed-option", ["quantize", "--out", "{tmp}/out", "--bits", "four"], 2, ["Usage:", "'--bits'", "integer"]),
-    ("missing-argument", ["push", "{tmp}/ckpt"], 2, ["Usage: qdlm-export push", "Missing argument 'repo_id'"]),
+    ("missing-argument", ["push", "{tmp}/ckpt"], 2, ["Usage: qdlm-export push", "Missing argument 'REPO_ID'"]),
     ("closed-choice", ["quantize", "--out", "{tmp}/out", "--method", "magic"], 2,
      ["'--method'", "'magic' is not one of", "'gptq'", "'rtn'", "'smoothquant'"]),
     ("out-of-range", ["eval", "{tmp}/ckpt", "--batch-size", "0"], 2, ["'--batch-size'", "0 is out of range", ">= 1"]),
@@ -143,6 +143,15 @@ QUANTIZE_CASES = [
     (["--method", "gptq", "-O", "damp"], ["-O 'damp' is not KEY=VALUE", "gptq accepts:"]),
     (["--method", "quarot", "-O", "act_clip_ratio=2"], ["act_clip_ratio", "(0, 1]"]),
     (["--method", "rtn", "--damp", "0.1"], ["damp", "rtn accepts:"]),
+    # range errors of -O keys name the key as the user wrote it (no --block-size flag exists) and the range
+    (["--method", "gptq", "-O", "block_size=0"], ["-O block_size=0 is invalid", "accepts an integer >= 1"]),
+    (["--method", "awq", "-O", "grid=0"], ["-O grid=0", "accepts an integer >= 1"]),
+    (["--method", "awq", "-O", "max_shrink=1"], ["-O max_shrink=1.0", "[0, 1)"]),
+    (["--method", "duquant", "-O", "swc=0"], ["-O swc=0.0", "at most 1"]),
+    (["--method", "duquant", "-O", "rotation_tokens=0"], ["-O rotation_tokens=0", ">= 1"]),
+    (["--method", "duquant", "-O", "max_rotation_steps=-1"], ["-O max_rotation_steps=-1", ">= 0"]),
+    (["--method", "duquant", "--alpha", "2"], ["--alpha 2.0 must be in [0, 1]", "from 0 to 1"]),
+    (["--method", "quarot", "--damp", "-1"], ["--damp -1.0 must be non-negative", ">= 0"]),
 ]
 
 
@@ -151,11 +160,12 @@ def test_quantize_option_values(monkeypatch, capsys, tmp_path, args, needles):
     out_dir = tmp_path / "out"
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--out", str(out_dir), *args)
     assert_clean(code, err, 2, needles)
+    assert "hint:" in err or "Usage: qdlm-export quantize" in err, f"neither a hint nor click's usage line: {err}"
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []
 
 
 OTHER_CASES = [
-    (["inspect"], ["Usage: qdlm-export inspect", "Missing argument 'folder'"]),
+    (["inspect"], ["Usage: qdlm-export inspect", "Missing argument 'FOLDER'"]),
     (["convert", "--to", "gptq", "--out", "{tmp}/out"], ["Usage: qdlm-export convert", "Missing argument"]),
     (["convert", "{tmp}/ckpt", "--to", "exl2", "--out", "{tmp}/out"], ["'--to'", "'exl2'", "'gptq'", "'awq'"]),
     (["convert", "{tmp}/ckpt", "--out", "{tmp}/out"], ["Missing option '--to'"]),
@@ -177,6 +187,9 @@ OTHER_CASES = [
     (["push", "{tmp}/ckpt", "me/repo", "--privat"], ["No such option: --privat", "--private"]),
     (["quantize", "--out", "{tmp}/out", "--help-me"], ["No such option: --help-me"]),
     (["--verbose"], ["No such option: --verbose"]),
+    # click's parser raises these without a context: main() restores the command's usage line
+    (["quantize", "--out"], ["Usage: qdlm-export quantize", "Try 'qdlm-export quantize -h'", "'--out' requires an argument"]),
+    (["eval", "{tmp}/ckpt", "--mc-num"], ["Usage: qdlm-export eval", "'--mc-num' requires an argument"]),
 ]
 
 
@@ -232,6 +245,15 @@ def test_resource_failures_are_named_not_bugs(monkeypatch, capsys, tmp_path, exc
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--out", str(tmp_path / "o"), "--no-verify")
     assert_clean(code, err, 1, needles)
     assert "hint:" in err
+
+
+def test_out_that_is_not_utf8_is_refused_at_the_door(monkeypatch, capsys, tmp_path):
+    """A name whose bytes are not UTF-8 arrives as surrogates: safetensors cannot write under it (it
+    once ended in UnicodeEncodeError, exit 3, after the work)."""
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff")
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", "--out", out, "--no-verify")
+    assert_clean(code, err, 1, ["is not a valid UTF-8 path", "hint:"])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_real_defects_still_say_internal_error(monkeypatch, capsys, tmp_path):
@@ -301,6 +323,84 @@ def test_library_refuses_remote_code_unless_trusted(tmp_path):
         evaluate_checkpoint(folder, ["qdlm_stdlib_mc"], limit=1, write=False)
     assert "modeling_sneaky.py" in info.value.message
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def embedded_w4(tmp_path_factory):
+    from qdlm_export.quantize import make_config, quantize
+
+    out = tmp_path_factory.mktemp("bench") / "w4"
+    quantize(str(EMBEDDED), out, make_config("rtn"), trust_remote_code=True, verify=False, device="cpu")
+    return out
+
+
+def _drop_a_scale(folder: Path) -> str:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    key = sorted(k for k in tensors if k.endswith("weight_scale"))[0]
+    del tensors[key]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return key
+
+
+@pytest.mark.parametrize("case", ["staging", "source-model", "missing-scale", "moved-copy"])
+def test_bench_validates_the_checkpoint_first(monkeypatch, capsys, tmp_path, embedded_w4, case):
+    """bench runs inspect's validation (and finds the original as eval does) before any timing: a
+    staging folder, a full-precision model or a damaged checkpoint is named, not a KeyError (exit 3)
+    nor transformers' offline OSError; a copied checkpoint still finds its original."""
+    import shutil
+
+    folder = tmp_path / (".out.partial-x1" if case == "staging" else "ckpt")
+    shutil.copytree(EMBEDDED if case == "source-model" else embedded_w4, folder)
+    needles = {"staging": ["staging folder", ".qdlm-incomplete"], "source-model": ["not a quantized checkpoint"]}.get(case)
+    if case == "staging":
+        (folder / ".qdlm-incomplete").write_text("{}")
+    if case == "missing-scale":
+        needles = [_drop_a_scale(folder), "missing"]
+    if case == "moved-copy":  # made by `quantize tiny-llada` from the model's parent folder, then copied
+        assert (folder / "qdlm_source.local").is_file()
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"]["provenance"]["source"] = "tiny-llada"
+        (folder / "config.json").write_text(json.dumps(config))
+        monkeypatch.chdir(tmp_path)
+    import qdlm_export.bench_model as bench_model
+
+    timed = []
+    monkeypatch.setattr(bench_model, "_time_forward", lambda *a, **k: timed.append(1) or 1.0)
+    code, out, err = run_cli(monkeypatch, capsys, "bench", str(folder), "--no-kernels", "--seqlen", "8",
+                             "--device", "cpu", "--trust-remote-code", "--json")
+    if case == "moved-copy":  # provenance says a relative source; the recorded absolute path is used
+        assert code == 0, err
+        assert json.loads(out)["step"]["checkpoint"] == str(folder) and timed
+        return
+    assert_clean(code, err, 1, needles)
+    assert "hint:" in err and not timed
+
+
+EVAL_CASES = [
+    (["--tasks", "qdlm_stdlib_mc,nope_task"], ["unknown lm-eval task: nope_task", "lm-eval ls tasks", "--include-path"]),
+    (["--include-path", "{tmp}/nope"], ["--include-path {tmp}/nope does not exist", "task YAML"]),
+    (["-O", "steps=abc"], ["-O steps='abc' is invalid", "accepts an integer >= 1"]),
+    (["-O", "gen_length=0"], ["-O gen_length=0 is invalid", "integer >= 1"]),
+    (["-O", "alg=fast"], ["-O alg='fast' is invalid", "entropy", "origin"]),
+    (["-O", "top_p=0"], ["-O top_p=0 is invalid", "(0, 1]"]),
+    (["-O", "check_greedy=2"], ["-O check_greedy=2 is invalid", "true or false"]),
+    (["-O", "gen_length=64", "-O", "block_length=48"], ["gen_length=64 is not a multiple of -O block_length=48"]),
+    (["--mc-num", "5", "--batch-size", "2"], ["--mc-num 5 must be a multiple of --batch-size 2", "--mc-num 6"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", EVAL_CASES, ids=[" ".join(a) for a, _ in EVAL_CASES])
+def test_eval_refuses_bad_tasks_and_model_arguments(monkeypatch, capsys, tmp_path, embedded_w4, args, needles):
+    """Refused with the value and what is accepted, never lm-eval's KeyError or a generation
+    ValueError as an internal error (exit 3), and never silently ignored (steps=abc once ran)."""
+    before = {p.name: p.read_bytes() for p in embedded_w4.iterdir() if p.is_file()}
+    code, _, err = run_cli(monkeypatch, capsys, "eval", str(embedded_w4), "--trust-remote-code", "--limit", "1",
+                           "--no-nll", *[a.format(tmp=tmp_path) for a in args])
+    assert_clean(code, " ".join(err.split()), 2, [n.format(tmp=tmp_path) for n in needles])
+    assert "hint:" in err
+    assert {p.name: p.read_bytes() for p in embedded_w4.iterdir() if p.is_file()} == before
 
 
 def test_eval_command_refuses_remote_code_unless_trusted(monkeypatch, capsys, tmp_path):
@@ -406,6 +506,63 @@ def test_calibration_config_validation(kwargs, needles):
     for needle in needles:
         assert needle in text, text
     assert info.value.hint
+
+
+def _api_call(function: str, tmp_path: Path, **kwargs):
+    """The public entry point ``function`` on a folder that need not exist: every case fails on its
+    arguments before anything is read."""
+    folder = tmp_path / "ckpt"
+    if function == "inspect_checkpoint":
+        from qdlm_export.inspect import inspect_checkpoint
+
+        return inspect_checkpoint(kwargs.pop("folder", folder), **kwargs)
+    if function == "evaluate_checkpoint":
+        from qdlm_export.eval.evaluate import evaluate_checkpoint
+
+        args = {"quantized_dir": folder, "tasks": ["qdlm_stdlib_mc"], "write": False, "trust_remote_code": True}
+        return evaluate_checkpoint(**{**args, **kwargs})
+    if function == "push_checkpoint":
+        from qdlm_export.hub import push_checkpoint
+
+        return push_checkpoint(kwargs.pop("folder", folder), "me/repo", **kwargs)
+    from qdlm_export.quantize import make_config, quantize
+
+    return quantize(str(EMBEDDED), tmp_path / "out", make_config("rtn"), trust_remote_code=True, verify=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "function,kwargs,error,needles",
+    [
+        ("inspect_checkpoint", {"tokens": 0}, "ConfigError", ["--tokens 0", ">= 1"]),
+        ("inspect_checkpoint", {"tokens": "5"}, "ArgumentTypeError", ["--tokens", "str '5'"]),
+        ("inspect_checkpoint", {"device": "tpu"}, "ConfigError", ["--device 'tpu'", "cpu, cuda, cuda:N"]),
+        ("inspect_checkpoint", {"folder": None}, "ArgumentTypeError", ["argument folder", "NoneType"]),
+        ("evaluate_checkpoint", {"write": "no"}, "ArgumentTypeError", ["argument write", "str 'no'", "True or False"]),
+        ("evaluate_checkpoint", {"trust_remote_code": "no"}, "ArgumentTypeError", ["argument trust_remote_code"]),
+        ("evaluate_checkpoint", {"nll": 1}, "ArgumentTypeError", ["argument nll", "int 1"]),
+        ("evaluate_checkpoint", {"offline": "yes"}, "ArgumentTypeError", ["argument offline", "(or None)"]),
+        ("evaluate_checkpoint", {"tasks": 5}, "ArgumentTypeError", ["argument tasks", "list of str"]),
+        ("evaluate_checkpoint", {"device": "tpu"}, "ConfigError", ["--device 'tpu'", "cpu, cuda, cuda:N"]),
+        ("evaluate_checkpoint", {"dtype": "float64"}, "ConfigError", ["--dtype 'float64'", "bfloat16"]),
+        ("evaluate_checkpoint", {"quantized_dir": None}, "ArgumentTypeError", ["argument quantized_dir"]),
+        ("push_checkpoint", {"private": "no"}, "ArgumentTypeError", ["argument private", "str 'no'"]),
+        ("push_checkpoint", {"folder": 7}, "ArgumentTypeError", ["argument folder", "int 7"]),
+        ("quantize", {"device": "tpu"}, "ConfigError", ["--device 'tpu'", "or auto"]),
+        ("quantize", {"device": "cuda:x"}, "ConfigError", ["--device 'cuda:x'"]),
+    ],
+)
+def test_python_api_checks_its_arguments(tmp_path, function, kwargs, error, needles):
+    """A wrong type or value fails at entry naming the argument (not torch's RuntimeError for
+    'tpu', not a truthy 'no' taken for True), before anything is read or written."""
+    from qdlm_export.errors import QdlmError
+
+    with pytest.raises(QdlmError) as info:
+        _api_call(function, tmp_path, **kwargs)
+    assert type(info.value).__name__ == error and info.value.exit_code == 2 and info.value.hint
+    text = f"{info.value.message} {info.value.hint}"
+    for needle in needles:
+        assert needle in text, text
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

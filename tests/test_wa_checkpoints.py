@@ -397,14 +397,15 @@ def test_cli_quantize_w4a4_then_inspect(monkeypatch, capsys, tmp_path, method, e
 
 @pytest.fixture(scope="module")
 def odd_model(tmp_path_factory):
-    """Tiny LLaDA models QuaRot has no Hadamard matrix for (156 = 4 * 39 has no Paley construction)."""
+    """Tiny LLaDA models QuaRot has no Hadamard matrix for (188 = 4 * 47: no Paley construction, not in
+    the Williamson table)."""
     from qdlm_export.fixtures import build_tiny_model
 
     root = tmp_path_factory.mktemp("odd-models")
 
     @functools.lru_cache(maxsize=None)
     def make(kind: str) -> Path:
-        sizes = {"hidden-312": dict(hidden_size=312), "mlp-624": dict(intermediate_size=624)}[kind]
+        sizes = {"hidden-376": dict(hidden_size=376), "mlp-752": dict(intermediate_size=752)}[kind]
         return build_tiny_model("llada", root / kind, seed=0, **sizes)
 
     return make
@@ -422,8 +423,8 @@ def odd_model(tmp_path_factory):
         (None, ["--method", "duquant", "-O", "block_size=96"], ["block size 96", "hidden size 256", "block_size="]),
         (None, ["--method", "duquant", "-O", "block_size=7"], ["block size 7", "block_size="]),
         (None, ["--method", "quarot", "-O", "weight_method=awq"], ["weight_method=awq", "gptq"]),
-        ("hidden-312", ["--method", "quarot"], ["Hadamard", "hidden size 312", "smoothquant or duquant"]),
-        ("mlp-624", ["--method", "quarot"], ["Hadamard", "624"]),
+        ("hidden-376", ["--method", "quarot"], ["Hadamard", "hidden size 376", "188", "smoothquant or duquant"]),
+        ("mlp-752", ["--method", "quarot"], ["Hadamard", "752", "nearest sizes with one are 740, 748, 760, 768"]),
     ],
 )
 def test_cli_bad_weight_activation_options(monkeypatch, capsys, tmp_path, odd_model, model, args, needles):

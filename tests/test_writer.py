@@ -52,3 +52,25 @@ def test_duplicate_name_refused(tmp_path):
     writer.add("x", torch.ones(2))
     with pytest.raises(ValueError, match="written twice"):
         writer.add("x", torch.ones(2))
+
+
+@pytest.mark.parametrize("max_shard", [10**9, 200])
+def test_manifest_lists_every_tensor_as_the_files_store_it(tmp_path, max_shard):
+    """The manifest (what quantize records in qdlm_report.json) against the files read back by the
+    safetensors library: every tensor, with the dtype name and shape its header holds."""
+    tensors = random_tensors()
+    writer = ShardedWriter(tmp_path, max_shard_bytes=max_shard)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    files = writer.close()
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
+             torch.uint8: "U8", torch.int64: "I64"}
+    stored = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                t = h.get_tensor(k)
+                stored[k] = {"dtype": names[t.dtype], "shape": list(t.shape)}
+    manifest = writer.manifest()
+    assert manifest == stored and list(manifest) == sorted(tensors)
+    json.dumps(manifest)  # goes into a JSON report as is

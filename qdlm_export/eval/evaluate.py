@@ -99,6 +99,60 @@ def check_model_args(model_args: dict[str, Any]) -> None:
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"-O {key}={value} is not a finite number", hint=f"give {key} a finite value")
+        _check_model_arg_value(key, value, inspect.signature(QdlmLM.__init__).parameters[key].default is None)
+    sizes = {k: model_args.get(k) for k in ("gen_length", "block_length", "steps")}
+    llada_blocks = model_args.get("sampler") != "dream"  # Dream's sampler has no blocks
+    if llada_blocks and isinstance(sizes["gen_length"], int) and isinstance(sizes["block_length"], int):
+        if sizes["gen_length"] % sizes["block_length"]:
+            raise ConfigError(
+                f"-O gen_length={sizes['gen_length']} is not a multiple of -O block_length={sizes['block_length']}",
+                hint="LLaDA's sampler fills whole blocks: make gen_length a multiple of block_length",
+            )
+        blocks = sizes["gen_length"] // sizes["block_length"]
+        if isinstance(sizes["steps"], int) and sizes["steps"] % blocks:
+            raise ConfigError(
+                f"-O steps={sizes['steps']} is not a multiple of the {blocks} blocks (gen_length / block_length)",
+                hint="give each block the same number of steps: steps a multiple of gen_length / block_length",
+            )
+
+
+# The accepted values of each -O key of the qdlm model (QdlmLM's arguments): a kind and its range.
+_MODEL_ARG_RULES: dict[str, tuple[str, Any]] = {
+    "gen_length": ("int", 1), "steps": ("int", 1), "block_length": ("int", 1), "max_length": ("int", 1),
+    "gen_batch_size": ("int", 1), "max_batch_size": ("int", 1), "top_k": ("int", 1), "seed": ("int", 0),
+    "temperature": ("float", 0), "cfg_scale": ("float", 0), "alg_temp": ("float", 0),
+    "top_p": ("fraction", "a number in (0, 1]"), "eps": ("fraction", "a number in (0, 1)"),
+    "estimator": ("choice", ("auto", "llada", "dream")), "sampler": ("choice", ("auto", "llada", "dream")),
+    "remasking": ("choice", ("low_confidence", "random")),
+    "alg": ("choice", ("entropy", "maskgit_plus", "topk_margin", "origin")),
+    "check_greedy": ("bool", None),
+}
+
+
+def _check_model_arg_value(key: str, value: Any, nullable: bool) -> None:
+    """One ``-O KEY=VALUE`` of the qdlm model against :data:`_MODEL_ARG_RULES`, before any model is
+    loaded (a wrong value would otherwise fail deep inside generation, or be ignored)."""
+    rule = _MODEL_ARG_RULES.get(key)
+    if rule is None or (value is None and nullable):
+        return
+    kind, limit = rule
+    none = " (or none)" if nullable else ""
+    if kind == "int":
+        accepted = f"an integer >= {limit}{none}"
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= limit
+    elif kind == "float":
+        accepted = f"a number >= {limit}{none}"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= limit
+    elif kind == "fraction":
+        accepted = limit + none
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+        ok = ok and (key != "eps" or value < 1)
+    elif kind == "bool":
+        accepted, ok = "true or false", isinstance(value, bool)
+    else:
+        accepted, ok = "one of " + ", ".join(limit), value in limit
+    if not ok:
+        raise ConfigError(f"-O {key}={value!r} is invalid", hint=f"-O {key} accepts {accepted}")
 
 
 def _typed(raw: str) -> Any:
@@ -178,18 +232,38 @@ def run_tasks(
                           bootstrap_iters=bootstrap_iters)
 
 
-def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_size, seed, model_args, include_path,
-               bootstrap_iters) -> dict[str, Any]:
-    import lm_eval
+def task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
+    """lm-eval's ``TaskManager`` over the bundled tasks, ``include_path`` and (unless every task is
+    bundled) lm-eval's own; a missing ``include_path`` folder or a task name it does not know is a
+    ``ConfigError`` here, before any model is loaded (lm-eval would raise a bare ``KeyError`` after)."""
     from lm_eval.tasks import TaskManager
-
-    from .lm_eval_model import QdlmLM
 
     paths = [str(tasks_dir())]
     if include_path is not None:
         extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
-        paths += [str(p) for p in extra]
+        for folder in extra:
+            if not Path(folder).expanduser().exists():
+                raise ConfigError(f"--include-path {folder} does not exist",
+                                  hint="pass a folder of lm-eval task YAML files")
+        paths += [str(Path(p).expanduser()) for p in extra]
     manager = TaskManager(include_path=paths, include_defaults=not _all_bundled(tasks))
+    unknown = [t for t in tasks if not manager.match_tasks([t]) and not (t.endswith(".yaml") and Path(t).is_file())]
+    if unknown:
+        raise ConfigError(
+            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+            hint=f"check the spelling (lm-eval ls tasks lists them); bundled offline tasks: {', '.join(OFFLINE_TASKS)}; "
+            "add your own task folders with --include-path",
+        )
+    return manager
+
+
+def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_size, seed, model_args, include_path,
+               bootstrap_iters) -> dict[str, Any]:
+    import lm_eval
+
+    from .lm_eval_model import QdlmLM
+
+    manager = task_manager(tasks, include_path)
     if batch_size is None:
         batch_size = min(mc_num, 32)
     args = dict(model_args or {})
@@ -204,7 +278,10 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
     values, stderrs, better = _flatten(results)
     if not values:
-        raise ConfigError(f"lm-eval produced no metrics for tasks {tasks}")
+        raise ConfigError(
+            f"lm-eval produced no metrics for tasks {tasks}",
+            hint="check the task names (lm-eval --tasks list) and --limit; the bundled offline tasks are qdlm_stdlib_mc and qdlm_stdlib_gen",
+        )
     return {
         "values": values, "stderr": stderrs, "higher_is_better": better,
         "lm_eval_version": getattr(lm_eval, "__version__", None) or _dist_version("lm-eval"),
@@ -328,7 +405,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}).") from None
+        raise CheckpointError(
+            f"{path} is not readable JSON ({e}).", hint=f"run `qdlm-export inspect {path.parent}`, or restore the file"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -472,6 +551,8 @@ def evaluate_checkpoint(
     _check_numbers(mc_num=mc_num, batch_size=batch_size, num_fewshot=num_fewshot, nll_windows=nll_windows,
                    nll_seqlen=nll_seqlen, seed=seed, limit=limit)
     check_model_args(dict(model_args or {}))
+    _check_types(quantized_dir=quantized_dir, tasks=tasks, nll=nll, offline=offline, write=write,
+                 trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     folder = Path(quantized_dir).expanduser().resolve()
     from ..remote_code import require_trust
 
@@ -485,6 +566,7 @@ def evaluate_checkpoint(
     _check_original(source)
     require_trust(source, trust_remote_code, what="its original model")
     tasks = _task_list(tasks)
+    task_manager(tasks, include_path)  # unknown tasks or a missing --include-path, before any loading
     if offline is None:
         offline = _all_bundled(tasks)
     common = dict(
@@ -510,6 +592,34 @@ def evaluate_checkpoint(
     }
     card = write_eval(folder, table, settings) if write else None
     return {"table": table, "settings": settings, "original": source, "quantized": str(folder), "card": card}
+
+
+EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_types(*, quantized_dir: Any, tasks: Any, nll: Any, offline: Any, write: Any, trust_remote_code: Any,
+                 device: Any, dtype: Any) -> None:
+    """The other arguments of :func:`evaluate_checkpoint`: a truthy string must not pass for
+    ``True`` (``write='no'``, ``trust_remote_code='no'``), nor torch see an unknown device."""
+    from ..arguments import check_bool, check_device, check_path
+    from ..errors import ArgumentTypeError
+
+    check_path("evaluate_checkpoint", "quantized_dir", quantized_dir)
+    for name, value in (("nll", nll), ("write", write), ("trust_remote_code", trust_remote_code)):
+        check_bool("evaluate_checkpoint", name, value)
+    check_bool("evaluate_checkpoint", "offline", offline, optional=True)
+    if tasks is not None and not isinstance(tasks, str) and not (
+        isinstance(tasks, Sequence) and all(isinstance(t, str) for t in tasks)
+    ):
+        raise ArgumentTypeError(
+            f"evaluate_checkpoint() argument tasks must be a str or a list of str, got {type(tasks).__name__} {tasks!r}",
+            hint="pass task names, e.g. ['qdlm_stdlib_mc'] or 'arc_easy,hellaswag'",
+        )
+    if device is not None:
+        check_device(device, allow_auto=False)
+    named = {getattr(torch, d) for d in EVAL_DTYPES[1:]}
+    if dtype is not None and not (dtype in named or (isinstance(dtype, str) and dtype.removeprefix("torch.") in EVAL_DTYPES)):
+        raise ConfigError(f"--dtype {dtype!r} is not supported", hint=f"choose one of {', '.join(EVAL_DTYPES)}")
 
 
 def _check_numbers(*, limit: Any, **ints: Any) -> None:

@@ -121,8 +121,37 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = _dtype(dtype)
-    model = auto.from_pretrained(str(pretrained), **kwargs)
+    auto_map = (config.get("auto_map") if isinstance(config, dict) else getattr(config, "auto_map", None)) or {}
+    if not (trust_remote_code and auto_map):
+        model = auto.from_pretrained(str(pretrained), **kwargs)
+        return model.to(device).eval()
+    # The model's own code (an original LLaDA/Dream as published, written for transformers 4): the
+    # known incompatibilities are repaired in memory first (families/compat.py), as `quantize` does,
+    # and a failure inside that code is reported as the model's, not as a bug of this tool.
+    from ..verify import prepare_folder_code
+
+    try:
+        prepare_folder_code(str(pretrained), family.auto_class, auto_map=auto_map)
+        model = auto.from_pretrained(str(pretrained), **kwargs)
+    except Exception as exc:
+        _raise_if_model_code(exc, pretrained, config if isinstance(config, dict) else {}, "loading it for evaluation")
+        raise
     return model.to(device).eval()
+
+
+def _raise_if_model_code(exc: BaseException, pretrained: str | Path, config: dict, stage: str) -> None:
+    """Raise preflight's UnsupportedModelError when ``exc`` comes from the model's own Python files."""
+    from types import SimpleNamespace
+
+    from ..errors import QdlmError
+    from ..preflight import _model_frame, remote_code_error
+
+    if isinstance(exc, QdlmError):  # already in words (a damaged checkpoint's CheckpointError): not the code's
+        return
+    source = SimpleNamespace(model_id=str(pretrained), path=Path(pretrained), config_dict=config)
+    if _model_frame(exc, source) is not None:
+        raise remote_code_error(source, exc, stage, other_code="--original with a model whose code supports "
+                                "transformers 5") from None
 
 
 def load_tokenizer(pretrained: str | Path):
@@ -229,7 +258,13 @@ class QdlmLM(LM):
         if estimator not in ("llada", "dream"):
             raise ValueError(f"estimator must be auto, llada or dream, got {estimator!r}")
         if estimator == "llada" and self.mc_num % self.batch_size:
-            raise ValueError(f"mc_num ({self.mc_num}) must be a multiple of batch_size ({self.batch_size})")
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"--mc-num {self.mc_num} must be a multiple of --batch-size {self.batch_size} (LLaDA's estimator)",
+                hint=f"use --batch-size {self.batch_size} with --mc-num {self.mc_num + -self.mc_num % self.batch_size}, "
+                f"or a --batch-size that divides {self.mc_num}",
+            )
         self.estimator = estimator
         self.seed = int(seed)
 

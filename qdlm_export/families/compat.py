@@ -20,6 +20,10 @@ user's files) so that they construct, load and run as their authors intended:
                                    buffers uninitialised; they are recomputed as 1/theta^(2i/d).
 ``generation-config-validate``     ``GenerationConfig.validate`` overridden without ``**kwargs``;
                                    transformers' keyword arguments are dropped.
+``generation-config-from-model``   ``from_model_config`` of a ``GenerationConfig`` subclass with
+                                   fields of its own fails (transformers 5 compares every field
+                                   with a plain ``GenerationConfig()``): it is built from the model
+                                   config's values as transformers 4 did.
 =================================  =============================================================
 
 Every repair is detected by behaviour (what the code does with the installed transformers), not by
@@ -47,6 +51,8 @@ REPAIRS = {
     "rope-default-init": "ROPE_INIT_FUNCTIONS has no 'default' entry; the plain RoPE definition is provided",
     "rotary-inv-freq": "rotary inv_freq buffers were left uninitialised by from_pretrained; recomputed as 1/theta^(2i/d)",
     "generation-config-validate": "GenerationConfig.validate() takes no keyword arguments; transformers' are dropped",
+    "generation-config-from-model": "GenerationConfig.from_model_config() fails on the subclass's own fields; "
+    "built from the model config's values as in transformers 4",
 }
 _MARK = "_qdlm_compat"  # set on every function this module installs (idempotence, across copies)
 _LOG: dict[str, set[str]] = {}  # repair id -> the classes/modules it was applied to, in this process
@@ -302,15 +308,44 @@ def repair_rotary_buffers(model: torch.nn.Module) -> int:
 # ---- generation configs ---------------------------------------------------------------------------
 
 def _repair_generation_config_class(cls: type) -> list[str]:
+    installed = []
     validate = cls.__dict__.get("validate")
-    if validate is None or _marked(validate) or _accepts(validate, "user_set_attributes"):
-        return []
+    if validate is not None and not _marked(validate) and not _accepts(validate, "user_set_attributes"):
 
-    @functools.wraps(validate)
-    def _validate(self, *args, **kwargs):
-        if kwargs:
-            _log("generation-config-validate", cls.__name__)
-        return _call_with_accepted(validate, self, args, kwargs)
+        @functools.wraps(validate)
+        def _validate(self, *args, **kwargs):
+            if kwargs:
+                _log("generation-config-validate", cls.__name__)
+            return _call_with_accepted(validate, self, args, kwargs)
 
-    cls.validate = _mark(_validate)
-    return ["generation-config-validate"]
+        cls.validate = _mark(_validate)
+        installed.append("generation-config-validate")
+
+    current = getattr(cls, "from_model_config", None)
+    if current is not None and not _marked(current) and hasattr(current, "__func__"):
+        original = current.__func__
+
+        @functools.wraps(original)
+        def from_model_config(klass, model_config):
+            try:
+                return original(klass, model_config)
+            except AttributeError:  # a field of the subclass looked up on a plain GenerationConfig()
+                _log("generation-config-from-model", cls.__name__)
+                return _generation_config_from_model_config(klass, model_config)
+
+        cls.from_model_config = classmethod(_mark(from_model_config))
+        installed.append("generation-config-from-model")
+    return installed
+
+
+def _generation_config_from_model_config(klass, model_config):
+    """transformers 4's ``GenerationConfig.from_model_config``: the model config's non-None values."""
+    config_dict = dict(model_config) if isinstance(model_config, dict) else model_config.to_dict()
+    config_dict.pop("_from_model_config", None)
+    config_dict = {key: value for key, value in config_dict.items() if value is not None}
+    generation_config = klass.from_dict(config_dict, return_unused_kwargs=False, _from_model_config=True)
+    try:
+        generation_config._original_object_hash = hash(generation_config)
+    except Exception:  # older transformers: no hash, nothing to record
+        pass
+    return generation_config

@@ -130,6 +130,7 @@ class AWQFormat(ExportFormat):
             raise ConfigError(
                 f"cannot convert to AWQ: modules_to_not_convert would also skip quantized modules {clashes[:4]} "
                 "(transformers matches these names as prefixes and suffixes)",
+                hint="convert to compressed-tensors instead (--to compressed-tensors), which lists modules exactly",
             )
         w = ckpt.qconfig["weights"]
         return {

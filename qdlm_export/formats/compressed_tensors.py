@@ -172,7 +172,10 @@ class CompressedTensorsFormat(ExportFormat):
                 "format": fmt,
             }
         if not config_groups:
-            raise ConfigError("the checkpoint quantizes no modules; there is nothing to convert")
+            raise ConfigError(
+                "the checkpoint quantizes no modules; there is nothing to convert",
+                hint="the checkpoint already loads as a full-precision model; use it as it is",
+            )
         return {
             "quant_method": "compressed-tensors",
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",

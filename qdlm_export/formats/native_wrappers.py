@@ -50,6 +50,10 @@ GUARD = (
     '        "quantized layers would load as random weights.) A checkpoint made without --no-self-contained "\n'
     '        "carries its loader and needs only torch and transformers."\n'
     "    ) from _qdlm_missing\n"
+    # The known incompatibilities of published remote code with the installed transformers, repaired
+    # in memory by the installed package (what qdlm_compat.py does in a self-contained checkpoint).
+    "import importlib as _qdlm_importlib\n\n"
+    '_qdlm_importlib.import_module("qdlm_export.families.compat").repair_module(globals())\n'
 )
 
 _CONFIG_TEMPLATE = '''{header}: the {config} of a qdlm-quantized checkpoint under its own

@@ -12,7 +12,7 @@ modeling files, which then play that part. :func:`make_self_contained` adds the 
   weight-only kernels. They are the package's modules verbatim except for their import lines, which
   are rewritten to point at the copies (``from .formats.native import X`` -> ``from .qdlm_native
   import X``), so a self-contained checkpoint computes exactly what the installed package computes.
-  ``qdlm_export.kernels`` (whose dispatcher needs numpy and every backend) is replaced by the small
+  ``qdlm_export.kernels`` (whose dispatcher registers every backend) is replaced by the small
   dispatcher in ``formats/qdlm_remote_kernels.py``: the Triton kernel when triton and a CUDA tensor
   are there, the torch fallback otherwise.
 * **two lines at the end of each remote-code module named in ``auto_map``** that import
@@ -65,6 +65,9 @@ REGISTRATION = (
     f"from .{COMPAT_FILE} import repair_module as _qdlm_repair_module\n\n"
     "_qdlm_repair_module(globals())\n"
 )
+# For refusals caused by the source model's own files: the way out that always works.
+_NOT_SELF_CONTAINED_HINT = ("quantize with --no-self-contained: the checkpoint then loads wherever qdlm-export is "
+                            "installed (pip install qdlm-export)")
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\S+)\s+import|import\s+\.(\S+)\s*$)", re.MULTILINE)
 
 
@@ -284,15 +287,18 @@ def _remote_modules(config: dict, folder: Path) -> list[Path]:
             if "--" in value:
                 raise ConfigError(
                     f"auto_map[{key!r}] = {value!r} points at code in another repository; the loader can only be "
-                    "added to modeling files inside the checkpoint folder"
+                    "added to modeling files inside the checkpoint folder",
+                    hint=_NOT_SELF_CONTAINED_HINT,
                 )
             path = folder / (value.rsplit(".", 1)[0].replace(".", "/") + ".py")
             if not path.is_file():
-                raise ConfigError(f"auto_map[{key!r}] names {path.name}, which is not in {folder}")
+                raise ConfigError(f"auto_map[{key!r}] names {path.name}, which is not in {folder}",
+                                  hint="add that file to the model folder, or " + _NOT_SELF_CONTAINED_HINT)
             if path not in files:
                 files.append(path)
     if not files:
-        raise ConfigError(f"auto_map in {folder}/config.json names no model or config class")
+        raise ConfigError(f"auto_map in {folder}/config.json names no model or config class",
+                          hint=_NOT_SELF_CONTAINED_HINT)
     return files
 
 
@@ -309,13 +315,14 @@ def make_self_contained(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ConfigError(f"{folder} has no config.json")
+        raise ConfigError(f"{folder} has no config.json", hint="pass a checkpoint folder written by `qdlm-export quantize`")
     config = json.loads(config_path.read_text())
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "qdlm":
         raise ConfigError(
             f"{folder} is not a native qdlm checkpoint (quant_method {qconfig.get('quant_method')!r}); only the "
-            "native format needs the qdlm loader"
+            "native format needs the qdlm loader",
+            hint="pass a native checkpoint (quantize --format native)",
         )
     from .native_wrappers import GUARD_MARKER, strip_added_code, wrap_native
 
@@ -325,7 +332,8 @@ def make_self_contained(folder: str | Path) -> list[Path]:
     files = loader_files()
     clash = [n for n in files if (folder / n).is_file() and not (folder / n).read_text().startswith("# Copied by qdlm-export")]
     if clash:
-        raise ConfigError(f"{folder} already has {', '.join(clash)}, which are not qdlm-export's copies")
+        raise ConfigError(f"{folder} already has {', '.join(clash)}, which are not qdlm-export's copies",
+                          hint="rename or remove those files in the model folder, or " + _NOT_SELF_CONTAINED_HINT)
     written: list[Path] = []
     for name, text in files.items():
         path = folder / name

@@ -4,6 +4,10 @@ Each tensor's bytes are appended to the current shard's data file as soon as it 
 writer holds no tensors: peak memory stays at one block however large the model. When a shard is
 full its safetensors header (which must precede the data) is written and the data copied behind it.
 Shards get their final ``model-0000i-of-0000n`` names once ``n`` is known.
+
+:meth:`ShardedWriter.manifest` is the list of every tensor written (name -> safetensors dtype and
+shape); ``quantize`` and ``convert`` store it in ``qdlm_report.json`` (``"tensors"``), from which
+``inspect``/``push``/``eval`` check that no tensor has gone missing since (docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class ShardedWriter:
         self.max_shard_bytes = max_shard_bytes
         self._shards: list[_Shard] = []
         self._seen: set[str] = set()
+        self._manifest: dict[str, dict] = {}
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -78,7 +83,13 @@ class ShardedWriter:
             shard = _Shard(self.folder / f".shard-{len(self._shards):05d}.safetensors.part")
             self._shards.append(shard)
         shard.append(name, tensor)
+        self._manifest[name] = {"dtype": shard.entries[name]["dtype"], "shape": list(shard.entries[name]["shape"])}
         self.total_bytes += size
+
+    def manifest(self) -> dict[str, dict]:
+        """Every tensor written so far, sorted by name: ``{name: {"dtype": "I32", "shape": [...]}}``
+        (safetensors dtype names). Written into ``qdlm_report.json`` as ``"tensors"``."""
+        return {name: dict(entry, shape=list(entry["shape"])) for name, entry in sorted(self._manifest.items())}
 
     def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         for suffix, tensor in tensors.items():

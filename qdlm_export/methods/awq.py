@@ -79,14 +79,14 @@ class AWQConfig(WeightOnlyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.grid < 1:
-            raise ConfigError(f"--grid {self.grid} is invalid", hint="use a positive number of points such as 20")
+            raise ConfigError(f"-O grid={self.grid} is invalid", hint="-O grid accepts an integer >= 1, such as 20")
         if self.clip_grid < 1:
-            raise ConfigError(f"--clip-grid {self.clip_grid} is invalid", hint="use a positive number such as 20")
+            raise ConfigError(f"-O clip_grid={self.clip_grid} is invalid", hint="-O clip_grid accepts an integer >= 1, such as 20")
         if not 0 <= self.max_shrink < 1:
-            raise ConfigError(f"--max-shrink {self.max_shrink} is invalid", hint="use a fraction in [0, 1) such as 0.5")
+            raise ConfigError(f"-O max_shrink={self.max_shrink} is invalid", hint="-O max_shrink accepts a fraction in [0, 1), such as 0.5")
         if self.clip_tokens is not None and self.clip_tokens <= 0:
             raise ConfigError(
-                f"--clip-tokens {self.clip_tokens} is invalid", hint="use a positive count such as 512, or None for all"
+                f"-O clip_tokens={self.clip_tokens} is invalid", hint="-O clip_tokens accepts an integer >= 1 such as 512, or none for all"
             )
 
 

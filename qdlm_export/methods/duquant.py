@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ..configs import WeightActivationConfig
 from ..errors import ConfigError
-from ..transforms import apply_op, hadamard_matrix, has_hadamard
+from ..hadamard import hadamard_matrix, hadamard_unsupported_reason
+from ..transforms import apply_op
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .rtn_wa import LinearPlan, WeightActivationMethod, collect_group_inputs
@@ -70,18 +71,29 @@ class DuQuantConfig(WeightActivationConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]")
-        if self.block_size <= 1 or not has_hadamard(self.block_size):
+            raise ConfigError(f"--alpha {self.alpha} must be in [0, 1]", hint="--alpha accepts a number from 0 to 1; the study uses 0.5")
+        reason = hadamard_unsupported_reason(self.block_size) if self.block_size > 1 else "it must be above 1"
+        if reason is not None:
             raise ConfigError(
-                f"DuQuant block size {self.block_size} (-O block_size=) is invalid: it must be a Hadamard size above 1",
+                f"DuQuant block size {self.block_size} (-O block_size=) is invalid: it must be a Hadamard size "
+                f"({reason})",
                 hint="use a size such as 64 or 128 (the study uses 128)",
             )
         if self.max_rotation_steps < 0:
-            raise ConfigError(f"-O max_rotation_steps={self.max_rotation_steps} must be non-negative")
+            raise ConfigError(
+                f"-O max_rotation_steps={self.max_rotation_steps} must be non-negative",
+                hint="-O max_rotation_steps accepts an integer >= 0 (0: no greedy rotation)",
+            )
         if not 0.0 < self.swc <= 1.0:
-            raise ConfigError(f"-O swc={self.swc} (the weight clip ratio) must be in (0, 1]")
+            raise ConfigError(
+                f"-O swc={self.swc} (the weight clip ratio) must be in (0, 1]",
+                hint="-O swc accepts a number above 0 and at most 1 (1: no clipping)",
+            )
         if self.rotation_tokens <= 0:
-            raise ConfigError(f"-O rotation_tokens={self.rotation_tokens} must be positive")
+            raise ConfigError(
+                f"-O rotation_tokens={self.rotation_tokens} must be positive",
+                hint="-O rotation_tokens accepts an integer >= 1",
+            )
 
 
 def base_rotation(block: int, seed: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ class GPTQConfig(WeightOnlyConfig):
         if not (self.damp >= 0 and math.isfinite(self.damp)):
             raise ConfigError(f"--damp {self.damp} is invalid", hint="use a small non-negative fraction such as 0.01")
         if self.block_size <= 0:
-            raise ConfigError(f"--block-size {self.block_size} is invalid", hint="use a positive size such as 128")
+            raise ConfigError(f"-O block_size={self.block_size} is invalid", hint="-O block_size accepts an integer >= 1, such as 128")
         if self.act_order and not self.static_groups and self.group_size != -1:
             raise ConfigError(
                 "act_order without static_groups needs a per-column group index (g_idx), which this "

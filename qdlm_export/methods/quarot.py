@@ -21,8 +21,8 @@ Online (recorded per module, applied by the loader):
     head_dim``); with the per-head part already in the weights, the input sees ``H(heads) (x)
     H(head_dim)``;
   * the down projection's input: a full ``H(intermediate)`` (the SiLU gate in between stops it from
-    being folded into ``up``): LLaDA's 12288 = 12 * 1024 and Dream's 18944 = 148 * 128 use the
-    non-power-of-two constructions of ``transforms.hadamard_matrix``.
+    being folded into ``up``): LLaDA's 12288 = 12 * 1024, Dream's 18944 = 148 * 128 and Llama-2's
+    11008 = 172 * 64 use the non-power-of-two matrices of ``qdlm_export/hadamard.py``.
 
 Weights: GPTQ on the rotated weights with the rotated inputs' Hessians (the study), or RTN;
 activations per token, symmetric. QuaRot's extra Hadamard on queries and keys after RoPE only
@@ -46,7 +46,8 @@ import torch.nn as nn
 from ..configs import WeightActivationConfig
 from ..errors import ConfigError
 from ..families import LinearGroup
-from ..transforms import hadamard_transform, has_hadamard, random_hadamard_signs
+from ..hadamard import hadamard_unsupported_reason
+from ..transforms import hadamard_transform, random_hadamard_signs
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .rtn_wa import WEIGHT_METHODS, LinearPlan, WeightActivationMethod
@@ -75,13 +76,22 @@ class QuaRotConfig(WeightActivationConfig):
                 f"-O weight_method={self.weight_method} is invalid", hint=f"choose one of {', '.join(WEIGHT_METHODS)}"
             )
         if self.damp < 0:
-            raise ConfigError(f"--damp {self.damp} must be non-negative")
+            raise ConfigError(f"--damp {self.damp} must be non-negative", hint="--damp accepts a finite number >= 0, such as 0.01")
 
 
 # Config keys of the MLP width (Dream/Qwen2/Llama; LLaDA), for the early Hadamard size check.
 INTERMEDIATE_SIZE_KEYS = ("intermediate_size", "mlp_hidden_size")
-_SIZES_HINT = ("supported sizes are m * 2^k with m = 1 or a Paley order (12, 20, 28, 36, 44, 52, 60, 108, 140, 148, "
-               "...); use smoothquant or duquant for this model")
+_SIZES_HINT = ("supported sizes are 2^k and m * 2^k with m = 4 * odd a Paley order (12, 20, 28, 36, 44, 52, 60, "
+               "108, 140, 148, ...) or a Williamson one (92, 116, 156, 172); docs/FORMAT.md lists the rule. Use "
+               "smoothquant or duquant for this model")
+
+
+def _require_hadamard(size: int, what: str) -> None:
+    """ConfigError naming the size and the nearest supported ones when the format has no H(size)."""
+    reason = hadamard_unsupported_reason(size)
+    if reason is not None:
+        raise ConfigError(f"QuaRot needs a Hadamard matrix of {what} {size}, and this format has none: {reason}",
+                          hint=_SIZES_HINT)
 
 
 def _config_value(config: Any, keys: tuple[str, ...]) -> Any:
@@ -143,19 +153,12 @@ class QuaRot(WeightActivationMethod):
         self.shape = self.adapter.attention_shape(self.model_config)
         hidden, heads, head_dim = self.shape.hidden_size, self.shape.num_heads, self.shape.head_dim
         for size, what in ((hidden, "hidden size"), (heads, "number of attention heads"), (head_dim, "head dim")):
-            if not has_hadamard(size):
-                raise ConfigError(
-                    f"QuaRot needs a Hadamard matrix of the model's {what} {size}, and none is built in",
-                    hint=_SIZES_HINT,
-                )
+            _require_hadamard(size, f"the model's {what}")
         # The down projection's online Hadamard: checked here too, so that a model without one fails
         # before any calibration work (plan_block checks every linear's real size again).
         inter = _config_value(self.model_config, INTERMEDIATE_SIZE_KEYS)
-        if isinstance(inter, int) and not has_hadamard(inter):
-            raise ConfigError(
-                f"QuaRot needs a Hadamard matrix of the model's intermediate (MLP) size {inter}, and none is built in",
-                hint=_SIZES_HINT,
-            )
+        if isinstance(inter, int):
+            _require_hadamard(inter, "the model's intermediate (MLP) size")
         self.signs = random_hadamard_signs(hidden, self.config.rotation_seed)
 
     def prepare(self, model: nn.Module) -> None:
@@ -201,12 +204,7 @@ class QuaRot(WeightActivationMethod):
             elif group.norm is None:
                 # e.g. the down projection: nonlinear gating in front, so the whole rotation is online.
                 for name, linear in zip(group.linears, linears):
-                    if not has_hadamard(linear.in_features):
-                        raise ConfigError(
-                            f"QuaRot needs a Hadamard matrix of size {linear.in_features} for {prefix}.{name}, "
-                            "and none is built in",
-                            hint=_SIZES_HINT,
-                        )
+                    _require_hadamard(linear.in_features, f"{prefix}.{name}'s input size")
                     plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": linear.in_features, "stride": 1}])
             for name, linear in zip(group.linears, linears):
                 if name in writers:
