@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .errors import CheckpointError, QdlmError
 from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
+from .formats.packing import SUPPORTED_BITS
 from .kernels import describe_backend
 from .loader import DAMAGED_HINT, TensorEntry, check_module_tensors, read_safetensors_headers, uses_integer_input
 from .output import INCOMPLETE_MARKER, is_staging_folder
@@ -241,6 +242,18 @@ def _quantization_config(config: dict[str, Any], config_file: Path) -> dict[str,
     for key in ("bits", "group_size", "symmetric", "scale_dtype"):
         if key not in weights:
             raise CheckpointError(f"quantization_config.weights in {config_file} has no {key!r} field", hint=DAMAGED_HINT)
+    # Types and ranges too: a string "4" or a bool where an int belongs must fail here, naming the
+    # field, not later inside packing arithmetic.
+    for key, ok, expected in (
+        ("bits", lambda v: type(v) is int and v in SUPPORTED_BITS, f"one of {', '.join(map(str, SUPPORTED_BITS))} (an integer)"),
+        ("group_size", lambda v: type(v) is int and (v == -1 or v > 0), "a positive integer or -1"),
+        ("symmetric", lambda v: type(v) is bool, "true or false"),
+    ):
+        if not ok(weights[key]):
+            raise CheckpointError(
+                f"quantization_config.weights.{key} in {config_file} is {weights[key]!r}; expected {expected}",
+                hint=DAMAGED_HINT,
+            )
     if weights["scale_dtype"] not in DTYPES:
         raise CheckpointError(
             f"quantization_config.weights.scale_dtype in {config_file} is {weights['scale_dtype']!r}; "

@@ -387,3 +387,20 @@ def test_eval_refuses_a_checkpoint_missing_a_full_precision_tensor(monkeypatch, 
     _clean_failure(code, err, (FULL_PRECISION["missing-embedding"], "missing", "incomplete or corrupted"))
     assert "remote code" not in err and "incompatibility" not in err
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("key,value", [("bits", "4"), ("bits", 5), ("bits", True), ("group_size", 0),
+                                       ("group_size", "128"), ("symmetric", "yes")])
+def test_a_mistyped_weight_scheme_is_refused_by_inspect_eval_and_bench(monkeypatch, capsys, checkpoints, tmp_path,
+                                                                       key, value):
+    """quantization_config.weights fields of the wrong type or range are refused naming the field,
+    before anything computes on them (a string "4" used to pass inspect and fail later in convert)."""
+    folder = tmp_path / "mistyped"
+    shutil.copytree(checkpoints["w4"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["weights"][key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    for args in (["inspect", str(folder)], ["eval", str(folder), "--trust-remote-code", "--no-nll"],
+                 ["bench", str(folder), "--trust-remote-code", "--no-kernels"]):
+        code, out, err = run_cli(monkeypatch, capsys, *args)
+        _clean_failure(code, err, (f"weights.{key}", "config.json"))
