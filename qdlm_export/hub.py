@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError, HubError, QdlmError
+from .errors import CheckpointError, ConfigError, HubError, QdlmError
 from .inspect import INDEX_FILE, ValidCheckpoint, link_roots, stays_inside, validate_checkpoint
 from .model_card import CARD_FILE, render_model_card
 
@@ -391,6 +391,14 @@ def push_checkpoint(
     folder = Path(folder)
     checked = validate_checkpoint(folder, require_qdlm=False)
     config = checked.config
+    if not isinstance(config.get("quantization_config"), dict):
+        # push publishes quantized checkpoints (native or converted); a full-precision folder here is
+        # almost always the wrong argument (the source model instead of the output)
+        raise CheckpointError(
+            f"{folder} is not a quantized checkpoint: its config.json has no quantization_config",
+            hint="push the folder `qdlm-export quantize --out` (or `convert --out`) wrote; to upload any other "
+            "folder use `hf upload`",
+        )
     _check_repo_id(repo_id)
     seconds = hub_timeout(timeout)
     ep = (endpoint or constants.ENDPOINT or DEFAULT_ENDPOINT).rstrip("/")

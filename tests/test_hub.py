@@ -171,11 +171,15 @@ def test_push_skips_caches(fake_hub, ckpt):
     assert not any("__pycache__" in p for p in fake_hub.last_commit.files)
 
 
-def test_plain_checkpoint_without_qdlm_config_goes_without_card(fake_hub, tmp_path):
+def test_a_full_precision_folder_is_refused_before_any_request(fake_hub, tmp_path):
+    """push publishes quantized checkpoints, validated as inspect validates them; a folder without a
+    quantization_config (typically the source model passed by mistake) never reaches the Hub."""
+    from qdlm_export.errors import CheckpointError
+
     folder = make_checkpoint(tmp_path / "plain", quant_config=None, report=None)
-    push_checkpoint(folder, REPO, endpoint=fake_hub.endpoint)
-    assert "README.md" not in fake_hub.last_commit.files
-    assert fake_hub.last_commit.files == folder_files(folder)
+    with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
+        push_checkpoint(folder, REPO, endpoint=fake_hub.endpoint)
+    assert fake_hub.requests == []
 
 
 def test_private_reaches_create(fake_hub, ckpt):

@@ -168,7 +168,17 @@ def _symlinked_weights_out(ckpt: Path) -> Path:
     return ckpt
 
 
+def _not_quantized(ckpt: Path) -> Path:
+    """A full-precision model folder (here: the config without its quantization_config): the usual
+    slip of pushing the source instead of the output."""
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["quantization_config"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
 REFUSALS = {
+    "not-quantized": (_not_quantized, ("config.json", "quantization_config", "not a quantized checkpoint")),
     "staging-by-name": (_staging_by_name, ("staging folder", "partial")),
     "staging-by-marker": (_staging_by_marker, ("staging folder", ".qdlm-incomplete")),
     "missing-tensor": (_missing_tensor, (f"{Q}.weight_scale", "missing", "incomplete or corrupted")),

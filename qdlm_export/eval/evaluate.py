@@ -350,7 +350,7 @@ def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nl
     owned = not isinstance(model, torch.nn.Module)
     if owned:
         require_trust(model, trust_remote_code, what="the model")
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, trust_remote_code=trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             model = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -577,7 +577,7 @@ def evaluate_checkpoint(
     from .lm_eval_model import load_tokenizer, offline_mode
 
     with offline_mode(offline):
-        tokenizer = load_tokenizer(folder)  # one tokenizer for both, so both see the same tokens
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)  # one tokenizer for both, so both see the same tokens
         logger.info("Evaluating the original model %s", source)
         orig = evaluate_model(source, tokenizer, tasks, **common)
         logger.info("Evaluating the quantized model %s", folder)

@@ -154,12 +154,13 @@ def _raise_if_model_code(exc: BaseException, pretrained: str | Path, config: dic
                                 "transformers 5") from None
 
 
-def load_tokenizer(pretrained: str | Path):
-    """The checkpoint's tokenizer; for a quantized folder without one, its source model's."""
+def load_tokenizer(pretrained: str | Path, *, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer; for a quantized folder without one, its source model's. A tokenizer
+    that ships its own code runs it only with ``trust_remote_code`` (the commands check first)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(pretrained), trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as first:
         source = None
         config_path = Path(pretrained) / "config.json"
@@ -168,7 +169,7 @@ def load_tokenizer(pretrained: str | Path):
             source = (qc.get("provenance") or {}).get("source")
         if not source:
             raise first
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
 
 
 def _register(cls):
@@ -244,7 +245,7 @@ class QdlmLM(LM):
         else:
             self._device = next(model.parameters()).device
         self.model = model.eval()
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(pretrained)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
         self.pretrained = str(pretrained) if pretrained is not None else getattr(
             getattr(model, "config", None), "_name_or_path", "model"
         )

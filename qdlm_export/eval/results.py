@@ -172,7 +172,7 @@ def _run(work_dir, *, families, methods, settings, fresh, log) -> dict[str, Any]
             log(f"[{fam}] {model_dir} does not exist yet: skipped")
             result["missing_models"].append(fam)
             continue
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=True)  # the shipped models: our own code
         t = time.perf_counter()
         rows = [{"method": "original", "scheme": _dtype_of(model_dir), "bits_per_weight": None,
                  **_score(model_dir, tokenizer, s)}]
