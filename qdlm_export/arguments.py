@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ArgumentTypeError, ConfigError
 
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(?::(\d+))?)$")
+DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(?::(\d+))?)$")
 
 
 def check_bool(function: str, name: str, value: Any, *, optional: bool = False) -> None:
@@ -57,6 +57,6 @@ def check_device(value: Any, *, option: str = "--device", allow_auto: bool = Tru
             f"{option} must be a str, got {type(value).__name__} {value!r}", hint=f"pass one of {accepted}"
         )
     device = value.strip().lower()
-    if not _DEVICE_RE.match(device) or (device == "auto" and not allow_auto):
+    if not DEVICE_PATTERN.match(device) or (device == "auto" and not allow_auto):
         raise ConfigError(f"{option} {value!r} is not a device", hint=f"accepted: {accepted}")
     return device

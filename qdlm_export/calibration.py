@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .configs import CalibrationConfig
-from .errors import ConfigError, InputDataError
+from .errors import ConfigError, InputDataError, json_kind
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_CORPUS = ASSETS / "corpus" / "default.txt"
@@ -128,7 +128,7 @@ def _read_jsonl(path: Path, text_field: str) -> str:
             ) from None
         if not isinstance(record, dict):
             raise InputDataError(
-                f"{where} is a JSON {_json_kind(record)}, "
+                f"{where} is a JSON {json_kind(record)}, "
                 f"not an object with a {text_field!r} field",
                 hint="a .jsonl file holds one JSON object per line, e.g. {\"text\": \"...\"}",
             )
@@ -141,7 +141,7 @@ def _read_jsonl(path: Path, text_field: str) -> str:
         value = record[text_field]
         if not isinstance(value, str):
             raise InputDataError(
-                f"{where}: field {text_field!r} is a JSON {_json_kind(value)}, not a string",
+                f"{where}: field {text_field!r} is a JSON {json_kind(value)}, not a string",
                 hint="the --calib-field field must hold the text of each record",
             )
         texts.append(value)
@@ -150,14 +150,6 @@ def _read_jsonl(path: Path, text_field: str) -> str:
         raise InputDataError(f"calibration file {path} has no text (no non-empty {text_field!r} records)",
                              hint="pass a file with text in it, or --calib default")
     return text
-
-
-def _json_kind(value) -> str:
-    for cls, name in ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"),
-                      (dict, "object"), (type(None), "null")):
-        if isinstance(value, cls):
-            return name
-    return type(value).__name__
 
 
 def load_text(source: str, text_field: str = "text") -> str:

@@ -164,14 +164,13 @@ def _int_range(low: int, high: Optional[int] = None, high_text: Optional[str] = 
     return check
 
 
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda(?::(\d+))?)$")
-
-
 def _check_device(value: Optional[str], *, allow_auto: bool = True, need_available: bool = True) -> Optional[str]:
     if value is None:
         return None
     device = value.strip().lower()
-    match = _DEVICE_RE.match(device)
+    from .arguments import DEVICE_PATTERN
+
+    match = DEVICE_PATTERN.match(device)
     accepted = "cpu, cuda, cuda:N" + (" or auto" if allow_auto else "")
     if not match or (device == "auto" and not allow_auto):
         raise typer.BadParameter(f"{value!r} is not a device; accepted: {accepted}")
@@ -311,16 +310,6 @@ def quantize(
     calibration = CalibrationConfig(
         source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field
     )
-    extra = {}
-    if allow_non_finite:  # only when asked, so older libraries without the parameter keep working
-        import inspect as _inspect
-
-        if "allow_non_finite" not in _inspect.signature(run_quantize).parameters:
-            from .errors import ConfigError
-
-            raise ConfigError("--allow-non-finite is not supported by this version of the library",
-                              hint="reinstall qdlm-export so that its command line and library match")
-        extra["allow_non_finite"] = True
     command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _block_progress(disable=as_json) as on_block:
         summary = run_quantize(
@@ -328,7 +317,7 @@ def quantize(
             overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size,
             verify=verify, max_shard_bytes=max_shard_size, revision=revision,
             on_block=on_block, command=command, output_format=output_format, self_contained=self_contained,
-            **extra,
+            **({"allow_non_finite": True} if allow_non_finite else {}),  # the library's default otherwise
         )
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ArgumentTypeError, CheckpointError, ConfigError
-from .formats.native import LinearSpec, module_spec
+from .formats.native import LinearSpec, module_spec, REPORT_FILE
 from .formats.native_wrappers import is_generated, strip_added_code, unwrap_config
 from .formats.packing import unpack_rows
 from .formats.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -49,7 +49,6 @@ _TARGET_MODULES = {
 TARGETS = tuple(_TARGET_MODULES)
 FORMATS = (NATIVE, *TARGETS)  # what `--format` accepts
 
-REPORT_FILE = "qdlm_report.json"
 CARD_FILE = "README.md"
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _MAX_LISTED = 8  # modules named in one refusal message

@@ -55,3 +55,11 @@ class ArgumentTypeError(ConfigError, TypeError):
 
 class HubError(QdlmError):
     """An upload to the Hugging Face Hub failed (authentication, permissions, server)."""
+
+
+def json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type ("object", "array", "string", ...), for messages that
+    say what a file holds instead of what was expected."""
+    kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"),
+             (type(None), "null"))
+    return next((name for cls, name in kinds if isinstance(value, cls)), type(value).__name__)

@@ -84,14 +84,6 @@ def _is_untouched_generated_card(card: Path) -> bool:
         return False
 
 
-def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
-    """Raise a ``QdlmError`` unless ``folder`` is a complete checkpoint; return its config.json.
-
-    The one validation (:func:`~qdlm_export.inspect.validate_checkpoint`); checkpoints of other
-    formats (converted exports) are accepted with everything but the qdlm tensor layout checked."""
-    return validate_checkpoint(Path(folder), require_qdlm=False).config
-
-
 def upload_plan(checked: ValidCheckpoint) -> tuple[list[tuple[str, Path]], list[str]]:
     """``([(path in repo, local file)], [left-out entries])``: the allow-list of what ``push`` uploads.
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, QdlmError
-from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
+from .formats.native import DTYPES, FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec, REPORT_FILE
 from .formats.packing import SUPPORTED_BITS
 from .kernels import describe_backend
 from .loader import DAMAGED_HINT, TensorEntry, check_module_tensors, read_safetensors_headers, uses_integer_input
@@ -28,7 +28,6 @@ from .pipeline import SAFETENSORS_DTYPES
 ST_DTYPES = {**SAFETENSORS_DTYPES, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-REPORT_FILE = "qdlm_report.json"
 MANIFEST_KEY = "tensors"  # in REPORT_FILE: every tensor the writer wrote, name -> {"dtype", "shape"}
 MAKE_HINT = "pass the folder written by `qdlm-export quantize` (make one with `qdlm-export quantize MODEL --out DIR`)"
 
@@ -162,7 +161,7 @@ def weight_files(folder: Path) -> list[Path]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map object)",
                                   hint=DAMAGED_HINT) from None
-        shards = {value: _shard_path(folder, value) for value in weight_map.values()}
+        shards = {value: _shard_path(folder, value) for value in dict.fromkeys(weight_map.values())}  # once per shard
         absent = sorted(name for name, path in shards.items() if not path.is_file())
         if absent:
             shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")

@@ -32,7 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .activations import INPUT_SCALE, INPUT_ZERO_POINT, quantize_activation
 from .errors import CheckpointError
-from .formats.native import FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
+from .formats.native import FORMAT_NAME, ST_DTYPE_NAMES, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
 from .kernels import packed_int_linear, quantize_per_token, weight_only_linear
 from .transforms import apply_input_transforms, transform_ops
 
@@ -213,12 +213,7 @@ def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list
 
 
 # ----------------------------------------------------------------------------------- strict loading
-# safetensors dtype names (the header's "dtype") and their sizes in bytes.
-ST_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+# safetensors dtype sizes in bytes (names: formats.native.ST_DTYPE_NAMES).
 ST_ITEM_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1,

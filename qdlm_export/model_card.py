@@ -16,8 +16,8 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from .errors import CheckpointError
+from .formats.native import REPORT_FILE
 
-REPORT_FILE = "qdlm_report.json"
 CARD_FILE = "README.md"
 PROJECT_URL = "https://pypi.org/project/qdlm-export/"
 FORMAT_DOC = "docs/FORMAT.md"

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import OutputExistsError, QdlmError
+from .formats.native import LOCAL_SOURCE_FILE, REPORT_FILE
 
 # A staging folder holds this file until just before its final rename: inspect/push refuse it.
 INCOMPLETE_MARKER = ".qdlm-incomplete"
 STAGING_INFIX = ".partial-"
 LOCK_SUFFIX = ".lock"
-REPORT_FILE = "qdlm_report.json"
 TOOL = "qdlm-export"
 _STAGING_RANDOM = 8  # tempfile.mkdtemp's random part
 _HINT_OTHER_OUT = "choose another --out (a new folder, or a previous qdlm-export output with --overwrite)"
@@ -254,7 +254,7 @@ def _check_replaceable(out: Path) -> None:
 # weights, index, the local-source note, its staging marker) and those it copies from a source model
 # (source.COPIED_PATTERNS: code, tokenizer, chat template, generation config, license). Anything else
 # (notes, results, a user's own files) makes --overwrite refuse rather than delete it.
-_TOOL_FILES = ("config.json", REPORT_FILE, "README.md", "qdlm_source.local",  # eval.evaluate.LOCAL_SOURCE_FILE
+_TOOL_FILES = ("config.json", REPORT_FILE, "README.md", LOCAL_SOURCE_FILE,
                INCOMPLETE_MARKER,
                "*.safetensors", "*.safetensors.index.json")
 

@@ -24,14 +24,13 @@ from . import __version__
 from .calibration import calibration_tokens, check_calibration_fits
 from .configs import CalibrationConfig, WeightOnlyConfig
 from .errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
-from .formats.native import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name
+from .formats.native import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name, REPORT_FILE
 from .formats.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .methods import method_class
 from .output import check_output, staged_output
 from .pipeline import SAFETENSORS_DTYPES, default_compute_dtype, resolve_device, run_pipeline
 from .source import SourceModel
 
-REPORT_FILE = "qdlm_report.json"
 
 
 @dataclass
@@ -258,22 +257,7 @@ def _check_argument_types(**args: Any) -> None:
         )
     if args["on_block"] is not None and not callable(args["on_block"]):
         fail("on_block", "a callable(done, total) or None")
-    calibration = args["calibration"]
-    if calibration is not None:
-        for name in ("nsamples", "seqlen", "seed"):
-            value = getattr(calibration, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ArgumentTypeError(
-                    f"CalibrationConfig {name}={value!r} ({type(value).__name__}) is not an int",
-                    hint=f"pass {name} as an int",
-                )
-        for name in ("source", "masking", "text_field"):
-            value = getattr(calibration, name)
-            if not isinstance(value, str):
-                raise ArgumentTypeError(
-                    f"CalibrationConfig {name}={value!r} ({type(value).__name__}) is not a str",
-                    hint=f"pass {name} as a str",
-                )
+    # a CalibrationConfig checks its own field types when it is built (configs.check_field_values)
 
 
 def _check_layer_shapes(source: SourceModel, method) -> None:

@@ -23,6 +23,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def needs_remote_code(config: dict[str, Any]) -> bool:
+    """Whether building the model of ``config`` (a config.json dict) runs code shipped beside it: an
+    ``auto_map`` for a model type the installed transformers does not have itself."""
+    if not config.get("auto_map"):
+        return False
+    from transformers import CONFIG_MAPPING
+
+    return config.get("model_type") not in CONFIG_MAPPING
+
+
 def remote_code_files(folder: str | Path) -> list[str] | None:
     """The ``.py`` files loading ``folder`` would run (all of the folder's ``.py`` files, as any may be
     imported by the ones ``auto_map`` names), ``[]`` when it loads with transformers' own classes, or
@@ -32,14 +42,7 @@ def remote_code_files(folder: str | Path) -> list[str] | None:
         return None
     config = _read_json(path / "config.json")
     tokenizer = _read_json(path / "tokenizer_config.json")
-    needs = False
-    if config.get("auto_map"):
-        from transformers import CONFIG_MAPPING
-
-        needs = config.get("model_type") not in CONFIG_MAPPING
-    if tokenizer.get("auto_map"):
-        needs = True
-    if not needs:
+    if not (needs_remote_code(config) or tokenizer.get("auto_map")):
         return []
     return sorted(p.name for p in path.glob("*.py")) or ["the classes its auto_map names"]
 

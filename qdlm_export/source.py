@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .errors import InputDataError, ModelNotFoundError, UnsupportedModelError
+from .errors import InputDataError, ModelNotFoundError, UnsupportedModelError, json_kind
 from .families import FamilyAdapter, family_for_config
+from .remote_code import needs_remote_code
 
 # What a quantized checkpoint takes from its source folder is an allow-list (copyable_files): the
 # model's own files (tokenizer, chat template, generation config, remote code, license), never weights
@@ -128,21 +129,15 @@ def read_config_dict(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(config, dict):
         raise InputDataError(
-            f"{config_file} holds a JSON {_json_kind(config)}, not an object of config keys",
+            f"{config_file} holds a JSON {json_kind(config)}, not an object of config keys",
             hint=f"config.json must be one JSON object ({{\"model_type\": ..., ...}}); {fix}",
         )
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise InputDataError(
-            f"{config_file}: model_type is a JSON {_json_kind(model_type)} ({model_type!r}), not a string", hint=fix
+            f"{config_file}: model_type is a JSON {json_kind(model_type)} ({model_type!r}), not a string", hint=fix
         )
     return config
-
-
-def _json_kind(value: Any) -> str:
-    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"),
-             (dict, "object"), (type(None), "null"))
-    return next((name for cls, name in kinds if isinstance(value, cls)), type(value).__name__)
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -209,12 +204,6 @@ def check_finite(value: torch.Tensor, key: str, file: Path) -> None:
         hint="the source weights are damaged (re-download them) or were saved after a diverged training step; "
         "pass --allow-non-finite to quantize them anyway",
     )
-
-
-def needs_remote_code(config: dict[str, Any]) -> bool:
-    from transformers import CONFIG_MAPPING
-
-    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
 
 
 @dataclass

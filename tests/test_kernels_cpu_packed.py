@@ -17,6 +17,7 @@ import torch
 from qdlm_export.formats.packing import pack_rows
 from qdlm_export.kernels import cpu_packed as C
 from qdlm_export.kernels import dispatch as D
+from qdlm_export.kernels.weight_only import weight_only_linear_torch
 
 pytestmark = pytest.mark.skipif(C.unsupported_reason() is not None, reason=str(C.unsupported_reason()))
 
@@ -30,7 +31,8 @@ def _weight(gen, bits, n, k, group_size, symmetric, scale_dtype=torch.float16):
 
 
 def _check(y, x, wp, scale, zp, bits, group_size, k, bias=None):
-    ref = C.weight_only_linear_cpu_reference(x, wp, scale, zp, bits, group_size, k, bias)
+    # the float64 reference: the torch backend dequantizes exactly and multiplies in x's dtype
+    ref = weight_only_linear_torch(x.double(), wp, scale, zp, bits, group_size, k, bias)
     from qdlm_export.kernels.weight_only import dequantize_packed
 
     w = dequantize_packed(wp, scale, zp, bits, group_size, k, torch.float64)

@@ -28,10 +28,10 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .tasks import MC_TASK, OFFLINE_TASKS, tasks_dir
+from ..formats.native import LOCAL_SOURCE_FILE, REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "qdlm_report.json"
 CARD_FILE = "README.md"
 NLL_ROW = "masked_token_nll"
 DEFAULT_TASKS = (MC_TASK,)
@@ -88,7 +88,8 @@ def check_model_args(model_args: dict[str, Any]) -> None:
 
     from .lm_eval_model import QdlmLM
 
-    accepted = sorted(n for n in inspect.signature(QdlmLM.__init__).parameters if n not in _RESERVED_MODEL_ARGS)
+    params = inspect.signature(QdlmLM.__init__).parameters
+    accepted = sorted(n for n in params if n not in _RESERVED_MODEL_ARGS)
     for key, value in model_args.items():
         if key not in accepted:
             own = {"mc_num": "--mc-num", "batch_size": "--batch-size", "dtype": "--dtype", "device": "--device",
@@ -99,7 +100,7 @@ def check_model_args(model_args: dict[str, Any]) -> None:
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"-O {key}={value} is not a finite number", hint=f"give {key} a finite value")
-        _check_model_arg_value(key, value, inspect.signature(QdlmLM.__init__).parameters[key].default is None)
+        _check_model_arg_value(key, value, params[key].default is None)
     sizes = {k: model_args.get(k) for k in ("gen_length", "block_length", "steps")}
     llada_blocks = model_args.get("sampler") != "dream"  # Dream's sampler has no blocks
     if llada_blocks and isinstance(sizes["gen_length"], int) and isinstance(sizes["block_length"], int):
@@ -447,7 +448,6 @@ def original_of(quantized_dir: str | Path) -> str:
 
 # Where quantize records the absolute path of a local source. `push` uploads an allow-list of
 # suffixes (hub.UPLOAD_SUFFIXES) that ".local" is not on, so no local path is ever published.
-LOCAL_SOURCE_FILE = "qdlm_source.local"
 
 
 def record_local_source(folder: str | Path, source_path: str | Path) -> None:

@@ -111,13 +111,22 @@ def padding_inputs(attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"attention_mask": keep[:, None, None, :] & keep[:, None, :, None], "position_ids": positions}
 
 
-def _logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, logits_shift: bool) -> torch.Tensor:
+def mask_inputs(model, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The keyword arguments that carry a 2-D padding mask into ``model``'s forward; built once per
+    generation, since the mask does not change between denoising steps."""
     if attention_mask is None:
-        out = model(x)
-    elif _takes_positions(model):
-        out = model(x, **padding_inputs(attention_mask))
-    else:
-        out = model(x, attention_mask=attention_mask)
+        return {}
+    if _takes_positions(model):
+        return padding_inputs(attention_mask)
+    return {"attention_mask": attention_mask}
+
+
+def _logits(model, x: torch.Tensor, attention_mask: torch.Tensor | None, logits_shift: bool) -> torch.Tensor:
+    return _step_logits(model, x, mask_inputs(model, attention_mask), logits_shift)
+
+
+def _step_logits(model, x: torch.Tensor, inputs: dict[str, torch.Tensor], logits_shift: bool) -> torch.Tensor:
+    out = model(x, **inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     if logits_shift:  # logits at i-1 predict token i: move them onto position i
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
@@ -209,6 +218,8 @@ def llada_generate(
     prompt_index = torch.zeros_like(x, dtype=torch.bool)
     prompt_index[:, :plen] = True
 
+    inputs = mask_inputs(model, full_am)
+    inputs_cfg = mask_inputs(model, None if full_am is None else torch.cat([full_am, full_am])) if cfg_scale > 0 else {}
     step = 0
     for b in range(num_blocks):
         start, end = plen + b * block_length, plen + (b + 1) * block_length
@@ -217,12 +228,11 @@ def llada_generate(
             mask_index = x == mask_token_id
             if cfg_scale > 0:
                 un_x = x.masked_fill(prompt_index, mask_token_id)
-                am2 = None if full_am is None else torch.cat([full_am, full_am])
-                both = _logits(model, torch.cat([x, un_x]), am2, logits_shift)
+                both = _step_logits(model, torch.cat([x, un_x]), inputs_cfg, logits_shift)
                 cond, un = both.chunk(2)
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
-                logits = _logits(model, x, full_am, logits_shift)
+                logits = _step_logits(model, x, inputs, logits_shift)
 
             if temperature > 0:
                 # Gumbel-max in float64: exp(l) / (-log u)^T, whose argmax samples softmax(l / T).
@@ -353,12 +363,13 @@ def dream_generate(
     gen_region[:, plen:] = True
     timesteps = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
     sample = dict(temperature=temperature, top_p=top_p, top_k=top_k, gen=gen)
+    inputs = mask_inputs(model, full_am)
 
     for i in range(steps):
         mask_index = (x == mask_token_id) & gen_region
         if not bool(mask_index.any()):
             break
-        logits = _logits(model, x, full_am, logits_shift)
+        logits = _step_logits(model, x, inputs, logits_shift)
         mask_logits = logits[mask_index]
         t, s = float(timesteps[i]), float(timesteps[i + 1])
         last = i == steps - 1

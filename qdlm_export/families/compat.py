@@ -118,7 +118,6 @@ def repair_module(namespace: Any) -> list[str]:
     """
     ns = namespace if isinstance(namespace, dict) else vars(namespace)
     installed: list[str] = []
-    module_name = ns.get("__name__", "?")
     rope = ns.get("ROPE_INIT_FUNCTIONS")
     if isinstance(rope, dict) and "default" not in rope:
         patched = dict(rope)
@@ -136,7 +135,6 @@ def repair_module(namespace: Any) -> list[str]:
             installed += _repair_model_class(obj)
         elif issubclass(obj, GenerationConfig):
             installed += _repair_generation_config_class(obj)
-    del module_name
     return installed
 
 
@@ -269,10 +267,11 @@ def _default_inv_freq(config, device=None) -> torch.Tensor | None:
 def _default_rope_init(config=None, device=None, seq_len=None, **rope_kwargs):
     """transformers 4's ``_compute_default_rope_parameters``: (inv_freq, attention scaling 1.0)."""
     _log("rope-default-init", type(config).__name__ if config is not None else "RotaryEmbedding")
-    if config is None or _default_inv_freq(config) is None:
+    inv_freq = _default_inv_freq(config, device) if config is not None else None
+    if inv_freq is None:
         base, dim = rope_kwargs["base"], rope_kwargs["dim"]
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim)), 1.0
-    return _default_inv_freq(config, device), 1.0
+    return inv_freq, 1.0
 
 
 def repair_rotary_buffers(model: torch.nn.Module) -> int:

@@ -30,6 +30,15 @@ from .packing import pack_rows, packed_words
 
 FORMAT_NAME = "qdlm"
 FORMAT_VERSION = 1
+# The files the format adds beside the weights and config.json (docs/FORMAT.md).
+REPORT_FILE = "qdlm_report.json"  # sizes, error, calibration, tensor manifest, eval results
+LOCAL_SOURCE_FILE = "qdlm_source.local"  # the absolute source path on this machine; never uploaded
+# safetensors header dtype names of the torch dtypes a checkpoint may hold (writer, loader, inspect).
+ST_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

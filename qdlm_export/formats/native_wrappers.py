@@ -176,10 +176,12 @@ def wrapper_files(base: str) -> dict[str, str]:
 
 def is_generated(path: Path) -> bool:
     """A file qdlm-export wrote into a checkpoint: the wrapper files or a loader copy (selfcontained.py)."""
+    from .selfcontained import COPIED_HEADER
+
     if path.suffix != ".py" or not path.is_file():
         return False
     head = path.read_text(encoding="utf-8", errors="replace")[:200]
-    return head.startswith((GENERATED, "# Copied by qdlm-export"))
+    return head.startswith((GENERATED, COPIED_HEADER))
 
 
 def strip_added_code(text: str) -> str:

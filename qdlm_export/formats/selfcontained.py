@@ -54,6 +54,7 @@ EXPORT_NAMES = {"qdlm_export.kernels": "qdlm_kernels", ROOT_MODULE: LOADER_FILE}
 ALLOWED_THIRD_PARTY = {"torch", "transformers"}
 OPTIONAL_THIRD_PARTY = {"triton"}  # imported inside try, only when usable
 MARKER = "# qdlm-export self-contained loader"
+COPIED_HEADER = "# Copied by qdlm-export"  # first line of every loader copy (what may be refreshed)
 REGISTRATION = (
     f"\n\n{MARKER}: registers the `qdlm` quantization method with transformers so that this folder\n"
     "# loads with torch + transformers only (see qdlm_loader.py). Harmless when qdlm-export is installed.\n"
@@ -180,7 +181,7 @@ def _vendor(module: str, origin: str) -> tuple[str, list[str], dict[str, set[str
     for first, last, new in sorted(set(edits), reverse=True):
         lines[first - 1 : last] = [new]
     header = (
-        f"# Copied by qdlm-export from {origin.replace('.', '/')}.py for a self-contained checkpoint (imports\n"
+        f"{COPIED_HEADER} from {origin.replace('.', '/')}.py for a self-contained checkpoint (imports\n"
         "# rewritten to the copies beside it). Edit the package, not this file.\n"
     )
     return header + "".join(lines), needs, wanted
@@ -330,7 +331,7 @@ def make_self_contained(folder: str | Path) -> list[Path]:
         config = json.loads(config_path.read_text())
     modules = _remote_modules(config, folder)
     files = loader_files()
-    clash = [n for n in files if (folder / n).is_file() and not (folder / n).read_text().startswith("# Copied by qdlm-export")]
+    clash = [n for n in files if (folder / n).is_file() and not (folder / n).read_text().startswith(COPIED_HEADER)]
     if clash:
         raise ConfigError(f"{folder} already has {', '.join(clash)}, which are not qdlm-export's copies",
                           hint="rename or remove those files in the model folder, or " + _NOT_SELF_CONTAINED_HINT)

@@ -19,13 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .native import ST_DTYPE_NAMES
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-_ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 class _Shard:
@@ -39,7 +36,7 @@ class _Shard:
     def append(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         self.entries[name] = {
-            "dtype": _ST_DTYPES[tensor.dtype],
+            "dtype": ST_DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [self.size, self.size + len(raw)],
         }
@@ -65,13 +62,12 @@ class ShardedWriter:
         self.max_shard_bytes = max_shard_bytes
         self._shards: list[_Shard] = []
         self._seen: set[str] = set()
-        self._manifest: dict[str, dict] = {}
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
             raise ValueError(f"tensor {name} written twice")
-        if tensor.dtype not in _ST_DTYPES:
+        if tensor.dtype not in ST_DTYPE_NAMES:
             raise ValueError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
         self._seen.add(name)
         tensor = tensor.detach().to("cpu")
@@ -83,13 +79,13 @@ class ShardedWriter:
             shard = _Shard(self.folder / f".shard-{len(self._shards):05d}.safetensors.part")
             self._shards.append(shard)
         shard.append(name, tensor)
-        self._manifest[name] = {"dtype": shard.entries[name]["dtype"], "shape": list(shard.entries[name]["shape"])}
         self.total_bytes += size
 
     def manifest(self) -> dict[str, dict]:
         """Every tensor written so far, sorted by name: ``{name: {"dtype": "I32", "shape": [...]}}``
         (safetensors dtype names). Written into ``qdlm_report.json`` as ``"tensors"``."""
-        return {name: dict(entry, shape=list(entry["shape"])) for name, entry in sorted(self._manifest.items())}
+        entries = {name: entry for shard in self._shards for name, entry in shard.entries.items()}
+        return {name: {"dtype": e["dtype"], "shape": list(e["shape"])} for name, e in sorted(entries.items())}
 
     def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         for suffix, tensor in tensors.items():

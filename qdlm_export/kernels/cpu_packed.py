@@ -189,8 +189,8 @@ def prepare(
 
 def prepare_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """Repack every weight-only ``QdlmLinear`` of ``module`` that the CPU kernels take, now (not
-    at its first call); returns how many were repacked. The load-time hook: the loader calls
-    ``prepare_module(model, dtype=model.dtype)`` after loading. With a ``dtype`` other than bf16/fp16
+    at its first call); returns how many were repacked. Not called by the loader (repacking at the
+    first call keeps a model that never runs few-token batches at the packed size). With a ``dtype`` other than bf16/fp16
     nothing is repacked (the dispatcher runs float32 models on the exact torch path)."""
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         return 0
@@ -212,11 +212,6 @@ def prepare_module(module: torch.nn.Module, dtype: torch.dtype | None = None) ->
         prepare(wp, m.weight_scale, zp, spec.bits, spec.group_size, spec.in_features)
         done += 1
     return done
-
-
-def cache_bytes() -> int:
-    """Bytes held by the cached CPU layouts (what repacking adds to a loaded model)."""
-    return sum(p.nbytes for p in list(_CACHE.values()))
 
 
 def packed_matmul(x2: torch.Tensor, p: CpuPackedWeight) -> torch.Tensor:
@@ -301,24 +296,3 @@ def weight_only_linear_cpu(
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*lead, p.out_features)
-
-
-def weight_only_linear_cpu_reference(
-    x: torch.Tensor,
-    weight_packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_zero_point: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The float64 reference: ``x @ W_hat.T + bias`` with ``W_hat`` exactly dequantized (codes,
-    scales and zero points as stored), returned in float64."""
-    from .weight_only import dequantize_packed
-
-    w = dequantize_packed(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, torch.float64)
-    y = x.double().reshape(-1, in_features) @ w.T
-    if bias is not None:
-        y = y + bias.double()
-    return y.reshape(*x.shape[:-1], w.shape[0])

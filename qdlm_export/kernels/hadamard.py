@@ -55,10 +55,6 @@ def split_size(n: int) -> tuple[int, int]:
     return hadamard_factors(n)
 
 
-def is_supported_size(n: int) -> bool:
-    return hadamard_unsupported_reason(n) is None
-
-
 def sylvester_matrix(n: int, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
     """Natural-order Sylvester matrix ``S[i, j] = (-1)**popcount(i & j)`` of a power-of-two order."""
     return sylvester(n, dtype, device)
