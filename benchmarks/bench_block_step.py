@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from qdlm_export.bench_model import run_model_benchmark
-    from qdlm_export.configs import CalibrationConfig
+    from qdlm_export.bench.model import run_model_benchmark
+    from qdlm_export.core.configs import CalibrationConfig
     from qdlm_export.fixtures import build_tiny_model
-    from qdlm_export.quantize import make_config, quantize
+    from qdlm_export.quantize.api import make_config, quantize
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = dict(hidden_size=256, intermediate_size=768, num_heads=4) if args.small else LLADA_8B

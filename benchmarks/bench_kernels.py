@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qdlm_export.bench import OPS, format_report, run_kernel_benchmarks  # noqa: E402
+from qdlm_export.bench.kernels import OPS, format_report, run_kernel_benchmarks  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

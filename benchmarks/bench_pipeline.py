@@ -25,8 +25,8 @@ def run_one(model_dir: Path, out_dir: Path, method: str, nsamples: int, seqlen: 
     """Quantize in a child process so its peak RSS is its own."""
     code = f"""
 import json, time
-from qdlm_export.configs import CalibrationConfig
-from qdlm_export.quantize import make_config, quantize
+from qdlm_export.core.configs import CalibrationConfig
+from qdlm_export.quantize.api import make_config, quantize
 start = time.perf_counter()
 s = quantize({str(model_dir)!r}, {str(out_dir)!r}, make_config({method!r}, bits=4, group_size=128),
              calibration=CalibrationConfig(nsamples={nsamples}, seqlen={seqlen}), trust_remote_code=True,

@@ -28,8 +28,8 @@ OURS = r"""
 import sys, time, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-from qdlm_export.configs import CalibrationConfig
-from qdlm_export.quantize import make_config, quantize
+from qdlm_export.core.configs import CalibrationConfig
+from qdlm_export.quantize.api import make_config, quantize
 src, out, nsamples, seqlen, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 start = time.perf_counter()
@@ -79,8 +79,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from qdlm_export.calibration import calibration_tokens
-    from qdlm_export.configs import CalibrationConfig
+    from qdlm_export.quantize.calibration import calibration_tokens
+    from qdlm_export.core.configs import CalibrationConfig
     from qdlm_export.fixtures import tokenizer_dir
 
     with tempfile.TemporaryDirectory() as tmp:

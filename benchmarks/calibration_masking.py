@@ -33,9 +33,9 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from qdlm_export.configs import CalibrationConfig
+    from qdlm_export.core.configs import CalibrationConfig
     from qdlm_export.eval.likelihood import corpus_split, heldout_tokens, masked_token_nll
-    from qdlm_export.quantize import make_config, quantize
+    from qdlm_export.quantize.api import make_config, quantize
 
     hf_logging.disable_progress_bar()
     started = time.time()

@@ -73,8 +73,8 @@ run_step() {
   [ "$rc" = 0 ] || tail -n 15 "$R/$name.log" >&2
 }
 
-QDLM=("$PY" -c "import sys; from qdlm_export.cli import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
-KERNEL_TESTS=(tests/test_kernels.py tests/test_kernels_hadamard.py tests/test_kernels_cpu_packed.py)
+QDLM=("$PY" -c "import sys; from qdlm_export.cli.app import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
+KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_kernels_cpu_packed.py)
 TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
            "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
 BENCH_CMD=("${QDLM[@]}" bench --full --json)
@@ -133,7 +133,7 @@ if (( DRY_RUN )); then
   # the report writer on a tiny CPU bench, into a temporary copy of the doc
   run_step bench 120 "$R/bench.json" "$PY" -c "
 import json
-from qdlm_export.bench import run_kernel_benchmarks
+from qdlm_export.bench.kernels import run_kernel_benchmarks
 print(json.dumps({'kernels': run_kernel_benchmarks(quick=True, device='cpu', m_values=[4], shapes=[(256, 128)],
                                                    repeat=1, warmup=0)}))"
   write_meta 1 "dry run (CPU)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qdlm_export import cli
+from qdlm_export.cli import app as cli
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

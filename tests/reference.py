@@ -44,3 +44,49 @@ def dequantized_weights(folder: Path) -> dict[str, torch.Tensor]:
             zero = tensors[f"{name}.weight_zero_point"].double().repeat_interleave(group, dim=1)
         result[name] = (codes - zero) * scale
     return result
+
+
+def fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip: float, scale=None, zero=None) -> torch.Tensor:
+    """docs/FORMAT.md's activation quantizer in float64: per row (``scale`` None) or static."""
+    x = x.double()
+    rnd = lambda v: torch.floor(v.abs() + 0.5) * torch.sign(v)  # noqa: E731 (half away from zero)
+    if scale is None:
+        lo = x.amin(-1, keepdim=True).clamp(max=0) * clip
+        hi = x.amax(-1, keepdim=True).clamp(min=0) * clip
+        if symmetric:
+            scale = torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)
+        else:
+            scale = (hi - lo) / (2**bits - 1)
+            zero = rnd(-lo / scale).clamp(0, 2**bits - 1)
+    scale = torch.as_tensor(scale).double()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return rnd(x / scale).clamp(-qmax, qmax) * scale
+    zero = torch.as_tensor(zero).double()
+    return ((rnd(x / scale) + zero).clamp(0, 2**bits - 1) - zero) * scale
+
+
+def spec_ops(x: torch.Tensor, ops: list[dict], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """docs/FORMAT.md's transform ops in float64, written from the table (dense Hadamard matrices).
+
+    The one exception to "no qdlm_export code": the format's Hadamard matrices, whose definition
+    tests/core/test_hadamard_widths.py checks on its own (orthogonality, the construction rules)."""
+    from qdlm_export.core.hadamard import hadamard_matrix
+
+    for op in ops:
+        kind = op["op"]
+        if kind == "smooth":
+            x = x / tensors["input_smooth"].double()
+        elif kind == "hadamard":
+            n, stride = op["size"], op["stride"]
+            view = x.reshape(*x.shape[:-1], x.shape[-1] // (n * stride), n, stride)
+            x = torch.einsum("...gis,ij->...gjs", view, hadamard_matrix(n)).reshape(x.shape)
+        elif kind == "block_rotation":
+            R = tensors[op["tensor"]].double()
+            b = op["block_size"]
+            view = x.reshape(*x.shape[:-1], x.shape[-1] // b, b)
+            R = R.expand(view.shape[-2], b, b) if R.shape[0] == 1 else R
+            x = torch.einsum("...kb,kbc->...kc", view, R).reshape(x.shape)
+        elif kind == "permute":
+            x = x[..., tensors[op["tensor"]]]
+    return x

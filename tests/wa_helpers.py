@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import qdlm_export  # noqa: F401  (registers the quantizer)
-from qdlm_export.calibration import calibration_tokens
-from qdlm_export.configs import CalibrationConfig
+from qdlm_export.quantize.calibration import calibration_tokens
+from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.fixtures import build_tiny_model
 from qdlm_export.methods import method_class
-from qdlm_export.pipeline import capture_block_inputs
-from qdlm_export.source import SourceModel
+from qdlm_export.quantize.pipeline import capture_block_inputs
+from qdlm_export.quantize.source import SourceModel
 
 CALIB = CalibrationConfig(nsamples=8, seqlen=64, seed=0)
 EVAL = CalibrationConfig(nsamples=4, seqlen=64, seed=7, masking="random")

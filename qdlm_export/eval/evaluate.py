@@ -28,7 +28,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .tasks import MC_TASK, OFFLINE_TASKS, tasks_dir
-from ..formats.native import LOCAL_SOURCE_FILE, REPORT_FILE
+from ..format.spec import LOCAL_SOURCE_FILE, REPORT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def evaluate_model(
 
 def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nll_seed, dtype, device, run_kwargs,
                     trust_remote_code=False):
-    from ..remote_code import refusal_from_transformers, require_trust
+    from ..core.remote_code import refusal_from_transformers, require_trust
     from .lm_eval_model import load_model, load_tokenizer
 
     owned = not isinstance(model, torch.nn.Module)
@@ -434,7 +434,7 @@ def original_of(quantized_dir: str | Path) -> str:
         return recorded  # the absolute path quantize saw: found from any working directory
     if Path(str(source)).expanduser().exists():
         return str(source)
-    from ..model_card import looks_like_hub_id
+    from ..hub.card import looks_like_hub_id
 
     if provenance.get("source_kind") == "local" or recorded is not None or not looks_like_hub_id(source):
         where = f" (at {recorded} when it was quantized)" if recorded else ""
@@ -466,7 +466,7 @@ def recorded_local_source(folder: str | Path) -> str | None:
 
 
 def _check_original(source: str) -> None:
-    from ..model_card import looks_like_hub_id
+    from ..hub.card import looks_like_hub_id
 
     if not Path(source).expanduser().exists() and not looks_like_hub_id(source):
         raise CheckpointError(
@@ -477,7 +477,7 @@ def _check_original(source: str) -> None:
 
 def _card_is_generated(folder: Path) -> bool:
     """README.md is exactly what qdlm-export renders for the folder as it is now (nobody edited it)."""
-    from ..model_card import render_model_card
+    from ..hub.card import render_model_card
 
     card = folder / CARD_FILE
     try:
@@ -492,7 +492,7 @@ def write_eval(folder: str | Path, table: dict[str, Any], settings: dict[str, An
     Returns what happened to README.md: ``"regenerated"`` (it was the generated card, or missing),
     or ``"kept"`` (it was edited by hand: left as is).
     """
-    from ..model_card import write_model_card
+    from ..hub.card import write_model_card
 
     folder = Path(folder)
     card = folder / CARD_FILE
@@ -554,10 +554,10 @@ def evaluate_checkpoint(
     _check_types(quantized_dir=quantized_dir, tasks=tasks, nll=nll, offline=offline, write=write,
                  trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     folder = Path(quantized_dir).expanduser().resolve()
-    from ..remote_code import require_trust
+    from ..core.remote_code import require_trust
 
     require_trust(folder, trust_remote_code, what="the checkpoint")  # reads config.json only
-    from ..inspect import validate_checkpoint
+    from ..format.validation import validate_checkpoint
 
     # The one checkpoint validation, before anything is loaded or computed: an incomplete or
     # corrupted checkpoint (or a staging folder) is refused naming the file or tensor.
@@ -601,7 +601,7 @@ def _check_types(*, quantized_dir: Any, tasks: Any, nll: Any, offline: Any, writ
                  device: Any, dtype: Any) -> None:
     """The other arguments of :func:`evaluate_checkpoint`: a truthy string must not pass for
     ``True`` (``write='no'``, ``trust_remote_code='no'``), nor torch see an unknown device."""
-    from ..arguments import check_bool, check_device, check_path
+    from ..core.arguments import check_bool, check_device, check_path
     from ..errors import ArgumentTypeError
 
     check_path("evaluate_checkpoint", "quantized_dir", quantized_dir)

@@ -64,7 +64,7 @@ def split_corpus(text: str, heldout_fraction: float = HELDOUT_FRACTION) -> tuple
 
 def corpus_split(heldout_fraction: float = HELDOUT_FRACTION, source: str = "default") -> tuple[str, str]:
     """:func:`split_corpus` of a calibration source (default: the corpus shipped with the package)."""
-    from ..calibration import load_text
+    from ..quantize.calibration import load_text
 
     return split_corpus(load_text(source), heldout_fraction)
 
@@ -74,7 +74,7 @@ def heldout_tokens(
 ) -> torch.Tensor:
     """``[n, seqlen]`` token windows at seeded random offsets of the held-out tail of the shipped
     corpus (or of ``text``, when given: then ``text`` itself is the held-out text)."""
-    from ..calibration import tokenize_corpus
+    from ..quantize.calibration import tokenize_corpus
 
     if text is None:
         text = corpus_split()[1]

@@ -128,7 +128,7 @@ def load_model(
     # The model's own code (an original LLaDA/Dream as published, written for transformers 4): the
     # known incompatibilities are repaired in memory first (families/compat.py), as `quantize` does,
     # and a failure inside that code is reported as the model's, not as a bug of this tool.
-    from ..verify import prepare_folder_code
+    from ..quantize.fidelity import prepare_folder_code
 
     try:
         prepare_folder_code(str(pretrained), family.auto_class, auto_map=auto_map)
@@ -144,7 +144,7 @@ def _raise_if_model_code(exc: BaseException, pretrained: str | Path, config: dic
     from types import SimpleNamespace
 
     from ..errors import QdlmError
-    from ..preflight import _model_frame, remote_code_error
+    from ..quantize.preflight import _model_frame, remote_code_error
 
     if isinstance(exc, QdlmError):  # already in words (a damaged checkpoint's CheckpointError): not the code's
         return

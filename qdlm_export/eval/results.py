@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..machine import cpu_name
+from ..core.machine import cpu_name
 from .tasks import MC_TASK
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -119,8 +119,8 @@ def _score(model_dir: Path, tokenizer: Any, s: Settings) -> dict[str, float]:
 
 
 def _quantize(source: Path, out: Path, v: Variant, s: Settings) -> dict[str, Any]:
-    from ..configs import CalibrationConfig
-    from ..quantize import make_config, quantize
+    from ..core.configs import CalibrationConfig
+    from ..quantize.api import make_config, quantize
 
     t = time.perf_counter()
     calib = CalibrationConfig(nsamples=s.calib_nsamples, seqlen=s.calib_seqlen, seed=0)

@@ -38,7 +38,7 @@ def family_for_config(config: Any) -> FamilyAdapter:
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type in _FAMILIES:
         return _FAMILIES[model_type]
-    from ..formats.native_wrappers import base_model_type
+    from ..loader.native_wrappers import base_model_type
 
     base = base_model_type(config)  # a native checkpoint's qdlm_<type> stands for its source's type
     if base in _FAMILIES:

@@ -39,7 +39,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .weight_only import unpack_codes
 

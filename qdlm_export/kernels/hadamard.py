@@ -25,13 +25,13 @@ import math
 
 import torch
 
-from ..hadamard import (
+from ..core.hadamard import (
     hadamard_factors,
     hadamard_unsupported_reason,
     small_hadamard,
     sylvester,
 )
-from ..hadamard import hadamard_matrix as _format_hadamard_matrix
+from ..core.hadamard import hadamard_matrix as _format_hadamard_matrix
 
 # The orders of QuaRot's list that occur as ``m`` (40 is 20 * 2), all built in.
 HADAMARD_ORDERS = (12, 20, 28, 36, 52, 60, 108, 140, 148, 156, 172)

@@ -3,7 +3,7 @@
     y = x @ W_hat.T + bias,   W_hat[n, k] = (q[n, k] - z[n, g]) * s[n, g],   g = k // group_size
 
 ``weight_packed`` is int32 ``[out, ceil(in*bits/32)]`` in the layout of
-:mod:`qdlm_export.formats.packing` (a dense little-endian bit stream per row). ``weight_scale`` is
+:mod:`qdlm_export.core.packing` (a dense little-endian bit stream per row). ``weight_scale`` is
 ``[out, groups]`` (fp16/bf16/fp32); ``weight_zero_point`` is uint8 ``[out, groups]`` or None for
 symmetric weights (then ``z = 2**(bits-1)``). ``group_size == -1`` means one group per row.
 
@@ -12,7 +12,7 @@ dequantize-then-matmul done with as few passes as eager torch allows: codes are 
 of the packed words (no index gathers, no int64 intermediates), the affine map runs in place on one
 float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 8 codes for 3 bits).
 ``(q - z) * s`` is computed in float32 and cast once, so the weight is rounded exactly as
-:func:`qdlm_export.quantization.dequantize` rounds it.
+:func:`qdlm_export.core.schemes.dequantize` rounds it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..formats.packing import SUPPORTED_BITS, packed_words, unpack_rows
+from ..core.packing import SUPPORTED_BITS, packed_words, unpack_rows
 
 
 def unpack_codes(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def dequantize_packed(
 ) -> torch.Tensor:
     """Packed int32 ``[out, words]`` -> dense ``[out, in]`` weight ``(q - z) * s`` in ``dtype``.
 
-    Computed in float32 and cast once, exactly like :func:`qdlm_export.quantization.dequantize`.
+    Computed in float32 and cast once, exactly like :func:`qdlm_export.core.schemes.dequantize`.
     """
     group = in_features if group_size == -1 else group_size
     if in_features % group:

@@ -1,7 +1,7 @@
 """Weight-only quantized linear, Triton backend: a grouped dequantize-GEMM on the packed weight.
 
 ``y[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] + bias[n]`` with ``g = k // group_size``,
-read straight from the packed int32 layout of :mod:`qdlm_export.formats.packing`. Same arguments as
+read straight from the packed int32 layout of :mod:`qdlm_export.core.packing`. Same arguments as
 :func:`qdlm_export.kernels.weight_only.weight_only_linear_torch`, plus ``out=``.
 
 Supported (``weight_only.triton_unsupported_reason`` says why not): bits 2/3/4/8, symmetric or

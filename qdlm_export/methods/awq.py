@@ -42,10 +42,10 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..configs import WeightOnlyConfig
+from ..core.configs import WeightOnlyConfig
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
-from ..quantization import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
+from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
 from .base import BlockCalibration, QuantMethod, find_linear
 from .registry import register_method
 

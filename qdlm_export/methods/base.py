@@ -17,10 +17,10 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from ..configs import WeightOnlyConfig
+from ..core.configs import WeightOnlyConfig
 from ..errors import ConfigError
 from ..families import FamilyAdapter
-from ..quantization import QuantizedWeight, WeightScheme
+from ..core.schemes import QuantizedWeight, WeightScheme
 
 
 @dataclass

@@ -35,10 +35,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..configs import WeightActivationConfig
+from ..core.configs import WeightActivationConfig
 from ..errors import ConfigError
-from ..hadamard import hadamard_matrix, hadamard_unsupported_reason
-from ..transforms import apply_op
+from ..core.hadamard import hadamard_matrix, hadamard_unsupported_reason
+from ..core.transforms import apply_op
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .rtn_wa import LinearPlan, WeightActivationMethod, collect_group_inputs

@@ -33,9 +33,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..configs import WeightOnlyConfig
+from ..core.configs import WeightOnlyConfig
 from ..errors import ConfigError
-from ..quantization import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
+from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
 from .base import BlockCalibration, QuantMethod, feed_inputs, find_linear
 from .registry import register_method
 

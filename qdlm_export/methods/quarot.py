@@ -43,11 +43,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..configs import WeightActivationConfig
+from ..core.configs import WeightActivationConfig
 from ..errors import ConfigError
 from ..families import LinearGroup
-from ..hadamard import hadamard_unsupported_reason
-from ..transforms import hadamard_transform, random_hadamard_signs
+from ..core.hadamard import hadamard_unsupported_reason
+from ..core.transforms import hadamard_transform, random_hadamard_signs
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .rtn_wa import WEIGHT_METHODS, LinearPlan, WeightActivationMethod

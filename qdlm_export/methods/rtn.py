@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..configs import RTNConfig
-from ..quantization import QuantizedWeight, quantize_rtn
+from ..core.configs import RTNConfig
+from ..core.schemes import QuantizedWeight, quantize_rtn
 from .base import BlockCalibration, QuantMethod, find_linear
 from .registry import register_method
 

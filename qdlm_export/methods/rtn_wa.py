@@ -31,12 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..activations import ActivationSpec, RangeObserver
-from ..configs import WeightActivationConfig
+from ..core.activations import ActivationSpec, RangeObserver
+from ..core.configs import WeightActivationConfig
 from ..families import LinearGroup
-from ..formats.native import dtype_name, linear_tensors, module_spec
-from ..quantization import QuantizedWeight, compute_qparams, quantize_with_qparams
-from ..transforms import apply_input_transforms, transform_weight
+from ..format.spec import dtype_name, linear_tensors, module_spec
+from ..core.schemes import QuantizedWeight, compute_qparams, quantize_with_qparams
+from ..core.transforms import apply_input_transforms, transform_weight
 from .base import BlockCalibration, QuantMethod, find_linear
 from .registry import register_method
 
@@ -245,7 +245,7 @@ class WeightActivationMethod(QuantMethod):
 
     def build_module(self, full_name: str, qweight: QuantizedWeight, device: torch.device) -> nn.Module:
         """The loader's ``QdlmLinear`` for ``qweight``, filled with the tensors that will be written."""
-        from ..loader import QdlmLinear  # the loader imports transformers; keep it out of import time
+        from ..loader.hf_quantizer import QdlmLinear  # the loader imports transformers; keep it out of import time
 
         out, inp = qweight.shape
         bias = qweight.bias

@@ -29,10 +29,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..configs import WeightActivationConfig
+from ..core.configs import WeightActivationConfig
 from ..errors import ConfigError
 from ..families import LinearGroup
-from ..transforms import SMOOTH_TENSOR
+from ..core.transforms import SMOOTH_TENSOR
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .rtn_wa import GroupInputStats, LinearPlan, WeightActivationMethod, collect_group_inputs

@@ -1,0 +1,202 @@
+"""One full denoising step of a quantized checkpoint against its original, in the same run.
+
+A dLLM denoising step is one forward pass over the whole sequence (prompt + masked answer). This
+times that pass for the original model (bf16 on CUDA, fp32 on CPU) and the quantized one, and
+reports the memory its quantized linears hold against the same linears in bf16. When the
+checkpoint has online Hadamard transforms, the share of the step spent in them is measured too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# The package's own tiny LLaDA: its code is ours, so timing it never needs --trust-remote-code.
+EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "assets" / "tiny-llada"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_forward(model: nn.Module, tokens: torch.Tensor, device: torch.device, repeat: int) -> float:
+    with torch.no_grad():
+        model(input_ids=tokens)  # warm-up (kernel compilation, caches)
+        _sync(device)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(input_ids=tokens)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _load(
+    folder: str, auto_class: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False
+) -> nn.Module:
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from ..core.remote_code import refusal_from_transformers
+
+    hf_logging.disable_progress_bar()
+    cls = getattr(transformers, auto_class)
+    try:
+        model = cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=dtype)
+    except ValueError as exc:
+        refusal = refusal_from_transformers(exc, folder)
+        if refusal is None:
+            raise
+        raise refusal from None
+    return model.to(device).eval()
+
+
+def _original_of(quantized_dir: Path) -> str:
+    """The recorded original, found as ``eval`` finds it (the absolute path quantize saw, then the
+    provenance source); a ``CheckpointError`` that says to pass it when it cannot be found."""
+    from ..eval.evaluate import original_of
+
+    return original_of(quantized_dir)
+
+
+def check_checkpoint(quantized_dir: str | Path, trust_remote_code: bool, original: str | Path | None = None) -> str:
+    """Everything :func:`run_model_benchmark` needs before it loads anything, checked in seconds:
+    the code it would run is trusted, the folder is a complete checkpoint (``inspect``'s validation:
+    not a staging folder, every promised tensor present with its dtype and shape) and its original
+    exists. Returns the original. ``bench`` calls it before minutes of kernel timing."""
+    from ..eval.evaluate import _check_original
+    from ..format.validation import validate_checkpoint
+
+    check_trusted(quantized_dir, trust_remote_code, original)
+    validate_checkpoint(Path(quantized_dir), require_qdlm=False)
+    source = str(original) if original is not None else _original_of(Path(quantized_dir))
+    _check_original(source)
+    return source
+
+
+def check_trusted(quantized_dir: str | Path, trust_remote_code: bool, original: str | Path | None = None) -> None:
+    """Refuse (naming the ``.py`` files) when timing ``quantized_dir`` or its original would run code
+    shipped in their folders and ``trust_remote_code`` is False. The package's own embedded default
+    is always allowed."""
+    from ..errors import QdlmError
+    from ..core.remote_code import require_trust
+
+    if trust_remote_code:
+        return
+    quantized_dir = Path(quantized_dir)
+    require_trust(quantized_dir, False, what="the checkpoint")
+    try:
+        source = str(original) if original is not None else _original_of(quantized_dir)
+    except (OSError, ValueError, KeyError, TypeError, QdlmError):
+        return  # no readable provenance: run_model_benchmark reports that itself
+    if Path(source).expanduser().resolve() != EMBEDDED_DEFAULT.resolve():
+        require_trust(source, False, what="its original model")
+
+
+def linear_memory(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by quantized linears, bytes the same linears take as dense bf16 weights)."""
+    from ..loader.hf_quantizer import QdlmLinear
+
+    held = dense = 0
+    for module in model.modules():
+        if isinstance(module, QdlmLinear):
+            held += sum(b.numel() * b.element_size() for n, b in module.named_buffers() if n != "bias")
+            dense += module.in_features * module.out_features * 2
+    return held, dense
+
+
+def run_model_benchmark(
+    quantized_dir: str | Path,
+    *,
+    original: str | Path | None = None,
+    batch: int = 1,
+    seqlen: int = 256,
+    repeat: int = 3,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Time one denoising step of ``quantized_dir`` and of its original. Loading either may run
+    Python code shipped in its folder (LLaDA, Dream): that needs ``trust_remote_code=True``, else
+    ``UnsupportedModelError`` names the files."""
+    from ..families import family_for_config
+
+    from ..core.arguments import check_device
+
+    if device is not None:
+        device = check_device(device, allow_auto=False)
+    quantized_dir = Path(quantized_dir)
+    original = check_checkpoint(quantized_dir, trust_remote_code, original)
+    config = json.loads((quantized_dir / "config.json").read_text())
+    qconfig = config["quantization_config"]
+    adapter = family_for_config(config)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    vocab = config.get("vocab_size") or config.get("embedding_size")
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (batch, seqlen), generator=gen)
+    mask_id = (qconfig.get("dllm") or {}).get("mask_token_id")
+    if mask_id is not None:  # a mid-denoising sequence: the second half is still masked
+        tokens[:, seqlen // 2 :] = mask_id
+    tokens = tokens.to(dev)
+
+    trusted = trust_remote_code or Path(original).expanduser().resolve() == EMBEDDED_DEFAULT.resolve()
+    dense_model = _load(original, adapter.auto_class, dtype, dev, trusted)
+    dense_s = _time_forward(dense_model, tokens, dev, repeat)
+    del dense_model
+    quant_model = _load(str(quantized_dir), adapter.auto_class, dtype, dev, trust_remote_code)
+    quant_s = _time_forward(quant_model, tokens, dev, repeat)
+    held, dense_bytes = linear_memory(quant_model)
+    hadamard_share = _hadamard_share(quant_model, tokens, dev, quant_s)
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "checkpoint": str(quantized_dir),
+        "method": qconfig.get("method"),
+        "bits": qconfig["weights"]["bits"],
+        "act_bits": (qconfig.get("activations") or {}).get("bits"),
+        "tokens": batch * seqlen,
+        "dense_dtype": str(dtype).removeprefix("torch."),
+        "dense_step_ms": round(dense_s * 1000, 3),
+        "quantized_step_ms": round(quant_s * 1000, 3),
+        "speedup": round(dense_s / quant_s, 3),
+        "linear_bytes_quantized": held,
+        "linear_bytes_bf16": dense_bytes,
+        "linear_memory_ratio": round(held / max(dense_bytes, 1), 4),
+        "hadamard_share": hadamard_share,
+    }
+
+
+def _hadamard_share(model: nn.Module, tokens: torch.Tensor, device: torch.device, step_s: float) -> float | None:
+    """Fraction of one step spent in online Hadamard transforms (None when the model has none)."""
+    try:
+        from ..core import transforms
+    except ImportError:
+        return None
+    original = getattr(transforms, "hadamard_transform", None)
+    if original is None:
+        return None
+    spent = [0.0]
+    calls = [0]
+
+    def timed(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        _sync(device)
+        spent[0] += time.perf_counter() - start
+        calls[0] += 1
+        return out
+
+    transforms.hadamard_transform = timed
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens)
+    finally:
+        transforms.hadamard_transform = original
+    return round(spent[0] / step_s, 4) if calls[0] else None

@@ -1,0 +1,235 @@
+"""One frozen dataclass per quantization method, validated where it is built.
+
+A config is everything a method needs to reproduce its result. It is serialised verbatim into the
+checkpoint's ``quantization_config.method_options`` (and its weight fields into ``weights``), so a
+checkpoint records how it was made. Methods register their config class in ``methods/registry.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ArgumentTypeError, ConfigError
+from .packing import SUPPORTED_BITS
+from .schemes import WeightScheme
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+GROUP_FALLBACKS = ("error", "per-channel")
+# Calibration seeds go to torch generators (64 bits); verification also uses seed + 1.
+MAX_SEED = 2**63 - 1
+
+# Config fields with a `quantize` flag of their own; every other field is set with `-O KEY=VALUE`.
+CLI_FLAGS = {
+    "bits", "group_size", "symmetric", "include_lm_head", "group_fallback", "scale_dtype", "act_bits",
+    "act_granularity", "qkv_bits", "damp", "act_order", "mse_clip", "alpha",
+}
+CALIBRATION_FLAGS = {"source": "calib", "text_field": "calib-field", "masking": "calib-masking"}
+
+
+def option_name(field_name: str, calibration: bool = False) -> str:
+    """How a user sets a config field on the command line: ``--damp`` or ``-O block_size``."""
+    if calibration:
+        return "--" + CALIBRATION_FLAGS.get(field_name, field_name.replace("_", "-"))
+    return "--" + field_name.replace("_", "-") if field_name in CLI_FLAGS else f"-O {field_name}"
+
+
+def _accepted(hint: Any) -> tuple[tuple[type, ...], str] | None:
+    """(types a value may have, their description) for a field's annotation; None: not checked."""
+    names = {int: "an int", float: "a number", bool: "a bool (True or False)", str: "a str", type(None): "None"}
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not all(a in names for a in args):
+        return None
+    return tuple(args), " or ".join(names[a] for a in args)
+
+
+def _matches(value: Any, allowed: tuple[type, ...]) -> bool:
+    for t in allowed:
+        if t is type(None) and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return True
+        if t is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return True
+        if t is str and isinstance(value, str):
+            return True
+    return False
+
+
+def check_field_values(config: Any, *, calibration: bool = False) -> None:
+    """Every field of a config dataclass has its annotated type, and every number is finite (NaN and
+    Inf cannot be written to config.json: strict JSON has neither). Errors name the CLI option."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        accepted = _accepted(hints.get(f.name))
+        if accepted is not None and not _matches(value, accepted[0]):
+            raise ArgumentTypeError(
+                f"{cls.__name__} {f.name}={value!r} ({type(value).__name__}) is not {accepted[1]}",
+                hint=f"pass {f.name} ({option_name(f.name, calibration)}) as {accepted[1]}",
+            )
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise ConfigError(
+                f"{option_name(f.name, calibration)} {value} is not a finite number",
+                hint=f"give {option_name(f.name, calibration)} a finite value (NaN and Inf are refused)",
+            )
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Fields shared by every method: the integer format of the weights and what is quantized."""
+
+    method: ClassVar[str] = ""
+
+    bits: int = 4
+    group_size: int = 128  # -1: per output channel
+    symmetric: bool = True
+    include_lm_head: bool = False
+    # What to do when group_size does not divide a layer's input size: refuse, or fall back to
+    # per-channel scales for that layer only (recorded in the checkpoint's module_overrides).
+    group_fallback: str = "error"
+    # None: float32 for float32 sources, float16 otherwise (GPTQ/AWQ convention; bf16 is too coarse).
+    scale_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field_values(self)
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(
+                f"--bits {self.bits} is not supported by {self.method or 'this method'}",
+                hint=f"choose one of {', '.join(map(str, SUPPORTED_BITS))}",
+            )
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError(
+                f"--group-size {self.group_size} is invalid",
+                hint="use a positive group size such as 32, 64 or 128, or -1 for per-channel scales",
+            )
+        if self.group_fallback not in GROUP_FALLBACKS:
+            raise ConfigError(
+                f"--group-fallback {self.group_fallback!r} is invalid", hint=f"choose one of {GROUP_FALLBACKS}"
+            )
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"--scale-dtype {self.scale_dtype!r} is invalid", hint=f"choose one of {SCALE_DTYPES}")
+
+    @property
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def method_options(self) -> dict[str, Any]:
+        """The fields beyond the shared weight format (what makes this method this method)."""
+        shared = {f.name for f in dataclasses.fields(WeightOnlyConfig)}
+        return {k: v for k, v in self.to_dict().items() if k not in shared}
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "WeightOnlyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"option(s) {', '.join(unknown)} do not apply to method {cls.method!r}",
+                hint=f"{cls.method} accepts: {', '.join(sorted(known))}",
+            )
+        return cls(**options)
+
+
+@dataclass(frozen=True)
+class RTNConfig(WeightOnlyConfig):
+    """Round to nearest: min/max scales per group, no calibration. The baseline."""
+
+    method: ClassVar[str] = "rtn"
+
+
+ACT_GRANULARITIES = ("token", "tensor")
+
+
+@dataclass(frozen=True)
+class WeightActivationConfig(WeightOnlyConfig):
+    """Weight *and* activation quantization (SmoothQuant, QuaRot, DuQuant): weights as above, plus
+    the integer format of every quantized linear's input, applied online by the loader."""
+
+    act_bits: int = 8
+    act_granularity: str = "token"  # "token": dynamic per-token scales; "tensor": one static scale
+    act_symmetric: bool = True
+    act_clip_ratio: float = 1.0
+    qkv_bits: int | None = None  # also quantize the q/k/v projections' outputs (None: keep 16-bit)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.act_bits not in (4, 8):
+            raise ConfigError(f"--act-bits {self.act_bits} is not supported", hint="--act-bits accepts 4 or 8")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ConfigError(
+                f"--act-granularity {self.act_granularity!r} is invalid", hint=f"choose one of {ACT_GRANULARITIES}"
+            )
+        if not 0.0 < self.act_clip_ratio <= 1.0:
+            raise ConfigError(
+                f"-O act_clip_ratio={self.act_clip_ratio} is out of range",
+                hint="act_clip_ratio accepts a fraction in (0, 1], e.g. 0.9",
+            )
+        if self.qkv_bits is not None and self.qkv_bits not in (4, 8):
+            raise ConfigError(f"--qkv-bits {self.qkv_bits} is not supported", hint="--qkv-bits accepts 4 or 8")
+
+    def activations(self) -> dict[str, Any]:
+        """The ``activations`` section of the checkpoint's quantization_config."""
+        return {
+            "bits": self.act_bits,
+            "granularity": self.act_granularity,
+            "dynamic": self.act_granularity == "token",
+            "symmetric": self.act_symmetric,
+            "clip_ratio": self.act_clip_ratio,
+            "qkv_bits": self.qkv_bits,
+        }
+
+    def method_options(self) -> dict[str, Any]:
+        shared = {f.name for f in dataclasses.fields(WeightActivationConfig)}
+        return {k: v for k, v in self.to_dict().items() if k not in shared}
+
+
+CALIB_MASKINGS = ("auto", "random", "none")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration text comes from and how it is cut into model inputs."""
+
+    source: str = "default"  # "default" (shipped corpus), a .txt/.jsonl file, a folder, or a Hub dataset
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    # "random": per-sample ratio t ~ U(0,1), tokens masked with prob t, as a dLLM sees its input while
+    # denoising; "none": clean text, as the study did; "auto" (default): random for models with a mask
+    # token (dLLMs), none for the others. Chosen by measurement (docs/calibration.md).
+    masking: str = "auto"
+    text_field: str = "text"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_field_values(self, calibration=True)
+        if self.nsamples <= 0:
+            raise ConfigError(
+                f"--nsamples {self.nsamples} is invalid", hint="--nsamples accepts a positive count, e.g. 128"
+            )
+        if self.seqlen <= 1:
+            raise ConfigError(
+                f"--seqlen {self.seqlen} is invalid", hint="--seqlen accepts a token count of at least 2, e.g. 512"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed {self.seed} is out of range", hint=f"--seed accepts 0 to 2**63-1 ({MAX_SEED})")
+        if self.masking not in CALIB_MASKINGS:
+            raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint=f"choose one of {', '.join(CALIB_MASKINGS)}")
+
+    def resolved_masking(self, mask_token_id: int | None) -> str:
+        """``"random"`` or ``"none"``: what ``auto`` means for a model with (or without) a mask token."""
+        if self.masking == "auto":
+            return "random" if mask_token_id is not None else "none"
+        return self.masking

@@ -1,0 +1,1 @@
+"""Exports of quantized weights to other toolkits' layouts (GPTQ, AWQ, compressed-tensors)."""

@@ -1,0 +1,549 @@
+"""``convert``: rewrite a native qdlm checkpoint into another quantized format (GPTQ, AWQ, compressed-tensors).
+
+A conversion never re-quantizes: it re-encodes the very codes, scales and zero points of the native
+checkpoint in the target's layout, so the target's dequantized weights equal the native ones. What
+a target cannot express (online transforms, a bit width, a shape, a scale it cannot store exactly)
+is refused up front with a message saying what and why; docs/EXPORTS.md lists the rules.
+
+The machinery shared by every target lives here: :class:`NativeCheckpoint` reads a native folder
+lazily (safetensors headers, one module's tensors at a time), :class:`ExportFormat` is what a target
+implements (``formats/gptq.py``, ``formats/awq.py``, ``formats/compressed_tensors.py``), and
+:func:`write_converted` streams the tensors through :class:`~qdlm_export.format.writer.ShardedWriter`
+so memory stays at one module's tensors whatever the model size.
+
+Entry points::
+
+    convert(src_dir, out_dir, "gptq", overwrite=False)        # atomic: staged, then moved into place
+    write_converted(src_dir, empty_dir, "awq")                 # into a folder the caller stages
+    check_convertible(qconfig, "compressed-tensors")           # early refusal from a (partial) config
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ArgumentTypeError, CheckpointError, ConfigError
+from ..format.spec import LinearSpec, module_spec, REPORT_FILE
+from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_config
+from ..core.packing import unpack_rows
+from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from ..format.output import staged_output
+
+NATIVE = "native"
+# Target name -> module defining ``FORMAT`` (an ExportFormat instance). Imported on first use.
+_TARGET_MODULES = {
+    "gptq": "qdlm_export.exports.gptq",
+    "awq": "qdlm_export.exports.awq",
+    "compressed-tensors": "qdlm_export.exports.compressed_tensors",
+}
+TARGETS = tuple(_TARGET_MODULES)
+FORMATS = (NATIVE, *TARGETS)  # what `--format` accepts
+
+CARD_FILE = "README.md"
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+_MAX_LISTED = 8  # modules named in one refusal message
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a native checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """One quantized linear of a native checkpoint: its resolved scheme and its tensors' keys."""
+
+    name: str
+    spec: LinearSpec
+    online_ops: tuple[dict, ...]  # transforms.modules[name] without the quantize markers
+    quantizes_input: bool
+    quantizes_output: bool
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    @property
+    def groups(self) -> int:
+        return self.spec.groups
+
+    @property
+    def group(self) -> int:
+        """Columns per group (``in_features`` when per channel)."""
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    def keys(self) -> list[str]:
+        """Every stored tensor of this module (weight, scale, zero, shape, bias, transform tensors)."""
+        return [f"{self.name}.{suffix}" for suffix in self.spec.tensors()]
+
+
+class NativeCheckpoint:
+    """A validated native qdlm folder, read lazily: headers at open, tensors on request."""
+
+    def __init__(self, folder: str | Path):
+        from ..format.validation import inspect_checkpoint
+
+        self.folder = Path(folder)
+        inspect_checkpoint(self.folder)  # every promised tensor present with the right dtype/shape
+        self.config: dict[str, Any] = json.loads((self.folder / "config.json").read_text())
+        self.qconfig: dict[str, Any] = self.config["quantization_config"]
+        self._where: dict[str, Path] = {}
+        self._order: list[str] = []
+        for path in self._weight_files():
+            with safe_open(path, "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self._where[key] = path
+                    self._order.append(key)
+        self._handles: dict[Path, Any] = {}
+        self.modules = [self._module(name) for name in self.qconfig["quantized_modules"]]
+        self._owner = {key: m for m in self.modules for key in m.keys()}  # noqa: SIM118
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [self.folder / n for n in names]
+        return sorted(self.folder.glob("*.safetensors"))
+
+    def _module(self, name: str) -> QuantizedModule:
+        out, inp = (int(v) for v in self.get(f"{name}.weight_shape").tolist())
+        bias_key = f"{name}.bias"
+        has_bias = bias_key in self._where
+        bias_dtype = self.get(bias_key).dtype if has_bias else torch.float32
+        spec = module_spec(self.qconfig, name, inp, out, has_bias, bias_dtype)
+        ops = tuple(spec.input_transforms)
+        online = tuple(op for op in ops if op.get("op") not in ("quantize_input", "quantize_output"))
+        return QuantizedModule(
+            name=name, spec=spec, online_ops=online,
+            quantizes_input=spec.quantizes_input, quantizes_output=spec.quantizes_output,
+        )
+
+    # -- tensors --------------------------------------------------------------------------------
+    def get(self, key: str) -> torch.Tensor:
+        path = self._where.get(key)
+        if path is None:
+            raise CheckpointError(
+                f"tensor {key} is missing from {self.folder}",
+                hint=f"run `qdlm-export inspect {self.folder}` to see what is damaged, or re-create the checkpoint",
+            )
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(path, "pt")
+        return handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        path = self._where[key]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(path, "pt")
+        return tuple(handle.get_slice(key).get_shape())
+
+    def has(self, key: str) -> bool:
+        return key in self._where
+
+    def passthrough_keys(self) -> Iterator[str]:
+        """Tensors that belong to no quantized module (embeddings, norms, full-precision linears)."""
+        return (k for k in self._order if k not in self._owner)
+
+    def codes(self, m: QuantizedModule) -> torch.Tensor:
+        """uint8 ``[out, in]`` codes in ``[0, 2^bits)``."""
+        return unpack_rows(self.get(f"{m.name}.weight_packed"), m.bits, m.in_features)
+
+    def scale(self, m: QuantizedModule) -> torch.Tensor:
+        return self.get(f"{m.name}.weight_scale")
+
+    def zero_points(self, m: QuantizedModule) -> torch.Tensor:
+        """uint8 ``[out, groups]`` zero codes; symmetric modules get their fixed ``2^(bits-1)``."""
+        if m.symmetric:
+            return torch.full((m.out_features, m.groups), 1 << (m.bits - 1), dtype=torch.uint8)
+        return self.get(f"{m.name}.weight_zero_point")
+
+    def bias(self, m: QuantizedModule) -> torch.Tensor | None:
+        return self.get(f"{m.name}.bias") if m.spec.has_bias else None
+
+    def close(self) -> None:
+        self._handles.clear()  # safe_open handles close when dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# What a target implements
+# ---------------------------------------------------------------------------------------------
+
+
+class ExportFormat:
+    """A target format. Subclasses fill in the hooks; refusals are returned as reasons (strings)."""
+
+    name: str = ""
+    title: str = ""  # for messages and the model card ("GPTQ (v1)")
+
+    def config_problems(self, qconfig: dict[str, Any]) -> list[str]:
+        """Scheme-level reasons this target cannot express the checkpoint (config only, no tensors).
+        Must cope with partial configs (``check_convertible`` before quantizing)."""
+        return []
+
+    def module_problems(self, m: QuantizedModule, qconfig: dict[str, Any]) -> list[str]:
+        """Shape/scheme reasons this target cannot hold one module (no tensor values read)."""
+        return []
+
+    def module_tensors(self, ckpt: NativeCheckpoint, m: QuantizedModule) -> dict[str, torch.Tensor]:
+        """The target's tensors of one module, by suffix (exact re-encoding; may raise on values)."""
+        raise NotImplementedError
+
+    def passthrough(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor that belongs to no quantized module, as the target stores it (default: unchanged)."""
+        return tensor
+
+    def quantization_config(self, ckpt: NativeCheckpoint) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
+        """Markdown for the model card's "How to load" section."""
+        return ""
+
+    def format_note(self) -> str:
+        """Markdown for the model card's "Format" section."""
+        return ""
+
+
+def get_format(to: str) -> ExportFormat:
+    key = str(to).strip().lower()
+    if key == NATIVE:
+        raise ConfigError("the checkpoint is already in the native qdlm format", hint="choose --to gptq, awq or compressed-tensors")
+    if key not in _TARGET_MODULES:
+        raise ConfigError(f"unknown export format {to!r}", hint=f"choose one of {', '.join(TARGETS)}")
+    return importlib.import_module(_TARGET_MODULES[key]).FORMAT
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals shared by several targets (each target decides which apply)
+# ---------------------------------------------------------------------------------------------
+
+
+def online_transform_problem(qconfig: dict[str, Any], target: str) -> str | None:
+    """Non-empty per-module online transforms (rotations, smoothing applied at run time)."""
+    modules = (qconfig.get("transforms") or {}).get("modules") or {}
+    kinds: dict[str, int] = {}
+    for ops in modules.values():
+        for op in ops:
+            kind = op.get("op")
+            if kind not in ("quantize_input", "quantize_output"):
+                kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return None
+    listed = ", ".join(f"{k} ({n} module{'s' if n > 1 else ''})" for k, n in sorted(kinds.items()))
+    return (
+        f"the checkpoint applies online input transforms at run time ({listed}); {target} has no way to "
+        "express transforms that the loader must apply to activations, so the converted model would compute "
+        "a different function. Offline (fused) rotations are fine: quantize with a method or options that "
+        "fold every transform into the weights, or keep the native format"
+    )
+
+
+def output_quant_problem(qconfig: dict[str, Any], target: str) -> str | None:
+    modules = (qconfig.get("transforms") or {}).get("modules") or {}
+    n = sum(1 for ops in modules.values() if any(op.get("op") == "quantize_output" for op in ops))
+    if not n:
+        return None
+    return (
+        f"{n} module(s) quantize their outputs (activations.qkv_bits, the q/k/v cache quantization); "
+        f"{target} cannot express it"
+    )
+
+
+def activation_problem_weight_only(qconfig: dict[str, Any], target: str) -> str | None:
+    acts = qconfig.get("activations")
+    if not acts:
+        return None
+    return (
+        f"the checkpoint quantizes activations ({acts.get('bits')}-bit, {acts.get('granularity', 'token')}); "
+        f"{target} is a weight-only format and its loaders keep activations in floating point, which would "
+        "silently change the model (use compressed-tensors for W8A8, or keep the native format)"
+    )
+
+
+def lm_head_problem(ckpt_or_qconfig: dict[str, Any], target: str, lm_head_names: tuple[str, ...]) -> str | None:
+    quantized = set(ckpt_or_qconfig.get("quantized_modules") or [])
+    heads = sorted(quantized & set(lm_head_names))
+    if not heads:
+        return None
+    return (
+        f"the output head ({', '.join(heads)}) is quantized; {target} loaders only replace linears inside the "
+        "decoder blocks, so the head would load as a plain Linear without its weights. Quantize without "
+        "--include-lm-head"
+    )
+
+
+def fp16_exact(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``scale`` in float16 and how many values changed (0: the conversion is exact)."""
+    half = scale.to(torch.float16)
+    if scale.dtype == torch.float16:
+        return half, 0
+    changed = int((half.to(scale.dtype) != scale).sum())
+    return half, changed
+
+
+def scale_dtype_problem(qconfig: dict[str, Any], target: str) -> str | None:
+    """float32 scales essentially never convert exactly to the float16 that GPTQ/AWQ store."""
+    dtype = ((qconfig.get("weights") or {}).get("scale_dtype")) or "float16"
+    overrides = [o.get("scale_dtype") for o in (qconfig.get("module_overrides") or {}).values()]
+    if dtype == "float32" or "float32" in overrides:
+        return (
+            f"{target} stores float16 scales and this checkpoint has float32 scales, which would be rounded "
+            "(the converted weights would differ from the native ones). Quantize with --scale-dtype float16"
+        )
+    return None
+
+
+def block_layout(names: list[str]) -> tuple[str, list[str]] | None:
+    """``(block_prefix, [module suffix...])`` when ``names`` are exactly ``<prefix>.<i>.<suffix>`` for
+    every block index ``i`` present and every suffix (same linears quantized in every block); else None."""
+    prefix = None
+    suffixes: list[str] = []
+    blocks: set[str] = set()
+    pattern = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+    for name in names:
+        match = pattern.match(name)
+        if not match or (prefix is not None and match.group(1) != prefix):
+            return None
+        prefix = match.group(1)
+        blocks.add(match.group(2))
+        if match.group(3) not in suffixes:
+            suffixes.append(match.group(3))
+    if prefix is None or len(set(names)) != len(blocks) * len(suffixes):
+        return None
+    return prefix, suffixes
+
+
+def not_converted_linears(ckpt: NativeCheckpoint) -> list[str]:
+    """Modules kept in floating point that a loader replacing *every* Linear must be told to skip:
+    ``modules_not_converted`` plus the owner of every other 2-D ``.weight`` (embeddings included;
+    listing a non-Linear is harmless)."""
+    names = list(ckpt.qconfig.get("modules_not_converted") or [])
+    for key in ckpt.passthrough_keys():
+        if key.endswith(".weight") and len(ckpt.shape(key)) == 2:
+            owner = key[: -len(".weight")]
+            if owner not in names:
+                names.append(owner)
+    return names
+
+
+def _raise_problems(problems: list[str], target: ExportFormat, where: str) -> None:
+    if not problems:
+        return
+    shown = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    raise ConfigError(
+        f"cannot convert {where} to {target.title or target.name}:\n  - " + "\n  - ".join(shown) + more,
+        hint="docs/EXPORTS.md lists what each format can express",
+    )
+
+
+def check_convertible(qconfig: dict[str, Any], to: str) -> None:
+    """Raise :class:`ConfigError` if a checkpoint with this ``quantization_config`` cannot become ``to``.
+
+    Works on a partial config (``weights``, ``activations``, ``transforms``, ``module_overrides``,
+    ``quantized_modules`` are each optional), so ``quantize`` can refuse before any heavy work.
+    Per-module shape constraints are only known with the tensors and are checked by :func:`convert`.
+    """
+    target = get_format(to)
+    _raise_problems(target.config_problems(qconfig), target, "this checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_weight_file(name: str) -> bool:
+    return bool(_WEIGHT_FILE.match(name)) or name.endswith(".safetensors")
+
+
+def write_converted(
+    src_dir: str | Path,
+    dst_dir: str | Path,
+    to: str,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    model_card: bool = True,
+    repo_id: str | None = None,
+) -> dict[str, Any]:
+    """Convert the native checkpoint ``src_dir`` into the existing, empty folder ``dst_dir``.
+
+    Writes the target's tensors and ``config.json`` and copies every other file of the source
+    (tokenizer, remote code, generation config, ``qdlm_report.json``, which gains an ``export``
+    record), and a model card whose loading example names ``repo_id`` (default: ``dst_dir``'s
+    name; pass the final folder name when ``dst_dir`` is a staging folder). Returns the new
+    ``quantization_config``. Not atomic: :func:`convert` stages it.
+    """
+    target = get_format(to)
+    src, dst = Path(src_dir), Path(dst_dir)
+    ckpt = NativeCheckpoint(src)
+    try:
+        _raise_problems(target.config_problems(ckpt.qconfig), target, str(src))
+        problems = [f"{m.name}: {p}" for m in ckpt.modules for p in target.module_problems(m, ckpt.qconfig)]
+        _raise_problems(problems, target, str(src))
+
+        writer = ShardedWriter(dst, max_shard_bytes)
+        done: set[str] = set()
+        owner = {f"{m.name}.weight_packed": m for m in ckpt.modules}
+        for key in ckpt._order:
+            if key in owner:
+                m = owner[key]
+                writer.add_all(m.name, target.module_tensors(ckpt, m))
+                done.add(m.name)
+        for key in ckpt.passthrough_keys():
+            writer.add(key, target.passthrough(key, ckpt.get(key)))
+        missing = [m.name for m in ckpt.modules if m.name not in done]
+        if missing:  # pragma: no cover - inspect_checkpoint guarantees weight_packed exists
+            raise CheckpointError(f"modules without weight_packed: {missing[:_MAX_LISTED]}")
+        writer.close()
+
+        qconfig = target.quantization_config(ckpt)
+        config = unwrap_config(ckpt.config)  # the source's model_type/architectures: stock loaders build it
+        config["quantization_config"] = qconfig
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    finally:
+        ckpt.close()
+
+    from ..quantize.source import copyable_model_files
+
+    # The same allow-list as quantize: code, tokenizer, generation config, license; never pickles,
+    # hidden files, folders or symlinks out of the checkpoint (config, report and card are written here).
+    for f in copyable_model_files(src):
+        if _is_weight_file(f.name) or is_generated(f):  # is_generated: the native format's wrapper/loader files
+            continue
+        shutil.copy2(f, dst / f.name)
+        if f.suffix == ".py":  # remote code without the qdlm loader registration or guard appended to it
+            (dst / f.name).write_text(strip_added_code(f.read_text(encoding="utf-8")), encoding="utf-8")
+    _write_report(src, dst, target, ckpt.qconfig, writer.manifest())
+    if model_card:
+        _write_card(src, dst, target, config, repo_id or dst.name)
+    return qconfig
+
+
+def convert(src_dir: str | Path, out_dir: str | Path, to: str, *, overwrite: bool = False,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Convert the native checkpoint ``src_dir`` to format ``to`` in ``out_dir``; returns ``out_dir``.
+
+    Atomic: written into a hidden sibling folder and moved into place when complete. Refusals
+    (:class:`ConfigError`) happen before anything is written.
+    """
+    _check_argument("src_dir", src_dir, (str, Path), "a folder path")
+    _check_argument("out_dir", out_dir, (str, Path), "a folder path")
+    _check_argument("to", to, str, f"one of {', '.join(repr(t) for t in TARGETS)}")
+    _check_argument("overwrite", overwrite, bool, "True or False")
+    _check_argument("max_shard_bytes", max_shard_bytes, int, "a positive number of bytes")
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}", hint="pass a positive number of bytes")
+    src = Path(src_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().resolve()
+    if src == out:
+        raise ConfigError(f"convert writes a new folder; {out} is the source", hint="choose another output folder")
+    get_format(to)  # unknown names fail before any reading
+    with staged_output(out, overwrite, source=src) as tmp:
+        write_converted(src, tmp, to, max_shard_bytes=max_shard_bytes, repo_id=out.name)
+    return out
+
+
+def _check_argument(name: str, value: Any, types: type | tuple[type, ...], accepted: str) -> None:
+    """Python API arguments: a wrong type is a ConfigError (a truthy string is not ``True``)."""
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        raise ArgumentTypeError(
+            f"convert() argument {name} must be {accepted}, got {type(value).__name__} {value!r}",
+            hint=f"pass {name} as {accepted}",
+        )
+
+
+def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any],
+                  manifest: dict[str, Any]) -> None:
+    report: dict[str, Any] = {}
+    path = src / REPORT_FILE
+    if path.is_file():
+        try:
+            report = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            report = {}
+    report["export"] = {"format": target.name, "native_quantization_config": native_qconfig}
+    report["tensors"] = manifest  # this folder's tensors, not the native source's (docs/FORMAT.md)
+    (dst / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _write_card(src: Path, dst: Path, target: ExportFormat, config: dict[str, Any], repo_id: str) -> None:
+    """The native card, rendered from the source, adapted to the target: its tag and title, and its
+    own "How to load" and "Format" sections.
+
+    ``model_card.render_model_card`` describes the native format (it reads the native config from
+    the source folder); the target-specific parts are swapped in here.
+    """
+    try:
+        from ..hub.card import render_model_card
+
+        text = render_model_card(src, repo_id=repo_id)
+    except Exception:  # noqa: BLE001 - the card is informational: never fail a conversion over it
+        text = (src / CARD_FILE).read_text() if (src / CARD_FILE).is_file() else f"# {repo_id}\n"
+    text = text.replace("\ntags:\n", f"\ntags:\n- {target.name}\n", 1)
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("# ") and line.rstrip().endswith("(qdlm)"):
+            lines[i] = line.rstrip()[: -len("(qdlm)")] + f"({target.title})"
+            break
+    text = "\n".join(lines)
+    text = _replace_section(text, "## How to load", target.how_to_load(repo_id, config))
+    text = _replace_section(text, "## Format", target.format_note())
+    (dst / CARD_FILE).write_text(text)
+
+
+def _replace_section(text: str, heading: str, body: str) -> str:
+    if not body:
+        return text
+    body = body.rstrip("\n") + "\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + body
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    return "".join(lines[:start]) + body + ("\n" + tail if tail else "")
+
+
+__all__ = [
+    "FORMATS",
+    "TARGETS",
+    "ExportFormat",
+    "NativeCheckpoint",
+    "QuantizedModule",
+    "check_convertible",
+    "convert",
+    "get_format",
+    "write_converted",
+]

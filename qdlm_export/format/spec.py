@@ -1,0 +1,187 @@
+"""The native ``qdlm`` format: tensor names, dtypes and shapes of one quantized linear, and the
+``quantization_config`` schema. The written spec is docs/FORMAT.md; this module is its code.
+
+Per quantized linear ``NAME`` (tensor names follow compressed-tensors where they fit):
+
+    NAME.weight_packed      int32   [out, ceil(in*bits/32)]   codes, packed by formats/packing.py
+    NAME.weight_scale       float*  [out, groups]             groups = in/group_size (1 per channel)
+    NAME.weight_zero_point  uint8   [out, groups]             asymmetric only; unsigned zero codes
+    NAME.weight_shape       int64   [2]                       (out, in)
+    NAME.bias               float*  [out]                     only if the source linear has a bias
+
+Weight-activation checkpoints add, per module, the tensors its online input transforms reference
+(``transforms.modules[NAME]``: ``input_smooth``, ``input_rotation_*``, ``input_permutation``; see
+``qdlm_export/transforms.py``) and, for static activation quantization, ``input_scale`` (and
+``input_zero_point``) (``qdlm_export/activations.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.activations import ActivationSpec
+from ..errors import CheckpointError
+from ..core.schemes import QuantizedWeight, WeightScheme
+from ..core.transforms import transform_tensor_specs
+from ..core.packing import pack_rows, packed_words
+
+FORMAT_NAME = "qdlm"
+FORMAT_VERSION = 1
+# The files the format adds beside the weights and config.json (docs/FORMAT.md).
+REPORT_FILE = "qdlm_report.json"  # sizes, error, calibration, tensor manifest, eval results
+LOCAL_SOURCE_FILE = "qdlm_source.local"  # the absolute source path on this machine; never uploaded
+# safetensors header dtype names of the torch dtypes a checkpoint may hold (writer, loader, inspect).
+ST_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """Everything needed to allocate (and validate) one quantized linear's tensors."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    symmetric: bool
+    scale_dtype: torch.dtype
+    has_bias: bool = False
+    bias_dtype: torch.dtype = torch.float32
+    # Weight-activation checkpoints: the module's online ops (transforms.modules[NAME], a tuple of
+    # dicts) and the checkpoint's activations section (None: inputs stay in floating point).
+    input_transforms: tuple = ()
+    activations: dict | None = None
+
+    @property
+    def quantizes_input(self) -> bool:
+        return any(op["op"] == "quantize_input" for op in self.input_transforms)
+
+    @property
+    def quantizes_output(self) -> bool:
+        return any(op["op"] == "quantize_output" for op in self.input_transforms)
+
+    @property
+    def input_activation(self) -> ActivationSpec | None:
+        """The quantizer of this module's (transformed) input, or None."""
+        if not self.quantizes_input:
+            return None
+        if not self.activations:
+            raise ValueError("a module quantizes its input but the checkpoint has no activations section")
+        return ActivationSpec.from_config(self.activations)
+
+    @property
+    def output_activation(self) -> ActivationSpec | None:
+        """The per-token quantizer of this module's output (q/k/v with ``qkv_bits``), or None."""
+        if not self.quantizes_output:
+            return None
+        if not self.activations or not self.activations.get("qkv_bits"):
+            raise ValueError("a module quantizes its output but the activations section has no qkv_bits")
+        spec = ActivationSpec.from_config(self.activations, bits=int(self.activations["qkv_bits"]))
+        return ActivationSpec(spec.bits, "token", spec.symmetric, spec.clip_ratio)
+
+    @property
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def groups(self) -> int:
+        return self.scheme.groups(self.in_features)
+
+    def tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Suffix -> (dtype, shape) of every tensor this linear stores (weights, transforms, activations)."""
+        spec = self.weight_tensors()
+        for suffix, value in self.transform_tensors().items():
+            if suffix in spec:
+                raise ValueError(f"transform tensor name {suffix!r} collides with a weight tensor")
+            spec[suffix] = value
+        return spec
+
+    def transform_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Suffix -> (dtype, shape) of the online-transform and static activation tensors."""
+        spec = transform_tensor_specs(self.input_transforms, self.in_features)
+        act = self.input_activation
+        if act is not None:
+            spec.update(act.tensor_specs())
+        return spec
+
+    def weight_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Suffix -> (dtype, shape) of the quantized weight's own tensors (and the bias)."""
+        spec = {
+            "weight_packed": (torch.int32, (self.out_features, packed_words(self.in_features, self.bits))),
+            "weight_scale": (self.scale_dtype, (self.out_features, self.groups)),
+            "weight_shape": (torch.int64, (2,)),
+        }
+        if not self.symmetric:
+            spec["weight_zero_point"] = (torch.uint8, (self.out_features, self.groups))
+        if self.has_bias:
+            spec["bias"] = (self.bias_dtype, (self.out_features,))
+        return spec
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for dtype, shape in self.weight_tensors().values():  # transforms are not weight bytes
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * torch.empty((), dtype=dtype).element_size()
+        return total
+
+
+def linear_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of one quantized linear (suffixes, without the module name)."""
+    out, inp = qweight.shape
+    tensors = {
+        "weight_packed": pack_rows(qweight.codes, qweight.scheme.bits),
+        "weight_scale": qweight.scale.contiguous(),
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int64),
+    }
+    if qweight.zero_point is not None:
+        tensors["weight_zero_point"] = qweight.zero_point.to(torch.uint8).contiguous()
+    if qweight.bias is not None:
+        tensors["bias"] = qweight.bias.detach().contiguous()
+    for suffix, tensor in qweight.extra_tensors.items():  # transform tensors (rotations, smoothing)
+        if suffix in tensors:
+            raise ValueError(f"transform tensor name {suffix!r} collides with a weight tensor")
+        tensors[suffix] = tensor.detach().contiguous()
+    return tensors
+
+
+def module_spec(qconfig: dict[str, Any], name: str, in_features: int, out_features: int, has_bias: bool,
+                bias_dtype: torch.dtype = torch.float32) -> LinearSpec:
+    """The spec of module ``name`` under a checkpoint's ``quantization_config`` (overrides applied)."""
+    weights = dict(qconfig["weights"])
+    weights.update(qconfig.get("module_overrides", {}).get(name, {}))
+    ops = ((qconfig.get("transforms") or {}).get("modules") or {}).get(name, [])
+    spec = LinearSpec(
+        in_features=in_features,
+        out_features=out_features,
+        bits=int(weights["bits"]),
+        group_size=int(weights["group_size"]),
+        symmetric=bool(weights["symmetric"]),
+        scale_dtype=DTYPES[weights["scale_dtype"]],
+        has_bias=has_bias,
+        bias_dtype=bias_dtype,
+        input_transforms=tuple(dict(op) for op in ops),
+        activations=dict(qconfig["activations"]) if qconfig.get("activations") else None,
+    )
+    try:
+        spec.tensors()  # validates the transform ops against the layer's size
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"module {name}: invalid transforms/activations in quantization_config ({exc})",
+            hint="the checkpoint was written by a newer qdlm-export or edited by hand",
+        ) from None
+    return spec

@@ -1,1 +1,0 @@
-"""On-disk formats: bit packing, the native qdlm layout, sharded writing."""

@@ -1,0 +1,1 @@
+"""Publishing: push to the Hugging Face Hub and the generated model card."""

@@ -1,0 +1,1 @@
+"""The transformers integration: the qdlm quantizer, the quantized linear layer, and self-contained packaging."""

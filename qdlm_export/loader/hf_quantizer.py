@@ -1,0 +1,450 @@
+"""Loading ``qdlm`` checkpoints with ``from_pretrained``.
+
+``import qdlm_export`` registers :class:`QdlmConfig` and :class:`QdlmHfQuantizer` with transformers
+under ``quant_method: "qdlm"``. Before the weights load, the quantizer replaces every linear that
+the checkpoint lists in ``quantized_modules`` by a :class:`QdlmLinear` whose buffers carry the
+checkpoint's tensor names, so the packed tensors load straight into them: memory is the packed
+size. The quantizer never infers anything: it reads the module list, the schemes and the
+transforms from the config.
+
+Loading is strict: before any weight is read, the quantizer reads the safetensors headers of the
+checkpoint's files and refuses (a :class:`CheckpointError` naming the tensor and its file) a
+checkpoint where a tensor the config promises is missing or has the wrong dtype or shape, or whose
+file is truncated; after loading it checks again that every quantized module's buffers were really
+loaded. A quantized module never computes on uninitialised memory. The checks use the standard
+library only, so the self-contained copy of this module (``formats/selfcontained.py``) carries them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..core.activations import INPUT_SCALE, INPUT_ZERO_POINT, quantize_activation
+from ..errors import CheckpointError
+from ..format.spec import FORMAT_NAME, ST_DTYPE_NAMES, SUPPORTED_FORMAT_VERSIONS, LinearSpec, module_spec
+from ..kernels import packed_int_linear, quantize_per_token, weight_only_linear
+from ..core.transforms import apply_input_transforms, transform_ops
+
+
+def uses_integer_input(spec: LinearSpec) -> bool:
+    """Whether the loader runs this linear on the integer kernels: dynamic symmetric per-token inputs
+    (int8 codes times the packed weight, int32 accumulation) compute what fake quantization computes,
+    without dequantizing the input. Static or asymmetric inputs are fake-quantized, then dequant-GEMM."""
+    act = spec.input_activation
+    return act is not None and not act.static and act.symmetric and act.bits in (4, 8)
+
+
+class QdlmLinear(nn.Module):
+    """A linear layer holding packed integer weights; computes through ``kernels`` dispatch.
+
+    Weight-activation checkpoints add, in this order: the module's online input transforms
+    (``transforms.py``), quantization of the transformed input (``activations.py``), the matmul,
+    and for q/k/v with ``qkv_bits`` a per-token quantization of the output.
+    """
+
+    def __init__(self, spec: LinearSpec, device: torch.device | str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        for suffix, (dtype, shape) in spec.tensors().items():
+            self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device=device))
+        if not spec.has_bias:
+            self.bias = None
+        self._ops = transform_ops(spec.input_transforms)
+        self._transform_names = tuple(spec.transform_tensors())
+        self._act_in = spec.input_activation
+        self._act_out = spec.output_activation
+        self._integer_input = uses_integer_input(spec)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: LinearSpec) -> "QdlmLinear":
+        return cls(spec, device=linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if self._integer_input:
+            h = self._transformed(x)
+            x_q, x_scale = quantize_per_token(h, self._act_in.bits, self._act_in.clip_ratio)
+            y = packed_int_linear(
+                x_q, x_scale, self.weight_packed, self.weight_scale, getattr(self, "weight_zero_point", None),
+                s.bits, s.group_size, s.in_features, self.bias, x.dtype,
+            )
+        else:
+            y = self._dequantized_forward(x)
+        if self._act_out is not None:
+            y = quantize_activation(y, self._act_out).to(y.dtype)
+        return y
+
+    def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        if self._ops or self._act_in is not None:
+            x = self._prepare_input(x)
+        return weight_only_linear(
+            x,
+            self.weight_packed,
+            self.weight_scale,
+            getattr(self, "weight_zero_point", None),
+            s.bits,
+            s.group_size,
+            s.in_features,
+            self.bias,
+        )
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """The online input transforms, computed in float32 (float64 inputs stay float64)."""
+        h = x if x.dtype == torch.float64 else x.float()
+        if self._ops:
+            tensors = {name: getattr(self, name) for name in self._transform_names}
+            h = apply_input_transforms(h, self._ops, tensors)
+        return h
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Transforms, then activation fake-quantization (static or asymmetric activations)."""
+        h = self._transformed(x)
+        if self._act_in is not None:
+            h = quantize_activation(
+                h, self._act_in, getattr(self, INPUT_SCALE, None), getattr(self, INPUT_ZERO_POINT, None)
+            )
+        return h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        text = (
+            f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, "
+            f"group_size={s.group_size}, symmetric={s.symmetric}, bias={s.has_bias}"
+        )
+        if self._ops:
+            text += ", transforms=" + "+".join(op["op"] for op in self._ops)
+        if self._act_in is not None:
+            text += f", act_bits={self._act_in.bits}, act={self._act_in.granularity}"
+        return text
+
+
+class QdlmConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a qdlm checkpoint, kept verbatim (docs/FORMAT.md)."""
+
+    def __init__(self, quant_method: str = FORMAT_NAME, format_version: int = 1, **kwargs: Any):
+        self.quant_method = quant_method
+        self.format_version = format_version
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.__dict__)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+def checkpoint_prefix(model: nn.Module, names: Iterable[str]) -> str:
+    """The prefix that ``names`` (checkpoint names, as ``quantized_modules`` lists them) carry beyond
+    ``model``'s own module names: ``""`` normally; the model's ``base_model_prefix`` (``"model"``) when
+    ``model`` is the base model itself (``AutoModel`` of a dense causal LM: ``Qwen2Model``, which has no
+    ``model`` attribute) and every name starts with ``prefix + "."``. transformers maps checkpoint keys
+    to such a model by stripping that prefix; the loader maps names the same way."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = list(names)
+    if not prefix or not names or not all(n.startswith(prefix + ".") for n in names):
+        return ""
+    try:
+        model.get_submodule(prefix)
+    except AttributeError:
+        return prefix  # the model is the base model: the prefix names no module of it
+    return ""  # the model holds its base model under the prefix: names are paths in it as they are
+
+
+def _local_name(name: str, prefix: str) -> str:
+    """A checkpoint module name as a path in the model (see :func:`checkpoint_prefix`)."""
+    return name[len(prefix) + 1:] if prefix else name
+
+
+def _checkpoint_name(name: str, prefix: str) -> str:
+    """A module name of the model as the checkpoint spells it (see :func:`checkpoint_prefix`)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list[str]:
+    """Swap each listed ``nn.Linear`` for a :class:`QdlmLinear` of the checkpoint's shape; returns the
+    names as listed (the checkpoint's). A base model loaded from a full model's checkpoint (``AutoModel``
+    of a dense causal LM) has its modules under the names without the ``base_model_prefix``
+    (:func:`checkpoint_prefix`)."""
+    version = qconfig.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"qdlm format version {version!r} is not supported by this qdlm-export "
+            f"(supports {SUPPORTED_FORMAT_VERSIONS})",
+            hint="upgrade qdlm-export: pip install -U qdlm-export",
+        )
+    replaced = []
+    prefix = checkpoint_prefix(model, qconfig["quantized_modules"])
+    for name in qconfig["quantized_modules"]:
+        local = _local_name(name, prefix)
+        try:
+            linear = model.get_submodule(local)
+        except AttributeError:
+            raise CheckpointError(
+                f"quantization_config lists module {name!r}, which this model does not have",
+                hint="the checkpoint's config.json does not match its modeling code",
+            ) from None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(
+                f"module {name!r} is a {type(linear).__name__}, not a Linear",
+                hint="the checkpoint's config.json does not match its modeling code",
+            )
+        bias_dtype = linear.bias.dtype if linear.bias is not None else torch.float32
+        spec = module_spec(qconfig, name, linear.in_features, linear.out_features, linear.bias is not None, bias_dtype)
+        parent_name, _, child = local.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QdlmLinear.from_linear(linear, spec))
+        replaced.append(name)
+    return replaced
+
+
+# ----------------------------------------------------------------------------------- strict loading
+# safetensors dtype sizes in bytes (names: formats.native.ST_DTYPE_NAMES).
+ST_ITEM_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+ST_FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DAMAGED_HINT = (
+    "The checkpoint is incomplete or corrupted: create it again with `qdlm-export quantize`, or download it "
+    "again (for a Hub model: from_pretrained(..., force_download=True))."
+)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header describes it."""
+
+    dtype: str  # safetensors name: "F32", "I32", ...
+    shape: tuple[int, ...]
+    file: str  # the file's name, for messages
+    path: str = ""  # where it was read from
+
+
+def _damaged(message: str) -> CheckpointError:
+    return CheckpointError(message, hint=DAMAGED_HINT)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Tensor name -> :class:`TensorEntry` of one safetensors file, read from its header only.
+
+    Raises :class:`CheckpointError` naming the file when it is truncated or its header is corrupt
+    (the tensors' byte ranges must exactly cover the data that follows the header)."""
+    name = os.path.basename(os.fspath(path))
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise _damaged(f"weight file {name} is truncated ({size} bytes, not even a safetensors header)")
+            length = struct.unpack("<Q", head)[0]
+            if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+                raise _damaged(
+                    f"weight file {name} is truncated or is not a safetensors file (its header claims {length} "
+                    f"bytes, the file has {size})"
+                )
+            raw = handle.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"weight file {name} cannot be read ({exc.strerror or exc})",
+                              hint="check that the file exists and is readable") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _damaged(f"weight file {name} has a corrupted header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise _damaged(f"weight file {name} has a corrupted header (not a JSON object)")
+    data_bytes = size - 8 - length
+    entries: dict[str, TensorEntry] = {}
+    end_of_data = 0
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = meta["dtype"]
+            shape = tuple(meta["shape"])
+            start, end = meta["data_offsets"]
+            ok = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _damaged(f"weight file {name} has a corrupted header entry for tensor {key}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in ST_ITEM_BYTES and numel * ST_ITEM_BYTES[dtype] != end - start:
+            raise _damaged(
+                f"weight file {name} is corrupted: tensor {key} ({dtype} {list(shape)}) should take "
+                f"{numel * ST_ITEM_BYTES[dtype]} bytes, its header gives {end - start}"
+            )
+        end_of_data = max(end_of_data, end)
+        entries[key] = TensorEntry(dtype, shape, name, os.fspath(path))
+    if end_of_data > data_bytes:
+        raise _damaged(
+            f"weight file {name} is truncated: its tensors need {end_of_data} bytes of data, the file holds {data_bytes}"
+        )
+    if end_of_data < data_bytes:
+        raise _damaged(
+            f"weight file {name} is corrupted: {data_bytes - end_of_data} bytes after its last tensor are not "
+            "described by its header"
+        )
+    return entries
+
+
+def read_safetensors_headers(paths: Iterable[str | os.PathLike]) -> dict[str, TensorEntry]:
+    """The headers of several files (a sharded checkpoint), merged; a tensor stored twice is refused."""
+    entries: dict[str, TensorEntry] = {}
+    for path in paths:
+        for key, entry in read_safetensors_header(path).items():
+            if key in entries:
+                raise _damaged(f"tensor {key} is stored twice, in {entries[key].file} and in {entry.file}")
+            entries[key] = entry
+    return entries
+
+
+def _st_name(dtype: torch.dtype) -> str:
+    return ST_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_module_tensors(name: str, spec: LinearSpec, entries: Mapping[str, TensorEntry],
+                         where: str = "the checkpoint") -> None:
+    """Every tensor ``spec`` promises for module ``name`` is in ``entries`` with its dtype and shape.
+
+    The one check shared by ``from_pretrained`` (here) and ``qdlm-export inspect``/``push``/``eval``
+    (``inspect.py``). A bias only has to be floating point: it is stored in the source's dtype."""
+    for suffix, (dtype, shape) in spec.tensors().items():
+        key = f"{name}.{suffix}"
+        entry = entries.get(key)
+        if entry is None:
+            raise _damaged(
+                f"tensor {key} is missing from {where} (module {name} is listed as quantized in "
+                "quantization_config)"
+            )
+        want = _st_name(dtype)
+        if suffix == "bias" and dtype.is_floating_point:
+            if entry.dtype not in ST_FLOAT_NAMES:
+                raise _damaged(f"tensor {key} in {entry.file} has dtype {entry.dtype}, expected a floating-point dtype")
+        elif entry.dtype != want:
+            raise _damaged(
+                f"tensor {key} in {entry.file} has dtype {entry.dtype}, expected {want} "
+                f"({str(dtype).removeprefix('torch.')})"
+            )
+        if tuple(entry.shape) != tuple(shape):
+            raise _damaged(f"tensor {key} in {entry.file} has shape {list(entry.shape)}, expected {list(shape)}")
+
+
+def quantized_modules(model: nn.Module) -> list[tuple[str, QdlmLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QdlmLinear)]
+
+
+def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike], prefix: str = "") -> None:
+    """Before loading: the files' headers hold every tensor of every :class:`QdlmLinear` in ``model``
+    (under ``prefix.`` when ``model`` is the base model of the checkpoint's model: :func:`checkpoint_prefix`)."""
+    files = [os.fspath(f) for f in checkpoint_files]
+    entries = read_safetensors_headers(files)
+    names = [os.path.basename(f) for f in files]
+    where = ", ".join(names) if len(names) <= 3 else f"the {len(names)} weight files"
+    for name, module in quantized_modules(model):
+        check_module_tensors(_checkpoint_name(name, prefix), module.spec, entries, where)
+
+
+def check_loaded_modules(model: nn.Module, headers_checked: bool, prefix: str = "") -> None:
+    """After loading: every buffer of every :class:`QdlmLinear` holds loaded data of the promised shape.
+
+    transformers fills a tensor absent from the checkpoint with uninitialised memory (and only logs
+    "MISSING"); a loaded tensor carries its ``_is_hf_initialized`` flag. When the files' headers were
+    checked first this cannot happen; otherwise (a ``state_dict`` passed in) the flag decides."""
+    for name, module in quantized_modules(model):
+        for suffix, (dtype, shape) in module.spec.tensors().items():
+            key = f"{_checkpoint_name(name, prefix)}.{suffix}"
+            tensor = getattr(module, suffix, None)
+            if tensor is None:
+                raise _damaged(f"tensor {key} was not loaded: it is missing from the checkpoint")
+            if not headers_checked and (tensor.is_meta or not getattr(tensor, "_is_hf_initialized", False)):
+                raise _damaged(f"tensor {key} was not loaded: it is missing from the checkpoint")
+            if tuple(tensor.shape) != tuple(shape):
+                raise _damaged(f"tensor {key} was loaded with shape {list(tensor.shape)}, expected {list(shape)}")
+            if not dtype.is_floating_point and tensor.dtype != dtype:
+                raise _damaged(f"tensor {key} was loaded as {tensor.dtype}, expected {dtype}")
+
+
+def check_all_tensors_loaded(model: nn.Module, prefix: str = "") -> None:
+    """After loading: every parameter and persistent buffer of ``model`` came from the checkpoint.
+
+    A qdlm checkpoint carries all of its model's tensors. transformers fills one that is absent (an
+    embedding, a norm, the LM head) with freshly initialised values and only logs "MISSING", which
+    would compute with random weights: refused, naming the tensor. Tied weights (filled from their
+    source) and the model's ``_keys_to_ignore_on_load_missing`` are exempt; an offloaded tensor (on
+    ``meta``) is not judged."""
+    import re
+
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    patterns = getattr(model, "_keys_to_ignore_on_load_missing", None) or ()
+    ignore = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    missing = [
+        key for key, tensor in model.state_dict(keep_vars=True).items()
+        if key not in tied and not (ignore is not None and ignore.search(key))
+        and not tensor.is_meta and not getattr(tensor, "_is_hf_initialized", False)
+    ]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _damaged(
+            f"tensor {_checkpoint_name(missing[0], prefix)}{more} was not loaded: it is missing from the checkpoint, "
+            "and transformers would fill it with random values"
+        )
+
+
+class QdlmHfQuantizer(HfQuantizer):
+    """transformers' hook into loading: module replacement and the tensor check before weights, and
+    the check that every quantized buffer was loaded after."""
+
+    requires_calibration = True  # a qdlm checkpoint is made by `qdlm-export quantize`, never on the fly
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        qconfig = self.quantization_config.to_dict()
+        # AutoModel of a dense causal LM builds the base model: names lose the base_model_prefix
+        self._prefix = checkpoint_prefix(model, qconfig.get("quantized_modules") or [])
+        replace_quantized_linears(model, qconfig)
+        files = [f for f in (checkpoint_files or []) if f is not None]
+        self._headers_checked = bool(files) and all(str(f).endswith(".safetensors") for f in files)
+        if self._headers_checked:
+            check_checkpoint_files(model, files, self._prefix)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        prefix = getattr(self, "_prefix", "")
+        check_loaded_modules(model, getattr(self, "_headers_checked", False), prefix)
+        check_all_tensors_loaded(model, prefix)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register_with_transformers() -> None:
+    """Register the config and quantizer under ``qdlm``; safe to call any number of times."""
+    if FORMAT_NAME not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(FORMAT_NAME)(QdlmConfig)
+    if FORMAT_NAME not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(FORMAT_NAME)(QdlmHfQuantizer)

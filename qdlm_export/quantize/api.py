@@ -1,0 +1,358 @@
+"""``quantize()``: source model + method config + calibration -> a complete, verified checkpoint folder.
+
+The order is the contract: validate everything that can be validated before any heavy work, write
+into a staged temporary folder, verify the written result by reloading it, then move it into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import shutil
+import tempfile
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from .calibration import calibration_tokens, check_calibration_fits
+from ..core.configs import CalibrationConfig, WeightOnlyConfig
+from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
+from ..format.spec import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name, REPORT_FILE
+from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from ..methods import method_class
+from ..format.output import check_output, staged_output
+from .pipeline import SAFETENSORS_DTYPES, default_compute_dtype, resolve_device, run_pipeline
+from .source import SourceModel
+
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    method: str
+    bits: int
+    group_size: int
+    act_bits: int | None
+    quantized_modules: int
+    bits_per_weight: float
+    linear_bytes_original: int
+    linear_bytes_quantized: int
+    checkpoint_bytes: int
+    source_checkpoint_bytes: int
+    relative_output_error: float | None
+    elapsed_s: float
+    compat_repairs: list[str] = dataclasses.field(default_factory=list)  # families/compat.py, as applied
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["out"] = str(self.out)
+        return d
+
+
+def make_config(method: str, **options: Any) -> WeightOnlyConfig:
+    cls = method_class(method).config_class
+    return cls.from_options(**options)
+
+
+def quantize(
+    model: str,
+    out: str | Path,
+    config: WeightOnlyConfig,
+    *,
+    calibration: CalibrationConfig | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    compute_dtype: str | None = None,
+    batch_size: int = 8,
+    verify: bool = True,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    revision: str | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+    command: str | None = None,
+    output_format: str = "native",
+    self_contained: bool = True,
+    allow_non_finite: bool = False,
+) -> QuantizeSummary:
+    """Quantize ``model`` into ``out``.
+
+    ``output_format`` other than native: the native checkpoint is written and verified in a scratch
+    folder, then converted (formats/); what the format cannot express is refused before any work
+    where it can be known from the options. ``self_contained``: native checkpoints carry the loader as
+    remote code, so they load with transformers alone; without it they refuse to load where qdlm-export
+    is not installed (formats/native_wrappers.py). Never random weights either way.
+    ``allow_non_finite``: quantize source weights that hold NaN/Inf instead of refusing them.
+    """
+    from ..exports.convert import FORMATS, check_convertible
+
+    _check_argument_types(
+        model=model, out=out, config=config, calibration=calibration, trust_remote_code=trust_remote_code,
+        overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size, verify=verify,
+        max_shard_bytes=max_shard_bytes, revision=revision, on_block=on_block, command=command,
+        output_format=output_format, self_contained=self_contained, allow_non_finite=allow_non_finite,
+    )
+    started = time.perf_counter()
+    local_source = Path(model).expanduser() if isinstance(model, (str, Path)) else None
+    out = check_output(out, overwrite, source=local_source if local_source and local_source.exists() else None)
+    if output_format not in FORMATS:
+        raise ConfigError(f"--format {output_format!r} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
+    if output_format in ("gptq", "awq") and config.scale_dtype is None:
+        config = dataclasses.replace(config, scale_dtype="float16")  # what their loaders expect
+    if output_format != "native":
+        check_convertible(
+            {"weights": {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
+                         **({"scale_dtype": config.scale_dtype} if config.scale_dtype else {})},
+             "activations": config.activations() if hasattr(config, "activations") else None},
+            output_format,
+        )
+    calibration = calibration or CalibrationConfig()
+    torch_device = resolve_device(device)
+    dtype = DTYPES[compute_dtype] if compute_dtype else default_compute_dtype(torch_device)
+
+    from ..families import compat
+
+    compat.reset_log()  # the repairs this run needs are listed in its report
+    source = SourceModel.open(
+        str(model), trust_remote_code=trust_remote_code, revision=revision, allow_non_finite=allow_non_finite
+    )
+    try:
+        method = method_class(config.method)(config, source.adapter, source.config_dict)
+        method.scale_dtype = _scale_dtype(config, source)
+        _check_layer_shapes(source, method)
+        if source.trust_remote_code and source.config_dict.get("auto_map"):
+            from .preflight import run_first_block
+
+            run_first_block(source, torch_device)  # the model's own code runs, finitely, before any work
+        if method.needs_calibration:
+            check_calibration_fits(calibration, source.adapter, source.config_dict, device=torch_device, dtype=dtype)
+        tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
+        mask_id = source.adapter.mask_token_id(source.config_dict)
+        calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id))
+        calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
+
+        with staged_output(out, overwrite, source=source.path) as stage:
+            # Non-native formats: write (and verify) native in a scratch folder, convert at the end.
+            tmp = stage if output_format == "native" else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
+            writer = ShardedWriter(tmp, max_shard_bytes)
+            result = run_pipeline(
+                source, method, writer, calib_tokens=calib_tokens, device=torch_device,
+                compute_dtype=dtype, batch_size=batch_size, on_block=on_block,
+            )
+            shards = writer.close()
+            for f in source.copyable_files():
+                shutil.copy2(f, tmp / f.name)
+            qconfig = _quantization_config(config, source, result, calibration, method, command)
+            config_dict = dict(source.config_dict)
+            config_dict["quantization_config"] = qconfig
+            (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+            if output_format == "native":  # before verification, so it loads the layout that ships
+                from ..loader.native_wrappers import wrap_native
+
+                wrap_native(tmp)  # a dense family's own model type: never random weights without the tool
+
+            error = None
+            if verify:
+                verify_cfg = CalibrationConfig(
+                    source=calibration.source, nsamples=4, seqlen=min(calibration.seqlen, 128),
+                    seed=calibration.seed + 1, masking="random" if mask_id is not None else "none",
+                    text_field=calibration.text_field,
+                )
+                from .fidelity import relative_output_error
+
+                tokens = calibration_tokens(tokenizer, verify_cfg, mask_id)
+                error = relative_output_error(source, tmp, tokens, torch_device)
+
+            checkpoint_bytes = sum(f.stat().st_size for f in shards)
+            bpw = 8 * result.linear_bytes_quantized / max(result.linear_params, 1)
+            report = {
+                "source": source.model_id,
+                "linear_params": result.linear_params,
+                "linear_bytes_original": result.linear_bytes_original,
+                "linear_bytes_quantized": result.linear_bytes_quantized,
+                "checkpoint_bytes": checkpoint_bytes,
+                "source_checkpoint_bytes": source.source_bytes(),
+                "bits_per_weight": round(bpw, 4),
+                "relative_output_error": error,
+                "calibration": _calibration_record(calibration) if method.needs_calibration else None,
+                "seconds_per_block": [round(s, 3) for s in result.seconds_per_block],
+                "elapsed_s": round(time.perf_counter() - started, 2),
+                "eval": None,
+                "compat_repairs": compat.applied_repairs(),
+                "tensors": writer.manifest(),  # what inspect/push/eval check is still there (docs/FORMAT.md)
+            }
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed
+                from ..eval.evaluate import record_local_source
+
+                record_local_source(stage, source.path)
+            _write_card(tmp, repo_id=out.name)
+            if output_format != "native":
+                from ..exports.convert import write_converted
+
+                write_converted(tmp, stage, output_format, max_shard_bytes=max_shard_bytes, repo_id=out.name)
+                shutil.rmtree(tmp)
+                checkpoint_bytes = sum(f.stat().st_size for f in stage.glob("*.safetensors"))
+            else:  # the loader as remote code, or (--no-self-contained) a guard asking for qdlm-export
+                from ..loader.native_wrappers import finish_native
+
+                finish_native(stage, self_contained=self_contained)
+    finally:
+        source.close()
+
+    return QuantizeSummary(
+        out=out, method=config.method, bits=config.bits, group_size=config.group_size,
+        act_bits=getattr(config, "act_bits", None),
+        quantized_modules=len(result.quantized_modules), bits_per_weight=bpw,
+        linear_bytes_original=result.linear_bytes_original, linear_bytes_quantized=result.linear_bytes_quantized,
+        checkpoint_bytes=checkpoint_bytes, source_checkpoint_bytes=report["source_checkpoint_bytes"],
+        relative_output_error=error, elapsed_s=time.perf_counter() - started,
+        compat_repairs=compat.applied_repairs(),
+    )
+
+
+def _check_argument_types(**args: Any) -> None:
+    """The Python API's arguments, checked at entry: a wrong type fails here naming the argument and
+    what it accepts, rather than deep inside (or, worse, working by accident: ``overwrite='no'`` is
+    truthy)."""
+    import os
+
+    def fail(name: str, accepted: str) -> None:
+        value = args[name]
+        raise ArgumentTypeError(
+            f"quantize() argument {name}={value!r} ({type(value).__name__}) is not {accepted}",
+            hint=f"pass {name} as {accepted}",
+        )
+
+    for name in ("model", "out"):
+        if not isinstance(args[name], (str, os.PathLike)) or (isinstance(args[name], str) and not args[name]):
+            fail(name, "a non-empty str or os.PathLike (a folder path" + (" or Hub id)" if name == "model" else ")"))
+    if not isinstance(args["config"], WeightOnlyConfig):
+        fail("config", "a method config instance (e.g. make_config('rtn', bits=4) or RTNConfig(...))")
+    if args["calibration"] is not None and not isinstance(args["calibration"], CalibrationConfig):
+        fail("calibration", "a CalibrationConfig or None")
+    for name in ("trust_remote_code", "overwrite", "verify", "self_contained", "allow_non_finite"):
+        if not isinstance(args[name], bool):
+            fail(name, "a bool (True or False)")
+    for name in ("batch_size", "max_shard_bytes"):
+        if isinstance(args[name], bool) or not isinstance(args[name], int):
+            fail(name, "an int")
+        if args[name] <= 0:
+            raise ConfigError(f"quantize() argument {name}={args[name]} must be positive", hint=f"pass {name} >= 1")
+    for name in ("device", "output_format"):
+        if not isinstance(args[name], str):
+            fail(name, "a str")
+    for name in ("compute_dtype", "revision", "command"):
+        if args[name] is not None and not isinstance(args[name], str):
+            fail(name, "a str or None")
+    if args["compute_dtype"] is not None and args["compute_dtype"] not in DTYPES:
+        raise ConfigError(
+            f"compute dtype {args['compute_dtype']!r} is not supported", hint=f"choose one of {', '.join(DTYPES)}"
+        )
+    if args["on_block"] is not None and not callable(args["on_block"]):
+        fail("on_block", "a callable(done, total) or None")
+    # a CalibrationConfig checks its own field types when it is built (configs.check_field_values)
+
+
+def _check_layer_shapes(source: SourceModel, method) -> None:
+    """Resolve every layer's scheme from the safetensors headers before any work, so a group size
+    that does not fit a layer fails at once, naming the layer."""
+    adapter = source.adapter
+    names = adapter.quantizable_linears(adapter.num_layers(source.config_dict))
+    if method.config.include_lm_head:
+        names.append(adapter.lm_head)
+    for name in names:
+        key = f"{name}.weight"
+        if not source.has(key):
+            if name == adapter.lm_head:
+                continue  # tied head: refused later with its own message
+            raise ModelNotFoundError(
+                f"the checkpoint has no tensor {key}, which the {adapter.name} family expects",
+                hint="the weights do not match the model family; check the model folder",
+            )
+        dtype, shape = source.tensor_meta(key)
+        if len(shape) != 2 or dtype not in SAFETENSORS_DTYPES:
+            raise InputDataError(
+                f"source tensor {key} is {dtype} of shape {list(shape)}; a linear weight is a 2-D floating-point "
+                f"matrix ({', '.join(SAFETENSORS_DTYPES)})",
+                hint="the weights do not match the model family, or are already quantized; pass the original "
+                "full-precision model",
+            )
+        method.layer_scheme(name, shape[1])
+
+
+def _scale_dtype(config: WeightOnlyConfig, source: SourceModel) -> torch.dtype:
+    if config.scale_dtype:
+        return DTYPES[config.scale_dtype]
+    first_linear = f"{source.adapter.block_prefix(0)}.{source.adapter.linear_names[0]}.weight"
+    dtype = SAFETENSORS_DTYPES.get(source.tensor_meta(first_linear)[0]) if source.has(first_linear) else None
+    return torch.float32 if dtype in (torch.float32, torch.float64) else torch.float16
+
+
+def _tokenizer(source: SourceModel):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+    except Exception as exc:
+        raise ConfigError(
+            f"could not load the tokenizer of {source.model_id} ({type(exc).__name__}: {exc})",
+            hint="calibration and verification need the model's tokenizer files in its folder",
+        ) from None
+
+
+def _calibration_record(calibration: CalibrationConfig) -> dict[str, Any]:
+    return {
+        "dataset": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
+        "seed": calibration.seed, "masking": calibration.masking,
+    }
+
+
+def _quantization_config(config, source, result, calibration, method, command) -> dict[str, Any]:
+    adapter = source.adapter
+    return {
+        "quant_method": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "method_options": config.method_options(),
+        "weights": {
+            "bits": config.bits,
+            "group_size": config.group_size,
+            "symmetric": config.symmetric,
+            "scale_dtype": dtype_name(method.scale_dtype),
+        },
+        "activations": config.activations() if hasattr(config, "activations") else None,
+        "family": adapter.name,
+        "dllm": {
+            "mask_token_id": adapter.mask_token_id(source.config_dict),
+            "logits_shift": adapter.logits_shift,
+        },
+        "quantized_modules": result.quantized_modules,
+        "module_overrides": result.module_overrides,
+        "modules_not_converted": result.modules_not_converted,
+        "transforms": {"modules": result.module_transforms, **method.transform_metadata()}
+        if (result.module_transforms or method.transform_metadata())
+        else {},
+        "calibration": _calibration_record(calibration) if method.needs_calibration else None,
+        "provenance": {
+            "source": source.model_id,
+            "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",
+            "tool": "qdlm-export",
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+        },
+    }
+
+
+def _write_card(folder: Path, repo_id: str) -> None:
+    from ..hub.card import write_model_card
+
+    # The loading example names the final folder; `push` re-renders it with the Hub repo id.
+    write_model_card(folder, repo_id)

@@ -1,0 +1,330 @@
+"""Calibration data: text from a corpus, tokenized and cut into fixed-length windows, optionally
+masked the way a masked-diffusion model sees its inputs.
+
+Sources: "default" (the corpus shipped in ``assets/corpus``), a .txt file, a .jsonl file (field
+``text``), a folder of .txt/.md/.py files, or a Hub dataset name (only where ``datasets`` is
+installed and the Hub is reachable).
+
+Files are checked at the door: they must be UTF-8 text. Binary files (known formats by their first
+bytes, anything else by NUL bytes), UTF-16 and other 8-bit encodings, empty files and JSONL lines
+that are not JSON objects with the text field are refused naming the file (and line) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.configs import CalibrationConfig
+from ..errors import ConfigError, InputDataError, json_kind
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_CORPUS = ASSETS / "corpus" / "default.txt"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+
+# Leading bytes of the binary formats a calibration path most often points at by mistake.
+_MAGIC = (
+    (b"%PDF-", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"PK\x03\x04", "a zip archive (or .docx/.xlsx/.odt, which are zip files)"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "an xz archive"),
+    (b"(\xb5/\xfd", "a zstd archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x7fELF", "an ELF executable"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"PAR1", "a Parquet file"),
+    (b"ARROW1", "an Arrow file"),
+    (b"\x80\x02", "a Python pickle"),
+    (b"\x80\x03", "a Python pickle"),
+    (b"\x80\x04", "a Python pickle"),
+    (b"\x80\x05", "a Python pickle"),
+)
+_UTF16 = ((b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+
+
+def _decode_text(data: bytes, name: str) -> str:
+    """``data`` (the bytes of calibration text ``name``) as a string, or an error that says what the
+    bytes are instead: a known binary format, UTF-16, binary (NUL bytes), or another 8-bit encoding."""
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            raise InputDataError(
+                f"calibration file {name} is not text: it looks like {kind}",
+                hint="pass UTF-8 text: a .txt file, a .jsonl file with one JSON object per line, or a folder of them",
+            )
+    for bom, encoding in _UTF16:
+        if data.startswith(bom):
+            raise InputDataError(
+                f"calibration file {name} is {encoding} text, not UTF-8",
+                hint=f"convert it with: iconv -f {encoding} -t UTF-8 {name} > converted.txt",
+            )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise InputDataError(
+            f"calibration file {name} looks binary (NUL bytes at offset {nul})",
+            hint="pass UTF-8 text: a .txt file, a .jsonl file with one JSON object per line, or a folder of them",
+        )
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise InputDataError(
+            f"calibration file {name} is not UTF-8 (byte 0x{data[exc.start]:02X} at offset {exc.start}); "
+            f"it is probably Latin-1/Windows-1252 or another 8-bit encoding",
+            hint=f"convert it with iconv, e.g.: iconv -f LATIN1 -t UTF-8 {name} > converted.txt",
+        ) from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputDataError(
+            f"cannot read calibration file {path}: {exc.strerror}", hint="check the path and its permissions"
+        ) from None
+
+
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of one calibration file; empty, binary and non-UTF-8 files are refused."""
+    text = _decode_text(_read_bytes(path), str(path))
+    if not text.strip():
+        raise InputDataError(
+            f"calibration file {path} is empty", hint="pass a file with text in it, or --calib default"
+        )
+    return text
+
+
+def _read_jsonl(path: Path, text_field: str) -> str:
+    data = _read_bytes(path)
+    if not data.strip():
+        raise InputDataError(
+            f"calibration file {path} is empty", hint="pass a file with text in it, or --calib default"
+        )
+    if b"\x00" in data or any(data.startswith(magic) for magic, _ in _MAGIC + _UTF16):
+        _decode_text(data, str(path))  # binary: raises with the detected type
+    texts = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as exc:
+            raise InputDataError(
+                f"{where} is not UTF-8 (byte 0x{raw[exc.start]:02X} at column {exc.start + 1})",
+                hint=f"convert the file with iconv, e.g.: iconv -f LATIN1 -t UTF-8 {path} > converted.jsonl",
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputDataError(
+                f"{where} is not valid JSON ({exc.msg}, column {exc.colno})",
+                hint="a .jsonl file holds one JSON object per line, e.g. {\"text\": \"...\"}",
+            ) from None
+        if not isinstance(record, dict):
+            raise InputDataError(
+                f"{where} is a JSON {json_kind(record)}, "
+                f"not an object with a {text_field!r} field",
+                hint="a .jsonl file holds one JSON object per line, e.g. {\"text\": \"...\"}",
+            )
+        if text_field not in record:
+            fields = ", ".join(map(repr, list(record)[:10])) or "none"
+            raise InputDataError(
+                f"{where} has no field {text_field!r} (its fields: {fields})",
+                hint="set the text field with --calib-field",
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise InputDataError(
+                f"{where}: field {text_field!r} is a JSON {json_kind(value)}, not a string",
+                hint="the --calib-field field must hold the text of each record",
+            )
+        texts.append(value)
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise InputDataError(f"calibration file {path} has no text (no non-empty {text_field!r} records)",
+                             hint="pass a file with text in it, or --calib default")
+    return text
+
+
+def load_text(source: str, text_field: str = "text") -> str:
+    """All calibration text of ``source`` as one string. Files must be UTF-8 text: binary, UTF-16,
+    Latin-1 and empty files are refused naming the file (and for .jsonl, the line)."""
+    if source == "default":
+        return DEFAULT_CORPUS.read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise InputDataError(
+                f"calibration folder {path} has no {'/'.join(TEXT_SUFFIXES)} files",
+                hint="put UTF-8 text files in it, or pass a .txt/.jsonl file",
+            )
+        # Empty files (an empty __init__.py) are skipped; a binary or non-UTF-8 one is refused.
+        texts = [t for t in (_decode_text(_read_bytes(p), str(p)) for p in files) if t.strip()]
+        if not texts:
+            raise InputDataError(
+                f"calibration folder {path} has no usable text: its {len(files)} {'/'.join(TEXT_SUFFIXES)} "
+                "file(s) are all empty",
+                hint="put UTF-8 text files in it, or pass --calib default",
+            )
+        return "\n\n".join(texts)
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, text_field)
+        return read_text_file(path)
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return _load_hub_dataset(source, text_field)
+    raise ConfigError(
+        f"calibration source {source!r} is neither a file, a folder nor a Hub dataset id",
+        hint="pass --calib default, a .txt/.jsonl file, a folder of text files, or a dataset id like owner/name",
+    )
+
+
+def _load_hub_dataset(name: str, text_field: str) -> str:
+    try:
+        import datasets  # type: ignore
+    except ImportError:
+        raise ConfigError(
+            f"calibration dataset {name} needs the `datasets` package", hint="pip install datasets, or pass a local file"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as exc:
+        raise ConfigError(
+            f"could not load calibration dataset {name} ({type(exc).__name__})",
+            hint="check the name and your connection, or pass a local text/jsonl file",
+        ) from None
+    if text_field not in ds.column_names:
+        raise ConfigError(f"dataset {name} has no column {text_field!r}", hint=f"columns: {ds.column_names}")
+    return "\n\n".join(ds[text_field][:20000])
+
+
+def tokenize_corpus(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
+    """Token ids of a long text, tokenized in paragraph-aligned chunks (tokenizers warn on, and some
+    models' tokenizers truncate, very long single inputs)."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n", start, end)
+            end = cut + 1 if cut > start else end
+        ids.extend(tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
+        start = end
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on ``device``: free CUDA memory, or the RAM the kernel
+    reports as available (MemAvailable: free plus reclaimable cache); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # no driver, or a device index that does not exist: checked elsewhere
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def check_calibration_fits(
+    config: CalibrationConfig, adapter, model_config: dict, *, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, available: int | None = None,
+) -> None:
+    """Refuse, before any work, a ``--seqlen`` beyond the model's maximum context and an
+    ``--nsamples``/``--seqlen`` whose captured activations cannot fit in memory.
+
+    The pipeline keeps every calibration sequence's hidden states of the current block on
+    ``device`` and computes the next block's beside them: ``2 * nsamples * seqlen * hidden_size``
+    elements of ``dtype``. ``available`` overrides the measured free memory (tests)."""
+    limit = adapter.max_context(model_config)
+    if limit is not None and config.seqlen > limit[1]:
+        key, value = limit
+        raise ConfigError(
+            f"--seqlen {config.seqlen} is beyond the model's maximum context of {value} tokens "
+            f"(config.json {key})",
+            hint=f"use --seqlen {value} or less (512-2048 is typical for calibration)",
+        )
+    hidden = None
+    for key in adapter.hidden_size_keys:
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            hidden = value
+            break
+    if hidden is None:
+        return
+    element = torch.empty((), dtype=dtype).element_size()
+    need = 2 * config.nsamples * config.seqlen * hidden * element
+    free = available if available is not None else available_memory(device)
+    if free is not None and need > free:
+        fits = max(0, free // (2 * config.seqlen * hidden * element))
+        where = "GPU memory" if torch.device(device).type == "cuda" else "RAM"
+        raise ConfigError(
+            f"calibration with --nsamples {config.nsamples} x --seqlen {config.seqlen} needs about {_size(need)} "
+            f"for the captured activations (2 x samples x seqlen x hidden size {hidden} x {element} bytes), "
+            f"but only {_size(free)} of {where} is available",
+            hint=f"use --nsamples {fits} or fewer (128 is typical), or a smaller --seqlen"
+            if fits else "use a smaller --seqlen and --nsamples (128 x 512 is typical)",
+        )
+
+
+def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows drawn at random offsets of the tokenized corpus.
+
+    With ``config.masking == "random"`` (and ``"auto"`` when the model has a mask token) each sample
+    draws a ratio ``t ~ U(0, 1)`` and masks each token with probability ``t`` (LLaDA's forward
+    process), so calibration sees what the model sees at denoising steps rather than clean text only.
+    """
+    # The windows themselves (int64, plus the masking draws): refuse what cannot be allocated at all,
+    # rather than fail inside torch with an allocator error.
+    need = config.nsamples * config.seqlen * 8 * (3 if config.masking != "none" else 1)
+    free = available_memory("cpu")
+    if free is not None and need > free:
+        raise ConfigError(
+            f"--nsamples {config.nsamples} x --seqlen {config.seqlen} calibration tokens need about {_size(need)}, "
+            f"but only {_size(free)} of RAM is available",
+            hint="use a smaller --nsamples (128 is typical) or --seqlen",
+        )
+    text = load_text(config.source, config.text_field)
+    ids = tokenize_corpus(tokenizer, text)
+    if ids.numel() < config.seqlen + 1:
+        raise ConfigError(
+            f"calibration text has {ids.numel()} tokens, fewer than --seqlen {config.seqlen}",
+            hint="use a larger corpus or a smaller --seqlen",
+        )
+    gen = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, ids.numel() - config.seqlen, (config.nsamples,), generator=gen)
+    tokens = torch.stack([ids[s : s + config.seqlen] for s in starts.tolist()])
+    if config.resolved_masking(mask_token_id) == "random":
+        if mask_token_id is None:
+            raise ConfigError(
+                "--calib-masking random needs a mask token, and this model has none",
+                hint="use --calib-masking none (or auto, which picks none for models without a mask token)",
+            )
+        ratio = torch.rand(config.nsamples, 1, generator=gen)
+        masked = torch.rand(tokens.shape, generator=gen) < ratio
+        tokens = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)
+    return tokens

@@ -1,0 +1,130 @@
+"""Fidelity of a written checkpoint: reload it with ``from_pretrained`` and compare its logits to the
+source model's on a few calibration batches.
+
+The reference forward streams the source block by block (hooks materialise each block's weights
+just before it runs and release them after), so verifying a large model needs no second full copy.
+It is the model as a user loads it: the same classes, with the same in-memory repairs of published
+remote code (families/compat.py), and its non-persistent buffers (rotary tables) are checked equal
+to those ``from_pretrained`` gives the reloaded checkpoint, so a loading defect is reported as one
+and never as quantization error. Non-finite reference logits stop the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .source import SourceModel
+
+
+@torch.no_grad()
+def reference_logits(source: SourceModel, tokens: torch.Tensor, device: torch.device, batch_size: int = 4) -> torch.Tensor:
+    model = source.skeleton()
+    adapter = source.adapter
+    for prefix in source.non_block_prefixes(model):
+        source.materialize(model, prefix, device, torch.float32)
+    handles = []
+    for index, block in enumerate(adapter.block_list(model)):
+        prefix = adapter.block_prefix(index)
+
+        def load(module: nn.Module, args, prefix=prefix):
+            source.materialize(model, prefix, device, torch.float32)
+
+        def free(module: nn.Module, args, output, prefix=prefix):
+            source.release(model, prefix)
+
+        handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
+    try:
+        logits = _logits(model, tokens, device, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    from .preflight import check_finite_logits
+
+    check_finite_logits(source, logits, f"{tokens.shape[0]} verification samples")
+    return logits
+
+
+def _logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    outs = []
+    for start in range(0, tokens.shape[0], batch_size):
+        out = model(input_ids=tokens[start : start + batch_size].to(device))
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        outs.append(logits.float().cpu())
+    return torch.cat(outs)
+
+
+def load_quantized(folder: Path, auto_class: str, trust_remote_code: bool, device: torch.device) -> nn.Module:
+    import transformers
+
+    from transformers.utils import logging as hf_logging
+
+    cls = getattr(transformers, auto_class)
+    if trust_remote_code:
+        prepare_folder_code(folder, auto_class)
+    hf_logging.disable_progress_bar()  # our own progress is on screen; theirs would interleave
+    try:
+        model = cls.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def prepare_folder_code(folder: Path | str, auto_class: str, auto_map: dict | None = None) -> list[str]:
+    """Repair, in memory, the remote-code classes of a checkpoint folder before transformers builds
+    them (what the registration lines of a self-contained checkpoint do when it is loaded).
+    ``folder`` may be a Hub id when its config's ``auto_map`` is given."""
+    import json
+    import sys
+
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from ..families import compat
+
+    if auto_map is None:
+        auto_map = json.loads((Path(folder) / "config.json").read_text()).get("auto_map") or {}
+    refs = [auto_map.get("AutoConfig"), auto_map.get(auto_class)]
+    refs += [v for k, v in auto_map.items() if k.startswith("AutoModel") and v not in refs]
+    installed: list[str] = []
+    for ref in refs:
+        ref = ref[0] if isinstance(ref, (list, tuple)) else ref
+        if not isinstance(ref, str) or "--" in ref:
+            continue
+        cls = get_class_from_dynamic_module(ref, str(folder))
+        installed += compat.repair_module(sys.modules[cls.__module__])
+    return installed
+
+
+def check_buffers_match(source: SourceModel, model: nn.Module) -> None:
+    """The reloaded model's non-persistent buffers (rotary tables...) must equal the reference's:
+    a difference is a loading defect, which would otherwise be reported as quantization error."""
+    from ..errors import UnsupportedModelError
+
+    reference = dict(source.skeleton().named_buffers())
+    for name, buf in model.named_buffers():
+        ref = reference.get(name)
+        if ref is None or ref.device.type == "meta" or ref.shape != buf.shape or not ref.is_floating_point():
+            continue
+        got, want = buf.detach().float().cpu(), ref.detach().float().cpu()
+        if not (torch.isfinite(got).all() and torch.allclose(got, want, rtol=1e-3, atol=1e-6)):
+            raise UnsupportedModelError(
+                f"the reloaded checkpoint's buffer {name} differs from the model's definition "
+                f"(max difference {float((got - want).abs().nan_to_num(float('inf')).max()):.3g})",
+                hint="from_pretrained leaves this buffer as the model's code does not expect under the installed "
+                "transformers; the quantized weights are not the cause. Report it with the model name",
+            )
+
+
+@torch.no_grad()
+def relative_output_error(
+    source: SourceModel, folder: Path, tokens: torch.Tensor, device: torch.device
+) -> float:
+    """``||logits_q - logits_ref||_F / ||logits_ref||_F`` over ``tokens``."""
+    ref = reference_logits(source, tokens, device)
+    model = load_quantized(folder, source.adapter.auto_class, source.trust_remote_code, device)
+    check_buffers_match(source, model)
+    got = _logits(model, tokens, device, batch_size=4)
+    del model
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))

@@ -1,0 +1,222 @@
+"""The layer-by-layer driver: materialise a block, calibrate and quantize it, write it, propagate
+the calibration activations through the *quantized* block, free it, next.
+
+Peak memory is one block (plus embeddings/head and the calibration activations), independent of
+depth. No graph tracing: a ``Catcher`` records what the model passes to its first block, which is
+all a block needs to be re-run (dLLMs ship custom modelling code that tracing would break on).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..format.spec import linear_tensors
+from ..format.writer import ShardedWriter
+from ..methods.base import BlockCalibration, QuantMethod
+from ..core.schemes import quantize_rtn
+from .source import SourceModel
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class PipelineResult:
+    quantized_modules: list[str] = field(default_factory=list)
+    modules_not_converted: list[str] = field(default_factory=list)
+    module_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # module name -> its online input transforms (the checkpoint's transforms.modules)
+    module_transforms: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    linear_params: int = 0
+    linear_bytes_original: int = 0
+    linear_bytes_quantized: int = 0
+    seconds_per_block: list[float] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 to record its call arguments, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module, store: BlockCalibration):
+        super().__init__()
+        self.block = block
+        self.store = store
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        if hidden_states is None:  # some models pass everything by keyword
+            hidden_states = kwargs.pop("hidden_states")
+        self.store.hidden.append(hidden_states)
+        self.store.call_args.append(args)
+        self.store.call_kwargs.append(kwargs)
+        raise _StopForward
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def resolve_device(device: str) -> torch.device:
+    from ..core.arguments import check_device
+
+    device = check_device(device)  # a ConfigError naming the value, not torch's RuntimeError
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but no CUDA device is available", hint="use --device cpu")
+    return torch.device(device)
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    # float32 on CPU (bf16 matmuls there are slow and coarse); bf16 on GPUs, Hessians stay float32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
+) -> BlockCalibration:
+    store = BlockCalibration(hidden=[])
+    first = blocks[0]
+    blocks[0] = _Catcher(first, store)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False) if _accepts_use_cache(model) else model(input_ids=batch)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = first
+    if not store.hidden:
+        raise RuntimeError("the model never called its first decoder block; check the family adapter's `blocks`")
+    return store
+
+
+def _accepts_use_cache(model: nn.Module) -> bool:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _source_dtype(source: SourceModel, key: str, fallback: torch.dtype) -> torch.dtype:
+    if source.has(key):
+        return SAFETENSORS_DTYPES.get(source.tensor_meta(key)[0], fallback)
+    return fallback
+
+
+@torch.no_grad()
+def run_pipeline(
+    source: SourceModel,
+    method: QuantMethod,
+    writer: ShardedWriter,
+    *,
+    calib_tokens: torch.Tensor | None,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    batch_size: int = 8,
+    on_block: Callable[[int, int], None] | None = None,
+) -> PipelineResult:
+    adapter = source.adapter
+    model = source.skeleton()
+    blocks = adapter.block_list(model)
+    result = PipelineResult()
+    quantize_head = method.config.include_lm_head
+
+    # Everything outside the blocks (embeddings, final norm, head) stays resident: it is needed to
+    # compute block-0 inputs and is small next to the blocks of a large model.
+    for prefix in source.non_block_prefixes(model):
+        source.materialize(model, prefix, device, compute_dtype)
+    method.prepare(model)
+
+    calib = None
+    if method.needs_calibration:
+        if calib_tokens is None:
+            raise ConfigError(f"method {method.name} needs calibration data")
+        calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device)
+
+    for index in range(len(blocks)):
+        started = time.perf_counter()
+        prefix = adapter.block_prefix(index)
+        source.materialize(model, prefix, device, compute_dtype)
+        block = blocks[index]
+        qweights = method.quantize_block(block, prefix, calib)
+        missing = [f"{prefix}.{n}" for n in adapter.linear_names if f"{prefix}.{n}" not in qweights]
+        if missing:
+            raise RuntimeError(f"method {method.name} did not quantize {', '.join(missing)}")
+        _write_block(source, writer, block, prefix, qweights, result)
+        if calib is not None and index + 1 < len(blocks):
+            calib.hidden = calib.run(block)
+        source.release(model, prefix)
+        result.seconds_per_block.append(time.perf_counter() - started)
+        if on_block is not None:
+            on_block(index + 1, len(blocks))
+
+    _write_non_block(source, writer, model, method, quantize_head, result)
+    result.module_overrides = dict(method.overrides)
+    return result
+
+
+def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweight, tensors) -> None:
+    out, inp = qweight.shape
+    dtype = _source_dtype(source, f"{name}.weight", torch.float32)
+    result.quantized_modules.append(name)
+    result.linear_params += out * inp
+    result.linear_bytes_original += out * inp * torch.empty((), dtype=dtype).element_size()
+    result.linear_bytes_quantized += sum(
+        t.numel() * t.element_size() for k, t in tensors.items() if k != "bias" and k not in qweight.extra_tensors
+    )
+
+
+def _write_block(source, writer, block, prefix, qweights, result) -> None:
+    written = set()
+    for name, qweight in qweights.items():
+        if qweight.bias is not None:
+            dtype = _source_dtype(source, f"{name}.bias", qweight.bias.dtype)
+            qweight.bias = qweight.bias.to(dtype)
+        tensors = linear_tensors(qweight)
+        writer.add_all(name, tensors)
+        _record_linear(result, source, name, qweight, tensors)
+        if qweight.input_transforms:
+            result.module_transforms[name] = list(qweight.input_transforms)
+        written.update({f"{name}.weight", f"{name}.bias"})
+    for local, param in block.named_parameters():
+        name = f"{prefix}.{local}"
+        if name not in written:  # norms etc., possibly with scales folded in by the method
+            writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
+
+
+def _write_non_block(source, writer, model, method, quantize_head, result) -> None:
+    adapter = source.adapter
+    head = adapter.lm_head
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.startswith(adapter.blocks + "."):
+            continue
+        if name.startswith(head + ".") and quantize_head:
+            continue
+        if source.has(name):  # a tied head is not stored separately, as in the source
+            writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
+    linear = model.get_submodule(head)
+    if quantize_head:
+        if adapter.ties_embeddings(source.config_dict):
+            raise ConfigError(
+                "the LM head is tied to the input embeddings, so it cannot be quantized on its own",
+                hint="drop --include-lm-head",
+            )
+        scheme = method.layer_scheme(head, linear.in_features)
+        qweight = quantize_rtn(linear.weight.data, scheme, method.scale_dtype, bias=linear.bias)
+        tensors = linear_tensors(qweight)
+        writer.add_all(head, tensors)
+        _record_linear(result, source, head, qweight, tensors)
+    else:
+        result.modules_not_converted.append(head)

@@ -1,0 +1,501 @@
+"""A source model on disk, read lazily: config, family adapter, and tensors memory-mapped from its
+safetensors, materialised into a weightless skeleton one block at a time.
+
+This is what keeps peak memory near one block: the skeleton's parameters live on the ``meta``
+device until a block is needed, and go back there once it has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from ..errors import InputDataError, ModelNotFoundError, UnsupportedModelError, json_kind
+from ..families import FamilyAdapter, family_for_config
+from ..core.remote_code import needs_remote_code
+
+# What a quantized checkpoint takes from its source folder is an allow-list (copyable_files): the
+# model's own files (tokenizer, chat template, generation config, remote code, license), never weights
+# (the tool writes its own), pickles, hidden files or anything else that happens to lie there.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".pkl", ".pickle",
+                   ".npy", ".npz", ".joblib", ".onnx", ".tflite", ".index.json")
+# Written by the tool itself (config, report, card) or describing the source's weights: never copied.
+NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", ".gitattributes",
+              "config.json", "qdlm_report.json"}
+COPIED_PATTERNS = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "feature_extractor_config.json", "video_preprocessor_config.json",
+    "*.jinja",                                          # chat templates
+    "*.model", "*.tiktoken", "vocab*.json", "vocab*.txt", "vocab", "*.vocab", "merges.txt",  # tokenizers
+    "*.py",                                             # remote code (auto_map modules and what they import)
+    "LICENSE", "LICENSE.*", "LICENCE", "LICENCE.*", "NOTICE", "NOTICE.*", "USE_POLICY.md",  # terms of use
+)
+
+
+def copyable_model_files(folder: Path) -> list[Path]:
+    """The model's own files in ``folder`` that a quantized checkpoint carries (``COPIED_PATTERNS``:
+    code, tokenizer, chat template, generation config, license), regular files at the top level only.
+
+    A symlink is copied as its content when it resolves inside ``folder`` (or, for a Hub download, to
+    the cached blob of this repository); one pointing anywhere else is skipped with a warning: a
+    checkpoint gets published, and a link out of the folder (to a token file, a home folder...) must
+    never carry foreign content into it. Skipping rather than refusing keeps the source usable as it
+    is; the warning names the file to copy in if it does belong to the model.
+    """
+    import fnmatch
+    import warnings
+
+    folder = Path(folder)
+    root = folder.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    files = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if name.startswith(".") or name in NOT_COPIED or name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if not any(fnmatch.fnmatchcase(name, pat) for pat in COPIED_PATTERNS):
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if not (target.is_relative_to(root) or (blobs is not None and target.parent == blobs)):
+                warnings.warn(
+                    f"not copying {name} into the checkpoint: it is a symlink to a file outside the model folder "
+                    f"{folder}; copy the file itself into the folder if it belongs to the model",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                continue
+        if p.is_file():  # a regular file, or a symlink to one inside the folder: copied as content
+            files.append(p)
+    return files
+
+
+def resolve_model_path(model: str, *, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hub id downloaded (config, code, tokenizer, safetensors)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model path {model} is a file", hint="pass the model's folder, not a file in it")
+        return path
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep in model.split("/", 1)[1]
+    if looks_local:
+        raise ModelNotFoundError(
+            f"model path {model} does not exist",
+            hint="pass an existing local folder (with config.json) or a Hub id such as GSAI-ML/LLaDA-8B-Instruct",
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            model,
+            revision=revision,
+            allow_patterns=["*.json", "*.py", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"],
+        )
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise ModelNotFoundError(
+            f"could not download {model} from the Hub ({type(exc).__name__})",
+            hint="check the id and your connection (HF_HUB_OFFLINE must be unset), or pass a local folder",
+        ) from None
+    return Path(local)
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} has no config.json", hint="pass a Hugging Face model folder")
+    fix = "re-download the model, or re-save its config with save_pretrained()"
+    data = config_file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputDataError(
+            f"{config_file} is not UTF-8 text (byte 0x{data[exc.start]:02X} at offset {exc.start})",
+            hint=f"config.json must be UTF-8 JSON; {fix}",
+        ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputDataError(
+            f"{config_file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", hint=fix
+        ) from None
+    if not isinstance(config, dict):
+        raise InputDataError(
+            f"{config_file} holds a JSON {json_kind(config)}, not an object of config keys",
+            hint=f"config.json must be one JSON object ({{\"model_type\": ..., ...}}); {fix}",
+        )
+    model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise InputDataError(
+            f"{config_file}: model_type is a JSON {json_kind(model_type)} ({model_type!r}), not a string", hint=fix
+        )
+    return config
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _not_safetensors(file: Path, reason: str) -> InputDataError:
+    return InputDataError(
+        f"{file} is not a valid safetensors file (truncated?): {reason}",
+        hint="the download or save was probably interrupted; re-download the model, or re-save it with "
+        "save_pretrained(..., safe_serialization=True)",
+    )
+
+
+def _allowed_roots(path: Path) -> list[Path]:
+    """Where a weight file of the model folder may really live: the folder itself, and for a Hub
+    cache snapshot (``.../snapshots/<rev>/``, whose files are links into ``../../blobs``) the
+    blobs folder of that repository."""
+    roots = [path.resolve()]
+    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+        roots.append((path.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _check_inside(file: Path, folder: Path, what: str) -> None:
+    real = file.resolve()
+    if not any(real == root or root in real.parents for root in _allowed_roots(folder)):
+        raise InputDataError(
+            f"{what} {file.name} in {folder} resolves to {real}, outside the model folder; it was not read",
+            hint="weights are read only from inside the model folder; copy the file into the folder "
+            "(not a link to elsewhere) if it really belongs to this model",
+        )
+
+
+def _config_int(config: dict[str, Any], keys: tuple[str, ...], file: Path) -> tuple[str | None, int | None]:
+    """The first of ``keys`` set in the config, checked to be a positive integer; (None, None) if unset."""
+    for key in keys:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InputDataError(
+                f"{file}: {key}={value!r} is not a positive integer",
+                hint="config.json is damaged or hand-edited; use the config the weights were saved with",
+            )
+        return key, value
+    return None, None
+
+
+def check_finite(value: torch.Tensor, key: str, file: Path) -> None:
+    """NaN or Inf in a source tensor is an error naming it (floating-point tensors only)."""
+    if not value.is_floating_point():
+        return
+    # In chunks: a whole-tensor mask of an 8B model's embedding would be a 500 MB temporary.
+    flat = value.reshape(-1)
+    if all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 24)):
+        return
+    nan = int(torch.isnan(value).sum())
+    inf = int(torch.isinf(value).sum())
+    first = int((~torch.isfinite(value)).flatten().nonzero()[0])
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), value.shape))
+    raise InputDataError(
+        f"source tensor {key} in {file.name} holds non-finite values ({nan} NaN, {inf} Inf; "
+        f"first at index {list(where)})",
+        hint="the source weights are damaged (re-download them) or were saved after a diverged training step; "
+        "pass --allow-non-finite to quantize them anyway",
+    )
+
+
+@dataclass
+class SourceModel:
+    path: Path
+    config_dict: dict[str, Any]
+    adapter: FamilyAdapter
+    trust_remote_code: bool
+    model_id: str  # what the user passed: a Hub id or a path
+    # NaN/Inf in a source tensor is an error unless allowed (some checkpoints hold unused inf rows).
+    allow_non_finite: bool = False
+    _key_to_file: dict[str, Path] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack)
+    _handles: dict[Path, Any] = field(default_factory=dict)
+    _config: Any = None
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, model: str, *, trust_remote_code: bool = False, revision: str | None = None,
+        allow_non_finite: bool = False,
+    ) -> "SourceModel":
+        path = resolve_model_path(model, revision=revision)
+        config = read_config_dict(path)
+        if config.get("quantization_config"):
+            qconfig = config["quantization_config"]
+            method = qconfig.get("quant_method", "?") if isinstance(qconfig, dict) else "?"
+            raise UnsupportedModelError(
+                f"{model} is already quantized (quant_method {method!r})",
+                hint="quantize the original full-precision model instead",
+            )
+        adapter = family_for_config(config)
+        if needs_remote_code(config) and not trust_remote_code:
+            files = ", ".join(sorted(p.name for p in path.glob("*.py"))) or "its auto_map classes"
+            raise UnsupportedModelError(
+                f"{model} (model_type {config.get('model_type')!r}) runs its own modeling code ({files})",
+                hint="review that code, then re-run with --trust-remote-code to allow it",
+            )
+        source = cls(path=path, config_dict=config, adapter=adapter, trust_remote_code=trust_remote_code,
+                     model_id=model, allow_non_finite=allow_non_finite)
+        source._index_tensors()
+        source.check_config_matches_weights()
+        return source
+
+    def _index_tensors(self) -> None:
+        """Map every tensor name to its file, reading only safetensors headers. With an index file,
+        exactly the files it lists (each inside the folder, each holding the tensors listed for it);
+        without one, every ``*.safetensors`` of the folder."""
+        index = self._read_index()
+        files = sorted(set(index.values())) if index is not None else sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            raise ModelNotFoundError(
+                f"{self.path} has no .safetensors weights" + (f" (found {', '.join(pickles)})" if pickles else ""),
+                hint="qdlm-export reads safetensors only, never pickled weights; convert the checkpoint to "
+                "safetensors first (e.g. save_pretrained(..., safe_serialization=True))",
+            )
+        for f in files:
+            _check_inside(f, self.path, "weight file")
+            if f.stat().st_size == 0:
+                raise _not_safetensors(f, "the file is empty (0 bytes)")
+            try:
+                with safe_open(f, "pt") as handle:
+                    keys = list(handle.keys())
+            except Exception as exc:  # SafetensorError: bad header, header beyond the file, short data
+                raise _not_safetensors(f, str(exc)) from None
+            for key in keys:
+                if key in self._key_to_file and index is None:
+                    raise InputDataError(
+                        f"tensor {key} is stored twice, in {self._key_to_file[key].name} and {f.name}",
+                        hint=f"the folder holds weight files of two different saves; keep one set (or add "
+                        f"the {INDEX_FILE} that lists the right files)",
+                    )
+                self._key_to_file[key] = f
+        if index is not None:
+            for key, f in index.items():
+                if self._key_to_file.get(key) != f:
+                    raise InputDataError(
+                        f"{INDEX_FILE} lists tensor {key} in {f.name}, but that file does not hold it",
+                        hint="the index and the weight files are from different saves; re-download the model",
+                    )
+            for key in [k for k in self._key_to_file if k not in index]:
+                del self._key_to_file[key]  # in a listed file but not in the index: not part of the model
+
+    def _read_index(self) -> dict[str, Path] | None:
+        """The index file's weight_map as tensor -> file, with every entry checked to name a file
+        inside the model folder; None when there is no index."""
+        index_file = self.path / INDEX_FILE
+        if not index_file.exists():
+            return None
+        fix = "re-download the model, or re-save it with save_pretrained(..., safe_serialization=True)"
+        _check_inside(index_file, self.path, "index file")
+        try:
+            data = json.loads(index_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputDataError(f"{index_file} is not valid UTF-8 JSON ({exc})", hint=fix) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputDataError(f"{index_file} has no \"weight_map\" object of tensor names to files", hint=fix)
+        index: dict[str, Path] = {}
+        for key, name in weight_map.items():
+            entry = f"{index_file} entry {key!r} -> {name!r}"
+            if not isinstance(name, str) or not name:
+                raise InputDataError(f"{entry} is not a file name", hint=fix)
+            rel = Path(name)
+            if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+                raise InputDataError(
+                    f"{entry} points outside the model folder; refused",
+                    hint="index entries must be file names inside the model folder (no absolute paths, no '..')",
+                )
+            if not name.endswith(".safetensors"):
+                raise InputDataError(f"{entry} is not a .safetensors file", hint="qdlm-export reads safetensors only")
+            file = self.path / rel
+            if not file.is_file():
+                raise InputDataError(f"{entry}: {name} does not exist in {self.path}", hint=fix)
+            _check_inside(file, self.path, "weight file")
+            index[key] = file
+        return index
+
+    def check_config_matches_weights(self) -> None:
+        """Compare config.json's sizes with the tensor shapes in the safetensors headers, so a config
+        that does not describe these weights is named here, before any work."""
+        adapter, config = self.adapter, self.config_dict
+        cfg = self.path / "config.json"
+        blocks_prefix = adapter.blocks + "."
+        present = sorted({int(k[len(blocks_prefix):].split(".", 1)[0]) for k in self._key_to_file
+                          if k.startswith(blocks_prefix) and k[len(blocks_prefix):].split(".", 1)[0].isdigit()})
+        layers_key, layers = _config_int(config, adapter.num_layers_keys, cfg)
+        if layers_key is None:
+            raise InputDataError(
+                f"{cfg} sets none of {', '.join(adapter.num_layers_keys)} (the number of "
+                f"{adapter.name} decoder blocks)",
+                hint="config.json is incomplete; use the config the weights were saved with",
+            )
+        if present and layers != len(present):
+            raise InputDataError(
+                f"{cfg}: {layers_key}={layers}, but the weights hold {len(present)} blocks "
+                f"({adapter.blocks}.{present[0]} to {adapter.blocks}.{present[-1]})",
+                hint=f"config.json does not describe these weights; set {layers_key} to {len(present)} "
+                "or use the weights this config was saved with",
+            )
+        if present != list(range(len(present))):
+            missing = sorted(set(range(present[-1] + 1)) - set(present))
+            raise InputDataError(
+                f"the weights have no block {adapter.blocks}.{missing[0]} (blocks present: {len(present)})",
+                hint="a weight file is missing or incomplete; re-download the model",
+            )
+
+        def check(key_and_value, tensor: str, dim: int) -> None:
+            key, value = key_and_value
+            if key is None or not self.has(tensor):
+                return
+            _, shape = self.tensor_meta(tensor)
+            if len(shape) > dim and shape[dim] != value:
+                raise InputDataError(
+                    f"{cfg}: {key}={value} does not match tensor {tensor} of shape {list(shape)}",
+                    hint="config.json does not describe these weights; use the config they were saved with",
+                )
+
+        hidden = _config_int(config, adapter.hidden_size_keys, cfg)
+        check(hidden, f"{adapter.embeddings}.weight", 1)
+        inter = _config_int(config, adapter.intermediate_size_keys, cfg)
+        first = adapter.block_prefix(0)
+        for group in adapter.groups:
+            for name in group.linears:
+                if group.role == "gate_up":
+                    check(inter, f"{first}.{name}.weight", 0)
+                if group.role in ("qkv", "attn_out"):
+                    check(hidden, f"{first}.{name}.weight", 1 if group.role == "qkv" else 0)
+                if group.role == "down":
+                    check(inter, f"{first}.{name}.weight", 1)
+                    check(hidden, f"{first}.{name}.weight", 0)
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
+        return self._handles[file]
+
+    def has(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def tensor(self, key: str) -> torch.Tensor:
+        file = self._key_to_file[key]
+        try:
+            return self._handle(file).get_tensor(key)
+        except Exception as exc:  # SafetensorError: the data region changed or broke since the header
+            raise _not_safetensors(file, f"tensor {key}: {exc}") from None
+
+    def tensor_meta(self, key: str) -> tuple[str, list[int]]:
+        sl = self._handle(self._key_to_file[key]).get_slice(key)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    def source_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self._key_to_file.values()))
+
+    def close(self) -> None:
+        self._stack.close()
+        self._stack = ExitStack()
+        self._handles.clear()
+
+    # ---- model skeleton ------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        if self._config is None:
+            from transformers import AutoConfig
+
+            from .preflight import prepare_config, remote_code_error
+
+            try:
+                self._config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+            except Exception as exc:
+                if not (self.trust_remote_code and self.config_dict.get("auto_map")):
+                    raise
+                raise remote_code_error(self, exc, "loading its config class") from None
+            prepare_config(self, self._config)  # known transformers-5 incompatibilities (families/compat.py)
+        return self._config
+
+    def skeleton(self) -> nn.Module:
+        """The model with parameters on ``meta`` and real buffers (rotary tables etc.)."""
+        import transformers
+        from accelerate import init_empty_weights
+
+        from ..families.compat import repair_rotary_buffers
+        from .preflight import prepare_model_code, remote_code_error
+
+        auto_class = getattr(transformers, self.adapter.auto_class)
+        config = self.config
+        prepare_model_code(self)  # repairs the model classes in memory before they are built
+        try:
+            with init_empty_weights(include_buffers=False):
+                model = auto_class.from_config(config, trust_remote_code=self.trust_remote_code)
+        except Exception as exc:
+            if not (self.trust_remote_code and self.config_dict.get("auto_map")):
+                raise
+            raise remote_code_error(self, exc, "building the model from its config") from None
+        repair_rotary_buffers(model)
+        model.eval()
+        return model
+
+    def materialize(self, model: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
+        """Load every parameter under ``prefix`` ('' for all) from the safetensors into ``model``."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        try:
+            for name, param in list(model.named_parameters(remove_duplicate=False)):
+                if prefix and not (name == prefix or name.startswith(prefix + ".")):
+                    continue
+                key = self._checkpoint_key(name)
+                value = self.tensor(key)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise InputDataError(
+                        f"tensor {key} in {self._key_to_file[key].name} has shape {list(value.shape)}, but "
+                        f"config.json builds {name} with shape {list(param.shape)}",
+                        hint="config.json does not describe these weights; use the config they were saved with",
+                    )
+                if not self.allow_non_finite:
+                    check_finite(value, key, self._key_to_file[key])
+                set_module_tensor_to_device(model, name, device, value=value.to(dtype))
+        finally:
+            # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS
+            # for the whole run, and peak memory would appear to grow with depth.
+            self.close()
+
+    def release(self, model: nn.Module, prefix: str) -> None:
+        """Send the parameters under ``prefix`` back to ``meta`` to free their memory."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(model.named_parameters(remove_duplicate=False)):
+            if name.startswith(prefix + "."):
+                set_module_tensor_to_device(model, name, "meta")
+
+    def _checkpoint_key(self, param_name: str) -> str:
+        if self.has(param_name):
+            return param_name
+        # Tied LM head: the checkpoint stores only the embedding matrix.
+        if param_name == f"{self.adapter.lm_head}.weight" and self.adapter.ties_embeddings(self.config_dict):
+            return f"{self.adapter.embeddings}.weight"
+        raise ModelNotFoundError(
+            f"the checkpoint has no tensor {param_name!r} that the model's code expects",
+            hint="the weights do not match config.json/modeling code; check the model folder",
+        )
+
+    def non_block_prefixes(self, model: nn.Module) -> list[str]:
+        """Top-level parameter owners outside the decoder blocks (embeddings, final norm, head...)."""
+        blocks = self.adapter.blocks
+        names = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters(remove_duplicate=False)}
+        return sorted(n for n in names if not (n == blocks or n.startswith(blocks + ".")))
+
+    def copyable_files(self) -> list[Path]:
+        """The source's own model files that belong in the quantized repo (:func:`copyable_model_files`)."""
+        return copyable_model_files(self.path)

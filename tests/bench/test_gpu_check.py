@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check.sh: its syntax, its CPU dry run, and the report writer's target verdicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_report  # noqa: E402 (benchmarks/ is not a package)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_dry_run_writes_a_report_section(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "gpu_check"
+    for step in ("tests", "bench", "steps", "gptq", "report"):
+        assert f" {step} " in done.stdout  # the plan names every step
+    assert "TRITON_INTERPRET=0" in done.stdout
+    doc = (out / "benchmarks.md").read_text()
+    assert doc.startswith((ROOT / "docs" / "benchmarks.md").read_text()[:200])  # the doc is kept, section appended
+    assert doc.count("## GPU check: dry run (CPU)") == 1
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["kernels"]["results"], "the dry run's CPU bench measured nothing"
+    targets = json.loads((out / "targets.json").read_text())
+    assert {t["key"] for t in targets} == {"w8a8_large_m", "w4a16_small_m", "w4a16_m1024", "hadamard_share"}
+    # the real doc is untouched by a dry run
+    assert "## GPU check: dry run" not in (ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def _row(op, backend, M, time_ms, dense_ms, K=4096, N=4096):
+    return dict(op=op, backend=backend, M=M, K=K, N=N, time_ms=time_ms, dense_ms=dense_ms)
+
+
+def test_report_targets_use_the_fastest_backend_and_every_shape():
+    kernels = {
+        "results": [
+            _row("w8a8", "torch._int_mm", 1024, 0.50, 1.0),  # 2.0x
+            _row("w8a8", "triton", 1024, 0.80, 1.0),  # slower backend of the same shape: ignored
+            _row("w8a8", "triton", 4096, 0.70, 1.0, N=12288),  # 1.43x: this shape misses 1.6x
+            _row("weight_only", "triton", 16, 0.30, 1.0),  # 3.33x >= 2.5
+            _row("weight_only", "triton", 1024, 1.20, 1.0),  # 0.83x < 0.9
+        ]
+    }
+    steps = {"rows": [{"scheme": "quarot-w4a4", "tokens": 4096, "hadamard_share": 0.031}]}
+    by_key = {t["key"]: t for t in gpu_report.evaluate_targets(kernels, steps)}
+    assert by_key["w8a8_large_m"]["held"] is False and by_key["w8a8_large_m"]["value"] == pytest.approx(1 / 0.7, 1e-3)
+    assert by_key["w4a16_small_m"]["held"] is True
+    assert by_key["w4a16_m1024"]["held"] is False
+    assert by_key["hadamard_share"]["held"] is True
+    by_key = {t["key"]: t for t in gpu_report.evaluate_targets({"results": []}, None)}
+    assert all(t["held"] is None for t in by_key.values())
+
+
+def test_report_section_replaces_only_its_own_device():
+    doc = "# Benchmarks\n\nintro\n"
+    doc = gpu_report.insert_section(doc, "NVIDIA H200", "## GPU check: NVIDIA H200 (d1)\nold\n")
+    doc = gpu_report.insert_section(doc, "NVIDIA H100 80GB HBM3", "## GPU check: NVIDIA H100 (d1)\nother\n")
+    doc = gpu_report.insert_section(doc, "NVIDIA H200", "## GPU check: NVIDIA H200 (d2)\nnew\n")
+    assert doc.startswith("# Benchmarks\n\nintro\n")
+    assert "old" not in doc and doc.count("## GPU check: NVIDIA H200") == 1 and "new" in doc and "other" in doc

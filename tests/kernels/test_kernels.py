@@ -1,0 +1,486 @@
+"""Kernels against float64 references built here from the unpacked codes (never from kernel helpers).
+
+Triton cases run compiled on a CUDA GPU when there is one, else in the CPU interpreter
+(``TRITON_INTERPRET=1`` is set below, before any Triton kernel module is imported); they are skipped
+when triton is not installed. Inputs are fresh random
+draws on every run (the seed is printed, so a failure can be replayed with QDLM_TEST_SEED=<seed>);
+buffers a kernel writes into are poisoned first. Tolerances are relative to ``sum |x| |w|`` (plus
+``|bias|``), the natural scale of rounding errors in a dot product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = torch.device("cuda" if GPU else "cpu")  # where the Triton cases run
+
+from qdlm_export.core.packing import pack_rows, unpack_rows  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export.kernels import dispatch as D  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export.kernels.int8 import int8_gemm_torch, packed_int_linear_torch, quantize_per_token_torch  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export.kernels.weight_only import dequantize_packed, unpack_codes, weight_only_linear_torch  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export.core.schemes import WeightScheme, dequantize  # noqa: E402 (after TRITON_INTERPRET is set)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, -1)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 3e-5}
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("QDLM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"QDLM_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv(D.ENV_VAR, raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent float64 references
+# ---------------------------------------------------------------------------------------------
+
+
+def make_weight(gen, n_out, k, bits, group, symmetric, scale_dtype):
+    """Random codes, scales and zero points, and the packed weight (packed by the *format* module)."""
+    groups = 1 if group == -1 else k // group
+    codes = torch.randint(0, 1 << bits, (n_out, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n_out, groups, generator=gen) * 0.05 + 0.005).to(scale_dtype)
+    zero = None if symmetric else torch.randint(0, 1 << bits, (n_out, groups), generator=gen, dtype=torch.uint8)
+    return codes, pack_rows(codes, bits), scale, zero
+
+
+def ref_weight(codes, scale, zero, bits, group):
+    """float64 ``(q - z) * s`` straight from the codes."""
+    n_out, k = codes.shape
+    g = k if group == -1 else group
+    z = zero.double() if zero is not None else torch.full(scale.shape, float(2 ** (bits - 1)), dtype=torch.float64)
+    w = (codes.double().view(n_out, k // g, g) - z.unsqueeze(-1)) * scale.double().unsqueeze(-1)
+    return w.view(n_out, k)
+
+
+def ref_linear(x, w64, bias):
+    """float64 ``x @ w.T + b`` and the error scale ``|x| @ |w|.T + |b|``."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    y = x64 @ w64.T
+    mag = x64.abs() @ w64.abs().T
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    return y.view(*x.shape[:-1], -1), mag.view(*x.shape[:-1], -1)
+
+
+def assert_close(y, ref, mag, rtol, what):
+    assert torch.isfinite(y).all(), f"{what}: non-finite output (poisoned buffer not fully written?)"
+    err = (y.double() - ref).abs()
+    bound = rtol * mag + 1e-30
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: error {worst:.2f}x the tolerance (max abs err {err.max().item():.3e})"
+
+
+def nan_buffer(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def on_dev(*tensors):
+    return [t.to(DEV) if t is not None else None for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpacking and the torch weight-only backend
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_codes_matches_format(gen, bits):
+    for k in (1, 3, 10, 11, 21, 22, 31, 32, 33, 95, 96, 97, 1000):
+        codes = torch.randint(0, 1 << bits, (5, k), generator=gen, dtype=torch.uint8)
+        packed = pack_rows(codes, bits)
+        assert torch.equal(unpack_codes(packed, bits, k), codes), k
+        assert torch.equal(unpack_codes(packed, bits, k), unpack_rows(packed, bits, k)), k
+        wide = torch.cat([packed, packed], dim=1)[:, : packed.shape[1]]  # non-contiguous rows
+        assert torch.equal(unpack_codes(wide, bits, k), codes), k
+
+
+def test_unpack_codes_rejects_wrong_width():
+    with pytest.raises(ValueError, match="words"):
+        unpack_codes(torch.zeros(2, 3, dtype=torch.int32), 4, 64)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", (True, False))
+def test_dequantize_packed_is_bit_exact_with_quantization_module(gen, bits, symmetric):
+    scheme = WeightScheme(bits=bits, group_size=64, symmetric=symmetric)
+    codes, packed, scale, zero = make_weight(gen, 48, 192, bits, 64, symmetric, torch.bfloat16)
+    for dtype in DTYPES:
+        expect = dequantize(codes, scale, zero, scheme, dtype)
+        assert torch.equal(dequantize_packed(packed, scale, zero, bits, 64, 192, dtype), expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("bits", BITS)
+def test_weight_only_torch(gen, bits, symmetric, group, dtype):
+    k = 100 if group == -1 else 3 * group  # per channel: K unrelated to any block size
+    n_out = 72
+    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[bits % 3])
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    for shape in ((1, k), (1000, k), (2, 3, k)):
+        x = torch.randn(shape, generator=gen).to(dtype)
+        bias = torch.randn(n_out, generator=gen).to(dtype) if shape[0] != 1 else None
+        y = weight_only_linear_torch(x, packed, scale, zero, bits, group, k, bias)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], n_out)
+        assert_close(y, *ref_linear(x, w64, bias), RTOL[dtype], f"torch {shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton weight-only GEMM (interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("bits", BITS)
+def test_weight_only_triton(gen, bits, symmetric, group):
+    from qdlm_export.kernels.weight_only_triton import weight_only_linear_triton
+
+    k = 100 if group == -1 else 2 * group  # K = 100: not a multiple of the 64-wide K step
+    n_out = 80  # not a multiple of the 64/128-wide N tiles
+    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[(bits + group) % 3])
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    for i, m in enumerate((1, 1000)):
+        dtype = DTYPES[(bits + i + (group == -1)) % 3]
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n_out, generator=gen).to(dtype) if (m + bits) % 2 else None
+        out = nan_buffer((m, n_out), dtype)
+        y = weight_only_linear_triton(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), out=out)
+        assert y is out
+        assert_close(y.cpu(), *ref_linear(x, w64, bias), RTOL[dtype], f"triton M={m} {dtype}")
+
+
+@needs_triton
+def test_weight_only_triton_configs_are_valid():
+    """Every tile config the heuristic can pick: K steps inside one group, MMA-sized tiles."""
+    from qdlm_export.kernels.weight_only_triton import pick_config
+
+    for m in (1, 16, 17, 32, 33, 64, 65, 256, 257, 4096):
+        for group in (16, 32, 48, 64, 96, 128, 256, -1):
+            cfg = pick_config(m, 4096, group, 4096 if group == -1 else 16 * group)
+            assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
+            assert group == -1 or group % cfg["BLOCK_K"] == 0, (m, group, cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_only_triton_every_dtype_through_dispatch(gen, dtype):
+    k, n_out, bits, group = 256, 40, 4, 128
+    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, False, torch.float16)
+    x = torch.randn(2, 9, k, generator=gen).to(dtype)
+    bias = torch.randn(n_out, generator=gen).to(dtype)
+    y = D.weight_only_linear(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), backend="triton").cpu()
+    assert y.shape == (2, 9, n_out) and y.dtype == dtype
+    assert_close(y, *ref_linear(x, ref_weight(codes, scale, zero, bits, group), bias), RTOL[dtype], "dispatch")
+
+
+@needs_triton
+def test_weight_only_triton_rejects_group_not_multiple_of_16():
+    from qdlm_export.kernels.weight_only_triton import weight_only_linear_triton
+
+    with pytest.raises(ValueError, match="multiple of 16"):
+        weight_only_linear_triton(
+            torch.randn(1, 40), torch.zeros(4, 5, dtype=torch.int32), torch.ones(4, 2), None, 4, 20, 40
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auto_uses_torch_on_cpu_even_with_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    assert b.name == "cpu_packed"  # torch's packed CPU kernels (kernels/cpu_packed.py), never the interpreter
+    b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=3, group_size=128, dtype=torch.bfloat16)
+    assert b.name == "torch"
+    assert D.describe_backend(
+        "weight_only_linear", "cpu", in_features=64, out_features=8, bits=4, group_size=-1
+    ).startswith("torch")
+
+
+@needs_triton
+def test_env_var_forces_triton_and_torch(monkeypatch, gen):
+    k, n_out = 64, 16
+    codes, packed, scale, zero = make_weight(gen, n_out, k, 4, -1, True, torch.float32)
+    x = torch.randn(3, k, generator=gen)
+    ref = ref_linear(x, ref_weight(codes, scale, zero, 4, -1), None)
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv(D.ENV_VAR, choice)
+        assert D.select_backend("weight_only_linear", DEV, K=k, N=n_out, bits=4, group_size=-1).family == choice
+        y = D.weight_only_linear(*on_dev(x, packed, scale, zero), 4, -1, k).cpu()
+        assert_close(y, *ref, RTOL[torch.float32], choice)
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(D.ENV_VAR, "triton")
+    x = torch.randn(2, 64)
+    with pytest.raises(D.KernelBackendError, match="QDLM_KERNEL_BACKEND=triton cannot run weight_only_linear"):
+        D.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
+    assert D.describe_backend("weight_only_linear", "cpu", K=64, N=8, bits=4, group_size=-1).startswith("unavailable")
+    monkeypatch.setenv(D.ENV_VAR, "cuda-please")
+    with pytest.raises(D.KernelBackendError, match="not a kernel backend"):
+        D.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
+
+
+@needs_triton
+def test_forced_triton_rejects_unsupported_shape():
+    with pytest.raises(D.KernelBackendError, match="multiple of 16"):
+        D.select_backend("weight_only_linear", DEV, backend="triton", K=40, N=8, bits=4, group_size=20)
+    # auto falls back to torch for the same problem
+    assert D.select_backend("weight_only_linear", DEV, K=40, N=8, bits=4, group_size=20).name == "torch"
+
+
+def test_describe_backend_for_cuda_and_int8_ops():
+    text = D.describe_backend(
+        "weight_only_linear", "cuda", in_features=4096, out_features=12288, bits=3, group_size=128
+    )
+    assert text.startswith("triton" if HAS_TRITON else "torch")
+    assert D.describe_backend("int8_gemm", "cpu", M=4, K=100, N=30).startswith("torch._int_mm")
+    assert "more than 16 rows" in D.describe_backend("int8_gemm", "cuda", M=4, K=4096, N=4096)
+    two_steps = D.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
+    assert "then" in two_steps
+    assert set(D.backend_table()) == {
+        "weight_only_linear",
+        "quantize_per_token",
+        "int8_gemm",
+        "packed_int_linear",
+        "hadamard",
+    }
+    with pytest.raises(D.KernelBackendError, match="unknown backend"):
+        D.select_backend("int8_gemm", "cpu", backend="cutlass")
+
+
+def test_import_does_not_need_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import qdlm_export.kernels as K, torch\n"
+        "from qdlm_export.kernels import _triton\n"
+        "_triton.triton_version.cache_clear()\n"
+        "assert _triton.triton_unavailable_reason('cuda') is not None\n"
+        "print(K.describe_backend('weight_only_linear', 'cuda', K=64, N=8, bits=4, group_size=-1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token activation quantization
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_quantize(x, bits, clip=1.0):
+    """float64 per-row symmetric quantization, ties away from zero; also flags near-ties (the
+    kernels compute ``x * (1 / s)`` in float32: up to ~3 ulp of |v| <= 127 away from the exact)."""
+    qmax = 2 ** (bits - 1) - 1
+    x64 = x.double()
+    s = x64.abs().amax(-1, keepdim=True) * clip / qmax
+    v = torch.where(s > 0, x64 / s.clamp_min(1e-300), torch.zeros_like(x64))
+    q = torch.floor(v.abs() + 0.5) * v.sign()
+    frac = v.abs() - torch.floor(v.abs())
+    near_tie = (frac - 0.5).abs() < 1e-4
+    return q.clamp(-qmax, qmax), s, near_tie
+
+
+def check_quantized(q, s, x, bits, what, clip=1.0):
+    q_ref, s_ref, near_tie = ref_quantize(x, bits, clip)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.isfinite(s).all(), what
+    assert torch.allclose(s.double(), s_ref, rtol=1e-6, atol=0), what
+    diff = (q.double() - q_ref).abs()
+    assert (diff <= near_tie.double()).all(), f"{what}: codes differ away from rounding ties"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_quantize_per_token_torch(gen, bits):
+    for shape, dtype in (((1, 5), torch.float32), ((1000, 300), torch.bfloat16), ((2, 3, 4097), torch.float16)):
+        x = torch.randn(shape, generator=gen).to(dtype)
+        x.view(-1, shape[-1])[-1] = 0  # an all-zero token
+        q, s = quantize_per_token_torch(x, bits)
+        assert q.shape == x.shape and s.shape == (*shape[:-1], 1)
+        check_quantized(q, s, x, bits, f"torch {shape}")
+        assert (s.view(-1)[-1] == 0) and (q.view(-1, shape[-1])[-1] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", (8, 4))
+def test_quantize_per_token_triton(gen, bits):
+    from qdlm_export.kernels.int8_triton import quantize_per_token_triton
+
+    for shape, dtype in (((1, 5), torch.bfloat16), ((1000, 300), torch.float16), ((3, 4097), torch.float32)):
+        x = torch.randn(shape, generator=gen).to(dtype) * 3
+        x[-1] = 0
+        clip = 1.0 if dtype != torch.float32 else 0.9  # clipping saturates the largest entries
+        q = torch.full(shape, -128, dtype=torch.int8, device=DEV)  # -128 is never a valid code
+        s = nan_buffer((*shape[:-1], 1), torch.float32)
+        quantize_per_token_triton(x.to(DEV), bits, clip, out=(q, s))
+        q, s = q.cpu(), s.cpu()
+        check_quantized(q, s, x, bits, f"triton {shape}", clip)
+        q_t, s_t = quantize_per_token_torch(x, bits, clip)
+        assert torch.equal(q, q_t) and torch.equal(s, s_t), "triton and torch must agree bit for bit"
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_quantize_per_token_matches_the_loaders_fake_quantizer(gen, bits):
+    """Codes must be the ones ``activations.py`` (the loader's fake quantization) produces."""
+    activations = pytest.importorskip("qdlm_export.core.activations")
+    backends = ["torch"] + (["triton"] if HAS_TRITON else [])
+    for clip in (1.0, 0.85):
+        spec = activations.ActivationSpec(bits=bits, granularity="token", symmetric=True, clip_ratio=clip)
+        x = (torch.randn(300, 96, generator=gen) * 2).to(torch.bfloat16)  # bf16: many exact ties
+        q_ref, s_ref, _ = activations.activation_codes(x, spec)
+        for backend in backends:
+            q, s = D.quantize_per_token(x.to(DEV if backend == "triton" else "cpu"), bits, clip, backend=backend)
+            q, s = q.cpu(), s.cpu()
+            assert torch.equal(s, s_ref.float()), backend
+            assert torch.equal(q, q_ref), f"{backend}: codes differ from activations.activation_codes"
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 x int8 GEMM
+# ---------------------------------------------------------------------------------------------
+
+
+def int8_case(gen, m, k, n):
+    a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    a_s = torch.rand(m, 1, generator=gen) * 0.01 + 1e-3
+    b_s = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=gen)
+    w64 = b.double() * b_s.double()[:, None]
+    x = a.double() * a_s.double()
+    return a, a_s, b, b_s, bias, x, w64
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (17, 100, 130), (1000, 64, 40)])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_int8_gemm_torch(gen, m, k, n, out_dtype):
+    a, a_s, b, b_s, bias, x, w64 = int8_case(gen, m, k, n)
+    y = int8_gemm_torch(a, a_s, b, b_s, bias, out_dtype)
+    assert y.dtype == out_dtype
+    assert_close(y, *ref_linear(x, w64, bias), RTOL[out_dtype], "torch int8")
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (33, 100, 130), (1000, 160, 40)])
+def test_int8_gemm_triton(gen, m, k, n):
+    from qdlm_export.kernels.int8_triton import int8_gemm_triton
+
+    a, a_s, b, b_s, bias, x, w64 = int8_case(gen, m, k, n)
+    for out_dtype, with_bias in ((torch.float32, True), (torch.bfloat16, False), (torch.float16, True)):
+        out = nan_buffer((m, n), out_dtype)
+        bb = bias if with_bias else None
+        int8_gemm_triton(*on_dev(a, a_s, b, b_s, bb), out_dtype, out=out)
+        assert_close(out.cpu(), *ref_linear(x, w64, bb), RTOL[out_dtype], f"triton int8 {out_dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer activations x packed weights (W4A4, W8A8 on packed 8-bit)
+# ---------------------------------------------------------------------------------------------
+
+
+def packed_case(gen, m, k, n_out, bits, group, symmetric, act_bits):
+    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, torch.float16)
+    qmax = 2 ** (act_bits - 1) - 1
+    x_q = torch.randint(-qmax, qmax + 1, (m, k), generator=gen, dtype=torch.int8)
+    x_s = torch.rand(m, 1, generator=gen) * 0.1 + 0.01
+    return codes, packed, scale, zero, x_q, x_s
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("bits", BITS)
+def test_packed_int_linear_torch(gen, bits, symmetric, group):
+    k = 100 if group == -1 else 2 * group
+    m, n_out = 37, 24
+    codes, packed, scale, zero, x_q, x_s = packed_case(gen, m, k, n_out, bits, group, symmetric, 4)
+    bias = torch.randn(n_out, generator=gen)
+    y = packed_int_linear_torch(x_q, x_s, packed, scale, zero, bits, group, k, bias, torch.float32)
+    ref = ref_linear(x_q.double() * x_s.double(), ref_weight(codes, scale, zero, bits, group), bias)
+    assert_close(y, *ref, RTOL[torch.float32], "torch packed int")
+
+
+@needs_triton
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("bits", BITS)
+def test_packed_int_linear_triton(gen, bits, symmetric, group):
+    from qdlm_export.kernels.int8_triton import packed_int_linear_triton
+
+    if bits == 8 and not symmetric:
+        with pytest.raises(ValueError, match="outside int8"):
+            packed_int_linear_triton(
+                torch.zeros(1, 64, dtype=torch.int8),
+                torch.ones(1, 1),
+                torch.zeros(8, 16, dtype=torch.int32),
+                torch.ones(8, 1),
+                torch.zeros(8, 1, dtype=torch.uint8),
+                8,
+                -1,
+                64,
+            )
+        return
+    k = 100 if group == -1 else 2 * group
+    n_out = 72
+    for m, act_bits, out_dtype in ((1, 4, torch.float32), (300, 8, torch.bfloat16)):
+        codes, packed, scale, zero, x_q, x_s = packed_case(gen, m, k, n_out, bits, group, symmetric, act_bits)
+        bias = torch.randn(n_out, generator=gen) if m > 1 else None
+        out = nan_buffer((m, n_out), out_dtype)
+        args = on_dev(x_q, x_s, packed, scale, zero)
+        packed_int_linear_triton(*args, bits, group, k, *on_dev(bias), out_dtype, out=out)
+        ref = ref_linear(x_q.double() * x_s.double(), ref_weight(codes, scale, zero, bits, group), bias)
+        assert_close(out.cpu(), *ref, RTOL[out_dtype], f"triton packed int M={m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_w4a4_and_w8a8_linear_end_to_end(gen, backend):
+    k, n_out, group = 256, 48, -1
+    codes, packed, scale, zero = make_weight(gen, n_out, k, 4, group, True, torch.bfloat16)
+    x = torch.randn(3, 5, k, generator=gen).to(torch.bfloat16)
+    dev = DEV if backend == "triton" else torch.device("cpu")
+    y = D.w4a4_linear(x.to(dev), packed.to(dev), scale.to(dev), zero, group, k, backend=backend).cpu()
+    x_q, x_s = (t.cpu() for t in D.quantize_per_token(x.to(dev), 4, backend=backend))
+    assert y.shape == (3, 5, n_out) and y.dtype == torch.bfloat16
+    w64 = ref_weight(codes, scale, zero, 4, group)
+    # The composition is exactly quantize-then-GEMM; the GEMM matches float64 on those codes.
+    ref = ref_linear(x_q.double() * x_s.double(), w64, None)
+    assert_close(y, *ref, RTOL[torch.bfloat16], "w4a4")
+    # W8A8 with a per-channel int8 weight.
+    w_q = torch.randint(-127, 128, (n_out, k), generator=gen, dtype=torch.int8)
+    w_s = torch.rand(n_out, generator=gen) * 0.01
+    y8 = D.w8a8_linear(x.to(dev), w_q.to(dev), w_s.to(dev), backend=backend).cpu()
+    x_q8, x_s8 = (t.cpu() for t in D.quantize_per_token(x.to(dev), 8, backend=backend))
+    ref8 = ref_linear(x_q8.double() * x_s8.double(), w_q.double() * w_s.double()[:, None], None)
+    assert_close(y8, *ref8, RTOL[torch.bfloat16], "w8a8")
+    # and int8 activations really approximate x: the quantization error is a few percent of |x||w|
+    exact, mag = ref_linear(x, w_q.double() * w_s.double()[:, None], None)
+    assert ((y8.double() - exact).abs() <= 0.02 * mag).all()
