@@ -236,8 +236,10 @@ def main() -> None:
         wall, cpu = time.time() - start, time.process_time() - cpu_start
 
         # The shipped folder: the builder's bfloat16 layout, then the trained weights in its place.
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # keep the remote code: it is the builder's source (fixtures point here)
+            for item in out.iterdir():
+                if item.suffix != ".py":
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
         build_tiny_model(args.family, out, seed=args.seed, dtype=torch.bfloat16, **sizes)
         trained = {n: p.detach().to(torch.bfloat16).contiguous() for n, p in params.items()}
         save_file(trained, str(out / "model.safetensors"), metadata={"format": "pt"})

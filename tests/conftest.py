@@ -76,3 +76,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_backend_setting_read_again():
+    """The kernels read QDLM_KERNEL_BACKEND once per process (kernels/registry.py). A test that sets it
+    calls ``refresh_backend_setting()`` (tests/kernels: the ``force_backend`` fixture); this re-reads
+    it before each test and after it, once monkeypatch has restored the environment."""
+    import sys
+
+    def refresh() -> None:
+        registry = sys.modules.get("qdlm_export.kernels.registry")  # never imported here for nothing
+        if registry is not None:
+            registry.refresh_backend_setting()
+
+    refresh()
+    yield
+    refresh()

@@ -15,8 +15,8 @@ import qdlm_export  # noqa: F401  (registers the quantizer)
 from qdlm_export.quantize.calibration import calibration_tokens
 from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.fixtures import build_tiny_model
-from qdlm_export.methods import method_class
-from qdlm_export.quantize.pipeline import capture_block_inputs
+from qdlm_export.methods import build_method
+from qdlm_export.quantize.pipeline import build_quantized_linear, capture_block_inputs, quantize_block
 from qdlm_export.quantize.source import SourceModel
 
 CALIB = CalibrationConfig(nsamples=8, seqlen=64, seed=0)
@@ -55,19 +55,20 @@ def load(folder: Path) -> torch.nn.Module:
 
 
 def make_method(folder: Path, config):
+    """The method as quantize() builds it for a float32 source (float32 scales)."""
     source = SourceModel.open(str(folder), trust_remote_code=True)
     try:
-        method = method_class(config.method)(config, source.adapter, source.config_dict)
+        return build_method(config, source.adapter, source.config_dict, scale_dtype=torch.float32,
+                            quantized_linear=build_quantized_linear)
     finally:
         source.close()
-    method.scale_dtype = torch.float32  # what quantize() picks for a float32 source
-    return method
 
 
 @torch.no_grad()
 def in_memory(folder: Path, config, *, quantize: bool = True, calibration: CalibrationConfig = CALIB):
-    """The pipeline's steps on a whole model: ``prepare``, capture, and per block ``quantize_block``
-    (or only ``transform_block`` with ``quantize=False``), propagating through each processed block."""
+    """The pipeline's steps on a whole model: ``prepare``, capture, and per block the pipeline's
+    ``quantize_block`` (or only the method's ``transform_block`` with ``quantize=False``),
+    propagating through each processed block."""
     model = load(folder)
     method = make_method(folder, config)
     blocks = method.adapter.block_list(model)
@@ -76,10 +77,10 @@ def in_memory(folder: Path, config, *, quantize: bool = True, calibration: Calib
     for index, block in enumerate(blocks):
         prefix = method.adapter.block_prefix(index)
         if quantize:
-            method.quantize_block(block, prefix, calib)
+            quantize_block(method, block, prefix, calib, propagate=True)
         else:
             method.transform_block(block, prefix, calib)
-        calib.hidden = calib.run(block)
+            calib.hidden = calib.run(block)
     return model
 
 

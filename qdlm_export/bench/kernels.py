@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.packing import pack_rows
-from ..kernels import dispatch as D
+from .. import kernels as D
 from ..kernels._triton import fast_hadamard_transform_available, triton_version
 
 # (in_features K, out_features N): LLaDA-8B attention/MLP, Dream-7B MLP

@@ -61,7 +61,7 @@ def _load(
 def _original_of(quantized_dir: Path) -> str:
     """The recorded original, found as ``eval`` finds it (the absolute path quantize saw, then the
     provenance source); a ``CheckpointError`` that says to pass it when it cannot be found."""
-    from ..eval.evaluate import original_of
+    from ..eval.checkpoint_files import original_of
 
     return original_of(quantized_dir)
 
@@ -71,13 +71,13 @@ def check_checkpoint(quantized_dir: str | Path, trust_remote_code: bool, origina
     the code it would run is trusted, the folder is a complete checkpoint (``inspect``'s validation:
     not a staging folder, every promised tensor present with its dtype and shape) and its original
     exists. Returns the original. ``bench`` calls it before minutes of kernel timing."""
-    from ..eval.evaluate import _check_original
+    from ..eval.checkpoint_files import check_original
     from ..format.validation import validate_checkpoint
 
     check_trusted(quantized_dir, trust_remote_code, original)
     validate_checkpoint(Path(quantized_dir), require_qdlm=False)
     source = str(original) if original is not None else _original_of(Path(quantized_dir))
-    _check_original(source)
+    check_original(source)
     return source
 
 
@@ -125,9 +125,8 @@ def run_model_benchmark(
     """Time one denoising step of ``quantized_dir`` and of its original. Loading either may run
     Python code shipped in its folder (LLaDA, Dream): that needs ``trust_remote_code=True``, else
     ``UnsupportedModelError`` names the files."""
-    from ..families import family_for_config
-
     from ..core.arguments import check_device
+    from ..eval.loading import auto_class_name
 
     if device is not None:
         device = check_device(device, allow_auto=False)
@@ -135,7 +134,7 @@ def run_model_benchmark(
     original = check_checkpoint(quantized_dir, trust_remote_code, original)
     config = json.loads((quantized_dir / "config.json").read_text())
     qconfig = config["quantization_config"]
-    adapter = family_for_config(config)
+    auto_class = auto_class_name(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     vocab = config.get("vocab_size") or config.get("embedding_size")
@@ -147,10 +146,10 @@ def run_model_benchmark(
     tokens = tokens.to(dev)
 
     trusted = trust_remote_code or Path(original).expanduser().resolve() == EMBEDDED_DEFAULT.resolve()
-    dense_model = _load(original, adapter.auto_class, dtype, dev, trusted)
+    dense_model = _load(original, auto_class, dtype, dev, trusted)
     dense_s = _time_forward(dense_model, tokens, dev, repeat)
     del dense_model
-    quant_model = _load(str(quantized_dir), adapter.auto_class, dtype, dev, trust_remote_code)
+    quant_model = _load(str(quantized_dir), auto_class, dtype, dev, trust_remote_code)
     quant_s = _time_forward(quant_model, tokens, dev, repeat)
     held, dense_bytes = linear_memory(quant_model)
     hadamard_share = _hadamard_share(quant_model, tokens, dev, quant_s)

@@ -1,8 +1,10 @@
-"""One frozen dataclass per quantization method, validated where it is built.
+"""The shared bases of the method configs (weight-only, weight-activation), the calibration config,
+and the checks every config runs where it is built.
 
-A config is everything a method needs to reproduce its result. It is serialised verbatim into the
+Each method's own config lives beside its algorithm (``methods/rtn.py``'s ``RTNConfig``...). A config
+is everything a method needs to reproduce its result. It is serialised verbatim into the
 checkpoint's ``quantization_config.method_options`` (and its weight fields into ``weights``), so a
-checkpoint records how it was made. Methods register their config class in ``methods/registry.py``.
+checkpoint records how it was made. ``methods/registry.py`` maps method names to config classes.
 """
 
 from __future__ import annotations
@@ -140,13 +142,6 @@ class WeightOnlyConfig:
                 hint=f"{cls.method} accepts: {', '.join(sorted(known))}",
             )
         return cls(**options)
-
-
-@dataclass(frozen=True)
-class RTNConfig(WeightOnlyConfig):
-    """Round to nearest: min/max scales per group, no calibration. The baseline."""
-
-    method: ClassVar[str] = "rtn"
 
 
 ACT_GRANULARITIES = ("token", "tensor")

@@ -25,8 +25,8 @@ Everything here is in the row-vector convention of ``F.linear``: an op with matr
 
 from __future__ import annotations
 
-import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -46,22 +46,28 @@ SMOOTH_TENSOR = "input_smooth"
 
 # ---- Hadamard matrices: built in hadamard.py (the format's one construction), applied here ----------
 
+# What hadamard_transform runs. The format's torch reference unless the kernels are imported: core may
+# not import kernels, so qdlm_export.kernels plugs its dispatch in (kernels/hadamard.py) at import.
+_hadamard_backend: Callable[[torch.Tensor], torch.Tensor] = hadamard_transform_reference
+
+
+def set_hadamard_backend(fn: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Make :func:`hadamard_transform` run ``fn(x)`` (the normalised ``x @ H_n``); None: the reference."""
+    global _hadamard_backend
+    _hadamard_backend = fn or hadamard_transform_reference
+
 
 def hadamard_transform(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """``x @ hadamard_matrix(n)`` along the last dim (``n`` = its size).
 
-    On a GPU (or when ``QDLM_KERNEL_BACKEND`` forces a backend) it runs through the kernel dispatch
-    (fast-hadamard-transform, Triton, or torch: ``kernels/hadamard.py``, on the same matrices from
-    ``hadamard.py``); otherwise :func:`hadamard_transform_reference`.
+    :func:`hadamard_transform_reference`, unless :mod:`qdlm_export.kernels` is imported (the loader
+    imports it): then the kernel dispatch runs it on a GPU, or when ``QDLM_KERNEL_BACKEND`` forces a
+    backend (fast-hadamard-transform, Triton or torch, on the same matrices).
     """
     n = x.shape[-1] if n is None else n
     if x.shape[-1] != n:
         raise ValueError(f"last dimension {x.shape[-1]} is not the Hadamard size {n}")
-    if x.device.type == "cuda" or os.environ.get("QDLM_KERNEL_BACKEND", "auto").strip().lower() not in ("", "auto"):
-        from ..kernels import hadamard_transform as kernel_hadamard_transform
-
-        return kernel_hadamard_transform(x)
-    return hadamard_transform_reference(x)
+    return _hadamard_backend(x)
 
 
 def random_hadamard_signs(n: int, seed: int) -> torch.Tensor:

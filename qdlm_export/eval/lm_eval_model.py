@@ -23,11 +23,7 @@ From Python, ``import qdlm_export.eval.lm_eval_model`` registers the name (``qdl
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,138 +34,11 @@ from lm_eval.api.registry import register_model
 
 from .generation import dllm_settings, dream_generate, llada_generate
 from .likelihood import loglikelihood as mc_loglikelihood
+from .loading import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "qdlm"
-
-
-_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _offline_constants() -> list[tuple[Any, str]]:
-    """The module constants huggingface_hub and datasets read the offline switch from at import."""
-    found = []
-    for mod_name in ("huggingface_hub.constants", "datasets.config"):
-        try:
-            mod = __import__(mod_name, fromlist=["_"])
-        except ImportError:
-            continue
-        if hasattr(mod, "HF_HUB_OFFLINE"):
-            found.append((mod, "HF_HUB_OFFLINE"))
-    return found
-
-
-def set_offline() -> None:
-    """No Hub access from here on: datasets and hub clients use only local files and caches."""
-    for var in _OFFLINE_VARS:
-        os.environ[var] = "1"
-    for mod, name in _offline_constants():
-        setattr(mod, name, True)
-
-
-@contextlib.contextmanager
-def offline_mode(enabled: bool = True):
-    """:func:`set_offline` for the duration of a ``with`` block; the previous state comes back after."""
-    if not enabled:
-        yield
-        return
-    saved_env = {var: os.environ.get(var) for var in _OFFLINE_VARS}
-    saved_consts = [(mod, name, getattr(mod, name)) for mod, name in _offline_constants()]
-    set_offline()
-    try:
-        yield
-    finally:
-        for var, value in saved_env.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-        for mod, name, value in saved_consts:
-            setattr(mod, name, value)
-
-
-def _dtype(value: Any) -> Any:
-    if value in (None, "auto") or isinstance(value, torch.dtype):
-        return value
-    try:
-        return getattr(torch, str(value).removeprefix("torch."))
-    except AttributeError:
-        raise ValueError(f"unknown dtype {value!r}") from None
-
-
-def load_model(
-    pretrained: str | Path, *, dtype: Any = "auto", device: str | torch.device = "cpu", trust_remote_code: bool = True
-) -> torch.nn.Module:
-    """Load an original or a quantized (qdlm) checkpoint with the Auto class its family uses.
-
-    LLaDA and Dream are defined by the Python files in their folders, so ``trust_remote_code``
-    defaults to True here: evaluate only checkpoints whose code you have reviewed."""
-    import transformers
-
-    import qdlm_export  # noqa: F401  (teaches transformers the qdlm quantization format)
-
-    from ..families import family_for_config
-
-    config_path = Path(pretrained) / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    else:
-        config = transformers.AutoConfig.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
-    family = family_for_config(config)
-    auto = getattr(transformers, family.auto_class)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = _dtype(dtype)
-    auto_map = (config.get("auto_map") if isinstance(config, dict) else getattr(config, "auto_map", None)) or {}
-    if not (trust_remote_code and auto_map):
-        model = auto.from_pretrained(str(pretrained), **kwargs)
-        return model.to(device).eval()
-    # The model's own code (an original LLaDA/Dream as published, written for transformers 4): the
-    # known incompatibilities are repaired in memory first (families/compat.py), as `quantize` does,
-    # and a failure inside that code is reported as the model's, not as a bug of this tool.
-    from ..quantize.fidelity import prepare_folder_code
-
-    try:
-        prepare_folder_code(str(pretrained), family.auto_class, auto_map=auto_map)
-        model = auto.from_pretrained(str(pretrained), **kwargs)
-    except Exception as exc:
-        _raise_if_model_code(exc, pretrained, config if isinstance(config, dict) else {}, "loading it for evaluation")
-        raise
-    return model.to(device).eval()
-
-
-def _raise_if_model_code(exc: BaseException, pretrained: str | Path, config: dict, stage: str) -> None:
-    """Raise preflight's UnsupportedModelError when ``exc`` comes from the model's own Python files."""
-    from types import SimpleNamespace
-
-    from ..errors import QdlmError
-    from ..quantize.preflight import _model_frame, remote_code_error
-
-    if isinstance(exc, QdlmError):  # already in words (a damaged checkpoint's CheckpointError): not the code's
-        return
-    source = SimpleNamespace(model_id=str(pretrained), path=Path(pretrained), config_dict=config)
-    if _model_frame(exc, source) is not None:
-        raise remote_code_error(source, exc, stage, other_code="--original with a model whose code supports "
-                                "transformers 5") from None
-
-
-def load_tokenizer(pretrained: str | Path, *, trust_remote_code: bool = False):
-    """The checkpoint's tokenizer; for a quantized folder without one, its source model's. A tokenizer
-    that ships its own code runs it only with ``trust_remote_code`` (the commands check first)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as first:
-        source = None
-        config_path = Path(pretrained) / "config.json"
-        if config_path.is_file():
-            qc = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config") or {}
-            source = (qc.get("provenance") or {}).get("source")
-        if not source:
-            raise first
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
 
 
 def _register(cls):

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.machine import cpu_name
+from ..format.spec import REPORT_FILE
 from .tasks import MC_TASK
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -131,7 +132,7 @@ def _quantize(source: Path, out: Path, v: Variant, s: Settings) -> dict[str, Any
 
 def _bpw_of(folder: Path) -> float | None:
     try:
-        return float(json.loads((folder / "qdlm_report.json").read_text())["bits_per_weight"])
+        return float(json.loads((folder / REPORT_FILE).read_text())["bits_per_weight"])
     except (OSError, KeyError, ValueError, TypeError):
         return None
 
@@ -147,7 +148,7 @@ def run(
 ) -> dict[str, Any]:
     """Quantize and score everything, offline; returns ``{"families": {fam: rows}, "skipped": [...],
     "missing_models": [...]}``."""
-    from .lm_eval_model import offline_mode
+    from .offline import offline_mode
 
     with offline_mode():
         return _run(work_dir, families=families, methods=methods, settings=settings or Settings(), fresh=fresh,
@@ -156,7 +157,7 @@ def run(
 
 def _run(work_dir, *, families, methods, settings, fresh, log) -> dict[str, Any]:
     from ..methods import available_methods
-    from .lm_eval_model import load_tokenizer
+    from .loading import load_tokenizer
 
     s = settings
     registered = set(available_methods())
@@ -182,7 +183,7 @@ def _run(work_dir, *, families, methods, settings, fresh, log) -> dict[str, Any]
                 continue
             out = work_dir / f"tiny-{fam}" / v.slug
             t = time.perf_counter()
-            if fresh or not (out / "qdlm_report.json").is_file():
+            if fresh or not (out / REPORT_FILE).is_file():
                 info = _quantize(model_dir, out, v, s)
             else:
                 info = {"bits_per_weight": _bpw_of(out), "quantize_s": None}

@@ -5,9 +5,9 @@ checkpoint in the target's layout, so the target's dequantized weights equal the
 a target cannot express (online transforms, a bit width, a shape, a scale it cannot store exactly)
 is refused up front with a message saying what and why; docs/EXPORTS.md lists the rules.
 
-The machinery shared by every target lives here: :class:`NativeCheckpoint` reads a native folder
-lazily (safetensors headers, one module's tensors at a time), :class:`ExportFormat` is what a target
-implements (``formats/gptq.py``, ``formats/awq.py``, ``formats/compressed_tensors.py``), and
+The machinery shared by every target lives here: :class:`ExportFormat` is what a target implements
+(``exports/gptq.py``, ``exports/awq.py``, ``exports/compressed_tensors.py``); it encodes from a
+:class:`~.native_source.NativeCheckpoint` (a native folder read lazily through the one reader); and
 :func:`write_converted` streams the tensors through :class:`~qdlm_export.format.writer.ShardedWriter`
 so memory stays at one module's tensors whatever the model size.
 
@@ -24,20 +24,18 @@ import importlib
 import json
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
-from ..format.spec import LinearSpec, module_spec, REPORT_FILE
-from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_config
-from ..core.packing import unpack_rows
+from ..format.report import read_report, write_report
+from ..format.spec import CARD_FILE
+from ..format.staging import staged_output
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from ..format.output import staged_output
+from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_config
+from .native_source import NativeCheckpoint, QuantizedModule
 
 NATIVE = "native"
 # Target name -> module defining ``FORMAT`` (an ExportFormat instance). Imported on first use.
@@ -49,146 +47,8 @@ _TARGET_MODULES = {
 TARGETS = tuple(_TARGET_MODULES)
 FORMATS = (NATIVE, *TARGETS)  # what `--format` accepts
 
-CARD_FILE = "README.md"
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _MAX_LISTED = 8  # modules named in one refusal message
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a native checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantizedModule:
-    """One quantized linear of a native checkpoint: its resolved scheme and its tensors' keys."""
-
-    name: str
-    spec: LinearSpec
-    online_ops: tuple[dict, ...]  # transforms.modules[name] without the quantize markers
-    quantizes_input: bool
-    quantizes_output: bool
-
-    @property
-    def out_features(self) -> int:
-        return self.spec.out_features
-
-    @property
-    def in_features(self) -> int:
-        return self.spec.in_features
-
-    @property
-    def bits(self) -> int:
-        return self.spec.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.spec.group_size
-
-    @property
-    def symmetric(self) -> bool:
-        return self.spec.symmetric
-
-    @property
-    def groups(self) -> int:
-        return self.spec.groups
-
-    @property
-    def group(self) -> int:
-        """Columns per group (``in_features`` when per channel)."""
-        return self.in_features if self.group_size == -1 else self.group_size
-
-    def keys(self) -> list[str]:
-        """Every stored tensor of this module (weight, scale, zero, shape, bias, transform tensors)."""
-        return [f"{self.name}.{suffix}" for suffix in self.spec.tensors()]
-
-
-class NativeCheckpoint:
-    """A validated native qdlm folder, read lazily: headers at open, tensors on request."""
-
-    def __init__(self, folder: str | Path):
-        from ..format.validation import inspect_checkpoint
-
-        self.folder = Path(folder)
-        inspect_checkpoint(self.folder)  # every promised tensor present with the right dtype/shape
-        self.config: dict[str, Any] = json.loads((self.folder / "config.json").read_text())
-        self.qconfig: dict[str, Any] = self.config["quantization_config"]
-        self._where: dict[str, Path] = {}
-        self._order: list[str] = []
-        for path in self._weight_files():
-            with safe_open(path, "pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    self._where[key] = path
-                    self._order.append(key)
-        self._handles: dict[Path, Any] = {}
-        self.modules = [self._module(name) for name in self.qconfig["quantized_modules"]]
-        self._owner = {key: m for m in self.modules for key in m.keys()}  # noqa: SIM118
-
-    def _weight_files(self) -> list[Path]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [self.folder / n for n in names]
-        return sorted(self.folder.glob("*.safetensors"))
-
-    def _module(self, name: str) -> QuantizedModule:
-        out, inp = (int(v) for v in self.get(f"{name}.weight_shape").tolist())
-        bias_key = f"{name}.bias"
-        has_bias = bias_key in self._where
-        bias_dtype = self.get(bias_key).dtype if has_bias else torch.float32
-        spec = module_spec(self.qconfig, name, inp, out, has_bias, bias_dtype)
-        ops = tuple(spec.input_transforms)
-        online = tuple(op for op in ops if op.get("op") not in ("quantize_input", "quantize_output"))
-        return QuantizedModule(
-            name=name, spec=spec, online_ops=online,
-            quantizes_input=spec.quantizes_input, quantizes_output=spec.quantizes_output,
-        )
-
-    # -- tensors --------------------------------------------------------------------------------
-    def get(self, key: str) -> torch.Tensor:
-        path = self._where.get(key)
-        if path is None:
-            raise CheckpointError(
-                f"tensor {key} is missing from {self.folder}",
-                hint=f"run `qdlm-export inspect {self.folder}` to see what is damaged, or re-create the checkpoint",
-            )
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(path, "pt")
-        return handle.get_tensor(key)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        path = self._where[key]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(path, "pt")
-        return tuple(handle.get_slice(key).get_shape())
-
-    def has(self, key: str) -> bool:
-        return key in self._where
-
-    def passthrough_keys(self) -> Iterator[str]:
-        """Tensors that belong to no quantized module (embeddings, norms, full-precision linears)."""
-        return (k for k in self._order if k not in self._owner)
-
-    def codes(self, m: QuantizedModule) -> torch.Tensor:
-        """uint8 ``[out, in]`` codes in ``[0, 2^bits)``."""
-        return unpack_rows(self.get(f"{m.name}.weight_packed"), m.bits, m.in_features)
-
-    def scale(self, m: QuantizedModule) -> torch.Tensor:
-        return self.get(f"{m.name}.weight_scale")
-
-    def zero_points(self, m: QuantizedModule) -> torch.Tensor:
-        """uint8 ``[out, groups]`` zero codes; symmetric modules get their fixed ``2^(bits-1)``."""
-        if m.symmetric:
-            return torch.full((m.out_features, m.groups), 1 << (m.bits - 1), dtype=torch.uint8)
-        return self.get(f"{m.name}.weight_zero_point")
-
-    def bias(self, m: QuantizedModule) -> torch.Tensor | None:
-        return self.get(f"{m.name}.bias") if m.spec.has_bias else None
-
-    def close(self) -> None:
-        self._handles.clear()  # safe_open handles close when dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +272,7 @@ def write_converted(
         writer = ShardedWriter(dst, max_shard_bytes)
         done: set[str] = set()
         owner = {f"{m.name}.weight_packed": m for m in ckpt.modules}
-        for key in ckpt._order:
+        for key in ckpt.keys():
             if key in owner:
                 m = owner[key]
                 writer.add_all(m.name, target.module_tensors(ckpt, m))
@@ -431,7 +291,7 @@ def write_converted(
     finally:
         ckpt.close()
 
-    from ..quantize.source import copyable_model_files
+    from ..format.model_files import copyable_model_files
 
     # The same allow-list as quantize: code, tokenizer, generation config, license; never pickles,
     # hidden files, folders or symlinks out of the checkpoint (config, report and card are written here).
@@ -486,16 +346,10 @@ def _check_argument(name: str, value: Any, types: type | tuple[type, ...], accep
 
 def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any],
                   manifest: dict[str, Any]) -> None:
-    report: dict[str, Any] = {}
-    path = src / REPORT_FILE
-    if path.is_file():
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            report = {}
+    report = read_report(src) or {}
     report["export"] = {"format": target.name, "native_quantization_config": native_qconfig}
     report["tensors"] = manifest  # this folder's tensors, not the native source's (docs/FORMAT.md)
-    (dst / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(dst, report)
 
 
 def _write_card(src: Path, dst: Path, target: ExportFormat, config: dict[str, Any], repo_id: str) -> None:

@@ -65,6 +65,8 @@ class FamilyAdapter:
     logits_shift: bool = False  # True: logits at i-1 predict token i (Dream)
     needs_remote_code: bool = True
     auto_class: str = "AutoModel"  # the Auto class that loads the full model with its head
+    # How people write the family's name (model cards); empty: ``name`` is shown.
+    display_name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived facts -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from .registry import register_family
 LLADA = register_family(
     FamilyAdapter(
         name="llada",
+        display_name="LLaDA",
         model_types=("llada",),
         blocks="model.transformer.blocks",
         groups=(

@@ -28,6 +28,7 @@ DREAM = register_family(
     replace(
         _QWEN2_LAYOUT,
         name="dream",
+        display_name="Dream",
         model_types=("Dream", "dream"),
         default_mask_token_id=151666,
         logits_shift=True,

@@ -1,9 +1,11 @@
-"""The native ``qdlm`` format: tensor names, dtypes and shapes of one quantized linear, and the
-``quantization_config`` schema. The written spec is docs/FORMAT.md; this module is its code.
+"""The native ``qdlm`` format: tensor names, dtypes and shapes of one quantized linear, the dtype
+tables, the files the format adds, and each module's slice of ``quantization_config``. The written
+spec is docs/FORMAT.md; this module is its code (the whole config: :mod:`.config_schema`; the report:
+:mod:`.report`).
 
 Per quantized linear ``NAME`` (tensor names follow compressed-tensors where they fit):
 
-    NAME.weight_packed      int32   [out, ceil(in*bits/32)]   codes, packed by formats/packing.py
+    NAME.weight_packed      int32   [out, ceil(in*bits/32)]   codes, packed by core/packing.py
     NAME.weight_scale       float*  [out, groups]             groups = in/group_size (1 per channel)
     NAME.weight_zero_point  uint8   [out, groups]             asymmetric only; unsigned zero codes
     NAME.weight_shape       int64   [2]                       (out, in)
@@ -11,8 +13,8 @@ Per quantized linear ``NAME`` (tensor names follow compressed-tensors where they
 
 Weight-activation checkpoints add, per module, the tensors its online input transforms reference
 (``transforms.modules[NAME]``: ``input_smooth``, ``input_rotation_*``, ``input_permutation``; see
-``qdlm_export/transforms.py``) and, for static activation quantization, ``input_scale`` (and
-``input_zero_point``) (``qdlm_export/activations.py``).
+``core/transforms.py``) and, for static activation quantization, ``input_scale`` (and
+``input_zero_point``) (``core/activations.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FORMAT_NAME = "qdlm"
 FORMAT_VERSION = 1
 # The files the format adds beside the weights and config.json (docs/FORMAT.md).
 REPORT_FILE = "qdlm_report.json"  # sizes, error, calibration, tensor manifest, eval results
+CARD_FILE = "README.md"  # the model card (hub/card.py renders it)
 LOCAL_SOURCE_FILE = "qdlm_source.local"  # the absolute source path on this machine; never uploaded
 # safetensors header dtype names of the torch dtypes a checkpoint may hold (writer, loader, inspect).
 ST_DTYPE_NAMES = {
@@ -39,9 +42,16 @@ ST_DTYPE_NAMES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+ST_DTYPES = {name: dtype for dtype, name in ST_DTYPE_NAMES.items()}  # safetensors name -> torch dtype
+ST_FLOAT_DTYPES = {name: ST_DTYPES[name] for name in ("F32", "F16", "BF16", "F64")}  # what a source linear may hold
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint loads in by default (config ``dtype``/``torch_dtype``; float32 if absent)."""
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -185,3 +195,24 @@ def module_spec(qconfig: dict[str, Any], name: str, in_features: int, out_featur
             hint="the checkpoint was written by a newer qdlm-export or edited by hand",
         ) from None
     return spec
+
+
+def module_config_entry(name: str, qweight: QuantizedWeight, *, activations: dict | None = None) -> dict[str, Any]:
+    """The slice of ``quantization_config`` that describes module ``name``, from what a method produced:
+    its scheme (overrides already applied), the scale dtype it stored, its online ops, the activations."""
+    scheme = qweight.scheme
+    return {
+        "weights": {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric,
+                    "scale_dtype": dtype_name(qweight.scale.dtype)},
+        "module_overrides": {},
+        "transforms": {"modules": {name: [dict(op) for op in qweight.input_transforms]}},
+        "activations": dict(activations) if activations else None,
+    }
+
+
+def quantized_linear_spec(name: str, qweight: QuantizedWeight, *, activations: dict | None = None) -> LinearSpec:
+    """The :class:`LinearSpec` of ``qweight`` as module ``name`` (what the loader's linear is built from)."""
+    out, inp = qweight.shape
+    bias = qweight.bias
+    return module_spec(module_config_entry(name, qweight, activations=activations), name, inp, out,
+                       bias is not None, bias.dtype if bias is not None else torch.float32)

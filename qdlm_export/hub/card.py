@@ -3,7 +3,9 @@
 The card has Hub metadata in YAML front matter (``base_model``, ``base_model_relation: quantized``,
 ``library_name``, ``tags``) and a short body: how the checkpoint was made, how to load it, sizes,
 quality, and a pointer to the format description. Output depends only on the two files, so
-rendering the same folder twice gives the same text.
+rendering the same folder twice gives the same text. Names for people (``GPTQ``, ``LLaDA``) come
+from the report, where ``quantize`` records them from the method class and the family adapter: the
+card knows no method or family by name.
 """
 
 from __future__ import annotations
@@ -16,21 +18,14 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from ..errors import CheckpointError
-from ..format.spec import REPORT_FILE
+from ..format.report import DISPLAY_NAMES_KEY
+from ..format.spec import CARD_FILE, REPORT_FILE
 
-CARD_FILE = "README.md"
 PROJECT_URL = "https://pypi.org/project/qdlm-export/"
 FORMAT_DOC = "docs/FORMAT.md"
 
-_METHOD_NAMES = {
-    "rtn": "RTN (round-to-nearest)",
-    "gptq": "GPTQ",
-    "awq": "AWQ",
-    "smoothquant": "SmoothQuant",
-    "quarot": "QuaRot",
-    "duquant": "DuQuant",
-}
-_FAMILY_NAMES = {"llada": "LLaDA", "dream": "Dream"}
+# The report's names for people ({"method": "GPTQ", "family": "LLaDA"}), recorded by `quantize` from
+# the method class and the family adapter that own them; absent, the card uses the config's keys.
 # owner/name as the Hub spells it (validate_repo_id's rules, minus the length check).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -121,6 +116,7 @@ class _Facts:
         self.act = _dict(acts)
         self.act_bits = self.act.get("bits") if acts else None
         self.family = q.get("family")
+        self.names = _dict(report.get(DISPLAY_NAMES_KEY))
         self.auto_map = config.get("auto_map")
         archs = config.get("architectures")
         self.architecture = archs[0] if isinstance(archs, list) and archs else None
@@ -137,7 +133,20 @@ class _Facts:
 
     @property
     def method_name(self) -> str:
-        return _METHOD_NAMES.get(self.method.lower(), self.method)
+        name = self.names.get("method")
+        return name if isinstance(name, str) and name else self.method
+
+    @property
+    def family_name(self) -> str | None:
+        if not self.family:
+            return None
+        name = self.names.get("family")
+        return name if isinstance(name, str) and name else str(self.family)
+
+    @property
+    def needs_no_calibration(self) -> bool:
+        """The run recorded that its method used no calibration data (``"calibration": null``)."""
+        return "calibration" in self.report and self.report["calibration"] is None
 
     def tags(self) -> list[str]:
         tags = ["qdlm", "qdlm-export", self.method.lower()]
@@ -178,7 +187,7 @@ def _how_made(f: _Facts) -> str:
         if f.base_model
         else (f"`{f.source}`" if f.source else "a model")
     )
-    family = _FAMILY_NAMES.get(str(f.family).lower(), f.family) if f.family else None
+    family = f.family_name
     kind = f"a {family} diffusion language model" if family else "a diffusion language model"
     parts = [f"This is a quantized version of {src}, {kind}."]
 
@@ -209,8 +218,8 @@ def _how_made(f: _Facts) -> str:
 
     parts.append(f"Method: {f.method_name}.")
     calib = _dict(f.report.get("calibration"))
-    if f.method.lower() == "rtn":
-        parts.append("RTN needs no calibration data.")
+    if f.needs_no_calibration:
+        parts.append(f"{f.method_name.split(' ')[0]} needs no calibration data.")
     elif calib:
         bits_ = []
         if calib.get("nsamples") is not None:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, ConfigError, HubError, QdlmError
-from ..format.validation import INDEX_FILE, ValidCheckpoint, link_roots, stays_inside, validate_checkpoint
+from ..format.reader import INDEX_FILE, link_roots, stays_inside
+from ..format.validation import ValidCheckpoint, validate_checkpoint
 from .card import CARD_FILE, render_model_card
 
 logger = logging.getLogger(__name__)

@@ -1,42 +1,51 @@
-"""Compute kernels for quantized linears and rotations.
+"""Compute kernels for quantized linears and rotations: one module per op, a small backend registry.
 
-Each op has a torch implementation (the CPU fallback and the ground truth) beside a Triton one:
+Each op module holds the op, its torch implementation (the CPU fallback and the ground truth) and
+the registration of every backend; Triton kernels sit beside it:
 
-==================  ======================  =========================  =========================
-op                  torch                   Triton                     notes
-==================  ======================  =========================  =========================
-weight-only linear  ``weight_only.py``      ``weight_only_triton.py``  2/3/4/8-bit packed weights
-int8 activations    ``int8.py``             ``int8_triton.py``         quantize, W8A8, W4A4
-Hadamard            ``hadamard.py``         ``hadamard_triton.py``     + fast_hadamard_transform
-==================  ======================  =========================  =========================
+==================  ==================  =========================  ==============================
+op                  module              Triton                     other backends
+==================  ==================  =========================  ==============================
+weight-only linear  ``weight_only.py``  ``weight_only_triton.py``  ``cpu_packed.py`` (torch CPU)
+int8 activations    ``int8.py``         ``int8_triton.py``         ``torch._int_mm``
+Hadamard            ``hadamard.py``     ``hadamard_triton.py``     fast-hadamard-transform
+==================  ==================  =========================  ==============================
 
-``dispatch.py`` picks the backend per call (``QDLM_KERNEL_BACKEND=auto|torch|triton``) and
-:func:`describe_backend` reports the choice. Triton is optional: nothing here imports it until a
-Triton backend runs.
+``registry.py`` picks the backend per call (``backend=``, else ``QDLM_KERNEL_BACKEND=auto|torch|triton``,
+read once) and :func:`describe_backend` reports the choice. Triton is optional: nothing here imports
+it until a Triton backend runs (``_triton.py``). Importing this package also routes the online
+Hadamards of ``core.transforms`` through :func:`hadamard_transform` (see ``hadamard.py``).
 """
 
-from .dispatch import (
-    ENV_VAR,
-    KernelBackendError,
-    backend_table,
-    describe_backend,
-    hadamard_transform,
+from .hadamard import HADAMARD_ORDERS, hadamard_matrix, hadamard_transform, split_size
+from .int8 import (
     int8_gemm,
     packed_int_linear,
     quantize_per_token,
-    select_backend,
     w4a4_linear,
     w8a8_linear,
-    weight_only_linear,
 )
-from .hadamard import HADAMARD_ORDERS, hadamard_matrix, split_size
-from .weight_only import dequantize_packed, unpack_codes
+from .registry import (
+    ENV_VAR,
+    KernelBackendError,
+    Problem,
+    backend_table,
+    backends_for,
+    configured_backend,
+    describe_backend,
+    refresh_backend_setting,
+    select_backend,
+)
+from .weight_only import dequantize_packed, unpack_codes, weight_only_linear
 
 __all__ = [
     "ENV_VAR",
     "HADAMARD_ORDERS",
     "KernelBackendError",
+    "Problem",
     "backend_table",
+    "backends_for",
+    "configured_backend",
     "dequantize_packed",
     "describe_backend",
     "hadamard_matrix",
@@ -44,6 +53,7 @@ __all__ = [
     "int8_gemm",
     "packed_int_linear",
     "quantize_per_token",
+    "refresh_backend_setting",
     "select_backend",
     "split_size",
     "unpack_codes",

@@ -130,7 +130,7 @@ def repack(
     group_size: int,
     in_features: int,
 ) -> CpuPackedWeight:
-    """Convert one packed weight (formats/packing.py layout) to the CPU kernels' layout."""
+    """Convert one packed weight (core/packing.py layout) to the CPU kernels' layout."""
     n = weight_packed.shape[0]
     reason = unsupported_reason(
         bits=bits,

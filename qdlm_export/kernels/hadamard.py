@@ -1,6 +1,10 @@
-"""Walsh-Hadamard transforms over the last dimension, torch backend.
+"""Walsh-Hadamard transforms over the last dimension: the op, its backends, and the torch one.
 
-The matrices are the checkpoint format's, built in one place: ``qdlm_export/hadamard.py`` (FORMAT.md,
+:func:`hadamard_transform` is the op; its backends (fast_hadamard_transform's CUDA kernel, the Triton
+FWHT of ``hadamard_triton.py``, the torch transform here) are registered at the end of this module,
+which also makes the checkpoint transforms of ``core/transforms.py`` use it (see :func:`online_hadamard`).
+
+The matrices are the checkpoint format's, built in one place: ``qdlm_export/core/hadamard.py`` (FORMAT.md,
 "Hadamard matrices"). For ``n = m * p`` with ``p`` a power of two and ``m = 4 * (odd part of n)``
 (``m = 1`` when ``n`` is a power of two), ``H_n = H_m (x) S_p`` where ``S_p`` is the natural-order
 Sylvester matrix (``S[i, j] = (-1)**popcount(i & j)``, symmetric) and ``H_m`` comes from Paley I,
@@ -27,11 +31,15 @@ import torch
 
 from ..core.hadamard import (
     hadamard_factors,
+    hadamard_transform_reference,
     hadamard_unsupported_reason,
     small_hadamard,
     sylvester,
 )
 from ..core.hadamard import hadamard_matrix as _format_hadamard_matrix
+from ..core.transforms import set_hadamard_backend
+from ._triton import fast_hadamard_transform_available, triton_unavailable_reason
+from .registry import Problem, choose, configured_backend, on_cuda, register_backend
 
 # The orders of QuaRot's list that occur as ``m`` (40 is 20 * 2), all built in.
 HADAMARD_ORDERS = (12, 20, 28, 36, 52, 60, 108, 140, 148, 156, 172)
@@ -154,3 +162,111 @@ def fht_unsupported_reason(*, n: int, dtype: torch.dtype | None = None, **_: obj
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"{dtype} is not supported"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The op and its backends (highest priority first; `auto` takes the first that can run):
+#   fast_hadamard_transform (CUDA) > triton (CUDA) > torch
+# Both fast backends transform the power-of-two axis, then apply H_m in torch. Triton and
+# fast_hadamard_transform are imported on first use (see _triton.py).
+# ---------------------------------------------------------------------------------------------
+
+
+def _pow2_part(p: Problem) -> int | None:
+    try:
+        return split_size(p.n)[1] if p.n is not None else None
+    except ValueError:
+        return None
+
+
+def _torch_unsupported(p: Problem) -> str | None:
+    if p.n is None:
+        return None
+    try:
+        split_size(p.n)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _triton_unsupported(p: Problem) -> str | None:
+    pow2 = _pow2_part(p)
+    if p.n is not None and pow2 is None:
+        return _torch_unsupported(p)
+    return triton_unavailable_reason(p.device) or (
+        None if pow2 is None else triton_fwht_unsupported_reason(n=pow2, dtype=p.dtype)
+    )
+
+
+def _fht_unsupported(p: Problem) -> str | None:
+    if not fast_hadamard_transform_available():
+        return "fast_hadamard_transform is not installed (pip install 'qdlm-export[cuda]')"
+    if p.device.type != "cuda":
+        return "fast_hadamard_transform needs CUDA tensors"
+    pow2 = _pow2_part(p)
+    if p.n is not None and pow2 is None:
+        return _torch_unsupported(p)
+    return None if pow2 is None else fht_unsupported_reason(n=pow2, dtype=p.dtype)
+
+
+def _with_hadamard_k(pow2_fn):
+    """A full transform from a power-of-two one: ``pow2_fn`` on the 2**m axis, then H_m in torch."""
+
+    def run(x: torch.Tensor, normalized: bool = True, inverse: bool = False) -> torch.Tensor:
+        n = x.shape[-1]
+        k, p = split_size(n)  # S_p is symmetric: forward and inverse differ only in H_m
+        scale = n**-0.5 if normalized else 1.0
+        if k == 1:
+            return pow2_fn(x, scale)
+        y = pow2_fn(x.reshape(-1, k, p), scale)
+        y = apply_hadamard_k(y.to(compute_dtype(x.dtype)), k, inverse)
+        return y.reshape(x.shape).to(x.dtype)
+
+    return run
+
+
+def _fht_pow2(x: torch.Tensor, scale: float) -> torch.Tensor:
+    import fast_hadamard_transform
+
+    return fast_hadamard_transform.hadamard_transform(x, scale)
+
+
+def _triton_pow2(x: torch.Tensor, scale: float) -> torch.Tensor:
+    from .hadamard_triton import fwht_triton
+
+    return fwht_triton(x, scale)
+
+
+register_backend(
+    "hadamard", "fast_hadamard_transform", _with_hadamard_k(_fht_pow2), family="fast_hadamard_transform",
+    priority=30, unsupported=_fht_unsupported, summary="fast_hadamard_transform CUDA kernel, then H_m",
+)
+register_backend(
+    "hadamard", "triton", _with_hadamard_k(_triton_pow2), family="triton", priority=20,
+    unsupported=_triton_unsupported, auto=on_cuda, summary="Triton FWHT as two Sylvester matmuls, then H_m",
+)
+register_backend(
+    "hadamard", "torch", hadamard_transform_torch, family="torch", priority=0,
+    unsupported=_torch_unsupported, summary="blocked Sylvester matmuls, then H_m",
+)
+
+
+def hadamard_transform(
+    x: torch.Tensor, normalized: bool = True, inverse: bool = False, *, backend: str | None = None
+) -> torch.Tensor:
+    """Walsh-Hadamard transform over the last dim: ``x @ H_n`` (``x @ H_n.T`` when ``inverse``), scaled
+    by 1/sqrt(n) when ``normalized``. ``H_n`` is the checkpoint format's matrix (``core/hadamard.py``)."""
+    b = choose("hadamard", x.device, backend, n=x.shape[-1], dtype=x.dtype)
+    return b.impl(x, normalized, inverse)
+
+
+def online_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """The normalised ``x @ H_n`` of a checkpoint's online transforms (``core.transforms``): through
+    :func:`hadamard_transform` on a GPU or when a backend is forced, else the format's reference."""
+    if x.device.type == "cuda" or configured_backend() != "auto":
+        return hadamard_transform(x)
+    return hadamard_transform_reference(x)
+
+
+# core may not import kernels: it exposes a hook, and importing the kernels plugs the dispatch in.
+set_hadamard_backend(online_hadamard)

@@ -1,4 +1,8 @@
-"""Integer-activation GEMMs (W8A8, W4A4), torch backend, and their shared conventions.
+"""Integer-activation GEMMs (W8A8, W4A4): the ops, their backends, the torch ones and the conventions.
+
+The ops (:func:`quantize_per_token`, :func:`int8_gemm`, :func:`packed_int_linear` and their
+compositions :func:`w8a8_linear`, :func:`w4a4_linear`) and their backends (Triton ``int8_triton.py``,
+the torch functions below) are registered at the end of this module.
 
 Per-token dynamic activation quantization (symmetric)::
 
@@ -34,6 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._triton import triton_unavailable_reason
+from .registry import Problem, choose, on_cuda, register_backend, register_steps
 from .weight_only import dequantize_packed, unpack_codes
 
 INT_ACT_BITS = (4, 8)
@@ -179,3 +185,184 @@ def triton_packed_unsupported_reason(
     if group_size != -1 and in_features % group_size:
         return f"in_features {in_features} is not a multiple of group_size {group_size}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops and their backends (highest priority first; `auto` takes the first that can run):
+#   quantize_per_token  triton (CUDA) > torch
+#   int8_gemm           torch._int_mm (where it applies natively) > triton (CUDA) > torch (padded/float64)
+#   packed_int_linear   triton (CUDA) > torch
+# The Triton module is imported on first use (see _triton.py).
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantize_triton_unsupported(p: Problem) -> str | None:
+    bits = 8 if p.bits is None else p.bits
+    return triton_unavailable_reason(p.device) or (None if bits in INT_ACT_BITS else f"{bits}-bit activations")
+
+
+def _quantize_per_token_triton(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    from .int8_triton import quantize_per_token_triton
+
+    return quantize_per_token_triton(*args, **kwargs)
+
+
+def _int_mm_native_unsupported(p: Problem) -> str | None:
+    if p.device.type == "cpu":
+        return None
+    if p.device.type != "cuda":
+        return f"torch._int_mm does not run on {p.device.type}"
+    if (p.K is not None and p.K % 8) or (p.N is not None and p.N % 8):
+        return "torch._int_mm on CUDA needs K and N multiples of 8"
+    if p.M is not None and p.M <= 16:
+        return "torch._int_mm on CUDA needs more than 16 rows"
+    return None
+
+
+def _int8_gemm_triton(*args: object, **kwargs: object) -> torch.Tensor:
+    from .int8_triton import int8_gemm_triton
+
+    return int8_gemm_triton(*args, **kwargs)
+
+
+def _packed_triton_unsupported(p: Problem) -> str | None:
+    return triton_unavailable_reason(p.device) or triton_packed_unsupported_reason(
+        bits=p.bits, group_size=p.group_size, in_features=p.K, symmetric=p.symmetric is not False
+    )
+
+
+def _packed_int_linear_triton(*args: object, **kwargs: object) -> torch.Tensor:
+    from .int8_triton import packed_int_linear_triton
+
+    return packed_int_linear_triton(*args, **kwargs)
+
+
+register_backend(
+    "quantize_per_token", "triton", _quantize_per_token_triton, family="triton", priority=20,
+    unsupported=_quantize_triton_unsupported, auto=on_cuda, summary="fused per-token absmax + round",
+)
+register_backend(
+    "quantize_per_token", "torch", quantize_per_token_torch, family="torch", priority=0,
+    summary="per-token absmax + round",
+)
+register_backend(
+    "int8_gemm", "torch._int_mm", int8_gemm_torch, family="torch", priority=30,
+    unsupported=_int_mm_native_unsupported, summary="torch._int_mm, then scales",
+)
+register_backend(
+    "int8_gemm", "triton", _int8_gemm_triton, family="triton", priority=20,
+    unsupported=lambda p: triton_unavailable_reason(p.device), auto=on_cuda,
+    summary="int8 MMA with fused scale epilogue",
+)
+register_backend(
+    "int8_gemm", "torch", int8_gemm_torch, family="torch", priority=0,
+    summary="torch._int_mm on padded rows, else exact float64 matmul",
+)
+register_backend(
+    "packed_int_linear", "triton", _packed_int_linear_triton, family="triton", priority=20,
+    unsupported=_packed_triton_unsupported, auto=on_cuda,
+    summary="packed weight unpacked to int8 in-kernel + int8 MMA",
+)
+register_backend(
+    "packed_int_linear", "torch", packed_int_linear_torch, family="torch", priority=0,
+    summary="torch._int_mm on unpacked int8 weights if per channel, else dequantize + matmul",
+)
+register_steps("w8a8_linear", "quantize_per_token", "int8_gemm", act_bits=8)
+register_steps("w4a4_linear", "quantize_per_token", "packed_int_linear", act_bits=4)
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, *, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8 (or int4-in-int8) quantization: ``(x_q [..., K], x_scale [..., 1])``,
+    bit-identical to ``core.activations.activation_codes`` (dynamic, symmetric); see the module doc."""
+    K = x.shape[-1]
+    b = choose("quantize_per_token", x.device, backend, M=x.numel() // max(K, 1), K=K, bits=bits, dtype=x.dtype)
+    return b.impl(x, bits, clip_ratio)
+
+
+def int8_gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``(a_q @ b_q.T) * a_scale * b_scale.T + bias`` (int8 operands, exact int32 accumulation)."""
+    K = a_q.shape[-1]
+    b = choose("int8_gemm", a_q.device, backend, M=a_q.numel() // max(K, 1), K=K, N=b_q.shape[0], dtype=out_dtype)
+    return b.impl(a_q, a_scale, b_q, b_scale, bias, out_dtype)
+
+
+def packed_int_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """int8 activations (per-token scales) times a packed quantized weight; see the module doc."""
+    b = choose(
+        "packed_int_linear",
+        x_q.device,
+        backend,
+        M=x_q.numel() // max(in_features, 1),
+        K=in_features,
+        N=weight_packed.shape[0],
+        bits=bits,
+        group_size=group_size,
+        symmetric=weight_zero_point is None,
+        dtype=out_dtype,
+    )
+    return b.impl(
+        x_q, x_scale, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, out_dtype
+    )
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    clip_ratio: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """W8A8: quantize ``x`` per token to int8, then the int8 GEMM against ``weight_q`` (int8
+    ``[out, in]``, per-channel ``weight_scale [out]``). Returns ``x.dtype``."""
+    x_q, x_scale = quantize_per_token(x, 8, clip_ratio, backend=backend)
+    return int8_gemm(x_q, x_scale, weight_q, weight_scale, bias, x.dtype, backend=backend)
+
+
+def w4a4_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+    act_bits: int = 4,
+    clip_ratio: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """W4A4 (or WxA8 with ``act_bits=8``): per-token quantize ``x`` to ``act_bits`` held in int8, then
+    multiply by the packed ``bits``-bit weight on int8 MMAs. Returns ``x.dtype``. (Rotate ``x`` with
+    :func:`qdlm_export.kernels.hadamard_transform` first if the weights were quantized in a rotated basis.)"""
+    x_q, x_scale = quantize_per_token(x, act_bits, clip_ratio, backend=backend)
+    return packed_int_linear(
+        x_q, x_scale, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, x.dtype,
+        backend=backend,
+    )

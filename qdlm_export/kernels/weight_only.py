@@ -1,4 +1,4 @@
-"""Weight-only quantized linear, torch backend: dequantize the packed weight, then one dense matmul.
+"""Weight-only quantized linear: the op, its backends, and the torch one (dequantize, then one matmul).
 
     y = x @ W_hat.T + bias,   W_hat[n, k] = (q[n, k] - z[n, g]) * s[n, g],   g = k // group_size
 
@@ -7,7 +7,9 @@
 ``[out, groups]`` (fp16/bf16/fp32); ``weight_zero_point`` is uint8 ``[out, groups]`` or None for
 symmetric weights (then ``z = 2**(bits-1)``). ``group_size == -1`` means one group per row.
 
-This is the CPU fallback and the GPU fallback for shapes the Triton kernel does not take. It is
+:func:`weight_only_linear` is the op; its backends are registered at the end of this module: the
+Triton kernel (``weight_only_triton.py``), torch's packed CPU kernels (``cpu_packed.py``) and the
+torch backend here, the fallback on every device for shapes the others do not take. It is
 dequantize-then-matmul done with as few passes as eager torch allows: codes are read from the bytes
 of the packed words (no index gathers, no int64 intermediates), the affine map runs in place on one
 float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 8 codes for 3 bits).
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.packing import SUPPORTED_BITS, packed_words, unpack_rows
+from ._triton import triton_unavailable_reason
+from .registry import Problem, choose, on_cuda, register_backend
 
 
 def unpack_codes(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -140,3 +144,84 @@ def triton_unsupported_reason(
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"activations in {dtype} are not supported"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The op and its backends (highest priority first; `auto` takes the first that can run):
+#   triton (CUDA) > cpu_packed (CPU, bf16/fp16 activations) > torch (dequantize + matmul)
+# Triton and cpu_packed are imported on first use (see _triton.py; cpu_packed imports this module).
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_unsupported(p: Problem) -> str | None:
+    return triton_unavailable_reason(p.device) or triton_unsupported_reason(
+        bits=p.bits, group_size=p.group_size, in_features=p.K, dtype=p.dtype
+    )
+
+
+def _weight_only_linear_triton(*args: object, **kwargs: object) -> torch.Tensor:
+    from .weight_only_triton import weight_only_linear_triton
+
+    return weight_only_linear_triton(*args, **kwargs)
+
+
+def _cpu_packed_unsupported(p: Problem) -> str | None:
+    from .cpu_packed import unsupported_reason
+
+    return unsupported_reason(
+        bits=p.bits, group_size=p.group_size, in_features=p.K, out_features=p.N, symmetric=p.symmetric, device=p.device
+    )
+
+
+def _cpu_packed_auto(p: Problem) -> bool:
+    # bf16/fp16 models only: the kernels compute in bf16, float32 models keep the exact torch path.
+    return p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+
+
+def _weight_only_linear_cpu_packed(*args: object, **kwargs: object) -> torch.Tensor:
+    from .cpu_packed import weight_only_linear_cpu
+
+    return weight_only_linear_cpu(*args, **kwargs)
+
+
+register_backend(
+    "weight_only_linear", "triton", _weight_only_linear_triton, family="triton", priority=20,
+    unsupported=_triton_unsupported, auto=on_cuda, summary="fused unpack + grouped dequant-GEMM",
+)
+register_backend(
+    "weight_only_linear", "cpu_packed", _weight_only_linear_cpu_packed, family="cpu_packed", priority=10,
+    unsupported=_cpu_packed_unsupported, auto=_cpu_packed_auto,
+    summary="torch's packed CPU int4/int8 kernels (few tokens) or bf16 dequantize + GEMM (many), repacked once",
+)
+register_backend(
+    "weight_only_linear", "torch", weight_only_linear_torch, family="torch", priority=0, summary="dequantize + matmul"
+)
+
+
+def weight_only_linear(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``x [..., in] @ W_hat.T + bias -> [..., out]`` in ``x.dtype``; ``W_hat`` from the packed weight
+    (layout in ``core/packing.py``, arithmetic in ``core/schemes.py``)."""
+    b = choose(
+        "weight_only_linear",
+        x.device,
+        backend,
+        M=x.numel() // max(in_features, 1),
+        K=in_features,
+        N=weight_packed.shape[0],
+        bits=bits,
+        group_size=group_size,
+        symmetric=weight_zero_point is None,
+        dtype=x.dtype,
+    )
+    return b.impl(x, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias)

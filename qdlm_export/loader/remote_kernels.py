@@ -1,16 +1,23 @@
 """Kernel dispatch shipped inside self-contained checkpoints (written there as ``qdlm_kernels.py``).
 
-A self-contained export (``formats/selfcontained.py``) carries copies of qdlm-export's loader and its
+A self-contained export (``loader/selfcontained.py``) carries copies of qdlm-export's loader and its
 pure-torch helpers so that ``from_pretrained(..., trust_remote_code=True)`` works with only torch
-and transformers installed. The package's full dispatcher (``kernels/dispatch.py``) pulls in numpy
-and every backend; this module stands in for ``qdlm_export.kernels`` there and offers the ops the
-loader calls. The integer-activation ops (``quantize_per_token``, ``packed_int_linear``) are the
-torch implementations; the weight-only linear has the same backend choice as in the package:
+and transformers installed. This module stands in for the ``qdlm_export.kernels`` package there
+(a checkpoint carries modules, not packages) and offers the ops the loader calls. The
+integer-activation ops (``quantize_per_token``, ``packed_int_linear``) are the torch
+implementations; the weight-only linear has the same backend choice as in the package:
 
 * ``auto`` (default): the Triton dequantize-GEMM when triton is installed and the tensors are on a
   CUDA GPU (and the shape suits it), otherwise the torch fallback (dequantize, then matmul);
 * ``torch`` / ``triton``: forced through ``QDLM_KERNEL_BACKEND`` or ``backend=``; a forced Triton
   that cannot run raises. ``TRITON_INTERPRET=1`` lets a forced Triton run on CPU tensors (tests).
+
+Unlike the package (``kernels/registry.py`` reads it once), this stand-in keeps no state and reads
+the variable on each call.
+
+Online Hadamards need nothing from here: without the package's kernels, the copied
+``core/transforms.py`` applies its default, the format's torch reference (the package does too on
+the CPU unless a backend is forced; on a GPU it runs the same matrices through its kernels).
 
 In the package this file imports the package's modules; ``make_self_contained`` rewrites those
 imports to the copies it writes next to it (``qdlm_weight_only.py``, ``qdlm__triton.py``, ...).
@@ -27,8 +34,7 @@ from ..kernels.int8 import packed_int_linear_torch as packed_int_linear
 from ..kernels.int8 import quantize_per_token_torch as quantize_per_token
 from ..kernels.weight_only import triton_unsupported_reason, weight_only_linear_torch
 
-__all__ = ["hadamard_transform", "packed_int_linear", "quantize_per_token", "requested_backend",
-           "weight_only_backend", "weight_only_linear"]
+__all__ = ["packed_int_linear", "quantize_per_token", "requested_backend", "weight_only_backend", "weight_only_linear"]
 
 ENV_VAR = "QDLM_KERNEL_BACKEND"
 FAMILIES = ("auto", "torch", "triton")
@@ -75,11 +81,3 @@ def weight_only_linear(
         return weight_only_linear_triton(x, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias)
     return weight_only_linear_torch(x, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias)
 
-
-def hadamard_transform(x: torch.Tensor, normalized: bool = True, inverse: bool = False, *, backend: str | None = None):
-    """``x @ H_n`` (normalised): the format's torch transform (no numpy-built kernel tables here)."""
-    if not normalized or inverse:
-        raise ValueError("the self-contained loader applies only the normalised forward Hadamard")
-    from ..core.transforms import hadamard_transform_reference
-
-    return hadamard_transform_reference(x)

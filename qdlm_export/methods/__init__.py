@@ -1,9 +1,11 @@
-"""Quantization methods, one module each, registered by name."""
+"""Quantization methods, one module each (config and algorithm), registered by config class; shared
+input capture (``capture``), folding (``folding``) and the weight-activation framework."""
 
-from . import awq, gptq, rtn  # noqa: F401  (registers the methods)
+from . import awq, duquant, gptq, quarot, rtn, rtn_wa, smoothquant  # noqa: F401  (registers the methods)
 from .base import BlockCalibration, QuantMethod
-from .registry import available_methods, method_class, register_method
+from .registry import available_methods, build_method, config_class, make_config, method_class, register_method
 
-__all__ = ["BlockCalibration", "QuantMethod", "available_methods", "method_class", "register_method"]
-
-from . import duquant, quarot, rtn_wa, smoothquant  # noqa: E402,F401  (weight-activation methods)
+__all__ = [
+    "BlockCalibration", "QuantMethod", "available_methods", "build_method", "config_class", "make_config",
+    "method_class", "register_method",
+]

@@ -43,10 +43,12 @@ import torch
 import torch.nn as nn
 
 from ..core.configs import WeightOnlyConfig
+from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
-from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
-from .base import BlockCalibration, QuantMethod, find_linear
+from .base import BlockCalibration, QuantMethod, find_linear, qualified
+from .capture import feed_inputs, require_inputs
+from .folding import fold_scale, feeder_problem
 from .registry import register_method
 
 __all__ = [
@@ -114,9 +116,6 @@ class InputStats:
             self.samples.append(x[idx.to(x.device)])
         self.count += x.shape[0]
 
-    def pre_hook(self, module: nn.Module, inputs: tuple) -> None:
-        self.add_batch(inputs[0].detach())
-
     @property
     def abs_mean(self) -> torch.Tensor:
         return (self.abs_sum / max(self.count, 1)).float()
@@ -153,13 +152,7 @@ def capture_group_input(
         first_linear.weight.device,
         _sample_index(num_tokens, clip_tokens, first_linear.weight.device),
     )
-    handle = first_linear.register_forward_pre_hook(stats.pre_hook)
-    try:
-        calib.run(block)
-    finally:
-        handle.remove()
-    if stats.count == 0:
-        raise RuntimeError("a listed linear saw no input while the block ran on the calibration data")
+    require_inputs(feed_inputs(block, {"group input": first_linear}, calib, lambda _, x: stats.add_batch(x)))
     return stats
 
 
@@ -274,38 +267,13 @@ def query_key_linears(adapter: FamilyAdapter) -> set[str]:
     return found
 
 
-# ---- folding --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> torch.Tensor:
-    """Divide the norm's affine weight (and bias) by ``s``; returns the scale actually realised after
-    rounding to the norm's dtype, which the next linears must be multiplied by."""
-    weight = norm.weight
-    old = weight.data.float()
-    new = (old / s).to(weight.dtype)
-    weight.data.copy_(new)
-    bias = getattr(norm, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        bias.data.copy_((bias.data.float() / s).to(bias.dtype))
-    if weight.dtype == torch.float32:
-        return s
-    new = new.float()
-    ok = (old != 0) & (new != 0)
-    return torch.where(ok, old / torch.where(ok, new, torch.ones_like(new)), s)
-
-
-def _norm_can_fold(norm: nn.Module, in_features: int) -> bool:
-    weight = getattr(norm, "weight", None)
-    return isinstance(weight, torch.Tensor) and tuple(weight.shape) == (in_features,)
-
-
 # ---- the method ----------------------------------------------------------------------------------
 
 
 @register_method
 class AWQ(QuantMethod):
     """Activation-aware scaling and clipping, then round-to-nearest with the found scales/clips."""
+    display_name = "AWQ"
 
     name = "awq"
     config_class = AWQConfig
@@ -316,14 +284,14 @@ class AWQ(QuantMethod):
         # Per block prefix and group: what was found (alpha, losses vs RTN), for logs and metadata.
         self.search_log: dict[str, dict] = {}
 
-    def quantize_block(
-        self, block: nn.Module, prefix: str, calib: BlockCalibration | None
+    def quantize_groups(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
     ) -> dict[str, QuantizedWeight]:
-        masters, clips = self.search_and_fold(block, prefix, calib)
+        masters, clips = self.search_and_fold(block, prefix, calib, groups)
         results: dict[str, QuantizedWeight] = {}
-        for name in self.adapter.linear_names:
+        for name in (name for group in groups for name in group.linears):
             linear = find_linear(block, name)
-            full_name = f"{prefix}.{name}"
+            full_name = qualified(prefix, name)
             scheme = self.layer_scheme(full_name, linear.in_features)
             w = masters.pop(name)
             scale, zero = compute_qparams(w, scheme, self.scale_dtype, clip_ratio=clips.pop(name, 1.0))
@@ -341,28 +309,30 @@ class AWQ(QuantMethod):
 
     @torch.no_grad()
     def search_and_fold(
-        self, block: nn.Module, prefix: str, calib: BlockCalibration | None
+        self, block: nn.Module, prefix: str, calib: BlockCalibration | None,
+        groups: tuple[LinearGroup, ...] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Search and fold every group's scale and search the clips, leaving the block in full
         precision (computing as before, up to float rounding).
 
         Returns the scaled float32 weights of every listed linear and the clip ratios ``[out, groups]``
-        of those that were clip-searched.
+        of those that were clip-searched. ``groups``: the adapter's by default.
         """
         if calib is None or len(calib) == 0:
             raise ValueError("AWQ needs calibration inputs for every block")
         cfg: AWQConfig = self.config  # type: ignore[assignment]
-        linears = {name: find_linear(block, name) for name in self.adapter.linear_names}
-        schemes = {name: self.layer_scheme(f"{prefix}.{name}", lin.in_features) for name, lin in linears.items()}
+        groups = self.adapter.groups if groups is None else groups
+        linears = {name: find_linear(block, name) for group in groups for name in group.linears}
+        schemes = {name: self.layer_scheme(qualified(prefix, name), lin.in_features) for name, lin in linears.items()}
         master = {name: lin.weight.data.float().clone() for name, lin in linears.items()}
         clips: dict[str, torch.Tensor] = {}
         no_clip = query_key_linears(self.adapter) if cfg.clip_skip_qk else set()
 
-        for group in self.adapter.groups:
+        for group in groups:
             first = linears[group.linears[0]]
             in_features = first.in_features
             stats = capture_group_input(block, first, calib, cfg.clip_tokens)
-            entry = self._scale_group(block, group, linears, master, schemes, stats, in_features)
+            entry = self._scale_group(block, group, master, schemes, stats)
             self.search_log[f"{prefix}:{group.role or ','.join(group.linears)}"] = entry
 
             if cfg.clip_search:
@@ -392,59 +362,25 @@ class AWQ(QuantMethod):
         self,
         block: nn.Module,
         group: LinearGroup,
-        linears: dict[str, nn.Linear],
         master: dict[str, torch.Tensor],
         schemes: dict[str, WeightScheme],
         stats: InputStats,
-        in_features: int,
     ) -> dict:
-        """Search, fold and apply the scale of one group; updates ``master``, the block and ``stats``."""
+        """Search, fold and apply the scale of one group; updates ``master``, the block and ``stats``.
+        A group whose feeder cannot take a scale (``v -> o`` under GQA) is skipped, as llm-awq does."""
         cfg: AWQConfig = self.config  # type: ignore[assignment]
-        norm = prev = None
-        if group.norm is not None:
-            norm = block.get_submodule(group.norm)
-            if not _norm_can_fold(norm, in_features):
-                logger.info(
-                    "AWQ: %s has no weight of size %d to fold a scale into; pair skipped", group.norm, in_features
-                )
-                return {"skipped": f"{group.norm} cannot take a scale"}
-        elif group.prev_linear is not None:
-            prev = find_linear(block, group.prev_linear)
-            if prev.out_features != in_features:
-                # e.g. v -> o under grouped-query attention: v outputs fewer channels than o reads.
-                logger.info(
-                    "AWQ: %s outputs %d channels but %s reads %d; pair skipped",
-                    group.prev_linear,
-                    prev.out_features,
-                    ",".join(group.linears),
-                    in_features,
-                )
-                return {"skipped": f"{group.prev_linear} output size {prev.out_features} != {in_features}"}
-        else:
-            return {"skipped": "no norm or previous linear feeds this group"}
-
-        weights = [master[name] for name in group.linears]
+        problem = feeder_problem(block, group)
+        if problem is not None:
+            logger.info("AWQ: %s; pair skipped", problem)
+            return {"skipped": problem}
         s, alpha, losses = search_scale(
-            weights,
+            [master[name] for name in group.linears],
             [schemes[name] for name in group.linears],
             stats.abs_mean,
             stats.mean_gram,
             grid=cfg.grid,
             scale_dtype=self.scale_dtype,
         )
-        if norm is not None:
-            s = _fold_into_norm(norm, s)
-        else:
-            assert prev is not None and group.prev_linear is not None
-            if group.prev_linear in master:
-                master[group.prev_linear].div_(s.unsqueeze(1))
-                prev.weight.data.copy_(master[group.prev_linear].to(prev.weight.dtype))
-            else:  # a previous linear that is not quantized itself
-                prev.weight.data.copy_((prev.weight.data.float() / s.unsqueeze(1)).to(prev.weight.dtype))
-            if prev.bias is not None:
-                prev.bias.data.copy_((prev.bias.data.float() / s).to(prev.bias.dtype))
-        for name in group.linears:
-            master[name].mul_(s.unsqueeze(0))
-            linears[name].weight.data.copy_(master[name].to(linears[name].weight.dtype))
+        s = fold_scale(block, group, s, master)
         stats.divide_inputs(s)
         return {"alpha": alpha, "loss": min(losses), "rtn_loss": losses[0]}

@@ -6,7 +6,13 @@ need calibration, the block's captured inputs. The method returns a :class:`Quan
 every linear of the block and leaves the block *computing as the quantized block will*, so that
 the pipeline can propagate calibration inputs to the next block through the quantized one.
 
-Methods know adapters and schemes; they never know file formats.
+The LM head (``--include-lm-head``) goes through the same code: :class:`HeadBlock` makes the final
+norm and the head a one-group block, calibrated on the final norm's inputs.
+
+Methods know adapters and schemes; they never know file formats. A method that leaves modules other
+than float linears in the block (the weight-activation methods leave the loader's quantized linear,
+so calibration propagates through what ``from_pretrained`` computes) receives a builder for them,
+:data:`QuantizedLinearBuilder`, from the stage that knows the format.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from ..core.configs import WeightOnlyConfig
-from ..errors import ConfigError
-from ..families import FamilyAdapter
 from ..core.schemes import QuantizedWeight, WeightScheme
+from ..errors import ConfigError
+from ..families import FamilyAdapter, LinearGroup
 
 
 @dataclass
@@ -51,46 +57,6 @@ class BlockCalibration:
         return outputs
 
 
-class _InputsSeen(Exception):
-    """Raised by :meth:`BlockCalibration.feed` to stop a block's forward early."""
-
-
-@torch.no_grad()
-def feed_inputs(block: nn.Module, modules: dict[str, nn.Module], calib: "BlockCalibration",
-                consume: Callable[[str, torch.Tensor], None]) -> dict[str, int]:
-    """Run ``block`` on every calibration batch and hand each named module's input to
-    ``consume(name, x)``; each batch's forward stops as soon as every module has received its input,
-    so collecting the first group's inputs costs almost nothing and no batch runs the rest of the
-    block. Returns how many batches reached each module (a module the forward never calls gets 0)."""
-    seen: dict[str, int] = {name: 0 for name in modules}
-    pending: set[str] = set()
-
-    def pre_hook(name):
-        def hook(module, args):
-            consume(name, args[0].detach())
-            seen[name] += 1
-            pending.discard(name)
-            if not pending:
-                raise _InputsSeen
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in modules.items()]
-    try:
-        for i, h in enumerate(calib.hidden):
-            pending.update(modules)
-            args = calib.call_args[i] if calib.call_args else ()
-            kwargs = calib.call_kwargs[i] if calib.call_kwargs else {}
-            try:
-                block(h, *args, **kwargs)
-            except _InputsSeen:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def find_linear(block: nn.Module, name: str) -> nn.Linear:
     module = block.get_submodule(name)
     if not isinstance(module, nn.Linear):
@@ -98,18 +64,55 @@ def find_linear(block: nn.Module, name: str) -> nn.Linear:
     return module
 
 
+# (full module name, its QuantizedWeight with input_transforms/extra_tensors, the activation settings
+# of quantization_config or None, device) -> a module computing exactly what the loader will compute.
+QuantizedLinearBuilder = Callable[[str, QuantizedWeight, "dict[str, Any] | None", torch.device], nn.Module]
+
+
+def qualified(prefix: str, name: str) -> str:
+    """The full module name of ``name`` inside the module called ``prefix`` (``""``: the model)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+class HeadBlock(nn.Module):
+    """The final norm and the LM head as a one-group block, so that a method quantizes the head with
+    the code it quantizes decoder blocks with. The head sits under the last part of its name, so
+    ``qualified(prefix, name)`` gives its real name. Calibrated on the final norm's inputs; a scale
+    a method folds lands in the model's own final norm (this module holds it, not a copy)."""
+
+    NORM = "final_norm"
+
+    def __init__(self, norm: nn.Module, head: nn.Linear, head_name: str):
+        super().__init__()
+        self.prefix, _, self.head_local = head_name.rpartition(".")
+        setattr(self, self.NORM, norm)
+        setattr(self, self.head_local, head)
+        self.group = LinearGroup(linears=(self.head_local,), norm=self.NORM, role="lm_head")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_local)(getattr(self, self.NORM)(hidden))
+
+
 class QuantMethod:
-    """Base class of every method. Subclasses set ``name``, ``config_class`` and ``quantize_block``."""
+    """Base class of every method. Subclasses set ``name``, ``config_class`` and ``quantize_groups``.
+
+    Built once, by ``registry.build_method``, with everything a run needs: the config, the family
+    adapter, the model's config, the dtype of stored scales and (for methods that need one) the
+    builder of the quantized modules they leave in the block."""
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""  # how the model card names the method (empty: `name`)
     config_class: ClassVar[type[WeightOnlyConfig]] = WeightOnlyConfig
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, config: WeightOnlyConfig, adapter: FamilyAdapter, model_config: Any):
+    def __init__(self, config: WeightOnlyConfig, adapter: FamilyAdapter, model_config: Any, *,
+                 scale_dtype: torch.dtype = torch.float32,
+                 quantized_linear: QuantizedLinearBuilder | None = None):
         self.config = config
         self.adapter = adapter
         self.model_config = model_config
-        self.scale_dtype = torch.float32
+        self.scale_dtype = scale_dtype
+        self.quantized_linear = quantized_linear
         # Layers that had to fall back to another scheme (recorded as module_overrides on disk).
         self.overrides: dict[str, dict[str, Any]] = {}
 
@@ -138,6 +141,23 @@ class QuantMethod:
     def quantize_block(
         self, block: nn.Module, prefix: str, calib: BlockCalibration | None
     ) -> dict[str, QuantizedWeight]:
+        """Quantize every linear of a decoder block; returns them by full name."""
+        return self.quantize_groups(block, prefix, self.adapter.groups, calib)
+
+    def quantize_head(
+        self, norm: nn.Module, head: nn.Linear, name: str, calib: BlockCalibration | None
+    ) -> QuantizedWeight:
+        """Quantize the LM head ``name`` (read through the final ``norm``); ``calib`` holds the final
+        norm's inputs for methods that need calibration."""
+        block = HeadBlock(norm, head, name)
+        return self.quantize_groups(block, block.prefix, (block.group,), calib)[name]
+
+    def quantize_groups(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
+    ) -> dict[str, QuantizedWeight]:
+        """The algorithm: quantize the linears of ``groups`` (names relative to ``block``, which is
+        called ``prefix`` in the model), leaving ``block`` computing as the quantized block will;
+        results keyed by full name (:func:`qualified`)."""
         raise NotImplementedError
 
     @staticmethod

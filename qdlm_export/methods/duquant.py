@@ -36,13 +36,13 @@ import torch
 import torch.nn as nn
 
 from ..core.configs import WeightActivationConfig
-from ..errors import ConfigError
 from ..core.hadamard import hadamard_matrix, hadamard_unsupported_reason
 from ..core.transforms import apply_op
+from ..errors import ConfigError
 from .base import BlockCalibration, find_linear
 from .registry import register_method
-from .rtn_wa import LinearPlan, WeightActivationMethod, collect_group_inputs
 from .smoothquant import smooth_block
+from .weight_activation import LinearPlan, WeightActivationMethod, collect_group_inputs
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,7 @@ def duquant_transform(
 
 @register_method
 class DuQuant(WeightActivationMethod):
+    display_name = "DuQuant"
     name = "duquant"
     config_class = DuQuantConfig
 

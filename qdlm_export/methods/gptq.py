@@ -36,7 +36,9 @@ import torch.nn as nn
 from ..core.configs import WeightOnlyConfig
 from ..errors import ConfigError
 from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
-from .base import BlockCalibration, QuantMethod, feed_inputs, find_linear
+from ..families import LinearGroup
+from .base import BlockCalibration, QuantMethod, find_linear, qualified
+from .capture import feed_inputs, require_inputs
 from .registry import register_method
 
 __all__ = ["GPTQ", "GPTQConfig", "HessianAccumulator", "collect_hessians", "gptq_quantize"]
@@ -99,15 +101,9 @@ def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], calib: BlockCalibration
 ) -> dict[str, HessianAccumulator]:
     """Run ``block`` over every calibration batch and return each named linear's Hessian (each
-    batch's forward stops once all of them have seen their input: ``base.feed_inputs``)."""
+    batch's forward stops once all of them have seen their input: ``capture.feed_inputs``)."""
     accs = {name: HessianAccumulator(lin.in_features, device=lin.weight.device) for name, lin in linears.items()}
-    seen = feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x))
-    silent = [name for name, count in seen.items() if count == 0]
-    if silent:
-        raise RuntimeError(
-            f"linear(s) {', '.join(silent)} saw no input while the block ran on the calibration data; "
-            "the family adapter lists a linear the block's forward does not call"
-        )
+    require_inputs(feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x)))
     return accs
 
 
@@ -317,21 +313,22 @@ def _column_loop(Wt, Hinv, codes_t, scale, zero, col_group, static, group, bs, m
 @register_method
 class GPTQ(QuantMethod):
     """GPTQ over a block, one adapter group at a time (true sequential) in forward order."""
+    display_name = "GPTQ"
 
     name = "gptq"
     config_class = GPTQConfig
     needs_calibration = True
 
-    def quantize_block(
-        self, block: nn.Module, prefix: str, calib: BlockCalibration | None
+    def quantize_groups(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
     ) -> dict[str, QuantizedWeight]:
         if calib is None or len(calib) == 0:
             raise ValueError("GPTQ needs calibration inputs for every block")
         cfg: GPTQConfig = self.config  # type: ignore[assignment]
         if cfg.true_sequential:
-            stages = [group.linears for group in self.adapter.groups]
+            stages = [group.linears for group in groups]
         else:
-            stages = [self.adapter.linear_names]
+            stages = [tuple(name for group in groups for name in group.linears)]
 
         results: dict[str, QuantizedWeight] = {}
         for names in stages:
@@ -341,7 +338,7 @@ class GPTQ(QuantMethod):
             hessians = collect_hessians(block, linears, calib)
             for name in names:
                 linear = linears[name]
-                full_name = f"{prefix}.{name}"
+                full_name = qualified(prefix, name)
                 scheme = self.layer_scheme(full_name, linear.in_features)
                 acc = hessians.pop(name)
                 qweight = gptq_quantize(

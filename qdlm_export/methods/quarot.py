@@ -44,13 +44,14 @@ import torch
 import torch.nn as nn
 
 from ..core.configs import WeightActivationConfig
+from ..core.hadamard import hadamard_unsupported_reason
+from ..core.transforms import random_hadamard_signs
 from ..errors import ConfigError
 from ..families import LinearGroup
-from ..core.hadamard import hadamard_unsupported_reason
-from ..core.transforms import hadamard_transform, random_hadamard_signs
 from .base import BlockCalibration, find_linear
+from .folding import fold_norm_gain, hadamard_per_head, is_scale_only_norm, rotate_columns, rotate_outputs
 from .registry import register_method
-from .rtn_wa import WEIGHT_METHODS, LinearPlan, WeightActivationMethod
+from .weight_activation import WEIGHT_METHODS, LinearPlan, WeightActivationMethod
 
 
 @dataclass(frozen=True)
@@ -102,35 +103,13 @@ def _config_value(config: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _rotate_rows(weight: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """``W Q`` for ``Q = diag(signs) H``: what a reader of the rotated stream must hold."""
-    w = weight.detach().double() * signs.to(weight.device)
-    return hadamard_transform(w).to(weight.dtype)
-
-
-def _rotate_output(linear: nn.Linear, signs: torch.Tensor) -> None:
-    """``Q^T W`` and ``b Q``: a writer of the residual stream writes rotated vectors."""
-    linear.weight.data = _rotate_rows(linear.weight.data.t(), signs).t().contiguous()
-    if linear.bias is not None:
-        linear.bias.data = _rotate_rows(linear.bias.data[None], signs)[0]
-
-
-def _per_head(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``W`` with ``H(head_dim)`` applied to every run of ``head_dim`` columns."""
-    w = weight.detach().double()
-    return hadamard_transform(w.reshape(*w.shape[:-1], -1, head_dim)).reshape(w.shape).to(weight.dtype)
-
-
 def _fold_norm(norm: nn.Module, linears: list[nn.Linear], where: str) -> None:
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or getattr(norm, "bias", None) is not None:
+    if not is_scale_only_norm(norm):
         raise ConfigError(
             f"QuaRot folds norm gains into the next linears, but {where} is not a bias-free scaled norm",
             hint="QuaRot supports RMSNorm-style norms (LLaDA, Dream, Llama, Qwen2)",
         )
-    for linear in linears:
-        linear.weight.data = (linear.weight.data.double() * weight.data.double()).to(linear.weight.dtype)
-    norm.weight.data = torch.ones_like(norm.weight.data)
+    fold_norm_gain(norm, linears)
 
 
 def residual_writers(groups: tuple[LinearGroup, ...]) -> set[str]:
@@ -145,6 +124,7 @@ def residual_writers(groups: tuple[LinearGroup, ...]) -> set[str]:
 
 @register_method
 class QuaRot(WeightActivationMethod):
+    display_name = "QuaRot"
     name = "quarot"
     config_class = QuaRotConfig
 
@@ -177,8 +157,8 @@ class QuaRot(WeightActivationMethod):
             if self.config.center_embeddings:
                 w = embed.weight.data.double()
                 embed.weight.data = (w - w.mean(-1, keepdim=True)).to(embed.weight.dtype)
-            embed.weight.data = _rotate_rows(embed.weight.data, self.signs)
-            head.weight.data = _rotate_rows(head.weight.data, self.signs)
+            embed.weight.data = rotate_columns(embed.weight.data, self.signs)
+            head.weight.data = rotate_columns(head.weight.data, self.signs)
 
     @torch.no_grad()
     def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
@@ -191,15 +171,15 @@ class QuaRot(WeightActivationMethod):
             if group.norm is not None:  # readers of the residual stream
                 _fold_norm(block.get_submodule(group.norm), linears, f"{prefix}.{group.norm}")
                 for linear in linears:
-                    linear.weight.data = _rotate_rows(linear.weight.data, self.signs)
+                    linear.weight.data = rotate_columns(linear.weight.data, self.signs)
             if group.role == "attn_out":
                 # Per head on v's outputs (offline) and o's inputs (offline part), heads online.
                 v = find_linear(block, group.prev_linear)
-                v.weight.data = _per_head(v.weight.data.t(), head_dim).t().contiguous()
+                v.weight.data = hadamard_per_head(v.weight.data.t(), head_dim).t().contiguous()
                 if v.bias is not None:
-                    v.bias.data = _per_head(v.bias.data[None], head_dim)[0]
+                    v.bias.data = hadamard_per_head(v.bias.data[None], head_dim)[0]
                 for name, linear in zip(group.linears, linears):
-                    linear.weight.data = _per_head(linear.weight.data, head_dim)
+                    linear.weight.data = hadamard_per_head(linear.weight.data, head_dim)
                     plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": heads, "stride": head_dim}])
             elif group.norm is None:
                 # e.g. the down projection: nonlinear gating in front, so the whole rotation is online.
@@ -208,7 +188,7 @@ class QuaRot(WeightActivationMethod):
                     plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": linear.in_features, "stride": 1}])
             for name, linear in zip(group.linears, linears):
                 if name in writers:
-                    _rotate_output(linear, self.signs)
+                    rotate_outputs(linear, self.signs)
         return plans
 
     def transform_metadata(self) -> dict[str, Any]:

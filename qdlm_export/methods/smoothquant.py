@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 
 from ..core.configs import WeightActivationConfig
+from ..core.transforms import SMOOTH_TENSOR
 from ..errors import ConfigError
 from ..families import LinearGroup
-from ..core.transforms import SMOOTH_TENSOR
 from .base import BlockCalibration, find_linear
+from .folding import fold_scale
 from .registry import register_method
-from .rtn_wa import GroupInputStats, LinearPlan, WeightActivationMethod, collect_group_inputs
+from .weight_activation import GroupInputStats, LinearPlan, WeightActivationMethod, collect_group_inputs
 
 SCALE_MIN = 1e-5  # floor of max|X|, max|W| and s (dead channels would otherwise give 0 or inf)
 
@@ -66,38 +67,8 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     return (act.pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
 
 
-def _foldable_norm(norm: nn.Module, in_features: int) -> bool:
-    weight = getattr(norm, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.shape == (in_features,)
-
-
-@torch.no_grad()
-def apply_smoothing(block: nn.Module, group: LinearGroup, s: torch.Tensor) -> LinearPlan:
-    """Fold ``s`` for one group into the block (norm gain or previous linear's rows, and the group's
-    weight columns) where exact; otherwise return the online ``smooth`` op and its tensor."""
-    linears = [find_linear(block, name) for name in group.linears]
-    in_features = linears[0].in_features
-    s = s.to(linears[0].weight.device)
-    folded = False
-    if group.norm is not None:
-        norm = block.get_submodule(group.norm)
-        if _foldable_norm(norm, in_features):
-            norm.weight.data = (norm.weight.data.double() / s.double()).to(norm.weight.dtype)
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.data = (norm.bias.data.double() / s.double()).to(norm.bias.dtype)
-            folded = True
-    elif group.prev_linear is not None:
-        prev = find_linear(block, group.prev_linear)
-        if prev.out_features == in_features:  # one output channel per input channel (not GQA)
-            prev.weight.data = (prev.weight.data.double() / s.double()[:, None]).to(prev.weight.dtype)
-            if prev.bias is not None:
-                prev.bias.data = (prev.bias.data.double() / s.double()).to(prev.bias.dtype)
-            folded = True
-    if folded:
-        for linear in linears:
-            linear.weight.data = (linear.weight.data.double() * s.double()).to(linear.weight.dtype)
-        return LinearPlan()
-    # Online: the input is divided by s at run time; TransformedLinear multiplies the weight by s.
+def online_smoothing(s: torch.Tensor) -> LinearPlan:
+    """The input divided by ``s`` at run time (``TransformedLinear`` multiplies the weight by ``s``)."""
     return LinearPlan(ops=[{"op": "smooth"}], tensors={SMOOTH_TENSOR: s.float().cpu()})
 
 
@@ -113,16 +84,15 @@ def smooth_block(
     for group in groups:
         weights = [find_linear(block, name).weight for name in group.linears]
         s = smoothing_scales(stats[group].absmax, weights, alpha)
-        if fold:
-            plan = apply_smoothing(block, group, s)
-        else:
-            plan = LinearPlan(ops=[{"op": "smooth"}], tensors={SMOOTH_TENSOR: s.float().cpu()})
-        result[group] = (s, plan)
+        # Folded into the norm gain or the previous linear's rows where exact, online otherwise.
+        realised = fold_scale(block, group, s) if fold else None
+        result[group] = (s, online_smoothing(s)) if realised is None else (realised, LinearPlan())
     return result
 
 
 @register_method
 class SmoothQuant(WeightActivationMethod):
+    display_name = "SmoothQuant"
     name = "smoothquant"
     config_class = SmoothQuantConfig
 

@@ -24,11 +24,14 @@ from .. import __version__
 from .calibration import calibration_tokens, check_calibration_fits
 from ..core.configs import CalibrationConfig, WeightOnlyConfig
 from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
-from ..format.spec import DTYPES, FORMAT_NAME, FORMAT_VERSION, dtype_name, REPORT_FILE
+from ..format.config_schema import build_quantization_config
+from ..format.report import build_report, record_local_source, write_report
+from ..format.spec import DTYPES, ST_FLOAT_DTYPES, dtype_name
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from ..methods import method_class
-from ..format.output import check_output, staged_output
-from .pipeline import SAFETENSORS_DTYPES, default_compute_dtype, resolve_device, run_pipeline
+from ..methods import build_method, make_config  # noqa: F401  (make_config: part of this API)
+from ..format.output import check_output
+from ..format.staging import staged_output
+from .pipeline import build_quantized_linear, default_compute_dtype, resolve_device, run_pipeline
 from .source import SourceModel
 
 
@@ -54,11 +57,6 @@ class QuantizeSummary:
         d = dict(self.__dict__)
         d["out"] = str(self.out)
         return d
-
-
-def make_config(method: str, **options: Any) -> WeightOnlyConfig:
-    cls = method_class(method).config_class
-    return cls.from_options(**options)
 
 
 def quantize(
@@ -123,8 +121,8 @@ def quantize(
         str(model), trust_remote_code=trust_remote_code, revision=revision, allow_non_finite=allow_non_finite
     )
     try:
-        method = method_class(config.method)(config, source.adapter, source.config_dict)
-        method.scale_dtype = _scale_dtype(config, source)
+        method = build_method(config, source.adapter, source.config_dict, scale_dtype=_scale_dtype(config, source),
+                              quantized_linear=build_quantized_linear)
         _check_layer_shapes(source, method)
         if source.trust_remote_code and source.config_dict.get("auto_map"):
             from .preflight import run_first_block
@@ -171,26 +169,19 @@ def quantize(
 
             checkpoint_bytes = sum(f.stat().st_size for f in shards)
             bpw = 8 * result.linear_bytes_quantized / max(result.linear_params, 1)
-            report = {
-                "source": source.model_id,
-                "linear_params": result.linear_params,
-                "linear_bytes_original": result.linear_bytes_original,
-                "linear_bytes_quantized": result.linear_bytes_quantized,
-                "checkpoint_bytes": checkpoint_bytes,
-                "source_checkpoint_bytes": source.source_bytes(),
-                "bits_per_weight": round(bpw, 4),
-                "relative_output_error": error,
-                "calibration": _calibration_record(calibration) if method.needs_calibration else None,
-                "seconds_per_block": [round(s, 3) for s in result.seconds_per_block],
-                "elapsed_s": round(time.perf_counter() - started, 2),
-                "eval": None,
-                "compat_repairs": compat.applied_repairs(),
-                "tensors": writer.manifest(),  # what inspect/push/eval check is still there (docs/FORMAT.md)
-            }
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            report = build_report(
+                source=source.model_id, linear_params=result.linear_params,
+                linear_bytes_original=result.linear_bytes_original,
+                linear_bytes_quantized=result.linear_bytes_quantized, checkpoint_bytes=checkpoint_bytes,
+                source_checkpoint_bytes=source.source_bytes(), relative_output_error=error,
+                calibration=_calibration_record(calibration) if method.needs_calibration else None,
+                seconds_per_block=result.seconds_per_block, elapsed_s=time.perf_counter() - started,
+                compat_repairs=compat.applied_repairs(), manifest=writer.manifest(),
+                display_names={k: v for k, v in {"method": type(method).display_name,
+                                                "family": source.adapter.display_name}.items() if v},
+            )
+            write_report(tmp, report)
             if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed
-                from ..eval.evaluate import record_local_source
-
                 record_local_source(stage, source.path)
             _write_card(tmp, repo_id=out.name)
             if output_format != "native":
@@ -277,10 +268,10 @@ def _check_layer_shapes(source: SourceModel, method) -> None:
                 hint="the weights do not match the model family; check the model folder",
             )
         dtype, shape = source.tensor_meta(key)
-        if len(shape) != 2 or dtype not in SAFETENSORS_DTYPES:
+        if len(shape) != 2 or dtype not in ST_FLOAT_DTYPES:
             raise InputDataError(
                 f"source tensor {key} is {dtype} of shape {list(shape)}; a linear weight is a 2-D floating-point "
-                f"matrix ({', '.join(SAFETENSORS_DTYPES)})",
+                f"matrix ({', '.join(ST_FLOAT_DTYPES)})",
                 hint="the weights do not match the model family, or are already quantized; pass the original "
                 "full-precision model",
             )
@@ -291,7 +282,7 @@ def _scale_dtype(config: WeightOnlyConfig, source: SourceModel) -> torch.dtype:
     if config.scale_dtype:
         return DTYPES[config.scale_dtype]
     first_linear = f"{source.adapter.block_prefix(0)}.{source.adapter.linear_names[0]}.weight"
-    dtype = SAFETENSORS_DTYPES.get(source.tensor_meta(first_linear)[0]) if source.has(first_linear) else None
+    dtype = ST_FLOAT_DTYPES.get(source.tensor_meta(first_linear)[0]) if source.has(first_linear) else None
     return torch.float32 if dtype in (torch.float32, torch.float64) else torch.float16
 
 
@@ -316,31 +307,22 @@ def _calibration_record(calibration: CalibrationConfig) -> dict[str, Any]:
 
 def _quantization_config(config, source, result, calibration, method, command) -> dict[str, Any]:
     adapter = source.adapter
-    return {
-        "quant_method": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "method": config.method,
-        "method_options": config.method_options(),
-        "weights": {
-            "bits": config.bits,
-            "group_size": config.group_size,
-            "symmetric": config.symmetric,
-            "scale_dtype": dtype_name(method.scale_dtype),
-        },
-        "activations": config.activations() if hasattr(config, "activations") else None,
-        "family": adapter.name,
-        "dllm": {
-            "mask_token_id": adapter.mask_token_id(source.config_dict),
-            "logits_shift": adapter.logits_shift,
-        },
-        "quantized_modules": result.quantized_modules,
-        "module_overrides": result.module_overrides,
-        "modules_not_converted": result.modules_not_converted,
-        "transforms": {"modules": result.module_transforms, **method.transform_metadata()}
-        if (result.module_transforms or method.transform_metadata())
-        else {},
-        "calibration": _calibration_record(calibration) if method.needs_calibration else None,
-        "provenance": {
+    transforms = method.transform_metadata()
+    return build_quantization_config(
+        method=config.method,
+        method_options=config.method_options(),
+        weights={"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
+                 "scale_dtype": dtype_name(method.scale_dtype)},
+        activations=config.activations() if hasattr(config, "activations") else None,
+        family=adapter.name,
+        mask_token_id=adapter.mask_token_id(source.config_dict),
+        logits_shift=adapter.logits_shift,
+        quantized_modules=result.quantized_modules,
+        module_overrides=result.module_overrides,
+        modules_not_converted=result.modules_not_converted,
+        transforms={"modules": result.module_transforms, **transforms} if (result.module_transforms or transforms) else {},
+        calibration=_calibration_record(calibration) if method.needs_calibration else None,
+        provenance={
             "source": source.model_id,
             "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",
             "tool": "qdlm-export",
@@ -348,7 +330,7 @@ def _quantization_config(config, source, result, calibration, method, command) -
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         },
-    }
+    )
 
 
 def _write_card(folder: Path, repo_id: str) -> None:

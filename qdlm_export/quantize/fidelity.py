@@ -7,15 +7,26 @@ It is the model as a user loads it: the same classes, with the same in-memory re
 remote code (families/compat.py), and its non-persistent buffers (rotary tables) are checked equal
 to those ``from_pretrained`` gives the reloaded checkpoint, so a loading defect is reported as one
 and never as quantization error. Non-finite reference logits stop the run.
+
+:func:`block_output_errors` measures per decoder block instead: for every block ``i`` the source
+model's own input to that block is captured, and both the full-precision and the quantized block are
+run on it: ``err_i = ||q_i(x_i) - f_i(x_i)||^2 / ||f_i(x_i)||^2``. This isolates each block's
+quantization error from error propagated from earlier blocks, which is how methods are compared
+block by block (GPTQ/AWQ vs RTN). Both models are held in memory: meant for small models, tests and
+benchmarks.
 """
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..families import family_for_config
+from ..methods.capture import record_calls
 from .source import SourceModel
 
 
@@ -128,3 +139,36 @@ def relative_output_error(
     got = _logits(model, tokens, device, batch_size=4)
     del model
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def block_output_errors(
+    source: str | Path, quantized: str | Path, tokens: torch.Tensor, *, trust_remote_code: bool = True
+) -> list[float]:
+    """Per decoder block, the relative squared output error of the quantized block on the source
+    model's own input to that block (module docstring)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    adapter = family_for_config(json.loads((Path(source) / "config.json").read_text()))
+    hf_logging.disable_progress_bar()
+    cls = getattr(transformers, adapter.auto_class)
+    fp, q = (cls.from_pretrained(Path(folder), trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
+             for folder in (source, quantized))
+    fp_blocks, q_blocks = adapter.block_list(fp), adapter.block_list(q)
+    with ExitStack() as stack:
+        calls = [stack.enter_context(record_calls(block)) for block in fp_blocks]
+        fp(input_ids=tokens)
+    errors = []
+    for recorded, fb, qb in zip(calls, fp_blocks, q_blocks):
+        num = den = 0.0
+        for hidden, args, kwargs in zip(recorded.hidden, recorded.call_args, recorded.call_kwargs):
+            ref, got = _first(fb(hidden, *args, **kwargs)), _first(qb(hidden, *args, **kwargs))
+            num += (got - ref).double().pow(2).sum().item()
+            den += ref.double().pow(2).sum().item()
+        errors.append(num / den)
+    return errors
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out

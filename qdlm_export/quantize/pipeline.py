@@ -2,8 +2,14 @@
 the calibration activations through the *quantized* block, free it, next.
 
 Peak memory is one block (plus embeddings/head and the calibration activations), independent of
-depth. No graph tracing: a ``Catcher`` records what the model passes to its first block, which is
-all a block needs to be re-run (dLLMs ship custom modelling code that tracing would break on).
+depth. No graph tracing: a hook records what the model passes to its first block
+(``methods/capture.py``), which is all a block needs to be re-run (dLLMs ship custom modelling code
+that tracing would break on). With ``--include-lm-head`` the head is quantized last, by the method,
+calibrated on the last block's outputs (the final norm's inputs).
+
+Weight-activation methods leave quantized linears in each block; the pipeline builds them for the
+method (:func:`build_quantized_linear`): the loader's ``QdlmLinear`` from the format's spec of the
+module, so calibration propagates through exactly what ``from_pretrained`` computes.
 """
 
 from __future__ import annotations
@@ -15,14 +21,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..core.schemes import QuantizedWeight
 from ..errors import ConfigError
-from ..format.spec import linear_tensors
+from ..format.spec import ST_FLOAT_DTYPES, linear_tensors, quantized_linear_spec
 from ..format.writer import ShardedWriter
 from ..methods.base import BlockCalibration, QuantMethod
-from ..core.schemes import quantize_rtn
+from ..methods.capture import ForwardStopped, record_calls
 from .source import SourceModel
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 @dataclass
@@ -36,33 +41,6 @@ class PipelineResult:
     linear_bytes_original: int = 0
     linear_bytes_quantized: int = 0
     seconds_per_block: list[float] = field(default_factory=list)
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for block 0 to record its call arguments, then stops the forward pass."""
-
-    def __init__(self, block: nn.Module, store: BlockCalibration):
-        super().__init__()
-        self.block = block
-        self.store = store
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        if hidden_states is None:  # some models pass everything by keyword
-            hidden_states = kwargs.pop("hidden_states")
-        self.store.hidden.append(hidden_states)
-        self.store.call_args.append(args)
-        self.store.call_kwargs.append(kwargs)
-        raise _StopForward
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,21 +63,35 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
 ) -> BlockCalibration:
-    store = BlockCalibration(hidden=[])
-    first = blocks[0]
-    blocks[0] = _Catcher(first, store)
-    try:
+    """What the model passes to its first block, per batch of ``tokens``; nothing after it runs."""
+    with record_calls(blocks[0], stop=True) as calls:
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False) if _accepts_use_cache(model) else model(input_ids=batch)
-            except _StopForward:
+            except ForwardStopped:
                 pass
-    finally:
-        blocks[0] = first
-    if not store.hidden:
+    if not calls.hidden:
         raise RuntimeError("the model never called its first decoder block; check the family adapter's `blocks`")
-    return store
+    return BlockCalibration(hidden=calls.hidden, call_args=calls.call_args, call_kwargs=calls.call_kwargs)
+
+
+def build_quantized_linear(
+    full_name: str, qweight: QuantizedWeight, activations: dict[str, Any] | None, device: torch.device
+) -> nn.Module:
+    """The loader's quantized linear for ``qweight``, filled with the very tensors that will be written
+    (the builder weight-activation methods are built with: ``methods.base.QuantizedLinearBuilder``)."""
+    from ..loader.hf_quantizer import QdlmLinear  # the loader imports transformers; keep it out of import time
+
+    spec = quantized_linear_spec(full_name, qweight, activations=activations)
+    module = QdlmLinear(spec, device=device)
+    tensors = linear_tensors(qweight)
+    expected = set(spec.tensors())
+    if set(tensors) != expected:
+        raise RuntimeError(f"{full_name}: tensors {sorted(tensors)} do not match the format's {sorted(expected)}")
+    for suffix, value in tensors.items():
+        getattr(module, suffix).copy_(value)
+    return module
 
 
 def _accepts_use_cache(model: nn.Module) -> bool:
@@ -111,8 +103,24 @@ def _accepts_use_cache(model: nn.Module) -> bool:
 
 def _source_dtype(source: SourceModel, key: str, fallback: torch.dtype) -> torch.dtype:
     if source.has(key):
-        return SAFETENSORS_DTYPES.get(source.tensor_meta(key)[0], fallback)
+        return ST_FLOAT_DTYPES.get(source.tensor_meta(key)[0], fallback)
     return fallback
+
+
+@torch.no_grad()
+def quantize_block(
+    method: QuantMethod, block: nn.Module, prefix: str, calib: BlockCalibration | None, *, propagate: bool
+) -> dict[str, QuantizedWeight]:
+    """One step of the walk: the method quantizes ``block`` (every listed linear, or an error), then
+    ``calib`` moves on to the quantized block's outputs -- the next block's inputs, or after the last
+    block the head's when the head is quantized (``propagate`` False)."""
+    qweights = method.quantize_block(block, prefix, calib)
+    missing = [f"{prefix}.{n}" for n in method.adapter.linear_names if f"{prefix}.{n}" not in qweights]
+    if missing:
+        raise RuntimeError(f"method {method.name} did not quantize {', '.join(missing)}")
+    if calib is not None and (propagate or method.config.include_lm_head):
+        calib.hidden = calib.run(block)
+    return qweights
 
 
 @torch.no_grad()
@@ -131,7 +139,6 @@ def run_pipeline(
     model = source.skeleton()
     blocks = adapter.block_list(model)
     result = PipelineResult()
-    quantize_head = method.config.include_lm_head
 
     # Everything outside the blocks (embeddings, final norm, head) stays resident: it is needed to
     # compute block-0 inputs and is small next to the blocks of a large model.
@@ -150,19 +157,15 @@ def run_pipeline(
         prefix = adapter.block_prefix(index)
         source.materialize(model, prefix, device, compute_dtype)
         block = blocks[index]
-        qweights = method.quantize_block(block, prefix, calib)
-        missing = [f"{prefix}.{n}" for n in adapter.linear_names if f"{prefix}.{n}" not in qweights]
-        if missing:
-            raise RuntimeError(f"method {method.name} did not quantize {', '.join(missing)}")
+        qweights = quantize_block(method, block, prefix, calib, propagate=index + 1 < len(blocks))
         _write_block(source, writer, block, prefix, qweights, result)
-        if calib is not None and index + 1 < len(blocks):
-            calib.hidden = calib.run(block)
         source.release(model, prefix)
         result.seconds_per_block.append(time.perf_counter() - started)
         if on_block is not None:
             on_block(index + 1, len(blocks))
 
-    _write_non_block(source, writer, model, method, quantize_head, result)
+    head_calib = BlockCalibration(hidden=calib.hidden) if calib is not None else None
+    _write_non_block(source, writer, model, method, head_calib, result)
     result.module_overrides = dict(method.overrides)
     return result
 
@@ -196,9 +199,21 @@ def _write_block(source, writer, block, prefix, qweights, result) -> None:
             writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
 
 
-def _write_non_block(source, writer, model, method, quantize_head, result) -> None:
+def _write_non_block(source, writer, model, method, head_calib, result) -> None:
+    """Embeddings, final norm and head; the head quantized by the method with ``--include-lm-head``
+    (first: a method may fold a scale into the final norm)."""
     adapter = source.adapter
     head = adapter.lm_head
+    quantize_head = method.config.include_lm_head
+    qweight = None
+    if quantize_head:
+        if adapter.ties_embeddings(source.config_dict):
+            raise ConfigError(
+                "the LM head is tied to the input embeddings, so it cannot be quantized on its own",
+                hint="drop --include-lm-head",
+            )
+        qweight = method.quantize_head(model.get_submodule(adapter.final_norm), model.get_submodule(head), head,
+                                       head_calib)
     for name, param in model.named_parameters(remove_duplicate=False):
         if name.startswith(adapter.blocks + "."):
             continue
@@ -206,17 +221,11 @@ def _write_non_block(source, writer, model, method, quantize_head, result) -> No
             continue
         if source.has(name):  # a tied head is not stored separately, as in the source
             writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
-    linear = model.get_submodule(head)
-    if quantize_head:
-        if adapter.ties_embeddings(source.config_dict):
-            raise ConfigError(
-                "the LM head is tied to the input embeddings, so it cannot be quantized on its own",
-                hint="drop --include-lm-head",
-            )
-        scheme = method.layer_scheme(head, linear.in_features)
-        qweight = quantize_rtn(linear.weight.data, scheme, method.scale_dtype, bias=linear.bias)
+    if qweight is not None:
         tensors = linear_tensors(qweight)
         writer.add_all(head, tensors)
         _record_linear(result, source, head, qweight, tensors)
+        if qweight.input_transforms:
+            result.module_transforms[head] = list(qweight.input_transforms)
     else:
         result.modules_not_converted.append(head)

@@ -9,74 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-
-from ..errors import InputDataError, ModelNotFoundError, UnsupportedModelError, json_kind
-from ..families import FamilyAdapter, family_for_config
 from ..core.remote_code import needs_remote_code
-
-# What a quantized checkpoint takes from its source folder is an allow-list (copyable_files): the
-# model's own files (tokenizer, chat template, generation config, remote code, license), never weights
-# (the tool writes its own), pickles, hidden files or anything else that happens to lie there.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".pkl", ".pickle",
-                   ".npy", ".npz", ".joblib", ".onnx", ".tflite", ".index.json")
-# Written by the tool itself (config, report, card) or describing the source's weights: never copied.
-NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", ".gitattributes",
-              "config.json", "qdlm_report.json"}
-COPIED_PATTERNS = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "image_processor_config.json", "feature_extractor_config.json", "video_preprocessor_config.json",
-    "*.jinja",                                          # chat templates
-    "*.model", "*.tiktoken", "vocab*.json", "vocab*.txt", "vocab", "*.vocab", "merges.txt",  # tokenizers
-    "*.py",                                             # remote code (auto_map modules and what they import)
-    "LICENSE", "LICENSE.*", "LICENCE", "LICENCE.*", "NOTICE", "NOTICE.*", "USE_POLICY.md",  # terms of use
-)
-
-
-def copyable_model_files(folder: Path) -> list[Path]:
-    """The model's own files in ``folder`` that a quantized checkpoint carries (``COPIED_PATTERNS``:
-    code, tokenizer, chat template, generation config, license), regular files at the top level only.
-
-    A symlink is copied as its content when it resolves inside ``folder`` (or, for a Hub download, to
-    the cached blob of this repository); one pointing anywhere else is skipped with a warning: a
-    checkpoint gets published, and a link out of the folder (to a token file, a home folder...) must
-    never carry foreign content into it. Skipping rather than refusing keeps the source usable as it
-    is; the warning names the file to copy in if it does belong to the model.
-    """
-    import fnmatch
-    import warnings
-
-    folder = Path(folder)
-    root = folder.resolve()
-    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
-    files = []
-    for p in sorted(folder.iterdir()):
-        name = p.name
-        if name.startswith(".") or name in NOT_COPIED or name.endswith(WEIGHT_SUFFIXES):
-            continue
-        if not any(fnmatch.fnmatchcase(name, pat) for pat in COPIED_PATTERNS):
-            continue
-        if p.is_symlink():
-            target = p.resolve()
-            if not (target.is_relative_to(root) or (blobs is not None and target.parent == blobs)):
-                warnings.warn(
-                    f"not copying {name} into the checkpoint: it is a symlink to a file outside the model folder "
-                    f"{folder}; copy the file itself into the folder if it belongs to the model",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                continue
-        if p.is_file():  # a regular file, or a symlink to one inside the folder: copied as content
-            files.append(p)
-    return files
+from ..errors import CheckpointError, InputDataError, ModelNotFoundError, UnsupportedModelError, json_kind
+from ..families import FamilyAdapter, family_for_config
+from ..format.model_files import COPIED_PATTERNS, copyable_model_files  # noqa: F401 (COPIED_PATTERNS: docs/FORMAT.md)
+from ..format.reader import INDEX_FILE, CheckpointReader, link_roots, stays_inside
+from ..format.tensor_headers import TensorEntry, read_safetensors_header
 
 
 def resolve_model_path(model: str, *, revision: str | None = None) -> Path:
@@ -140,9 +84,6 @@ def read_config_dict(path: Path) -> dict[str, Any]:
     return config
 
 
-INDEX_FILE = "model.safetensors.index.json"
-
-
 def _not_safetensors(file: Path, reason: str) -> InputDataError:
     return InputDataError(
         f"{file} is not a valid safetensors file (truncated?): {reason}",
@@ -151,21 +92,10 @@ def _not_safetensors(file: Path, reason: str) -> InputDataError:
     )
 
 
-def _allowed_roots(path: Path) -> list[Path]:
-    """Where a weight file of the model folder may really live: the folder itself, and for a Hub
-    cache snapshot (``.../snapshots/<rev>/``, whose files are links into ``../../blobs``) the
-    blobs folder of that repository."""
-    roots = [path.resolve()]
-    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
-        roots.append((path.parent.parent / "blobs").resolve())
-    return roots
-
-
 def _check_inside(file: Path, folder: Path, what: str) -> None:
-    real = file.resolve()
-    if not any(real == root or root in real.parents for root in _allowed_roots(folder)):
+    if not stays_inside(file, link_roots(folder)):
         raise InputDataError(
-            f"{what} {file.name} in {folder} resolves to {real}, outside the model folder; it was not read",
+            f"{what} {file.name} in {folder} resolves to {file.resolve()}, outside the model folder; it was not read",
             hint="weights are read only from inside the model folder; copy the file into the folder "
             "(not a link to elsewhere) if it really belongs to this model",
         )
@@ -215,9 +145,8 @@ class SourceModel:
     model_id: str  # what the user passed: a Hub id or a path
     # NaN/Inf in a source tensor is an error unless allowed (some checkpoints hold unused inf rows).
     allow_non_finite: bool = False
-    _key_to_file: dict[str, Path] = field(default_factory=dict)
-    _stack: ExitStack = field(default_factory=ExitStack)
-    _handles: dict[Path, Any] = field(default_factory=dict)
+    _entries: dict[str, TensorEntry] = field(default_factory=dict)  # every tensor of the model, by name
+    _reader: CheckpointReader | None = None
     _config: Any = None
 
     # ---- opening -------------------------------------------------------------------------------
@@ -266,27 +195,27 @@ class SourceModel:
             if f.stat().st_size == 0:
                 raise _not_safetensors(f, "the file is empty (0 bytes)")
             try:
-                with safe_open(f, "pt") as handle:
-                    keys = list(handle.keys())
-            except Exception as exc:  # SafetensorError: bad header, header beyond the file, short data
-                raise _not_safetensors(f, str(exc)) from None
-            for key in keys:
-                if key in self._key_to_file and index is None:
+                entries = read_safetensors_header(f)
+            except CheckpointError as exc:  # bad header, header beyond the file, short data
+                raise _not_safetensors(f, exc.message) from None
+            for key, entry in entries.items():
+                if key in self._entries and index is None:
                     raise InputDataError(
-                        f"tensor {key} is stored twice, in {self._key_to_file[key].name} and {f.name}",
+                        f"tensor {key} is stored twice, in {self._entries[key].file} and {f.name}",
                         hint=f"the folder holds weight files of two different saves; keep one set (or add "
                         f"the {INDEX_FILE} that lists the right files)",
                     )
-                self._key_to_file[key] = f
+                self._entries[key] = entry
         if index is not None:
             for key, f in index.items():
-                if self._key_to_file.get(key) != f:
+                if key not in self._entries or Path(self._entries[key].path) != f:
                     raise InputDataError(
                         f"{INDEX_FILE} lists tensor {key} in {f.name}, but that file does not hold it",
                         hint="the index and the weight files are from different saves; re-download the model",
                     )
-            for key in [k for k in self._key_to_file if k not in index]:
-                del self._key_to_file[key]  # in a listed file but not in the index: not part of the model
+            for key in [k for k in self._entries if k not in index]:
+                del self._entries[key]  # in a listed file but not in the index: not part of the model
+        self._reader = CheckpointReader(self.path, self._entries)
 
     def _read_index(self) -> dict[str, Path] | None:
         """The index file's weight_map as tensor -> file, with every entry checked to name a file
@@ -329,7 +258,7 @@ class SourceModel:
         adapter, config = self.adapter, self.config_dict
         cfg = self.path / "config.json"
         blocks_prefix = adapter.blocks + "."
-        present = sorted({int(k[len(blocks_prefix):].split(".", 1)[0]) for k in self._key_to_file
+        present = sorted({int(k[len(blocks_prefix):].split(".", 1)[0]) for k in self._entries
                           if k.startswith(blocks_prefix) and k[len(blocks_prefix):].split(".", 1)[0].isdigit()})
         layers_key, layers = _config_int(config, adapter.num_layers_keys, cfg)
         if layers_key is None:
@@ -379,34 +308,27 @@ class SourceModel:
 
     # ---- tensors -------------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self._key_to_file)
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
-        return self._handles[file]
+        return list(self._entries)
 
     def has(self, key: str) -> bool:
-        return key in self._key_to_file
+        return key in self._entries
 
     def tensor(self, key: str) -> torch.Tensor:
-        file = self._key_to_file[key]
         try:
-            return self._handle(file).get_tensor(key)
+            return self._reader.get(key)
         except Exception as exc:  # SafetensorError: the data region changed or broke since the header
-            raise _not_safetensors(file, f"tensor {key}: {exc}") from None
+            raise _not_safetensors(Path(self._entries[key].path), f"tensor {key}: {exc}") from None
 
     def tensor_meta(self, key: str) -> tuple[str, list[int]]:
-        sl = self._handle(self._key_to_file[key]).get_slice(key)
-        return sl.get_dtype(), list(sl.get_shape())
+        entry = self._entries[key]
+        return entry.dtype, list(entry.shape)
 
     def source_bytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self._key_to_file.values()))
+        return sum(Path(f).stat().st_size for f in {e.path for e in self._entries.values()})
 
     def close(self) -> None:
-        self._stack.close()
-        self._stack = ExitStack()
-        self._handles.clear()
+        if self._reader is not None:
+            self._reader.close()
 
     # ---- model skeleton ------------------------------------------------------------------------
     @property
@@ -459,12 +381,12 @@ class SourceModel:
                 value = self.tensor(key)
                 if tuple(value.shape) != tuple(param.shape):
                     raise InputDataError(
-                        f"tensor {key} in {self._key_to_file[key].name} has shape {list(value.shape)}, but "
+                        f"tensor {key} in {self._entries[key].file} has shape {list(value.shape)}, but "
                         f"config.json builds {name} with shape {list(param.shape)}",
                         hint="config.json does not describe these weights; use the config they were saved with",
                     )
                 if not self.allow_non_finite:
-                    check_finite(value, key, self._key_to_file[key])
+                    check_finite(value, key, Path(self._entries[key].path))
                 set_module_tensor_to_device(model, name, device, value=value.to(dtype))
         finally:
             # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS

@@ -250,6 +250,9 @@ def test_inspect_reports_the_kernel_backend_of_every_layer(monkeypatch, capsys, 
     assert all("per-token" in plan and "_int_mm" in plan for plan in plans.values())
     assert "hadamard(768)" in plans["model.transformer.blocks.0.ff_out"]
     assert "hadamard" not in plans["model.transformer.blocks.0.q_proj"]
+    from qdlm_export.kernels import refresh_backend_setting
+
     monkeypatch.setenv("QDLM_KERNEL_BACKEND", "triton")
+    refresh_backend_setting()  # the kernels read it once per process
     info = json.loads(run_cli(monkeypatch, capsys, "inspect", str(w4), "--json", "--device", "cpu")[1])
     assert all("unavailable" in plan or "triton" in plan for plan in info["kernels"].values())

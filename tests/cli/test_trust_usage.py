@@ -571,14 +571,14 @@ def test_python_api_checks_its_arguments(tmp_path, function, kwargs, error, need
      ("123", 123), ("  7 TB ", 7 * 10**12), ("4mib", 4 * 2**20), ("10B", 10)],
 )
 def test_max_shard_size_follows_transformers_convention(text, expected):
-    from qdlm_export.cli.app import parse_size
+    from qdlm_export.cli.options import parse_size
 
     assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["0", "-5GB", "nan", "inf", "1e400GB", "5XB", "GB", "", "5 G B", "0.1B", "5gb", "5Mb", "10b"])
 def test_max_shard_size_refusals(text):
-    from qdlm_export.cli.app import parse_size
+    from qdlm_export.cli.options import parse_size
     from qdlm_export.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:

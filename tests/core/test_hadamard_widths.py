@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from qdlm_export.core import hadamard as Hd
 from qdlm_export.errors import ConfigError
 from qdlm_export.kernels.hadamard import hadamard_transform_torch
+from tests.dense_models import save_causal_lm
 
 # ---- the previous code's matrices --------------------------------------------------------------------
 #
@@ -196,16 +196,9 @@ METHODS = {
 def llama_11008(tmp_path_factory, one_torch_thread):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qdlm_export.fixtures import tokenizer_dir
-
-    src = tmp_path_factory.mktemp("llama-11008") / "src"
-    torch.manual_seed(7)
     config = LlamaConfig(hidden_size=128, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(src)
-    for f in tokenizer_dir().iterdir():
-        shutil.copy(f, src / f.name)
-    return src
+    return save_causal_lm(tmp_path_factory.mktemp("llama-11008") / "src", LlamaForCausalLM, config, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("lm_eval")
 
 import qdlm_export  # noqa: E402,F401
-from qdlm_export.eval.lm_eval_model import QdlmLM, set_offline  # noqa: E402  (registers "qdlm")
+from qdlm_export.eval.lm_eval_model import QdlmLM  # noqa: E402  (registers "qdlm")
+from qdlm_export.eval.offline import set_offline  # noqa: E402
 from qdlm_export.eval.tasks import GEN_TASK, MC_TASK, tasks_dir  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def test_simple_evaluate_runs_both_bundled_tasks_offline(tiny_llada):
 def dream_lm(tiny_dream):
     from transformers import AutoTokenizer
 
-    from qdlm_export.eval.lm_eval_model import load_model
+    from qdlm_export.eval.loading import load_model
 
     model = load_model(tiny_dream, dtype="float32")
     tok = AutoTokenizer.from_pretrained(tiny_dream, trust_remote_code=True)
@@ -137,7 +138,7 @@ def test_evaluate_checkpoint_fills_report_and_card(tiny_llada, tmp_path):
 def test_offline_mode_restores_the_environment(monkeypatch):
     import os
 
-    from qdlm_export.eval.lm_eval_model import offline_mode
+    from qdlm_export.eval.offline import offline_mode
 
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with offline_mode():

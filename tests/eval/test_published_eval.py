@@ -90,7 +90,8 @@ def test_eval_finds_a_relative_local_original_from_another_directory(published_l
     import shutil
 
     from qdlm_export.errors import CheckpointError
-    from qdlm_export.eval.evaluate import LOCAL_SOURCE_FILE, original_of
+    from qdlm_export.eval.checkpoint_files import original_of
+    from qdlm_export.format.spec import LOCAL_SOURCE_FILE
     from qdlm_export.quantize.api import make_config, quantize
 
     work = tmp_path / "work"
@@ -126,7 +127,7 @@ def test_eval_loads_the_published_original_with_its_repairs(family, published_ll
     `quantize`: under plain transformers 5 its from_pretrained fails (test_published_models.py)."""
     import shutil
 
-    from qdlm_export.eval.lm_eval_model import load_model
+    from qdlm_export.eval.loading import load_model
 
     folder = tmp_path / f"orig-{family}"  # a new folder name: transformers gives it its own, unpatched module
     shutil.copytree(published_llada if family == "llada" else published_dream, folder)
@@ -147,7 +148,7 @@ def test_eval_reports_broken_original_code_as_the_models(published_dream, tmp_pa
     import transformers
 
     from qdlm_export.errors import UnsupportedModelError
-    from qdlm_export.eval.lm_eval_model import load_model
+    from qdlm_export.eval.loading import load_model
 
     folder = tmp_path / "orig-broken"
     shutil.copytree(published_dream, folder)

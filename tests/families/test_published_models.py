@@ -22,7 +22,6 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import qdlm_export  # noqa: F401  (registers the quantizer)
-from qdlm_export.quantize.block_error import block_output_errors
 from qdlm_export.quantize.calibration import calibration_tokens
 from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.errors import UnsupportedModelError
@@ -30,10 +29,9 @@ from qdlm_export.families import compat
 from qdlm_export.fixtures import MASK_ID, build_tiny_model, tokenizer_dir
 from qdlm_export.loader.hf_quantizer import QdlmLinear
 from qdlm_export.quantize.api import make_config, quantize
-from qdlm_export.quantize.fidelity import prepare_folder_code
-from tests.reference import dequantized_weights, load_tensors
-from tests.isolation import BLOCKER, run_isolated
-from tests.reference import fake_quant, spec_ops
+from qdlm_export.quantize.fidelity import block_output_errors, prepare_folder_code
+from tests.isolation import BLOCKER, rel, run_isolated
+from tests.reference import dequantized_weights, fake_quant, load_tensors, spec_ops
 
 FAMILIES = ("llada", "dream")
 CALIB = CalibrationConfig(nsamples=8, seqlen=64, seed=0)
@@ -83,10 +81,6 @@ def written(sources, tmp_path_factory):
 
 def _tokens(seed: int, n: int = 2, length: int = 24) -> torch.Tensor:
     return torch.randint(3, 2000, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ---- the quirks are there ----------------------------------------------------------------------------
@@ -175,7 +169,7 @@ def test_repaired_published_code_computes_the_reference_model(sources, family):
     ids = _tokens(2)
     with torch.no_grad():
         got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert torch.isfinite(got).all() and _rel(got, want) <= 1e-5
+    assert torch.isfinite(got).all() and rel(got, want) <= 1e-5
 
 
 # ---- the method matrix ------------------------------------------------------------------------------
@@ -237,7 +231,7 @@ def test_method_matrix_reloads_and_matches_float64_reference(sources, written, f
     with torch.no_grad():
         got = model(input_ids=ids).logits
     ref = float64_reference(sources[family][1], out, ids)
-    err = _rel(got, ref)
+    err = rel(got, ref)
     # Weight-only: test_roundtrip.py's 1e-3. Weight-activation: per linear test_wa_checkpoints.py holds
     # 1e-4 against the same float64 spec; through the whole model, float32 vs float64 activation
     # rounding moves a few codes by one step at quantization boundaries (measured up to ~1.3e-3).
@@ -305,7 +299,7 @@ def test_published_checkpoints_reload_without_qdlm_export(written, tmp_path):
             expected = model(input_ids=ids).logits
         got = torch.load(job["out"])
         assert torch.isfinite(got).all()
-        assert _rel(got, expected) <= 1e-6, job["folder"]
+        assert rel(got, expected) <= 1e-6, job["folder"]
 
 
 # ---- failing early and honestly ---------------------------------------------------------------------
@@ -383,4 +377,4 @@ def test_no_self_contained_published_checkpoint_loads_with_qdlm_export(sources, 
     ids = _tokens(6)
     with torch.no_grad():
         got = model(input_ids=ids).logits
-    assert _rel(got, float64_reference(sources[family][1], out, ids)) <= 1e-3
+    assert rel(got, float64_reference(sources[family][1], out, ids)) <= 1e-3

@@ -77,7 +77,7 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def previous_output(tmp_path_factory) -> Path:
     """A real previous output of the tool (native, W4 RTN) to replace or convert."""
-    from qdlm_export.core.configs import RTNConfig
+    from qdlm_export.methods.rtn import RTNConfig
     from qdlm_export.quantize.api import quantize
 
     out = tmp_path_factory.mktemp("prev") / "prev"

@@ -51,9 +51,10 @@ REPORT = {
     "source_checkpoint_bytes": 16000000000,
     "bits_per_weight": 4.25,
     "relative_output_error": 0.012,
-    "calibration": {"dataset": "default", "nsamples": 128, "seqlen": 2048},
+    "calibration": None,  # RTN uses no calibration data
     "elapsed_s": 412.3,
     "eval": None,
+    "display_names": {"method": "RTN (round-to-nearest)", "family": "LLaDA"},
 }
 
 
@@ -420,6 +421,31 @@ def test_card_without_report_or_remote_code(tmp_path):
     assert "asymmetric" in text and "8-bit" in text
     assert "## Size" not in text and "## Quality" not in text
     assert "# local-llada" in text
+
+
+def test_card_names_come_from_the_report(tmp_path):
+    """Display names are data the method class and the family adapter own, recorded in the report by
+    `quantize`; the card has no table of its own, and shows the config's keys when the report has none."""
+    qc = dict(QUANT_CONFIG, method="gptq")
+    calibration = {"dataset": "default", "nsamples": 128, "seqlen": 2048}
+    named = dict(REPORT, calibration=calibration, display_names={"method": "GPTQ", "family": "LLaDA"})
+    text = render_model_card(make_checkpoint(tmp_path / "named", quant_config=qc, report=named))
+    assert "# LLaDA-8B-Instruct — W4A16 GPTQ (qdlm)" in text
+    assert "a LLaDA diffusion language model" in text and "Method: GPTQ." in text
+    assert "Calibration data: 128 samples of 2048 tokens from the `default` dataset." in text
+    assert "needs no calibration data" not in text
+
+    unnamed = {k: v for k, v in named.items() if k != "display_names"}
+    text = render_model_card(make_checkpoint(tmp_path / "unnamed", quant_config=qc, report=unnamed))
+    assert "# LLaDA-8B-Instruct — W4A16 gptq (qdlm)" in text
+    assert "a llada diffusion language model" in text and "Method: gptq." in text
+
+
+def test_card_says_when_no_calibration_was_used(ckpt, tmp_path):
+    assert "RTN needs no calibration data." in render_model_card(ckpt)
+    # A method that used none is known from the report's explicit null, not from its name.
+    no_report = make_checkpoint(tmp_path / "c", report=None)
+    assert "calibration data" not in render_model_card(no_report)
 
 
 def test_card_eval_table(tmp_path):

@@ -1,34 +1,34 @@
 """Kernels against float64 references built here from the unpacked codes (never from kernel helpers).
 
 Triton cases run compiled on a CUDA GPU when there is one, else in the CPU interpreter
-(``TRITON_INTERPRET=1`` is set below, before any Triton kernel module is imported); they are skipped
-when triton is not installed. Inputs are fresh random
-draws on every run (the seed is printed, so a failure can be replayed with QDLM_TEST_SEED=<seed>);
+(``TRITON_INTERPRET=1``, set by tests/conftest.py before any Triton kernel module is imported); they
+are skipped when triton is not installed. Inputs are fresh random draws on every run (the seed is printed, so a failure can be replayed with QDLM_TEST_SEED=<seed>);
 buffers a kernel writes into are poisoned first. Tolerances are relative to ``sum |x| |w|`` (plus
 ``|bias|``), the natural scale of rounding errors in a dot product.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
-GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEV = torch.device("cuda" if GPU else "cpu")  # where the Triton cases run
-
-from qdlm_export.core.packing import pack_rows, unpack_rows  # noqa: E402 (after TRITON_INTERPRET is set)
-from qdlm_export.kernels import dispatch as D  # noqa: E402 (after TRITON_INTERPRET is set)
-from qdlm_export.kernels.int8 import int8_gemm_torch, packed_int_linear_torch, quantize_per_token_torch  # noqa: E402 (after TRITON_INTERPRET is set)
-from qdlm_export.kernels.weight_only import dequantize_packed, unpack_codes, weight_only_linear_torch  # noqa: E402 (after TRITON_INTERPRET is set)
-from qdlm_export.core.schemes import WeightScheme, dequantize  # noqa: E402 (after TRITON_INTERPRET is set)
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+from qdlm_export import kernels
+from qdlm_export.core import transforms
+from qdlm_export.core.activations import ActivationSpec, activation_codes
+from qdlm_export.core.packing import pack_rows, unpack_rows
+from qdlm_export.core.schemes import WeightScheme, dequantize
+from qdlm_export.kernels import registry
+from qdlm_export.kernels.int8 import (
+    int8_gemm_torch,
+    packed_int_linear_torch,
+    quantize_per_token_torch,
+)
+from qdlm_export.kernels.weight_only import (
+    dequantize_packed,
+    unpack_codes,
+    weight_only_linear_torch,
+)
+from tests.kernel_inputs import DEV, HAS_TRITON, needs_triton, random_packed_weight
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
@@ -37,30 +37,9 @@ RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 3e-5}
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("QDLM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"QDLM_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv(D.ENV_VAR, raising=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Independent float64 references
 # ---------------------------------------------------------------------------------------------
-
-
-def make_weight(gen, n_out, k, bits, group, symmetric, scale_dtype):
-    """Random codes, scales and zero points, and the packed weight (packed by the *format* module)."""
-    groups = 1 if group == -1 else k // group
-    codes = torch.randint(0, 1 << bits, (n_out, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n_out, groups, generator=gen) * 0.05 + 0.005).to(scale_dtype)
-    zero = None if symmetric else torch.randint(0, 1 << bits, (n_out, groups), generator=gen, dtype=torch.uint8)
-    return codes, pack_rows(codes, bits), scale, zero
 
 
 def ref_weight(codes, scale, zero, bits, group):
@@ -124,7 +103,7 @@ def test_unpack_codes_rejects_wrong_width():
 @pytest.mark.parametrize("symmetric", (True, False))
 def test_dequantize_packed_is_bit_exact_with_quantization_module(gen, bits, symmetric):
     scheme = WeightScheme(bits=bits, group_size=64, symmetric=symmetric)
-    codes, packed, scale, zero = make_weight(gen, 48, 192, bits, 64, symmetric, torch.bfloat16)
+    codes, packed, scale, zero = random_packed_weight(gen, 48, 192, bits, 64, symmetric, torch.bfloat16)
     for dtype in DTYPES:
         expect = dequantize(codes, scale, zero, scheme, dtype)
         assert torch.equal(dequantize_packed(packed, scale, zero, bits, 64, 192, dtype), expect)
@@ -137,7 +116,7 @@ def test_dequantize_packed_is_bit_exact_with_quantization_module(gen, bits, symm
 def test_weight_only_torch(gen, bits, symmetric, group, dtype):
     k = 100 if group == -1 else 3 * group  # per channel: K unrelated to any block size
     n_out = 72
-    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[bits % 3])
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[bits % 3])
     w64 = ref_weight(codes, scale, zero, bits, group)
     for shape in ((1, k), (1000, k), (2, 3, k)):
         x = torch.randn(shape, generator=gen).to(dtype)
@@ -161,7 +140,7 @@ def test_weight_only_triton(gen, bits, symmetric, group):
 
     k = 100 if group == -1 else 2 * group  # K = 100: not a multiple of the 64-wide K step
     n_out = 80  # not a multiple of the 64/128-wide N tiles
-    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[(bits + group) % 3])
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[(bits + group) % 3])
     w64 = ref_weight(codes, scale, zero, bits, group)
     for i, m in enumerate((1, 1000)):
         dtype = DTYPES[(bits + i + (group == -1)) % 3]
@@ -189,10 +168,10 @@ def test_weight_only_triton_configs_are_valid():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_only_triton_every_dtype_through_dispatch(gen, dtype):
     k, n_out, bits, group = 256, 40, 4, 128
-    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, False, torch.float16)
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, False, torch.float16)
     x = torch.randn(2, 9, k, generator=gen).to(dtype)
     bias = torch.randn(n_out, generator=gen).to(dtype)
-    y = D.weight_only_linear(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), backend="triton").cpu()
+    y = kernels.weight_only_linear(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), backend="triton").cpu()
     assert y.shape == (2, 9, n_out) and y.dtype == dtype
     assert_close(y, *ref_linear(x, ref_weight(codes, scale, zero, bits, group), bias), RTOL[dtype], "dispatch")
 
@@ -214,66 +193,109 @@ def test_weight_only_triton_rejects_group_not_multiple_of_16():
 
 def test_auto_uses_torch_on_cpu_even_with_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    b = kernels.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=4, group_size=128, dtype=torch.bfloat16)
     assert b.name == "cpu_packed"  # torch's packed CPU kernels (kernels/cpu_packed.py), never the interpreter
-    b = D.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=3, group_size=128, dtype=torch.bfloat16)
+    b = kernels.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=3, group_size=128, dtype=torch.bfloat16)
     assert b.name == "torch"
-    assert D.describe_backend(
+    assert kernels.describe_backend(
         "weight_only_linear", "cpu", in_features=64, out_features=8, bits=4, group_size=-1
     ).startswith("torch")
 
 
 @needs_triton
-def test_env_var_forces_triton_and_torch(monkeypatch, gen):
+def test_env_var_forces_triton_and_torch(force_backend, gen):
     k, n_out = 64, 16
-    codes, packed, scale, zero = make_weight(gen, n_out, k, 4, -1, True, torch.float32)
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, 4, -1, True, torch.float32)
     x = torch.randn(3, k, generator=gen)
     ref = ref_linear(x, ref_weight(codes, scale, zero, 4, -1), None)
     for choice in ("torch", "triton"):
-        monkeypatch.setenv(D.ENV_VAR, choice)
-        assert D.select_backend("weight_only_linear", DEV, K=k, N=n_out, bits=4, group_size=-1).family == choice
-        y = D.weight_only_linear(*on_dev(x, packed, scale, zero), 4, -1, k).cpu()
+        force_backend(choice)
+        assert kernels.select_backend("weight_only_linear", DEV, K=k, N=n_out, bits=4, group_size=-1).family == choice
+        y = kernels.weight_only_linear(*on_dev(x, packed, scale, zero), 4, -1, k).cpu()
         assert_close(y, *ref, RTOL[torch.float32], choice)
 
 
-def test_forced_backend_that_cannot_run_raises(monkeypatch):
+def test_forced_backend_that_cannot_run_raises(monkeypatch, force_backend):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv(D.ENV_VAR, "triton")
+    force_backend("triton")
     x = torch.randn(2, 64)
-    with pytest.raises(D.KernelBackendError, match="QDLM_KERNEL_BACKEND=triton cannot run weight_only_linear"):
-        D.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
-    assert D.describe_backend("weight_only_linear", "cpu", K=64, N=8, bits=4, group_size=-1).startswith("unavailable")
-    monkeypatch.setenv(D.ENV_VAR, "cuda-please")
-    with pytest.raises(D.KernelBackendError, match="not a kernel backend"):
-        D.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
+    with pytest.raises(kernels.KernelBackendError, match="QDLM_KERNEL_BACKEND=triton cannot run weight_only_linear"):
+        kernels.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
+    assert kernels.describe_backend("weight_only_linear", "cpu", K=64, N=8, bits=4, group_size=-1).startswith("unavailable")
+    force_backend("cuda-please")
+    with pytest.raises(kernels.KernelBackendError, match="not a kernel backend"):
+        kernels.weight_only_linear(x, torch.zeros(8, 8, dtype=torch.int32), torch.ones(8, 1), None, 4, -1, 64)
 
 
 @needs_triton
 def test_forced_triton_rejects_unsupported_shape():
-    with pytest.raises(D.KernelBackendError, match="multiple of 16"):
-        D.select_backend("weight_only_linear", DEV, backend="triton", K=40, N=8, bits=4, group_size=20)
+    with pytest.raises(kernels.KernelBackendError, match="multiple of 16"):
+        kernels.select_backend("weight_only_linear", DEV, backend="triton", K=40, N=8, bits=4, group_size=20)
     # auto falls back to torch for the same problem
-    assert D.select_backend("weight_only_linear", DEV, K=40, N=8, bits=4, group_size=20).name == "torch"
+    assert kernels.select_backend("weight_only_linear", DEV, K=40, N=8, bits=4, group_size=20).name == "torch"
 
 
 def test_describe_backend_for_cuda_and_int8_ops():
-    text = D.describe_backend(
+    text = kernels.describe_backend(
         "weight_only_linear", "cuda", in_features=4096, out_features=12288, bits=3, group_size=128
     )
     assert text.startswith("triton" if HAS_TRITON else "torch")
-    assert D.describe_backend("int8_gemm", "cpu", M=4, K=100, N=30).startswith("torch._int_mm")
-    assert "more than 16 rows" in D.describe_backend("int8_gemm", "cuda", M=4, K=4096, N=4096)
-    two_steps = D.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
+    assert kernels.describe_backend("int8_gemm", "cpu", M=4, K=100, N=30).startswith("torch._int_mm")
+    assert "more than 16 rows" in kernels.describe_backend("int8_gemm", "cuda", M=4, K=4096, N=4096)
+    two_steps = kernels.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
     assert "then" in two_steps
-    assert set(D.backend_table()) == {
+    assert set(kernels.backend_table()) == {
         "weight_only_linear",
         "quantize_per_token",
         "int8_gemm",
         "packed_int_linear",
         "hadamard",
     }
-    with pytest.raises(D.KernelBackendError, match="unknown backend"):
-        D.select_backend("int8_gemm", "cpu", backend="cutlass")
+    with pytest.raises(kernels.KernelBackendError, match="unknown backend"):
+        kernels.select_backend("int8_gemm", "cpu", backend="cutlass")
+
+
+def test_backend_setting_is_read_once_until_refreshed(monkeypatch):
+    assert registry.configured_backend() == "auto"
+    monkeypatch.setenv(kernels.ENV_VAR, "torch")
+    assert registry.configured_backend() == "auto"  # read once: forwards never look at the environment
+    kernels.refresh_backend_setting()
+    assert registry.configured_backend() == "torch"
+    assert kernels.select_backend("int8_gemm", "cpu", M=4, K=64, N=8).name == "torch._int_mm"  # family torch
+    monkeypatch.setenv(kernels.ENV_VAR, "gpu")
+    kernels.refresh_backend_setting()
+    with pytest.raises(kernels.KernelBackendError, match="not a kernel backend"):
+        registry.configured_backend()
+    assert kernels.describe_backend("int8_gemm", "cpu", M=4, K=64, N=8).startswith("unavailable")
+
+
+def test_core_transforms_run_the_kernel_hadamard_only_on_gpu_or_when_forced(monkeypatch, force_backend, gen):
+    """core may not import kernels: importing kernels plugs the dispatch into core.transforms. On CPU
+    with ``auto`` the format's reference runs; a forced backend goes through the kernel op; without
+    the hook (a process, or a self-contained checkpoint, without the kernels) the reference runs."""
+    import qdlm_export.kernels.hadamard as kernel_hadamard
+
+    calls = []
+    real = kernel_hadamard.hadamard_transform
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[-1])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_hadamard, "hadamard_transform", spy)
+    x = torch.randn(3, 12 * 16, generator=gen, dtype=torch.float64)
+    expect = x @ transforms.hadamard_matrix(12 * 16)
+    torch.testing.assert_close(transforms.hadamard_transform(x), expect, rtol=1e-12, atol=1e-12)
+    assert calls == []
+    force_backend("torch")
+    torch.testing.assert_close(transforms.hadamard_transform(x), expect, rtol=1e-12, atol=1e-12)
+    assert calls == [12 * 16]
+    try:
+        transforms.set_hadamard_backend(None)
+        torch.testing.assert_close(transforms.hadamard_transform(x), expect, rtol=1e-12, atol=1e-12)
+        assert calls == [12 * 16]
+    finally:
+        transforms.set_hadamard_backend(kernel_hadamard.online_hadamard)
 
 
 def test_import_does_not_need_triton():
@@ -352,14 +374,13 @@ def test_quantize_per_token_triton(gen, bits):
 @pytest.mark.parametrize("bits", (8, 4))
 def test_quantize_per_token_matches_the_loaders_fake_quantizer(gen, bits):
     """Codes must be the ones ``activations.py`` (the loader's fake quantization) produces."""
-    activations = pytest.importorskip("qdlm_export.core.activations")
     backends = ["torch"] + (["triton"] if HAS_TRITON else [])
     for clip in (1.0, 0.85):
-        spec = activations.ActivationSpec(bits=bits, granularity="token", symmetric=True, clip_ratio=clip)
+        spec = ActivationSpec(bits=bits, granularity="token", symmetric=True, clip_ratio=clip)
         x = (torch.randn(300, 96, generator=gen) * 2).to(torch.bfloat16)  # bf16: many exact ties
-        q_ref, s_ref, _ = activations.activation_codes(x, spec)
+        q_ref, s_ref, _ = activation_codes(x, spec)
         for backend in backends:
-            q, s = D.quantize_per_token(x.to(DEV if backend == "triton" else "cpu"), bits, clip, backend=backend)
+            q, s = kernels.quantize_per_token(x.to(DEV if backend == "triton" else "cpu"), bits, clip, backend=backend)
             q, s = q.cpu(), s.cpu()
             assert torch.equal(s, s_ref.float()), backend
             assert torch.equal(q, q_ref), f"{backend}: codes differ from activations.activation_codes"
@@ -409,7 +430,7 @@ def test_int8_gemm_triton(gen, m, k, n):
 
 
 def packed_case(gen, m, k, n_out, bits, group, symmetric, act_bits):
-    codes, packed, scale, zero = make_weight(gen, n_out, k, bits, group, symmetric, torch.float16)
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, torch.float16)
     qmax = 2 ** (act_bits - 1) - 1
     x_q = torch.randint(-qmax, qmax + 1, (m, k), generator=gen, dtype=torch.int8)
     x_s = torch.rand(m, 1, generator=gen) * 0.1 + 0.01
@@ -464,11 +485,11 @@ def test_packed_int_linear_triton(gen, bits, symmetric, group):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_w4a4_and_w8a8_linear_end_to_end(gen, backend):
     k, n_out, group = 256, 48, -1
-    codes, packed, scale, zero = make_weight(gen, n_out, k, 4, group, True, torch.bfloat16)
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, 4, group, True, torch.bfloat16)
     x = torch.randn(3, 5, k, generator=gen).to(torch.bfloat16)
     dev = DEV if backend == "triton" else torch.device("cpu")
-    y = D.w4a4_linear(x.to(dev), packed.to(dev), scale.to(dev), zero, group, k, backend=backend).cpu()
-    x_q, x_s = (t.cpu() for t in D.quantize_per_token(x.to(dev), 4, backend=backend))
+    y = kernels.w4a4_linear(x.to(dev), packed.to(dev), scale.to(dev), zero, group, k, backend=backend).cpu()
+    x_q, x_s = (t.cpu() for t in kernels.quantize_per_token(x.to(dev), 4, backend=backend))
     assert y.shape == (3, 5, n_out) and y.dtype == torch.bfloat16
     w64 = ref_weight(codes, scale, zero, 4, group)
     # The composition is exactly quantize-then-GEMM; the GEMM matches float64 on those codes.
@@ -477,8 +498,8 @@ def test_w4a4_and_w8a8_linear_end_to_end(gen, backend):
     # W8A8 with a per-channel int8 weight.
     w_q = torch.randint(-127, 128, (n_out, k), generator=gen, dtype=torch.int8)
     w_s = torch.rand(n_out, generator=gen) * 0.01
-    y8 = D.w8a8_linear(x.to(dev), w_q.to(dev), w_s.to(dev), backend=backend).cpu()
-    x_q8, x_s8 = (t.cpu() for t in D.quantize_per_token(x.to(dev), 8, backend=backend))
+    y8 = kernels.w8a8_linear(x.to(dev), w_q.to(dev), w_s.to(dev), backend=backend).cpu()
+    x_q8, x_s8 = (t.cpu() for t in kernels.quantize_per_token(x.to(dev), 8, backend=backend))
     ref8 = ref_linear(x_q8.double() * x_s8.double(), w_q.double() * w_s.double()[:, None], None)
     assert_close(y8, *ref8, RTOL[torch.bfloat16], "w8a8")
     # and int8 activations really approximate x: the quantization error is a few percent of |x||w|

@@ -14,27 +14,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qdlm_export import kernels
 from qdlm_export.core.packing import pack_rows
 from qdlm_export.kernels import cpu_packed as C
-from qdlm_export.kernels import dispatch as D
-from qdlm_export.kernels.weight_only import weight_only_linear_torch
+from qdlm_export.kernels.weight_only import dequantize_packed, weight_only_linear_torch
+from tests.kernel_inputs import random_packed_weight
 
 pytestmark = pytest.mark.skipif(C.unsupported_reason() is not None, reason=str(C.unsupported_reason()))
-
-
-def _weight(gen, bits, n, k, group_size, symmetric, scale_dtype=torch.float16):
-    groups = 1 if group_size == -1 else k // group_size
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n, groups, generator=gen) * 0.02 + 0.002).to(scale_dtype)
-    zp = None if symmetric else torch.randint(0, 1 << bits, (n, groups), generator=gen, dtype=torch.uint8)
-    return codes, pack_rows(codes, bits), scale, zp
 
 
 def _check(y, x, wp, scale, zp, bits, group_size, k, bias=None):
     # the float64 reference: the torch backend dequantizes exactly and multiplies in x's dtype
     ref = weight_only_linear_torch(x.double(), wp, scale, zp, bits, group_size, k, bias)
-    from qdlm_export.kernels.weight_only import dequantize_packed
-
     w = dequantize_packed(wp, scale, zp, bits, group_size, k, torch.float64)
     magnitude = x.double().abs().reshape(-1, k) @ w.abs().T  # sum_k |x_k| |w_k|
     err = (y.double() - ref).reshape(-1, w.shape[0]).abs()
@@ -62,7 +53,7 @@ CASES = [
 @pytest.mark.parametrize("path", ["packed", "dequant"])
 def test_cpu_packed_matches_float64_reference(bits, k, n, group_size, symmetric, path):
     gen = torch.Generator().manual_seed(hash((bits, k, n, group_size, symmetric, path)) % 2**31)
-    _, wp, scale, zp = _weight(gen, bits, n, k, group_size, symmetric)
+    _, wp, scale, zp = random_packed_weight(gen, n, k, bits, group_size, symmetric)
     bias = torch.randn(n, generator=gen)
     for m in (1, 5, 33):
         x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
@@ -73,7 +64,7 @@ def test_cpu_packed_matches_float64_reference(bits, k, n, group_size, symmetric,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cpu_packed_other_activation_dtypes_come_back_in_their_dtype(dtype):
     gen = torch.Generator().manual_seed(7)
-    _, wp, scale, zp = _weight(gen, 4, 32, 256, 128, False, scale_dtype=torch.bfloat16)
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, False, scale_dtype=torch.bfloat16)
     x = torch.randn(3, 256, generator=gen).to(torch.bfloat16).to(dtype)  # bf16-representable values
     y = C.weight_only_linear_cpu(x, wp, scale, zp, 4, 128, 256)
     _check(y, x, wp, scale, zp, 4, 128, 256)
@@ -84,7 +75,7 @@ def test_repacked_int4_weights_decode_to_our_codes(bits, k, n, group_size, symme
     """The kernel itself reads the repacked weight back: float32 identity activations and scale 1,
     zero 8 give exactly q (small integers are exact in float32)."""
     gen = torch.Generator().manual_seed(k * n + group_size)
-    codes, wp, scale, zp = _weight(gen, bits, n, k, group_size, symmetric)
+    codes, wp, scale, zp = random_packed_weight(gen, n, k, bits, group_size, symmetric)
     p = C.repack(wp, scale, zp, bits, group_size, k)
     assert p.weight.dtype == torch.uint8 and tuple(p.weight.shape) == (n, k // 2)
     unit = torch.zeros(k // p.kernel_group, n, 2)
@@ -96,7 +87,7 @@ def test_repacked_int4_weights_decode_to_our_codes(bits, k, n, group_size, symme
 
 def test_repacked_int8_weights_are_our_codes_minus_128():
     gen = torch.Generator().manual_seed(3)
-    codes, wp, scale, _ = _weight(gen, 8, 24, 96, -1, True)
+    codes, wp, scale, _ = random_packed_weight(gen, 24, 96, 8, -1, True)
     p = C.repack(wp, scale, None, 8, -1, 96)
     assert torch.equal(p.weight.to(torch.int16) + 128, codes.to(torch.int16))
     assert torch.equal(p.scales, scale.reshape(-1).to(torch.bfloat16))
@@ -104,7 +95,7 @@ def test_repacked_int8_weights_are_our_codes_minus_128():
 
 def test_repack_happens_once_and_follows_in_place_changes():
     gen = torch.Generator().manual_seed(11)
-    _, wp, scale, _ = _weight(gen, 4, 32, 256, 128, True)
+    _, wp, scale, _ = random_packed_weight(gen, 32, 256, 4, 128, True)
     first = C.prepare(wp, scale, None, 4, 128, 256)
     assert C.prepare(wp, scale, None, 4, 128, 256) is first  # cached: no second repack
     x = torch.randn(4, 256, generator=gen).to(torch.bfloat16)
@@ -124,14 +115,14 @@ def test_rule_switches_path_by_token_count():
 
 def test_dispatch_picks_cpu_packed_for_bf16_only_and_says_why_not():
     shapes = dict(K=4096, N=4096, bits=4, group_size=128, symmetric=True)
-    assert D.select_backend("weight_only_linear", "cpu", dtype=torch.bfloat16, **shapes).name == "cpu_packed"
-    assert D.select_backend("weight_only_linear", "cpu", dtype=torch.float32, **shapes).name == "torch"
-    assert D.select_backend("weight_only_linear", "cpu", "torch", dtype=torch.bfloat16, **shapes).name == "torch"
-    text = D.describe_backend("weight_only_linear", "cpu", "cpu_packed", in_features=4096, out_features=4096, bits=3, group_size=128)
+    assert kernels.select_backend("weight_only_linear", "cpu", dtype=torch.bfloat16, **shapes).name == "cpu_packed"
+    assert kernels.select_backend("weight_only_linear", "cpu", dtype=torch.float32, **shapes).name == "torch"
+    assert kernels.select_backend("weight_only_linear", "cpu", "torch", dtype=torch.bfloat16, **shapes).name == "torch"
+    text = kernels.describe_backend("weight_only_linear", "cpu", "cpu_packed", in_features=4096, out_features=4096, bits=3, group_size=128)
     assert "3-bit" in text
-    text = D.describe_backend("weight_only_linear", "cpu", "cpu_packed", in_features=4096, out_features=40, bits=4, group_size=128)
+    text = kernels.describe_backend("weight_only_linear", "cpu", "cpu_packed", in_features=4096, out_features=40, bits=4, group_size=128)
     assert "multiple of 16" in text
-    text = D.describe_backend(
+    text = kernels.describe_backend(
         "weight_only_linear", "cpu", "cpu_packed", in_features=4096, out_features=64, bits=8, group_size=128, symmetric=True
     )
     assert "per-channel" in text
@@ -139,9 +130,9 @@ def test_dispatch_picks_cpu_packed_for_bf16_only_and_says_why_not():
 
 def test_dispatch_weight_only_linear_runs_cpu_packed_on_bf16():
     gen = torch.Generator().manual_seed(5)
-    _, wp, scale, zp = _weight(gen, 4, 48, 256, 64, False)
+    _, wp, scale, zp = random_packed_weight(gen, 48, 256, 4, 64, False)
     x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
-    y = D.weight_only_linear(x, wp, scale, zp, 4, 64, 256)
+    y = kernels.weight_only_linear(x, wp, scale, zp, 4, 64, 256)
     _check(y, x, wp, scale, zp, 4, 64, 256)
     assert C.prepare(wp, scale, zp, 4, 64, 256) is C._CACHE.get(wp)  # the call cached its repack
 

@@ -3,47 +3,27 @@ checked against explicit float64 matrix products built independently here, and b
 against the checkpoint format's definition (``qdlm_export.core.hadamard``, through ``qdlm_export.core.transforms``).
 
 Triton cases run compiled on a CUDA GPU when there is one, else in the CPU interpreter
-(``TRITON_INTERPRET=1``); they are skipped without triton.
+(``TRITON_INTERPRET=1``, set by tests/conftest.py); they are skipped without triton.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
-GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEV = torch.device("cuda" if GPU else "cpu")  # where the Triton cases run
-
-from qdlm_export.kernels import dispatch as D  # noqa: E402 (after TRITON_INTERPRET is set)
-from qdlm_export.kernels.hadamard import (  # noqa: E402 (after TRITON_INTERPRET is set)
+from qdlm_export import kernels
+from qdlm_export.kernels.hadamard import (
     HADAMARD_ORDERS,
     hadamard_k,
     hadamard_matrix,
     hadamard_transform_torch,
     split_size,
 )
+from tests.kernel_inputs import DEV, HAS_TRITON, needs_triton
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("QDLM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"QDLM_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def _no_forced_backend(monkeypatch):
-    monkeypatch.delenv(D.ENV_VAR, raising=False)
 
 
 def sylvester_ref(n: int) -> torch.Tensor:
@@ -98,8 +78,8 @@ def test_order_188_is_refused_with_a_reason():
         split_size(188 * 64)  # 187 = 11 * 17 and 93 = 3 * 31: no Paley; 47 is not in the Williamson table
     with pytest.raises(ValueError, match="multiple of 4"):
         split_size(6)
-    with pytest.raises(D.KernelBackendError, match="188"):
-        D.hadamard_transform(torch.randn(2, 188 * 4))
+    with pytest.raises(kernels.KernelBackendError, match="188"):
+        kernels.hadamard_transform(torch.randn(2, 188 * 4))
 
 
 @pytest.mark.parametrize(
@@ -135,7 +115,7 @@ def test_same_matrices_as_the_checkpoint_format(gen, n):
 
     assert torch.equal(hadamard_matrix(n, normalized=True), transforms.hadamard_matrix(n))
     x = torch.randn(3, n, generator=gen, dtype=torch.float64)
-    assert_rel(D.hadamard_transform(x), transforms.hadamard_transform(x), 1e-12, "transform")
+    assert_rel(kernels.hadamard_transform(x), transforms.hadamard_transform(x), 1e-12, "transform")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +184,7 @@ def test_orthogonal_and_involution(gen, n):
 def test_torch_transform_low_precision(gen, dtype):
     n = 12 * 128
     x = torch.randn(2, 3, n, generator=gen).to(dtype)
-    y = D.hadamard_transform(x, backend="torch")
+    y = kernels.hadamard_transform(x, backend="torch")
     assert y.dtype == dtype and y.shape == x.shape
     assert_rel(y, x.double() @ explicit(n) / math.sqrt(n), RTOL[dtype], str(dtype))
 
@@ -234,22 +214,22 @@ def test_triton_fwht(gen, n, rows, dtype):
 def test_triton_backend_through_dispatch(gen, n):
     x = torch.randn(2, 3, n, generator=gen)
     expect = hadamard_transform_torch(x.double())
-    assert_rel(D.hadamard_transform(x.to(DEV), backend="triton").cpu(), expect, 1e-5, "forward")
-    inv = D.hadamard_transform(expect.float().to(DEV), inverse=True, backend="triton").cpu()
+    assert_rel(kernels.hadamard_transform(x.to(DEV), backend="triton").cpu(), expect, 1e-5, "forward")
+    inv = kernels.hadamard_transform(expect.float().to(DEV), inverse=True, backend="triton").cpu()
     assert_rel(inv, x.double(), 1e-5, "inverse")
 
 
 def test_hadamard_backend_choice():
-    assert D.select_backend("hadamard", "cpu", n=4096).name == "torch"
-    text = D.describe_backend("hadamard", "cuda", n=18944)
+    assert kernels.select_backend("hadamard", "cpu", n=4096).name == "torch"
+    text = kernels.describe_backend("hadamard", "cuda", n=18944)
     assert text.startswith(("fast_hadamard_transform", "triton", "torch"))
     if HAS_TRITON:
-        with pytest.raises(D.KernelBackendError, match="outside"):
-            D.select_backend("hadamard", DEV, backend="triton", n=4)
+        with pytest.raises(kernels.KernelBackendError, match="outside"):
+            kernels.select_backend("hadamard", DEV, backend="triton", n=4)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_path, monkeypatch, backend):
+def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_path, monkeypatch, force_backend, backend):
     """A QuaRot checkpoint's online Hadamards (over heads, and the 768 = 12 * 64 down projection) go
     through kernel dispatch when a backend is forced (and always on a GPU): the loaded model then
     computes what the format's reference transform computes, and the dispatch was really called."""
@@ -270,11 +250,11 @@ def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_p
     ids = torch.randint(3, 2048, (2, 24), generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    import qdlm_export.kernels as K
+    import qdlm_export.kernels.hadamard as kernel_hadamard
     from qdlm_export.core.transforms import hadamard_transform_reference
 
     calls, errors = [], []
-    real = K.hadamard_transform
+    real = kernel_hadamard.hadamard_transform
 
     def spy(x, *args, **kwargs):
         y = real(x, *args, **kwargs)
@@ -283,8 +263,8 @@ def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_p
         errors.append(((y.double() - want).norm() / want.norm()).item())
         return y
 
-    monkeypatch.setattr(K, "hadamard_transform", spy)
-    monkeypatch.setenv("QDLM_KERNEL_BACKEND", backend)
+    monkeypatch.setattr(kernel_hadamard, "hadamard_transform", spy)
+    force_backend(backend)
     with torch.no_grad():
         got = model(input_ids=ids).logits
     assert sorted(set(calls)) == [16, 768]

@@ -47,12 +47,7 @@ print("isolated-ok")
 LINEARS = {"llada": "model.transformer.blocks.0.q_proj", "dream": "model.layers.0.self_attn.q_proj"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: two threads on a shared 2-core machine only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _add_online_hadamard(folder: Path) -> None:

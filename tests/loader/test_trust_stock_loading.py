@@ -34,8 +34,9 @@ from qdlm_export.families import family_for_config
 from qdlm_export.loader.native_wrappers import GUARD_MARKER, base_model_type, unwrap_config, wrap_config
 from qdlm_export.loader.selfcontained import MARKER, is_self_contained, make_self_contained
 from qdlm_export.quantize.api import make_config, quantize
+from tests.dense_models import save_causal_lm
+from tests.isolation import BLOCKER, rel, run_isolated
 from tests.reference import dequantized_weights
-from tests.isolation import BLOCKER, run_isolated
 
 TOKENS = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(7))
 DENSE = {"qwen2", "llama", "mistral"}
@@ -75,8 +76,6 @@ def dense_sources(tmp_path_factory, one_torch_thread):
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
-    from qdlm_export.fixtures import tokenizer_dir
-
     root = tmp_path_factory.mktemp("dense")
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False)
@@ -85,11 +84,7 @@ def dense_sources(tmp_path_factory, one_torch_thread):
                                     ("llama", LlamaConfig(attention_bias=True, **shape), LlamaForCausalLM, 4),
                                     # tied LM head: the tied weight is not in the checkpoint, and must not count as missing
                                     ("mistral", MistralConfig(**{**shape, "tie_word_embeddings": True}), MistralForCausalLM, 5)):
-        torch.manual_seed(seed)
-        cls(config).save_pretrained(root / name)
-        for f in tokenizer_dir().iterdir():
-            shutil.copy(f, root / name / f.name)
-        out[name] = root / name
+        out[name] = save_causal_lm(root / name, cls, config, seed=seed)
     return out
 
 
@@ -146,10 +141,6 @@ def reference_logits(family: str, source: Path, folder: Path) -> torch.Tensor:
         model.get_submodule(name).weight.data = weight
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 FAMILIES = ["qwen2", "llama", "mistral", "llada", "dream"]

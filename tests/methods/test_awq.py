@@ -10,12 +10,13 @@ from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from qdlm_export.core.configs import RTNConfig
+from qdlm_export.methods.rtn import RTNConfig
 from qdlm_export.errors import ConfigError
 from qdlm_export.families import family_by_name
 from qdlm_export.methods import awq as awq_module
 from qdlm_export.methods.awq import AWQ, AWQConfig, query_key_linears, search_clip, search_scale
 from qdlm_export.methods.base import BlockCalibration
+from qdlm_export.methods.folding import divide_norm
 from qdlm_export.methods.registry import method_class
 from qdlm_export.methods.rtn import RTN
 from qdlm_export.core.schemes import WeightScheme, compute_qparams, dequantize, quantize_rtn, quantize_with_qparams
@@ -128,7 +129,7 @@ def test_fold_into_low_precision_norm_uses_the_realised_scale():
         norm.bias.normal_()
     old = norm.weight.detach().float().clone()
     s = torch.rand(64) * 3 + 0.2
-    realised = awq_module._fold_into_norm(norm, s)
+    realised = divide_norm(norm, s)
     torch.testing.assert_close(norm.weight.float() * realised, old, rtol=1e-6, atol=0)
     torch.testing.assert_close(realised, s, rtol=1e-2, atol=0)
 
@@ -141,7 +142,7 @@ def test_fold_into_norm_with_bias_is_exact_in_float32():
     x = torch.randn(10, 64)
     ref = norm(x).detach()
     s = torch.rand(64) * 3 + 0.2
-    realised = awq_module._fold_into_norm(norm, s)
+    realised = divide_norm(norm, s)
     assert realised is s
     torch.testing.assert_close(norm(x).detach() * s, ref, rtol=1e-5, atol=1e-6)
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-from qdlm_export.core.configs import RTNConfig
+from qdlm_export.methods.rtn import RTNConfig
 from qdlm_export.errors import ConfigError
 from qdlm_export.families import FamilyAdapter, LinearGroup, family_by_name
 from qdlm_export.methods.base import BlockCalibration
@@ -329,7 +329,8 @@ def test_hessian_collection_stops_each_forward_once_the_group_has_its_inputs():
     forward right after the last of them: later modules never run."""
     import torch.nn as nn
 
-    from qdlm_export.methods.base import BlockCalibration, feed_inputs
+    from qdlm_export.methods.base import BlockCalibration
+    from qdlm_export.methods.capture import feed_inputs
 
     class Block(nn.Module):
         def __init__(self):

@@ -2,14 +2,14 @@
 
 Each block's error is measured on held-out text (not the calibration windows), masked the way a dLLM
 sees its input while denoising (as the default calibration is), with the source model's own block
-inputs, so blocks are compared one by one (qdlm_export.quantize.block_error)."""
+inputs, so blocks are compared one by one (qdlm_export.quantize.fidelity)."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import AutoTokenizer
 
-from qdlm_export.quantize.block_error import block_output_errors
+from qdlm_export.quantize.fidelity import block_output_errors
 from qdlm_export.quantize.calibration import calibration_tokens
 from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.fixtures import MASK_ID, tokenizer_dir

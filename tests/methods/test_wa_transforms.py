@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 
-from qdlm_export.methods.rtn_wa import TransformedLinear
+from qdlm_export.methods.weight_activation import TransformedLinear
 from qdlm_export.quantize.api import make_config
 from qdlm_export.core.transforms import apply_input_transforms
 from tests import wa_helpers as H
@@ -74,14 +74,21 @@ def linears(model, family: str) -> dict[str, TransformedLinear]:
 def transformed_inputs(model, modules: dict[str, TransformedLinear], ids: torch.Tensor, batch: int = 4):
     """What each module's matmul sees (its input after the online ops), over ``ids`` in batches."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    for name, module in modules.items():
-        module.observers.append(lambda x, name=name: seen[name].append(x.detach().reshape(-1, x.shape[-1]).clone()))
+
+    def record(name):
+        def hook(module, args):
+            x = module.transformed_input(args[0])
+            seen[name].append(x.detach().reshape(-1, x.shape[-1]).clone())
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
     try:
         for start in range(0, ids.shape[0], batch):
             model(input_ids=ids[start : start + batch])
     finally:
-        for module in modules.values():
-            module.observers.clear()
+        for handle in handles:
+            handle.remove()
     return {name: torch.cat(xs) for name, xs in seen.items()}
 
 

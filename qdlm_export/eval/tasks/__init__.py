@@ -8,7 +8,7 @@
   words of the answer, ignoring case and punctuation.
 
 Both read JSON-lines files from this folder (``dataset_path: json`` with ``data_files``, loaded by
-``utils.load_bundled`` relative to this folder), so no Hub access is needed. Both carry the tag
+``bundled_data.load_bundled`` relative to this folder), so no Hub access is needed. Both carry the tag
 ``qdlm_offline``. Use them with ``lm_eval.tasks.TaskManager(include_path=tasks_dir())`` or
 ``lm_eval --include_path $(python -c 'from qdlm_export.eval.tasks import tasks_dir; print(tasks_dir())')``.
 """

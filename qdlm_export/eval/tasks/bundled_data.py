@@ -1,4 +1,4 @@
-"""Helpers the bundled task YAMLs call (``!function utils.load_bundled``)."""
+"""Helpers the bundled task YAMLs call (``!function bundled_data.load_bundled``)."""
 
 from __future__ import annotations
 

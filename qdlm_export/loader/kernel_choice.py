@@ -1,0 +1,33 @@
+"""Which kernel backends the loader would run a checkpoint's quantized linears on (``inspect``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..format.spec import LinearSpec, checkpoint_dtype
+from ..format.validation import validate_checkpoint
+from ..kernels import describe_backend
+from .hf_quantizer import uses_integer_input
+
+
+def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype) -> str:
+    """Which kernel backends the loader would run this linear on (``inspect``), for ``tokens`` rows."""
+    shapes = dict(M=tokens, in_features=spec.in_features, out_features=spec.out_features, bits=spec.bits,
+                  group_size=spec.group_size, symmetric=spec.symmetric, dtype=dtype)
+    parts = [f"hadamard({op['size']}): {describe_backend('hadamard', device, n=op['size'], dtype=torch.float32)}"
+             for op in spec.input_transforms if op.get("op") == "hadamard"]
+    if uses_integer_input(spec):
+        parts.append(describe_backend("w4a4_linear", device, act_bits=spec.input_activation.bits, **shapes))
+    else:
+        parts.append(describe_backend("weight_only_linear", device, **shapes))
+    return "; ".join(parts)
+
+
+def kernel_plans(folder: str | Path, *, device: torch.device | str, tokens: int) -> dict[str, str]:
+    """Module -> :func:`describe_kernels` for every quantized linear of the checkpoint ``folder``
+    (validated again: headers only), in the dtype the checkpoint loads in."""
+    checked = validate_checkpoint(folder)
+    dtype = checkpoint_dtype(checked.config)
+    return {name: describe_kernels(spec, device, tokens, dtype) for name, spec in checked.specs.items()}
