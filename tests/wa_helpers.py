@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import qdlm_export  # noqa: F401  (registers the quantizer)
+from tests.isolation import rel  # noqa: F401  (the tests' one relative error; H.rel)
 from qdlm_export.quantize.calibration import calibration_tokens
 from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.fixtures import build_tiny_model
@@ -89,5 +90,3 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.double()
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()

@@ -30,7 +30,7 @@ import signal
 from pathlib import Path
 
 from ..errors import OutputExistsError, QdlmError
-from .spec import CARD_FILE, LOCAL_SOURCE_FILE, REPORT_FILE
+from .spec import CARD_FILE, FORMAT_NAME, LOCAL_SOURCE_FILE, REPORT_FILE
 
 # A staging folder holds this file until just before its final rename: inspect/push refuse it.
 INCOMPLETE_MARKER = ".qdlm-incomplete"
@@ -84,7 +84,7 @@ def is_tool_output(folder: str | Path) -> bool:
     if not isinstance(qconfig, dict):
         return False
     provenance = qconfig.get("provenance")
-    return qconfig.get("quant_method") == "qdlm" or (isinstance(provenance, dict) and provenance.get("tool") == TOOL)
+    return qconfig.get("quant_method") == FORMAT_NAME or (isinstance(provenance, dict) and provenance.get("tool") == TOOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..format.spec import FORMAT_NAME
 
 PACKAGE = "qdlm_export"
 ROOT_MODULE = "qdlm_export.loader.hf_quantizer"  # what the modeling files import (its register_with_transformers)
@@ -319,7 +320,7 @@ def make_self_contained(folder: str | Path) -> list[Path]:
         raise ConfigError(f"{folder} has no config.json", hint="pass a checkpoint folder written by `qdlm-export quantize`")
     config = json.loads(config_path.read_text())
     qconfig = config.get("quantization_config") or {}
-    if qconfig.get("quant_method") != "qdlm":
+    if qconfig.get("quant_method") != FORMAT_NAME:
         raise ConfigError(
             f"{folder} is not a native qdlm checkpoint (quant_method {qconfig.get('quant_method')!r}); only the "
             "native format needs the qdlm loader",

@@ -15,13 +15,14 @@ from qdlm_export.eval.generation import (
 )
 from qdlm_export.fixtures import MASK_ID
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = torch.tensor([[40, 41, 42, 43, 44], [50, 51, 52, 53, 54]])
 
 
 def _load(folder):
     from transformers import AutoModel
 
-    torch.set_num_threads(1)
     return AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 
 

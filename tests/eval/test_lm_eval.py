@@ -8,7 +8,6 @@ import math
 import socket
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval")
 
@@ -16,6 +15,8 @@ import qdlm_export  # noqa: E402,F401
 from qdlm_export.eval.lm_eval_model import QdlmLM  # noqa: E402  (registers "qdlm")
 from qdlm_export.eval.offline import set_offline  # noqa: E402
 from qdlm_export.eval.tasks import GEN_TASK, MC_TASK, tasks_dir  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,7 +29,6 @@ def no_network():
 
     mp.setattr(socket.socket, "connect", refuse)
     mp.setattr(socket, "create_connection", refuse)
-    torch.set_num_threads(1)
     yield
     mp.undo()
 

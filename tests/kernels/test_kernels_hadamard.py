@@ -113,7 +113,6 @@ def test_order_40_is_never_chosen():
 def test_same_matrices_as_the_checkpoint_format(gen, n):
     from qdlm_export.core import transforms
 
-    assert torch.equal(hadamard_matrix(n, normalized=True), transforms.hadamard_matrix(n))
     x = torch.randn(3, n, generator=gen, dtype=torch.float64)
     assert_rel(kernels.hadamard_transform(x), transforms.hadamard_transform(x), 1e-12, "transform")
 

@@ -6,62 +6,24 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
 from qdlm_export.methods.rtn import RTNConfig
 from qdlm_export.errors import ConfigError
 from qdlm_export.families import family_by_name
 from qdlm_export.methods import awq as awq_module
 from qdlm_export.methods.awq import AWQ, AWQConfig, query_key_linears, search_clip, search_scale
-from qdlm_export.methods.base import BlockCalibration
 from qdlm_export.methods.folding import divide_norm
 from qdlm_export.methods.registry import method_class
 from qdlm_export.methods.rtn import RTN
+from tests.dense_models import OUTLIER_CHANNELS as OUTLIERS
+from tests.dense_models import decoder_block as _block
 from qdlm_export.core.schemes import WeightScheme, compute_qparams, dequantize, quantize_rtn, quantize_with_qparams
 
 PREFIX = "model.layers.0"
 ADAPTER = family_by_name("dense-decoder")
-OUTLIERS = [3, 77, 150, 201]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: 2 spinning threads on a shared 2-core box are much slower
-    yield
-    torch.set_num_threads(threads)
-
-
-def _block(kind: str, seed: int = 0, batches: int = 8):
-    """A decoder layer (llama: MHA with biases; qwen2: GQA, kv=2) and calibration with outlier channels."""
-    torch.manual_seed(seed)
-    shape = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_hidden_layers=1, vocab_size=64)
-    if kind == "llama":
-        config = LlamaConfig(num_key_value_heads=4, attention_bias=True, **shape)
-        layer_cls, rotary_cls = LlamaDecoderLayer, LlamaRotaryEmbedding
-    else:
-        config = Qwen2Config(num_key_value_heads=2, **shape)
-        layer_cls, rotary_cls = Qwen2DecoderLayer, Qwen2RotaryEmbedding
-    config._attn_implementation = "sdpa"
-    block = layer_cls(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for module in block.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-            elif not isinstance(module, torch.nn.Linear) and getattr(module, "weight", None) is not None:
-                module.weight.uniform_(0.5, 1.5)  # norms
-    rotary = rotary_cls(config)
-    g = torch.Generator().manual_seed(seed + 1)
-    hidden, kwargs = [], []
-    for _ in range(batches):
-        h = torch.randn(1, 128, 256, generator=g)
-        h[..., OUTLIERS] *= torch.tensor([20.0, 35.0, 50.0, 25.0])
-        pos = torch.arange(128).unsqueeze(0)
-        hidden.append(h)
-        kwargs.append({"attention_mask": None, "position_ids": pos, "position_embeddings": rotary(h, pos)})
-    return config, block, BlockCalibration(hidden=hidden, call_kwargs=kwargs)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel_err(outs, refs) -> float:

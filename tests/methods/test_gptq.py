@@ -7,9 +7,6 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
 from qdlm_export.methods.rtn import RTNConfig
 from qdlm_export.errors import ConfigError
@@ -18,6 +15,7 @@ from qdlm_export.methods.base import BlockCalibration
 from qdlm_export.methods.gptq import GPTQ, GPTQConfig, HessianAccumulator, collect_hessians, gptq_quantize
 from qdlm_export.methods.registry import method_class
 from qdlm_export.methods.rtn import RTN
+from tests.dense_models import decoder_block
 from qdlm_export.core.schemes import WeightScheme, compute_qparams, dequantize, quantize_rtn, quantize_with_qparams
 
 PREFIX = "model.layers.0"
@@ -190,32 +188,7 @@ def test_mse_clip_lowers_weight_error_norm():
 
 
 def _block(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    shape = dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_hidden_layers=1, vocab_size=64)
-    if kind == "llama":
-        config = LlamaConfig(num_key_value_heads=4, attention_bias=True, **shape)
-        layer_cls, rotary_cls = LlamaDecoderLayer, LlamaRotaryEmbedding
-    else:
-        config = Qwen2Config(num_key_value_heads=2, **shape)
-        layer_cls, rotary_cls = Qwen2DecoderLayer, Qwen2RotaryEmbedding
-    config._attn_implementation = "sdpa"
-    block = layer_cls(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for module in block.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-            elif not isinstance(module, torch.nn.Linear) and getattr(module, "weight", None) is not None:
-                module.weight.uniform_(0.5, 1.5)  # norms
-    rotary = rotary_cls(config)
-    g = torch.Generator().manual_seed(seed + 1)
-    hidden, kwargs = [], []
-    for _ in range(16):
-        h = torch.randn(1, 128, 256, generator=g)
-        h[..., [3, 77, 150, 201]] *= torch.tensor([20.0, 35.0, 50.0, 25.0])
-        pos = torch.arange(128).unsqueeze(0)
-        hidden.append(h)
-        kwargs.append({"attention_mask": None, "position_ids": pos, "position_embeddings": rotary(h, pos)})
-    return config, block, BlockCalibration(hidden=hidden, call_kwargs=kwargs)
+    return decoder_block(kind, seed, batches=16)
 
 
 def _block_mse(block, ref, calib) -> float:
@@ -329,7 +302,6 @@ def test_hessian_collection_stops_each_forward_once_the_group_has_its_inputs():
     forward right after the last of them: later modules never run."""
     import torch.nn as nn
 
-    from qdlm_export.methods.base import BlockCalibration
     from qdlm_export.methods.capture import feed_inputs
 
     class Block(nn.Module):

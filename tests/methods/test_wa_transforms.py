@@ -25,12 +25,7 @@ EQUIVALENCE_TOL = 1e-4  # float32 models; float64 transforms folded into float32
 DUQUANT = (("max_rotation_steps", 64),)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core box: spinning OpenMP threads only slow them
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def transformed(family: str, method: str, options: tuple = (), intermediate_size: int = 768):
