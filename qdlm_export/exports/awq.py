@@ -27,7 +27,8 @@ import torch
 
 from .convert import (
     ExportFormat,
-    NativeCheckpoint,
+    ExportInventory,
+    LinearTensors,
     QuantizedModule,
     activation_problem_weight_only,
     fp16_exact,
@@ -105,34 +106,35 @@ class AWQFormat(ExportFormat):
             )
         return problems
 
-    def module_tensors(self, ckpt: NativeCheckpoint, m: QuantizedModule) -> dict[str, torch.Tensor]:
-        group = awq_group(ckpt.qconfig, m)
+    def module_tensors(self, m: QuantizedModule, data: LinearTensors, qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
+        group = awq_group(qconfig, m)
         native_group = torch.arange(m.in_features // group) * group // m.group
-        scale, changed = fp16_exact(ckpt.scale(m))
+        native_scale = data.scale()
+        scale, changed = fp16_exact(native_scale)
         if changed:
-            raise _scale_error(m, changed, ckpt.scale(m).dtype)
-        codes_t = ckpt.codes(m).t().contiguous()  # [in, out]
-        zeros_t = ckpt.zero_points(m)[:, native_group].t().contiguous()  # [G, out]
+            raise _scale_error(m, changed, native_scale.dtype)
+        codes_t = data.codes().t().contiguous()  # [in, out]
+        zeros_t = data.zero_points()[:, native_group].t().contiguous()  # [G, out]
         tensors = {
             "qweight": pack_awq(codes_t),
             "qzeros": pack_awq(zeros_t),
             "scales": scale[:, native_group].t().contiguous(),
         }
-        bias = ckpt.bias(m)
+        bias = data.bias()
         if bias is not None:
             tensors["bias"] = bias.to(torch.float16)
         return tensors
 
-    def quantization_config(self, ckpt: NativeCheckpoint) -> dict[str, Any]:
-        skip = not_converted_linears(ckpt)
-        clashes = [m.name for m in ckpt.modules if matches_awq_skip(m.name, skip)]
+    def quantization_config(self, inventory: ExportInventory) -> dict[str, Any]:
+        skip = not_converted_linears(inventory)
+        clashes = [m.name for m in inventory.modules if matches_awq_skip(m.name, skip)]
         if clashes:
             raise ConfigError(
                 f"cannot convert to AWQ: modules_to_not_convert would also skip quantized modules {clashes[:4]} "
                 "(transformers matches these names as prefixes and suffixes)",
                 hint="convert to compressed-tensors instead (--to compressed-tensors), which lists modules exactly",
             )
-        w = ckpt.qconfig["weights"]
+        w = inventory.qconfig["weights"]
         return {
             "quant_method": "awq",
             "bits": 4,

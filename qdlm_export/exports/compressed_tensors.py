@@ -35,7 +35,8 @@ import torch
 
 from .convert import (
     ExportFormat,
-    NativeCheckpoint,
+    ExportInventory,
+    LinearTensors,
     QuantizedModule,
     not_converted_linears,
     online_transform_problem,
@@ -130,32 +131,31 @@ class CompressedTensorsFormat(ExportFormat):
             return [f"in_features {m.in_features} is not a multiple of group_size {m.group_size}"]
         return []
 
-    def module_tensors(self, ckpt: NativeCheckpoint, m: QuantizedModule) -> dict[str, torch.Tensor]:
-        name = m.name
+    def module_tensors(self, m: QuantizedModule, data: LinearTensors, qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
         if m.quantizes_input:  # W8A8: int-quantized, unpacked int8 weight
-            codes = ckpt.codes(m).to(torch.int16) - 128
-            tensors = {"weight": codes.to(torch.int8), "weight_scale": ckpt.scale(m).contiguous()}
+            codes = data.codes().to(torch.int16) - 128
+            tensors = {"weight": codes.to(torch.int8), "weight_scale": data.scale().contiguous()}
         else:
             tensors = {
-                "weight_packed": ckpt.get(f"{name}.weight_packed"),
-                "weight_scale": ckpt.scale(m).contiguous(),
-                "weight_shape": ckpt.get(f"{name}.weight_shape"),
+                "weight_packed": data.packed(),
+                "weight_scale": data.scale().contiguous(),
+                "weight_shape": m.weight_shape(),
             }
             if not m.symmetric:
-                zeros = ckpt.zero_points(m)  # [out, groups] unsigned = CT signed zero + 2^(bits-1)
+                zeros = data.zero_points()  # [out, groups] unsigned = CT signed zero + 2^(bits-1)
                 tensors["weight_zero_point"] = pack_rows(zeros.t().contiguous(), m.bits).t().contiguous()
-        bias = ckpt.bias(m)
+        bias = data.bias()
         if bias is not None:
             tensors["bias"] = bias
         return tensors
 
-    def quantization_config(self, ckpt: NativeCheckpoint) -> dict[str, Any]:
+    def quantization_config(self, inventory: ExportInventory) -> dict[str, Any]:
         groups: dict[tuple, list[str]] = {}
-        for m in ckpt.modules:
+        for m in inventory.modules:
             key = (m.bits, m.group_size, m.symmetric, m.quantizes_input)
             groups.setdefault(key, []).append(m.name)
-        ignore = not_converted_linears(ckpt)
-        quantized = {m.name for m in ckpt.modules}
+        ignore = not_converted_linears(inventory)
+        quantized = {m.name for m in inventory.modules}
         for head in LM_HEADS:  # a tied head has no tensor of its own but is still a Linear
             if head not in quantized and head not in ignore:
                 ignore.append(head)

@@ -6,10 +6,12 @@ a target cannot express (online transforms, a bit width, a shape, a scale it can
 is refused up front with a message saying what and why; docs/EXPORTS.md lists the rules.
 
 The machinery shared by every target lives here: :class:`ExportFormat` is what a target implements
-(``exports/gptq.py``, ``exports/awq.py``, ``exports/compressed_tensors.py``); it encodes from a
-:class:`~.native_source.NativeCheckpoint` (a native folder read lazily through the one reader); and
-:func:`write_converted` streams the tensors through :class:`~qdlm_export.format.writer.ShardedWriter`
-so memory stays at one module's tensors whatever the model size.
+(``exports/gptq.py``, ``exports/awq.py``, ``exports/compressed_tensors.py``). It encodes one linear at a
+time (:class:`~.quantized_module.QuantizedModule` and its
+:class:`~.quantized_module.LinearTensors`), whether they come from a native folder read lazily through
+the one reader (:func:`write_converted`, ``convert DIR``) or from the quantizer's in-memory result
+(``streaming.ConvertingSink``, ``quantize --format``); both stream the tensors through
+:class:`~qdlm_export.format.writer.ShardedWriter`, so memory stays at one module's tensors.
 
 Entry points::
 
@@ -21,21 +23,19 @@ Entry points::
 from __future__ import annotations
 
 import importlib
-import json
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
-from ..format.report import read_report, write_report
-from ..format.spec import CARD_FILE
 from ..format.staging import staged_output
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_config
-from .native_source import NativeCheckpoint, QuantizedModule
+from .export_folder import write_export_files
+from .native_source import NativeCheckpoint
+from .quantized_module import LinearTensors, QuantizedModule
 
 NATIVE = "native"
 # Target name -> module defining ``FORMAT`` (an ExportFormat instance). Imported on first use.
@@ -47,13 +47,21 @@ _TARGET_MODULES = {
 TARGETS = tuple(_TARGET_MODULES)
 FORMATS = (NATIVE, *TARGETS)  # what `--format` accepts
 
-_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _MAX_LISTED = 8  # modules named in one refusal message
 
 
 # ---------------------------------------------------------------------------------------------
 # What a target implements
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportInventory:
+    """What a target's ``quantization_config`` is built from, once every tensor is written."""
+
+    qconfig: dict[str, Any]  # the native quantization_config
+    modules: list[QuantizedModule]  # in qconfig["quantized_modules"] order
+    passthrough: list[tuple[str, tuple[int, ...]]]  # (key, shape) of every tensor of no quantized module
 
 
 class ExportFormat:
@@ -71,15 +79,16 @@ class ExportFormat:
         """Shape/scheme reasons this target cannot hold one module (no tensor values read)."""
         return []
 
-    def module_tensors(self, ckpt: NativeCheckpoint, m: QuantizedModule) -> dict[str, torch.Tensor]:
-        """The target's tensors of one module, by suffix (exact re-encoding; may raise on values)."""
+    def module_tensors(self, m: QuantizedModule, data: LinearTensors, qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The target's tensors of one module, by suffix (exact re-encoding; may raise on values).
+        ``qconfig``: at least the native ``weights`` section."""
         raise NotImplementedError
 
     def passthrough(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor that belongs to no quantized module, as the target stores it (default: unchanged)."""
         return tensor
 
-    def quantization_config(self, ckpt: NativeCheckpoint) -> dict[str, Any]:
+    def quantization_config(self, inventory: ExportInventory) -> dict[str, Any]:
         raise NotImplementedError
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
@@ -200,20 +209,21 @@ def block_layout(names: list[str]) -> tuple[str, list[str]] | None:
     return prefix, suffixes
 
 
-def not_converted_linears(ckpt: NativeCheckpoint) -> list[str]:
+def not_converted_linears(inventory: ExportInventory) -> list[str]:
     """Modules kept in floating point that a loader replacing *every* Linear must be told to skip:
     ``modules_not_converted`` plus the owner of every other 2-D ``.weight`` (embeddings included;
     listing a non-Linear is harmless)."""
-    names = list(ckpt.qconfig.get("modules_not_converted") or [])
-    for key in ckpt.passthrough_keys():
-        if key.endswith(".weight") and len(ckpt.shape(key)) == 2:
+    names = list(inventory.qconfig.get("modules_not_converted") or [])
+    for key, shape in inventory.passthrough:
+        if key.endswith(".weight") and len(shape) == 2:
             owner = key[: -len(".weight")]
             if owner not in names:
                 names.append(owner)
     return names
 
 
-def _raise_problems(problems: list[str], target: ExportFormat, where: str) -> None:
+def raise_problems(problems: list[str], target: ExportFormat, where: str) -> None:
+    """One :class:`ConfigError` listing ``problems`` (the first few), or nothing when there are none."""
     if not problems:
         return
     shown = problems[:_MAX_LISTED]
@@ -224,24 +234,23 @@ def _raise_problems(problems: list[str], target: ExportFormat, where: str) -> No
     )
 
 
-def check_convertible(qconfig: dict[str, Any], to: str) -> None:
+def check_convertible(qconfig: dict[str, Any], to: str, modules: list[QuantizedModule] = ()) -> None:
     """Raise :class:`ConfigError` if a checkpoint with this ``quantization_config`` cannot become ``to``.
 
     Works on a partial config (``weights``, ``activations``, ``transforms``, ``module_overrides``,
     ``quantized_modules`` are each optional), so ``quantize`` can refuse before any heavy work.
-    Per-module shape constraints are only known with the tensors and are checked by :func:`convert`.
+    ``modules`` (``quantized_module.planned_module``, from the weights' shapes) adds the per-module
+    shape refusals; ``qconfig`` must then have its ``weights`` section.
     """
     target = get_format(to)
-    _raise_problems(target.config_problems(qconfig), target, "this checkpoint")
+    raise_problems(target.config_problems(qconfig), target, "this checkpoint")
+    problems = [f"{m.name}: {p}" for m in modules for p in target.module_problems(m, qconfig)]
+    raise_problems(problems, target, "this checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
 # Converting
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_weight_file(name: str) -> bool:
-    return bool(_WEIGHT_FILE.match(name)) or name.endswith(".safetensors")
 
 
 def write_converted(
@@ -265,9 +274,9 @@ def write_converted(
     src, dst = Path(src_dir), Path(dst_dir)
     ckpt = NativeCheckpoint(src)
     try:
-        _raise_problems(target.config_problems(ckpt.qconfig), target, str(src))
+        raise_problems(target.config_problems(ckpt.qconfig), target, str(src))
         problems = [f"{m.name}: {p}" for m in ckpt.modules for p in target.module_problems(m, ckpt.qconfig)]
-        _raise_problems(problems, target, str(src))
+        raise_problems(problems, target, str(src))
 
         writer = ShardedWriter(dst, max_shard_bytes)
         done: set[str] = set()
@@ -275,36 +284,21 @@ def write_converted(
         for key in ckpt.keys():
             if key in owner:
                 m = owner[key]
-                writer.add_all(m.name, target.module_tensors(ckpt, m))
+                writer.add_all(m.name, target.module_tensors(m, ckpt.linear(m), ckpt.qconfig))
                 done.add(m.name)
+        passthrough = []
         for key in ckpt.passthrough_keys():
             writer.add(key, target.passthrough(key, ckpt.get(key)))
+            passthrough.append((key, ckpt.shape(key)))
         missing = [m.name for m in ckpt.modules if m.name not in done]
         if missing:  # pragma: no cover - inspect_checkpoint guarantees weight_packed exists
             raise CheckpointError(f"modules without weight_packed: {missing[:_MAX_LISTED]}")
         writer.close()
-
-        qconfig = target.quantization_config(ckpt)
-        config = unwrap_config(ckpt.config)  # the source's model_type/architectures: stock loaders build it
-        config["quantization_config"] = qconfig
-        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        inventory = ExportInventory(qconfig=ckpt.qconfig, modules=list(ckpt.modules), passthrough=passthrough)
     finally:
         ckpt.close()
-
-    from ..format.model_files import copyable_model_files
-
-    # The same allow-list as quantize: code, tokenizer, generation config, license; never pickles,
-    # hidden files, folders or symlinks out of the checkpoint (config, report and card are written here).
-    for f in copyable_model_files(src):
-        if _is_weight_file(f.name) or is_generated(f):  # is_generated: the native format's wrapper/loader files
-            continue
-        shutil.copy2(f, dst / f.name)
-        if f.suffix == ".py":  # remote code without the qdlm loader registration or guard appended to it
-            (dst / f.name).write_text(strip_added_code(f.read_text(encoding="utf-8")), encoding="utf-8")
-    _write_report(src, dst, target, ckpt.qconfig, writer.manifest())
-    if model_card:
-        _write_card(src, dst, target, config, repo_id or dst.name)
-    return qconfig
+    return write_export_files(src, dst, target, ckpt.config, inventory, writer.manifest(),
+                              model_card=model_card, repo_id=repo_id or dst.name)
 
 
 def convert(src_dir: str | Path, out_dir: str | Path, to: str, *, overwrite: bool = False,
@@ -344,56 +338,12 @@ def _check_argument(name: str, value: Any, types: type | tuple[type, ...], accep
         )
 
 
-def _write_report(src: Path, dst: Path, target: ExportFormat, native_qconfig: dict[str, Any],
-                  manifest: dict[str, Any]) -> None:
-    report = read_report(src) or {}
-    report["export"] = {"format": target.name, "native_quantization_config": native_qconfig}
-    report["tensors"] = manifest  # this folder's tensors, not the native source's (docs/FORMAT.md)
-    write_report(dst, report)
-
-
-def _write_card(src: Path, dst: Path, target: ExportFormat, config: dict[str, Any], repo_id: str) -> None:
-    """The native card, rendered from the source, adapted to the target: its tag and title, and its
-    own "How to load" and "Format" sections.
-
-    ``model_card.render_model_card`` describes the native format (it reads the native config from
-    the source folder); the target-specific parts are swapped in here.
-    """
-    try:
-        from ..hub.card import render_model_card
-
-        text = render_model_card(src, repo_id=repo_id)
-    except Exception:  # noqa: BLE001 - the card is informational: never fail a conversion over it
-        text = (src / CARD_FILE).read_text() if (src / CARD_FILE).is_file() else f"# {repo_id}\n"
-    text = text.replace("\ntags:\n", f"\ntags:\n- {target.name}\n", 1)
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        if line.startswith("# ") and line.rstrip().endswith("(qdlm)"):
-            lines[i] = line.rstrip()[: -len("(qdlm)")] + f"({target.title})"
-            break
-    text = "\n".join(lines)
-    text = _replace_section(text, "## How to load", target.how_to_load(repo_id, config))
-    text = _replace_section(text, "## Format", target.format_note())
-    (dst / CARD_FILE).write_text(text)
-
-
-def _replace_section(text: str, heading: str, body: str) -> str:
-    if not body:
-        return text
-    body = body.rstrip("\n") + "\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + body
-    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-
-
 __all__ = [
     "FORMATS",
     "TARGETS",
     "ExportFormat",
+    "ExportInventory",
+    "LinearTensors",
     "NativeCheckpoint",
     "QuantizedModule",
     "check_convertible",

@@ -31,7 +31,8 @@ import torch
 
 from .convert import (
     ExportFormat,
-    NativeCheckpoint,
+    ExportInventory,
+    LinearTensors,
     QuantizedModule,
     activation_problem_weight_only,
     block_layout,
@@ -116,14 +117,15 @@ class GPTQFormat(ExportFormat):
             )
         return problems
 
-    def module_tensors(self, ckpt: NativeCheckpoint, m: QuantizedModule) -> dict[str, torch.Tensor]:
-        group = gptq_group(ckpt.qconfig, m)
+    def module_tensors(self, m: QuantizedModule, data: LinearTensors, qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
+        group = gptq_group(qconfig, m)
         n_groups = m.in_features // group
-        codes = ckpt.codes(m)  # [out, in]
-        zeros = ckpt.zero_points(m).to(torch.int64)  # [out, native groups]
-        scale, changed = fp16_exact(ckpt.scale(m))
+        codes = data.codes()  # [out, in]
+        zeros = data.zero_points().to(torch.int64)  # [out, native groups]
+        native_scale = data.scale()
+        scale, changed = fp16_exact(native_scale)
         if changed:
-            raise _scale_error(m, changed, ckpt.scale(m).dtype)
+            raise _scale_error(m, changed, native_scale.dtype)
         # Map GPTQ groups onto native groups (identity unless the module is coarser, e.g. per channel).
         first_col = torch.arange(n_groups) * group
         native_group = first_col // m.group
@@ -147,14 +149,15 @@ class GPTQFormat(ExportFormat):
             "scales": scale.t().contiguous(),
             "g_idx": (torch.arange(m.in_features, dtype=torch.int32) // group).to(torch.int32),
         }
-        bias = ckpt.bias(m)
+        bias = data.bias()
         if bias is not None:
             tensors["bias"] = bias.to(torch.float16)
         return tensors
 
-    def quantization_config(self, ckpt: NativeCheckpoint) -> dict[str, Any]:
-        w = ckpt.qconfig["weights"]
-        names = [m.name for m in ckpt.modules]
+    def quantization_config(self, inventory: ExportInventory) -> dict[str, Any]:
+        qconfig = inventory.qconfig
+        w = qconfig["weights"]
+        names = [m.name for m in inventory.modules]
         layout = block_layout(names)
         prefix, suffixes = layout if layout else (None, [])
         return {
@@ -164,14 +167,14 @@ class GPTQFormat(ExportFormat):
             "desc_act": False,
             "sym": bool(w["symmetric"]),
             "true_sequential": True,
-            "damp_percent": _damp(ckpt.qconfig),
+            "damp_percent": _damp(qconfig),
             "checkpoint_format": "gptq",
             "format": "gptq",
             "pack_dtype": "int32",
             "lm_head": False,
             "block_name_to_quantize": prefix,
             "modules_in_block_to_quantize": [suffixes] if suffixes else None,
-            "meta": {"quantizer": [f"qdlm-export:{_tool_version(ckpt)}"], "qdlm_method": ckpt.qconfig.get("method")},
+            "meta": {"quantizer": [f"qdlm-export:{_tool_version(qconfig)}"], "qdlm_method": qconfig.get("method")},
         }
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
@@ -221,8 +224,8 @@ def _damp(qconfig: dict[str, Any]) -> float:
     return float(damp) if isinstance(damp, (int, float)) and 0 < damp < 1 else 0.01
 
 
-def _tool_version(ckpt: NativeCheckpoint) -> str:
-    return str((ckpt.qconfig.get("provenance") or {}).get("tool_version") or "")
+def _tool_version(qconfig: dict[str, Any]) -> str:
+    return str((qconfig.get("provenance") or {}).get("tool_version") or "")
 
 
 FORMAT = GPTQFormat()

@@ -1,10 +1,9 @@
-"""A native qdlm checkpoint as the exports read it: each quantized linear's resolved scheme and its
-codes, scales and zero points, and the tensors that belong to no quantized linear."""
+"""A native qdlm checkpoint as the exports read it (``convert DIR``): each quantized linear's resolved
+scheme and its codes, scales and zero points, and the tensors that belong to no quantized linear."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,57 +11,13 @@ import torch
 
 from ..core.packing import unpack_rows
 from ..format.reader import CheckpointReader
-from ..format.spec import LinearSpec
 from ..format.validation import validate_checkpoint
-
-
-@dataclass(frozen=True)
-class QuantizedModule:
-    """One quantized linear of a native checkpoint: its resolved scheme and its tensors' keys."""
-
-    name: str
-    spec: LinearSpec
-    online_ops: tuple[dict, ...]  # transforms.modules[name] without the quantize markers
-    quantizes_input: bool
-    quantizes_output: bool
-
-    @property
-    def out_features(self) -> int:
-        return self.spec.out_features
-
-    @property
-    def in_features(self) -> int:
-        return self.spec.in_features
-
-    @property
-    def bits(self) -> int:
-        return self.spec.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.spec.group_size
-
-    @property
-    def symmetric(self) -> bool:
-        return self.spec.symmetric
-
-    @property
-    def groups(self) -> int:
-        return self.spec.groups
-
-    @property
-    def group(self) -> int:
-        """Columns per group (``in_features`` when per channel)."""
-        return self.in_features if self.group_size == -1 else self.group_size
-
-    def keys(self) -> list[str]:
-        """Every stored tensor of this module (weight, scale, zero, shape, bias, transform tensors)."""
-        return [f"{self.name}.{suffix}" for suffix in self.spec.tensors()]
+from .quantized_module import QuantizedModule
 
 
 class NativeCheckpoint:
     """A validated native qdlm folder, read lazily through the one reader: headers at open, tensors on
-    request. What every target encodes from (:class:`~.convert.ExportFormat`)."""
+    request. What ``convert`` encodes from (:class:`~.convert.ExportFormat`)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -74,7 +29,7 @@ class NativeCheckpoint:
         for key, entry in self._reader.entries.items():
             by_file.setdefault(entry.path, []).append(key)
         self._order = [key for path in sorted(by_file) for key in sorted(by_file[path])]
-        self.modules = [_module(name, checked.specs[name]) for name in self.qconfig["quantized_modules"]]
+        self.modules = [QuantizedModule.from_spec(name, checked.specs[name]) for name in self.qconfig["quantized_modules"]]
         self._owner = {key: m for m in self.modules for key in m.keys()}
 
     # -- tensors --------------------------------------------------------------------------------
@@ -95,27 +50,33 @@ class NativeCheckpoint:
         """Tensors that belong to no quantized module (embeddings, norms, full-precision linears)."""
         return (k for k in self._order if k not in self._owner)
 
-    def codes(self, m: QuantizedModule) -> torch.Tensor:
-        """uint8 ``[out, in]`` codes in ``[0, 2^bits)``."""
-        return unpack_rows(self.get(f"{m.name}.weight_packed"), m.bits, m.in_features)
-
-    def scale(self, m: QuantizedModule) -> torch.Tensor:
-        return self.get(f"{m.name}.weight_scale")
-
-    def zero_points(self, m: QuantizedModule) -> torch.Tensor:
-        """uint8 ``[out, groups]`` zero codes; symmetric modules get their fixed ``2^(bits-1)``."""
-        if m.symmetric:
-            return torch.full((m.out_features, m.groups), 1 << (m.bits - 1), dtype=torch.uint8)
-        return self.get(f"{m.name}.weight_zero_point")
-
-    def bias(self, m: QuantizedModule) -> torch.Tensor | None:
-        return self.get(f"{m.name}.bias") if m.spec.has_bias else None
+    def linear(self, m: QuantizedModule) -> StoredLinear:
+        """The tensors of module ``m``, read on request."""
+        return StoredLinear(self, m)
 
     def close(self) -> None:
         self._reader.close()
 
 
-def _module(name: str, spec: LinearSpec) -> QuantizedModule:
-    online = tuple(op for op in spec.input_transforms if op.get("op") not in ("quantize_input", "quantize_output"))
-    return QuantizedModule(name=name, spec=spec, online_ops=online,
-                           quantizes_input=spec.quantizes_input, quantizes_output=spec.quantizes_output)
+class StoredLinear:
+    """:class:`~.quantized_module.LinearTensors` of one module of a native folder."""
+
+    def __init__(self, ckpt: NativeCheckpoint, module: QuantizedModule):
+        self.ckpt, self.module = ckpt, module
+
+    def packed(self) -> torch.Tensor:
+        return self.ckpt.get(f"{self.module.name}.weight_packed")
+
+    def codes(self) -> torch.Tensor:
+        return unpack_rows(self.packed(), self.module.bits, self.module.in_features)
+
+    def scale(self) -> torch.Tensor:
+        return self.ckpt.get(f"{self.module.name}.weight_scale")
+
+    def zero_points(self) -> torch.Tensor:
+        if self.module.symmetric:
+            return self.module.symmetric_zero_points()
+        return self.ckpt.get(f"{self.module.name}.weight_zero_point")
+
+    def bias(self) -> torch.Tensor | None:
+        return self.ckpt.get(f"{self.module.name}.bias") if self.module.spec.has_bias else None

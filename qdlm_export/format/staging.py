@@ -40,6 +40,14 @@ def _owner_record() -> dict[str, Any]:
     return {"tool": TOOL, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
 
 
+def _write_marker(folder: Path, out: Path) -> None:
+    """The incomplete marker, written whole or not at all (a temporary file renamed into place): a run
+    killed while writing it must not leave an empty marker, whose owner the next run cannot know."""
+    partial = folder / (INCOMPLETE_MARKER + ".tmp")
+    partial.write_text(json.dumps({**_owner_record(), "out": str(out)}))
+    os.replace(partial, folder / INCOMPLETE_MARKER)
+
+
 def _read_owner(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -301,7 +309,7 @@ def staged_output(out: str | Path, overwrite: bool, *, source: str | Path | None
                 check_output(out, overwrite, source=source)  # again, now that we hold the lock
                 remove_stale_staging(out.parent)
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
-                (tmp / INCOMPLETE_MARKER).write_text(json.dumps({**_owner_record(), "out": str(out)}))
+                _write_marker(tmp, out)
             except OSError as exc:
                 raise os_write_error(exc, out.parent, "creating the staging folder in") from None
             try:
@@ -339,7 +347,7 @@ def _finish(tmp: Path, out: Path, overwrite: bool, source: str | Path | None) ->
         check_output(out, overwrite, source=source)
         # Replace: mark the old folder incomplete and move it aside first, so that a failure here still
         # leaves one of them, and a kill leaves a staging folder the next run removes.
-        (out / INCOMPLETE_MARKER).write_text(json.dumps({**_owner_record(), "out": str(out)}))
+        _write_marker(out, out)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}old-", dir=out.parent))
         old.rmdir()
         out.rename(old)

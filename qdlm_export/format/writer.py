@@ -8,6 +8,10 @@ Shards get their final ``model-0000i-of-0000n`` names once ``n`` is known.
 :meth:`ShardedWriter.manifest` is the list of every tensor written (name -> safetensors dtype and
 shape); ``quantize`` and ``convert`` store it in ``qdlm_report.json`` (``"tensors"``), from which
 ``inspect``/``push``/``eval`` check that no tensor has gone missing since (docs/FORMAT.md).
+
+The quantize pipeline writes into a :class:`TensorSink`: a ShardedWriter is the native one (each
+quantized linear as the format's tensors), ``exports/streaming.py`` has a converting one, and
+:class:`TeeSink` feeds several at once.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from .spec import ST_DTYPE_NAMES
+from ..core.schemes import QuantizedWeight
+from .spec import ST_DTYPE_NAMES, linear_tensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -56,7 +62,34 @@ class _Shard:
         self.data_path.unlink()
 
 
+class TensorSink(Protocol):
+    """Where the quantize pipeline puts a checkpoint's tensors, as it produces them."""
+
+    def add_linear(self, name: str, qweight: QuantizedWeight) -> None:
+        """One quantized linear ``name``."""
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor of no quantized linear (embeddings, norms, full-precision linears)."""
+
+
+class TeeSink:
+    """Every tensor to each of ``sinks``, in order."""
+
+    def __init__(self, *sinks: TensorSink):
+        self.sinks = sinks
+
+    def add_linear(self, name: str, qweight: QuantizedWeight) -> None:
+        for sink in self.sinks:
+            sink.add_linear(name, qweight)
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        for sink in self.sinks:
+            sink.add_tensor(name, tensor)
+
+
 class ShardedWriter:
+    """Safetensors shards in ``folder``; as a :class:`TensorSink`, the native checkpoint's tensors."""
+
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
@@ -86,6 +119,13 @@ class ShardedWriter:
         (safetensors dtype names). Written into ``qdlm_report.json`` as ``"tensors"``."""
         entries = {name: entry for shard in self._shards for name, entry in shard.entries.items()}
         return {name: {"dtype": e["dtype"], "shape": list(e["shape"])} for name, e in sorted(entries.items())}
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.add(name, tensor)
+
+    def add_linear(self, name: str, qweight: QuantizedWeight) -> None:
+        """The native format's tensors of one quantized linear (``spec.linear_tensors``)."""
+        self.add_all(name, linear_tensors(qweight))
 
     def add_all(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         for suffix, tensor in tensors.items():

@@ -27,7 +27,7 @@ from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFou
 from ..format.config_schema import build_quantization_config
 from ..format.report import build_report, record_local_source, write_report
 from ..format.spec import DTYPES, ST_FLOAT_DTYPES, dtype_name
-from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TeeSink
 from ..methods import build_method, make_config  # noqa: F401  (make_config: part of this API)
 from ..format.output import check_output
 from ..format.staging import staged_output
@@ -81,9 +81,11 @@ def quantize(
 ) -> QuantizeSummary:
     """Quantize ``model`` into ``out``.
 
-    ``output_format`` other than native: the native checkpoint is written and verified in a scratch
-    folder, then converted (formats/); what the format cannot express is refused before any work
-    where it can be known from the options. ``self_contained``: native checkpoints carry the loader as
+    ``output_format`` other than native: each quantized linear is converted as it is produced, from
+    memory (exports/streaming.py); what the format cannot express is refused before any work where it
+    can be known from the options and the weights' shapes. With ``verify`` the native checkpoint is
+    also written, into a scratch folder, solely for verification to reload (then deleted); without it
+    no native weights are written at all. ``self_contained``: native checkpoints carry the loader as
     remote code, so they load with transformers alone; without it they refuse to load where qdlm-export
     is not installed (formats/native_wrappers.py). Never random weights either way.
     ``allow_non_finite``: quantize source weights that hold NaN/Inf instead of refusing them.
@@ -103,13 +105,14 @@ def quantize(
         raise ConfigError(f"--format {output_format!r} is unknown", hint=f"choose one of {', '.join(FORMATS)}")
     if output_format in ("gptq", "awq") and config.scale_dtype is None:
         config = dataclasses.replace(config, scale_dtype="float16")  # what their loaders expect
+    export_qconfig = None  # the native quantization_config as known before quantizing
     if output_format != "native":
-        check_convertible(
-            {"weights": {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
-                         **({"scale_dtype": config.scale_dtype} if config.scale_dtype else {})},
-             "activations": config.activations() if hasattr(config, "activations") else None},
-            output_format,
-        )
+        export_qconfig = {
+            "weights": {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric,
+                        **({"scale_dtype": config.scale_dtype} if config.scale_dtype else {})},
+            "activations": config.activations() if hasattr(config, "activations") else None,
+        }
+        check_convertible(export_qconfig, output_format)
     calibration = calibration or CalibrationConfig()
     torch_device = resolve_device(device)
     dtype = DTYPES[compute_dtype] if compute_dtype else default_compute_dtype(torch_device)
@@ -123,7 +126,10 @@ def quantize(
     try:
         method = build_method(config, source.adapter, source.config_dict, scale_dtype=_scale_dtype(config, source),
                               quantized_linear=build_quantized_linear)
-        _check_layer_shapes(source, method)
+        planned = _check_layer_shapes(source, method)
+        if export_qconfig is not None:  # the module list, overrides and shapes, before any heavy work
+            export_qconfig.update(quantized_modules=[m.name for m in planned], module_overrides=dict(method.overrides))
+            check_convertible(export_qconfig, output_format, planned)
         if source.trust_remote_code and source.config_dict.get("auto_map"):
             from .preflight import run_first_block
 
@@ -136,21 +142,33 @@ def quantize(
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
 
         with staged_output(out, overwrite, source=source.path) as stage:
-            # Non-native formats: write (and verify) native in a scratch folder, convert at the end.
-            tmp = stage if output_format == "native" else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
-            writer = ShardedWriter(tmp, max_shard_bytes)
+            # Non-native formats are converted linear by linear into the stage; the native checkpoint
+            # goes to a scratch folder, and only when verification will reload it.
+            native = output_format == "native"
+            tmp = stage if native else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
+            writer = ShardedWriter(tmp, max_shard_bytes) if native or verify else None
+            export = None
+            if not native:
+                from ..exports.streaming import ConvertingSink
+
+                export = ConvertingSink(stage, output_format, export_qconfig, max_shard_bytes=max_shard_bytes)
             result = run_pipeline(
-                source, method, writer, calib_tokens=calib_tokens, device=torch_device,
-                compute_dtype=dtype, batch_size=batch_size, on_block=on_block,
+                source, method, TeeSink(*(s for s in (writer, export) if s is not None)),
+                calib_tokens=calib_tokens, device=torch_device, compute_dtype=dtype, batch_size=batch_size,
+                on_block=on_block,
             )
-            shards = writer.close()
+            shards = writer.close() if writer is not None else []
+            if export is not None:
+                shards = export.close()  # the folder's size is the export's
             for f in source.copyable_files():
                 shutil.copy2(f, tmp / f.name)
             qconfig = _quantization_config(config, source, result, calibration, method, command)
             config_dict = dict(source.config_dict)
             config_dict["quantization_config"] = qconfig
             (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-            if output_format == "native":  # before verification, so it loads the layout that ships
+            if export is not None:
+                export.check(qconfig)  # what the method added (online transforms...), before verification
+            if native:  # before verification, so it loads the layout that ships
                 from ..loader.native_wrappers import wrap_native
 
                 wrap_native(tmp)  # a dense family's own model type: never random weights without the tool
@@ -176,7 +194,7 @@ def quantize(
                 source_checkpoint_bytes=source.source_bytes(), relative_output_error=error,
                 calibration=_calibration_record(calibration) if method.needs_calibration else None,
                 seconds_per_block=result.seconds_per_block, elapsed_s=time.perf_counter() - started,
-                compat_repairs=compat.applied_repairs(), manifest=writer.manifest(),
+                compat_repairs=compat.applied_repairs(), manifest=(writer or export).manifest(),
                 display_names={k: v for k, v in {"method": type(method).display_name,
                                                 "family": source.adapter.display_name}.items() if v},
             )
@@ -184,12 +202,9 @@ def quantize(
             if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed
                 record_local_source(stage, source.path)
             _write_card(tmp, repo_id=out.name)
-            if output_format != "native":
-                from ..exports.convert import write_converted
-
-                write_converted(tmp, stage, output_format, max_shard_bytes=max_shard_bytes, repo_id=out.name)
+            if export is not None:  # config, model files, report (with its export record), card
+                export.finish(tmp, qconfig, repo_id=out.name)
                 shutil.rmtree(tmp)
-                checkpoint_bytes = sum(f.stat().st_size for f in stage.glob("*.safetensors"))
             else:  # the loader as remote code, or (--no-self-contained) a guard asking for qdlm-export
                 from ..loader.native_wrappers import finish_native
 
@@ -251,9 +266,13 @@ def _check_argument_types(**args: Any) -> None:
     # a CalibrationConfig checks its own field types when it is built (configs.check_field_values)
 
 
-def _check_layer_shapes(source: SourceModel, method) -> None:
+def _check_layer_shapes(source: SourceModel, method) -> list:
     """Resolve every layer's scheme from the safetensors headers before any work, so a group size
-    that does not fit a layer fails at once, naming the layer."""
+    that does not fit a layer fails at once, naming the layer. Returns the layers to quantize
+    (``exports.quantized_module.planned_module``), for the exports' shape refusals."""
+    from ..exports.quantized_module import planned_module
+
+    planned = []
     adapter = source.adapter
     names = adapter.quantizable_linears(adapter.num_layers(source.config_dict))
     if method.config.include_lm_head:
@@ -275,7 +294,9 @@ def _check_layer_shapes(source: SourceModel, method) -> None:
                 hint="the weights do not match the model family, or are already quantized; pass the original "
                 "full-precision model",
             )
-        method.layer_scheme(name, shape[1])
+        scheme = method.layer_scheme(name, shape[1])
+        planned.append(planned_module(name, shape[0], shape[1], scheme, method.scale_dtype))
+    return planned
 
 
 def _scale_dtype(config: WeightOnlyConfig, source: SourceModel) -> torch.dtype:

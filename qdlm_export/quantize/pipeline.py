@@ -7,6 +7,9 @@ depth. No graph tracing: a hook records what the model passes to its first block
 that tracing would break on). With ``--include-lm-head`` the head is quantized last, by the method,
 calibrated on the last block's outputs (the final norm's inputs).
 
+Results go to a sink (``format.writer.TensorSink``) chosen by the caller: the native writer, an
+export's converting sink, or both; the pipeline knows no output format.
+
 Weight-activation methods leave quantized linears in each block; the pipeline builds them for the
 method (:func:`build_quantized_linear`): the loader's ``QdlmLinear`` from the format's spec of the
 module, so calibration propagates through exactly what ``from_pretrained`` computes.
@@ -24,7 +27,7 @@ import torch.nn as nn
 from ..core.schemes import QuantizedWeight
 from ..errors import ConfigError
 from ..format.spec import ST_FLOAT_DTYPES, linear_tensors, quantized_linear_spec
-from ..format.writer import ShardedWriter
+from ..format.writer import TensorSink
 from ..methods.base import BlockCalibration, QuantMethod
 from ..methods.capture import ForwardStopped, record_calls
 from .source import SourceModel
@@ -127,7 +130,7 @@ def quantize_block(
 def run_pipeline(
     source: SourceModel,
     method: QuantMethod,
-    writer: ShardedWriter,
+    sink: TensorSink,
     *,
     calib_tokens: torch.Tensor | None,
     device: torch.device,
@@ -158,19 +161,21 @@ def run_pipeline(
         source.materialize(model, prefix, device, compute_dtype)
         block = blocks[index]
         qweights = quantize_block(method, block, prefix, calib, propagate=index + 1 < len(blocks))
-        _write_block(source, writer, block, prefix, qweights, result)
+        _write_block(source, sink, block, prefix, qweights, result)
         source.release(model, prefix)
         result.seconds_per_block.append(time.perf_counter() - started)
         if on_block is not None:
             on_block(index + 1, len(blocks))
 
     head_calib = BlockCalibration(hidden=calib.hidden) if calib is not None else None
-    _write_non_block(source, writer, model, method, head_calib, result)
+    _write_non_block(source, sink, model, method, head_calib, result)
     result.module_overrides = dict(method.overrides)
     return result
 
 
-def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweight, tensors) -> None:
+def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweight) -> None:
+    # Sizes are the native format's, whatever the sink writes (the report compares formats on them).
+    tensors = linear_tensors(qweight)
     out, inp = qweight.shape
     dtype = _source_dtype(source, f"{name}.weight", torch.float32)
     result.quantized_modules.append(name)
@@ -181,25 +186,24 @@ def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweig
     )
 
 
-def _write_block(source, writer, block, prefix, qweights, result) -> None:
+def _write_block(source, sink, block, prefix, qweights, result) -> None:
     written = set()
     for name, qweight in qweights.items():
         if qweight.bias is not None:
             dtype = _source_dtype(source, f"{name}.bias", qweight.bias.dtype)
             qweight.bias = qweight.bias.to(dtype)
-        tensors = linear_tensors(qweight)
-        writer.add_all(name, tensors)
-        _record_linear(result, source, name, qweight, tensors)
+        sink.add_linear(name, qweight)
+        _record_linear(result, source, name, qweight)
         if qweight.input_transforms:
             result.module_transforms[name] = list(qweight.input_transforms)
         written.update({f"{name}.weight", f"{name}.bias"})
     for local, param in block.named_parameters():
         name = f"{prefix}.{local}"
         if name not in written:  # norms etc., possibly with scales folded in by the method
-            writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
+            sink.add_tensor(name, param.to(_source_dtype(source, name, param.dtype)))
 
 
-def _write_non_block(source, writer, model, method, head_calib, result) -> None:
+def _write_non_block(source, sink, model, method, head_calib, result) -> None:
     """Embeddings, final norm and head; the head quantized by the method with ``--include-lm-head``
     (first: a method may fold a scale into the final norm)."""
     adapter = source.adapter
@@ -220,11 +224,10 @@ def _write_non_block(source, writer, model, method, head_calib, result) -> None:
         if name.startswith(head + ".") and quantize_head:
             continue
         if source.has(name):  # a tied head is not stored separately, as in the source
-            writer.add(name, param.to(_source_dtype(source, name, param.dtype)))
+            sink.add_tensor(name, param.to(_source_dtype(source, name, param.dtype)))
     if qweight is not None:
-        tensors = linear_tensors(qweight)
-        writer.add_all(head, tensors)
-        _record_linear(result, source, head, qweight, tensors)
+        sink.add_linear(head, qweight)
+        _record_linear(result, source, head, qweight)
         if qweight.input_transforms:
             result.module_transforms[head] = list(qweight.input_transforms)
     else:

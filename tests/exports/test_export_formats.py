@@ -28,12 +28,7 @@ from qdlm_export.quantize.api import make_config, quantize
 from tests.isolation import BLOCKER, TOKENS, rel, run_isolated
 from tests.reference import dequantized_weights, load_tensors
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: two threads on a shared 2-core machine only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only adds overhead
 
 # name -> (method, options); every weight-only scheme uses float16 scales (what GPTQ/AWQ store)
 SCHEMES = {
@@ -46,25 +41,6 @@ SCHEMES = {
     # group 96 does not divide 256: those linears fall back to per-channel (module_overrides)
     "mixed": ("rtn", dict(bits=4, group_size=96, symmetric=True, group_fallback="per-channel")),
 }
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory) -> Path:
-    """A tiny dense Qwen2 (a family transformers loads natively), saved with the shipped tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from qdlm_export.fixtures import tokenizer_dir
-
-    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    for f in tokenizer_dir().iterdir():
-        shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")
