@@ -3,7 +3,9 @@
 Builds a 1-block LLaDA with the real 8B block shapes (d_model 4096, MLP 12288, 32 heads; random
 bf16 weights), quantizes it with each scheme below (no calibration-heavy methods: the point is the
 kernels, not the weights), and times a full forward pass of each against the original with
-``bench_model.run_model_benchmark`` (same run, same tokens). For QuaRot the share of the step spent
+``qdlm_export.bench.model.run_model_benchmark`` (same run, same tokens; the original in each dense
+dtype, the fastest is the baseline; ``--repeat`` interleaved repetitions, ratio median with its
+min-max spread). For QuaRot the share of the step spent
 in online Hadamard transforms is measured too (each call timed between device synchronisations, so
 it is an upper bound).
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=10, help="interleaved repetitions")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the timings (default 1)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--small", action="store_true", help="hidden 256 instead of 4096 (a smoke test)")
     args = parser.parse_args(argv)
@@ -69,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             quant_s = time.perf_counter() - t0
             r = run_model_benchmark(
-                out, batch=args.batch, seqlen=args.seqlen, repeat=args.repeat, device=device, trust_remote_code=True
+                out, batch=args.batch, seqlen=args.seqlen, repeat=args.repeat, device=device, trust_remote_code=True,
+                threads=args.threads,
             )
             r.pop("checkpoint", None)
             rows.append({"scheme": name, "quantize_s": round(quant_s, 2), **r})
-            print(f"{name}: speedup {r['speedup']}x, hadamard share {r['hadamard_share']}", file=sys.stderr)
+            print(
+                f"{name}: ratio {r['ratio']} [{r['ratio_low']}-{r['ratio_high']}] vs {r['dense_dtype']} "
+                f"(speedup {r['speedup']}x), hadamard share {r['hadamard_share']}",
+                file=sys.stderr,
+            )
     result = {
         "shapes": shapes,
         "blocks": 1,

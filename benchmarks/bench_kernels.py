@@ -1,11 +1,13 @@
-"""Kernel micro-benchmarks at diffusion-LLM GEMM shapes (see qdlm_export/bench.py).
+"""Kernel micro-benchmarks at diffusion-LLM GEMM shapes (see qdlm_export/bench/kernels.py).
 
     python benchmarks/bench_kernels.py            # CPU: the quick subset (< 1 min); CUDA: the full grid
     python benchmarks/bench_kernels.py --full     # every shape, M in {16, 256, 1024, 4096}
     python benchmarks/bench_kernels.py --json     # the result dict as JSON on stdout
+    python benchmarks/bench_kernels.py --peers    # torchao's int4 / int8 linears beside ours
 
-Reports time ratios against a dense matmul (bf16 on CUDA, fp32 on CPU) measured in the same run,
-and peak memory. Nothing here asserts on time.
+Reports time ratios against the fastest dense matmul (CPU: float32 or bfloat16; CUDA: bfloat16 or
+float16) measured in the same interleaved repetitions, as median with min-max spread, and peak
+memory. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128, help="weight-only group size (default 128, -1 per channel)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     p.add_argument("--m", default=None, help="comma-separated token counts, e.g. 16,256")
-    p.add_argument("--repeat", type=int, default=None, help="timed repetitions (median reported)")
+    p.add_argument("--repeat", type=int, default=None, help="interleaved repetitions (default 5; median and spread)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the timings (default 1)")
+    p.add_argument("--peers", action="store_true", help="also time torchao's int4 weight-only and int8 dynamic paths")
     args = p.parse_args(argv)
     quick = True if args.quick else (False if args.full else None)
     result = run_kernel_benchmarks(
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         ops=tuple(o for o in args.ops.split(",") if o),
         m_values=tuple(int(v) for v in args.m.split(",")) if args.m else None,
         repeat=args.repeat,
+        threads=args.threads,
+        peers=args.peers,
         progress=None if args.json else (lambda line: print(line, file=sys.stderr)),
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))

@@ -99,7 +99,14 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     if args.out:
-        Path(args.out).write_text(text)
+        # The measured study is the document's first part; hand-written sections after it are kept.
+        out = Path(args.out)
+        kept = ""
+        if out.is_file():
+            old = out.read_text()
+            marker = old.find("\n## Calibration data sources")
+            kept = old[marker:] if marker >= 0 else ""
+        out.write_text(text + kept)
     print(text)
 
 

@@ -1,21 +1,28 @@
-"""Kernel micro-benchmarks at diffusion-LLM shapes: every available backend against a dense matmul.
+"""Kernel micro-benchmarks at diffusion-LLM shapes: every available backend against the fastest dense matmul.
 
     run_kernel_benchmarks(quick=None, device=None, ...) -> dict     (JSON-serialisable)
     format_report(result) -> str                                    (a plain-text table)
 
-For each GEMM shape ``K x N`` (in x out features) and token count ``M``, the dense baseline
-``x @ W.T`` is timed in the same run (bf16 on CUDA; on a CPU float32 *and* bfloat16, the faster one
-is the baseline and the quantized ops get activations in its dtype), then each quantized op on every
-backend that can run it:
+For each GEMM shape ``K x N`` (in x out features) and token count ``M``, the dense ``x @ W.T`` is
+timed in every dtype the device runs fast (CUDA: bfloat16 and float16; CPU: float32 and bfloat16,
+since only some CPUs have bf16 matrix units) in the same interleaved repetitions as the quantized
+ops; the fastest is the baseline. The quantized ops get activations in the dtype a short dense
+probe found fastest, and weights quantized (RTN) from the same float weight as the dense one:
 
 * ``weight_only``: ``weight_only_linear`` on a ``bits``-bit, ``group_size`` packed weight;
 * ``w8a8``: per-token int8 quantize + int8 GEMM (per-channel int8 weight);
 * ``w4a4``: per-token 4-bit quantize + packed 4-bit weight GEMM (per channel).
 
-Reported per row: median time, ``ratio`` = time / dense time (< 1 is faster than dense), the peak
-extra memory during the call and the resident weight bytes. Peak memory is the CUDA allocator's
-high-water mark on GPUs; on CPU there is no allocator counter, so it is the process RSS sampled every
-millisecond during the call, above its level before (approximate; small temporaries are missed).
+With ``peers=True`` torchao's int4 weight-only and int8 dynamic-activation linears, quantized from
+the same float weight, run in the same repetitions (``bench/peers.py``), and ours / theirs is reported.
+
+Timing (``bench/timing.py``): warm-up, then ``repetitions`` interleaved rounds; per row ``ratio`` is
+the median over rounds of time / dense time of that round (< 1 is faster than dense), with the
+round-to-round min and max (``ratio_low``, ``ratio_high``). On a CPU the run uses ``threads``
+threads (default 1: stable on a shared machine). Also reported: the peak extra memory during one
+call and the resident weight bytes. Peak memory is the CUDA allocator's high-water mark on GPUs; on
+CPU it is the process RSS sampled every millisecond during the call, above its level before
+(approximate; small temporaries are missed).
 
 Timings are what this machine measured once: compare ratios within one run only.
 """
@@ -25,7 +32,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import threading
 import time
 from typing import Any, Callable
@@ -33,8 +39,23 @@ from typing import Any, Callable
 import torch
 
 from ..core.packing import pack_rows
+from ..core.schemes import WeightScheme, quantize_rtn
 from .. import kernels as D
 from ..kernels._triton import fast_hadamard_transform_available, triton_version
+from .timing import (
+    DEFAULT_MIN_RUN_TIME,
+    DEFAULT_REPETITIONS,
+    clock_for,
+    dense_dtypes,
+    dtype_name,
+    fastest,
+    format_ratio,
+    interleaved_times,
+    median_ms,
+    ratio_stats,
+    sync,
+    torch_threads,
+)
 
 # (in_features K, out_features N): LLaDA-8B attention/MLP, Dream-7B MLP
 SHAPES_FULL = ((4096, 4096), (4096, 12288), (12288, 4096), (3584, 18944))
@@ -42,25 +63,7 @@ M_FULL = (16, 256, 1024, 4096)
 SHAPES_QUICK = ((4096, 4096), (12288, 4096))
 M_QUICK = (16, 256)
 OPS = ("weight_only", "w8a8", "w4a4")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+CPU_THREADS = 1  # see timing.torch_threads
 
 
 def _rss_bytes() -> int:
@@ -74,11 +77,11 @@ def _rss_bytes() -> int:
 def _peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int:
     """Bytes allocated above the starting level at the peak of one call of ``fn``."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        _sync(device)
+        sync(device)
         return max(0, torch.cuda.max_memory_allocated(device) - base)
     base = _rss_bytes()
     peak = [base]
@@ -99,62 +102,75 @@ def _peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return max(0, max(peak[0], _rss_bytes()) - base)
 
 
-def _backends(op: str, device: torch.device, **params: Any) -> list[str]:
+def _backends(op: str, device: torch.device, **params: Any) -> list[D.registry.Backend]:
     """Backends of ``op`` that can run here (never the Triton interpreter: it is not a benchmark)."""
-    names, impls = [], set()
+    found, impls = [], set()
     for b in D.backends_for(op):
         if b.family == "triton" and device.type != "cuda":
             continue
         if b.impl not in impls and b.unsupported(D.Problem(op, device, params)) is None:
-            names.append(b.name)
+            found.append(b)
             impls.add(b.impl)  # one entry per implementation (torch._int_mm and torch share one)
-    return names
+    return found
 
 
-def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int, gen: torch.Generator):
-    """(label, backend name, callable, weight bytes) for one op at one shape."""
-    device = x.device
-    m = x.shape[0]
+def quantized_weights(w32: torch.Tensor, bits: int, group_size: int, device: torch.device) -> dict[str, tuple]:
+    """RTN of the float weight ``w32 [N, K]`` in each op's layout: op -> its weight tensors."""
+    wo = quantize_rtn(w32, WeightScheme(bits, group_size, True), scale_dtype=torch.bfloat16)
+    w8 = quantize_rtn(w32, WeightScheme(8, -1, True))
+    w4 = quantize_rtn(w32, WeightScheme(4, -1, True), scale_dtype=torch.bfloat16)
+    return {
+        "weight_only": (pack_rows(wo.codes, bits).to(device), wo.scale.to(device)),
+        "w8a8": ((w8.codes.to(torch.int16) - 128).to(torch.int8).to(device), w8.scale[:, 0].to(device)),
+        "w4a4": (pack_rows(w4.codes, 4).to(device), w4.scale.to(device)),
+    }
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int, weights: dict[str, tuple]):
+    """(backend, is auto's pick, callable, weight bytes) for one op at one shape."""
+    device, m = x.device, x.shape[0]
     out = []
     if op == "weight_only":
-        groups = 1 if group_size == -1 else k // group_size
-        codes = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
-        packed = pack_rows(codes, bits).to(device)
-        scale = (torch.rand(n, groups, generator=gen) * 0.01).to(device=device, dtype=torch.bfloat16)
-        wbytes = packed.numel() * 4 + scale.numel() * 2
-        for name in _backends(
-            "weight_only_linear", device, M=m, K=k, N=n, bits=bits, group_size=group_size, dtype=x.dtype
-        ):
-            out.append(
-                (
-                    name,
-                    lambda name=name: D.weight_only_linear(x, packed, scale, None, bits, group_size, k, backend=name),
-                    wbytes,
-                )
-            )
+        packed, scale = weights[op]
+        params = dict(M=m, K=k, N=n, bits=bits, group_size=group_size, symmetric=True, dtype=x.dtype)
+        auto = D.select_backend("weight_only_linear", device, **params)
+        for b in _backends("weight_only_linear", device, **params):
+            fn = functools.partial(D.weight_only_linear, x, packed, scale, None, bits, group_size, k, backend=b.name)
+            out.append((b.name, b.impl is auto.impl, fn, _nbytes(packed, scale)))
     elif op == "w8a8":
-        w_q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
-        w_s = (torch.rand(n, generator=gen) * 0.01).to(device)
-        wbytes = w_q.numel() + w_s.numel() * 4
-        for name in _backends("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype):
+        w_q, w_s = weights[op]
+        auto = D.select_backend("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype)
+        for b in _backends("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype):
             # the activation quantizer runs on the GEMM's family (triton with triton, else torch)
-            q_name = "triton" if name == "triton" else "torch"
+            q_name = "triton" if b.name == "triton" else "torch"
 
-            def run(name=name, q_name=q_name):
+            def run(name=b.name, q_name=q_name):
                 x_q, x_s = D.quantize_per_token(x, 8, backend=q_name)
                 return D.int8_gemm(x_q, x_s, w_q, w_s, None, x.dtype, backend=name)
 
-            out.append((name, run, wbytes))
+            out.append((b.name, b.impl is auto.impl, run, _nbytes(w_q, w_s)))
     elif op == "w4a4":
-        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        packed = pack_rows(codes, 4).to(device)
-        scale = (torch.rand(n, 1, generator=gen) * 0.01).to(device=device, dtype=torch.bfloat16)
-        wbytes = packed.numel() * 4 + scale.numel() * 2
-        for name in _backends("packed_int_linear", device, M=m, K=k, N=n, bits=4, group_size=-1, symmetric=True):
-            out.append((name, lambda name=name: D.w4a4_linear(x, packed, scale, None, -1, k, backend=name), wbytes))
+        packed, scale = weights[op]
+        params = dict(M=m, K=k, N=n, bits=4, group_size=-1, symmetric=True)
+        auto = D.select_backend("packed_int_linear", device, dtype=x.dtype, **params)
+        for b in _backends("packed_int_linear", device, **params):
+            fn = functools.partial(D.w4a4_linear, x, packed, scale, None, -1, k, backend=b.name)
+            out.append((b.name, b.impl is auto.impl, fn, _nbytes(packed, scale)))
     else:
         raise ValueError(f"unknown benchmark op {op!r}; choose from {OPS}")
     return out
+
+
+def _activation_dtype(x32: torch.Tensor, weights: dict, device: torch.device, min_run_time: float, clock) -> torch.dtype:
+    """The dense dtype that one short interleaved probe finds fastest (the quantized ops' input dtype)."""
+    xs = {dt: x32.to(device=device, dtype=dt) for dt in weights}
+    fns = {dt: functools.partial(torch.matmul, xs[dt], w.T) for dt, w in weights.items()}
+    times = interleaved_times(fns, device, repetitions=1, min_run_time=min_run_time, clock=clock)
+    return fastest(times, list(fns))
 
 
 def run_kernel_benchmarks(
@@ -167,7 +183,10 @@ def run_kernel_benchmarks(
     m_values: tuple[int, ...] | list[int] | None = None,
     shapes: tuple[tuple[int, int], ...] | list[tuple[int, int]] | None = None,
     repeat: int | None = None,
-    warmup: int | None = None,
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
+    warmup: int = 1,
+    threads: int | None = None,
+    peers: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -175,82 +194,166 @@ def run_kernel_benchmarks(
 
     ``quick`` (default: True on CPU, False on CUDA) uses M in {16, 256} and K x N in
     {4096 x 4096, 12288 x 4096}; the full grid is M in {16, 256, 1024, 4096} and K x N in
-    {4096 x 4096, 4096 x 12288, 12288 x 4096, 3584 x 18944}.
+    {4096 x 4096, 4096 x 12288, 12288 x 4096, 3584 x 18944}. ``repeat``: interleaved repetitions
+    (default 5); ``warmup``: calls before timing (the block sizing adds a few more). ``threads`` (CPU; default 1) sets torch's
+    intra-op threads for the run. ``peers`` adds torchao's linears where torchao imports (else the
+    result's ``peers`` is None and ``peers_skipped`` says why).
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if quick is None:
         quick = dev.type != "cuda"
     m_values = tuple(m_values or (M_QUICK if quick else M_FULL))
     shapes = tuple(tuple(s) for s in (shapes or (SHAPES_QUICK if quick else SHAPES_FULL)))  # type: ignore[misc]
-    repeat = repeat or (3 if dev.type == "cpu" else 20)
-    warmup = warmup if warmup is not None else (1 if dev.type == "cpu" else 5)
-    # The baseline is the fastest dense path of the device, timed in the same run: bf16 on CUDA; on a
-    # CPU both float32 and bfloat16 (AMX/AVX512-BF16 CPUs run bf16 GEMMs several times faster, others
-    # slower). The quantized ops then take activations in the baseline's dtype.
-    dense_dtypes = (torch.bfloat16,) if dev.type == "cuda" else (torch.float32, torch.bfloat16)
+    repetitions = repeat or DEFAULT_REPETITIONS
+    if threads is None and dev.type == "cpu":
+        threads = CPU_THREADS
+    peer_skip = None
+    if peers:
+        from .peers import torchao_unavailable_reason
+
+        peer_skip = torchao_unavailable_reason()
+    peer_rows: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for k, n in shapes:
-        w32 = torch.randn(n, k, generator=gen) * 0.02
-        weights = {dt: w32.to(device=dev, dtype=dt) for dt in dense_dtypes}
-        del w32
-        for m in m_values:
-            x32 = torch.randn(m, k, generator=gen)
-            dense_by_dtype = {}
-            for dt, w in weights.items():
-                xd = x32.to(device=dev, dtype=dt)
-                dense_by_dtype[dt] = _time(functools.partial(torch.matmul, xd, w.T), dev, repeat, warmup)
-            dtype = min(dense_by_dtype, key=dense_by_dtype.get)
-            x, w = x32.to(device=dev, dtype=dtype), weights[dtype]
-            dense = functools.partial(torch.matmul, x, w.T)
-            dense_ms = dense_by_dtype[dtype]
-            dense_mem = _peak_extra_memory(dense, dev)
-            base = dict(
-                M=m,
-                K=k,
-                N=n,
-                dense_ms=round(dense_ms, 4),
-                dense_dtype=str(dtype).replace("torch.", ""),
-                dense_ms_by_dtype={str(dt).replace("torch.", ""): round(t, 4) for dt, t in dense_by_dtype.items()},
-                dense_peak_mem_bytes=dense_mem,
-                dense_weight_bytes=w.numel() * w.element_size(),
-                bf16_weight_bytes=w.numel() * 2,
-            )
-            if progress:
-                progress(f"K={k} N={n} M={m}: dense {dense_ms:.2f} ms ({base['dense_dtype']})")
-            for op in ops:
-                for label, fn, wbytes in _cases(op, x, k, n, bits, group_size, gen):
-                    ms = _time(fn, dev, repeat, warmup)
-                    rows.append(
-                        dict(
-                            op=op,
-                            backend=label,
-                            **base,
-                            time_ms=round(ms, 4),
-                            ratio=round(ms / dense_ms, 3),
-                            peak_mem_bytes=_peak_extra_memory(fn, dev),
-                            weight_bytes=wbytes,
-                        )
-                    )
-                    if progress:
-                        progress(f"  {op:12s} {label:24s} {ms:9.2f} ms  x{ms / dense_ms:.2f}")
-    return {
+    with torch_threads(threads if dev.type == "cpu" else None) as used_threads, torch.no_grad():
+        clock, clock_name = clock_for(dev, used_threads)
+        for k, n in shapes:
+            w32 = torch.randn(n, k, generator=gen) * 0.02
+            weights = {dt: w32.to(device=dev, dtype=dt) for dt in dense_dtypes(dev)}
+            qweights = quantized_weights(w32, bits, group_size, dev)
+            peer_modules: dict[torch.dtype, dict] = {}
+            for m in m_values:
+                x32 = torch.randn(m, k, generator=gen)
+                rows_here, peers_here = _measure_shape(
+                    x32, w32, weights, qweights, peer_modules if peers and peer_skip is None else None,
+                    dev, k, n, bits, group_size, ops, repetitions, min_run_time, warmup, clock, progress,
+                )
+                rows += rows_here
+                peer_rows += peers_here
+    result = {
         "device": torch.cuda.get_device_name(dev)
         if dev.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        else f"cpu ({platform.processor() or platform.machine()}, {used_threads} threads)",
         "device_type": dev.type,
+        "threads": used_threads if dev.type == "cpu" else None,
         "torch": torch.__version__,
         "triton": triton_version(),
         "fast_hadamard_transform": fast_hadamard_transform_available(),
-        "dense_dtype": "bfloat16" if dev.type == "cuda" else "fastest of float32, bfloat16 (per row)",
+        "dense_dtype": "fastest of " + ", ".join(dtype_name(dt) for dt in dense_dtypes(dev)) + " (per row)",
         "weight_only_scheme": {"bits": bits, "group_size": group_size, "symmetric": True},
         "quick": quick,
-        "repeat": repeat,
+        "repetitions": repetitions,
+        "min_run_time_s": min_run_time,
+        "clock": clock_name,
+        "timing": "interleaved repetitions; per repetition the fastest block of calls; ratio = median over "
+        "repetitions of time / dense time, low/high = their min/max",
         "peak_mem_method": "cuda_max_memory_allocated" if dev.type == "cuda" else "rss_sampled_1ms",
         "seconds": round(time.perf_counter() - started, 2),
         "results": rows,
     }
+    if peers:
+        from .peers import torchao_version
+
+        result["peers"] = None if peer_skip else {"library": "torchao", "version": torchao_version(), "rows": peer_rows}
+        if peer_skip:
+            result["peers_skipped"] = peer_skip
+    return result
+
+
+def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, group_size, ops, repetitions,
+                   min_run_time, warmup, clock, progress) -> tuple[list[dict], list[dict]]:
+    """Rows of one (K, N, M): every candidate and every dense dtype in the same interleaved rounds."""
+    m = x32.shape[0]
+    act_dtype = _activation_dtype(x32, weights, dev, min_run_time, clock)
+    xs = {dt: x32.to(device=dev, dtype=dt) for dt in weights}
+    x = xs[act_dtype]
+    fns: dict[str, Callable[[], Any]] = {
+        f"dense:{dtype_name(dt)}": functools.partial(torch.matmul, xs[dt], w.T) for dt, w in weights.items()
+    }
+    cases = {}
+    for op in ops:
+        for backend, auto, fn, wbytes in _cases(op, x, k, n, bits, group_size, qweights):
+            fns[f"{op}:{backend}"] = fn
+            cases[f"{op}:{backend}"] = (op, backend, auto, fn, wbytes)
+    peers = {}
+    if peer_modules is not None:
+        if act_dtype not in peer_modules:
+            from .peers import build_peers
+
+            peer_modules[act_dtype] = build_peers(w32.to(dev), act_dtype, group_size)
+        for name, peer in peer_modules[act_dtype].items():
+            if "module" in peer:
+                fns[f"peer:{name}"] = functools.partial(peer["module"], x)
+            peers[name] = peer
+    times = interleaved_times(fns, dev, repetitions=repetitions, min_run_time=min_run_time, warmup=warmup, clock=clock)
+    dense_names = [name for name in fns if name.startswith("dense:")]
+    base = fastest(times, dense_names)
+    dense_ms = median_ms(times[base])
+    w = weights[_dtype_of(base, weights)]
+    common = dict(
+        M=m, K=k, N=n,
+        dense_ms=round(dense_ms, 4),
+        dense_dtype=base.split(":", 1)[1],
+        dense_ms_by_dtype={name.split(":", 1)[1]: round(median_ms(times[name]), 4) for name in dense_names},
+        activation_dtype=dtype_name(act_dtype),
+        dense_peak_mem_bytes=_peak_extra_memory(fns[base], dev),
+        dense_weight_bytes=_nbytes(w),
+        bf16_weight_bytes=w.numel() * 2,
+    )
+    if progress:
+        progress(f"K={k} N={n} M={m}: dense {dense_ms:.2f} ms ({common['dense_dtype']})")
+    rows = []
+    for key, (op, backend, auto, fn, wbytes) in cases.items():
+        stats = ratio_stats(times[key], times[base])
+        rows.append(dict(
+            op=op, backend=backend, auto=auto, **common,
+            time_ms=round(median_ms(times[key]), 4),
+            ratio=stats["median"], ratio_low=stats["low"], ratio_high=stats["high"],
+            repetitions=stats["repetitions"],
+            peak_mem_bytes=_peak_extra_memory(fn, dev),
+            weight_bytes=wbytes,
+        ))
+        if progress:
+            progress(f"  {op:12s} {backend:24s} {rows[-1]['time_ms']:9.2f} ms  x{format_ratio(**_three(stats))}")
+    peer_rows = [_peer_row(name, peer, cases, times, base, x, w32, common) for name, peer in peers.items()]
+    return rows, peer_rows
+
+
+def _dtype_of(name: str, weights: dict) -> torch.dtype:
+    return next(dt for dt in weights if dtype_name(dt) == name.split(":", 1)[1])
+
+
+def _three(stats: dict) -> dict:
+    return {"median": stats["median"], "low": stats["low"], "high": stats["high"]}
+
+
+def _peer_row(name, peer, cases, times, base, x, w32, common) -> dict[str, Any]:
+    """One peer at one shape: its ratio to dense, ours / theirs per round, both outputs' error."""
+    from .peers import relative_error
+
+    row: dict[str, Any] = dict(peer=name, our_op=peer["our_op"], M=common["M"], K=common["K"], N=common["N"],
+                               activation_dtype=common["activation_dtype"], dense_dtype=common["dense_dtype"])
+    ours = next((key for key, case in cases.items() if case[0] == peer["our_op"] and case[2]), None)
+    if "module" not in peer or ours is None:
+        row["error"] = peer.get("error") or f"our {peer['our_op']} was not timed (not in --ops)"
+        return row
+    key = f"peer:{name}"
+    vs_dense, vs_peer = ratio_stats(times[key], times[base]), ratio_stats(times[ours], times[key])
+    reference = x.double() @ w32.to(x.device).double().T
+    row.update(
+        config=peer["config"],
+        our_backend=cases[ours][1],
+        time_ms=round(median_ms(times[key]), 4),
+        our_time_ms=round(median_ms(times[ours]), 4),
+        ratio=vs_dense["median"], ratio_low=vs_dense["low"], ratio_high=vs_dense["high"],
+        ours_over_peer=vs_peer["median"], ours_over_peer_low=vs_peer["low"], ours_over_peer_high=vs_peer["high"],
+        repetitions=vs_peer["repetitions"],
+        # both against the float64 product with the float weight they were quantized from
+        our_error_vs_float=round(relative_error(cases[ours][3](), reference), 5),
+        peer_error_vs_float=round(relative_error(peer["module"](x), reference), 5),
+    )
+    return row
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -258,15 +361,48 @@ def format_report(result: dict[str, Any]) -> str:
     mb = 1 / 2**20
     lines = [
         f"device: {result['device']}  torch {result['torch']}  triton {result['triton']}  "
-        f"dense {result['dense_dtype']}  ({result['seconds']} s, median of {result['repeat']})",
-        f"{'op':12s} {'backend':24s} {'K':>6s} {'N':>6s} {'M':>5s} {'ms':>9s} {'dense ms':>9s} {'dense':>8s} {'ratio':>6s} "
-        f"{'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s}",
+        f"dense {result['dense_dtype']}  ({result['seconds']} s; {result['repetitions']} interleaved repetitions, "
+        f"ratio = median ± farthest repetition)",
+        f"{'op':12s} {'backend':24s} {'K':>6s} {'N':>6s} {'M':>5s} {'ms':>9s} {'dense ms':>9s} {'dense':>8s} "
+        f"{'ratio':>12s} {'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s}",
     ]
     for r in result["results"]:
+        ratio = format_ratio(r["ratio"], r.get("ratio_low", r["ratio"]), r.get("ratio_high", r["ratio"]))
         lines.append(
-            f"{r['op']:12s} {r['backend']:24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} {r['time_ms']:9.2f} "
-            f"{r['dense_ms']:9.2f} {r.get('dense_dtype', ''):>8s} {r['ratio']:6.2f} {r['peak_mem_bytes'] * mb:9.1f} "
-            f"{r['dense_peak_mem_bytes'] * mb:9.1f} {r['weight_bytes'] * mb:10.1f}"
+            f"{r['op']:12s} {r['backend'] + ('*' if r.get('auto') else ''):24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} "
+            f"{r['time_ms']:9.2f} {r['dense_ms']:9.2f} {r.get('dense_dtype', ''):>8s} {ratio:>12s} "
+            f"{r['peak_mem_bytes'] * mb:9.1f} {r['dense_peak_mem_bytes'] * mb:9.1f} {r['weight_bytes'] * mb:10.1f}"
         )
-    lines.append(f"peak memory: {result['peak_mem_method']}; ratio = time / dense time (below 1 is faster)")
+    lines.append(
+        f"peak memory: {result['peak_mem_method']}; ratio = time / fastest dense time (below 1 is faster); "
+        "* = the backend auto picks"
+    )
+    if "peers" in result:
+        lines += format_peers(result)
     return "\n".join(lines)
+
+
+def format_peers(result: dict[str, Any]) -> list[str]:
+    """Lines of the torchao comparison (or the line saying why it was skipped)."""
+    peers = result.get("peers")
+    if peers is None:
+        return [f"peers skipped: {result.get('peers_skipped', 'not requested')}"]
+    lines = [
+        f"peers: torchao {peers['version']} (eager), same float weights and inputs; "
+        "ours/theirs below 1 means ours is faster",
+        f"{'peer':18s} {'ours':22s} {'K':>6s} {'N':>6s} {'M':>5s} {'theirs ms':>10s} {'ours ms':>9s} "
+        f"{'ours/theirs':>12s} {'theirs/dense':>12s} {'err ours':>9s} {'err theirs':>10s}",
+    ]
+    for r in peers["rows"]:
+        if "error" in r:
+            lines.append(f"{r['peer']:18s} not timed: {r['error']}")
+            continue
+        lines.append(
+            f"{r['peer']:18s} {r['our_op'] + ':' + r['our_backend']:22s} {r['K']:6d} {r['N']:6d} {r['M']:5d} "
+            f"{r['time_ms']:10.2f} {r['our_time_ms']:9.2f} "
+            f"{format_ratio(r['ours_over_peer'], r['ours_over_peer_low'], r['ours_over_peer_high']):>12s} "
+            f"{format_ratio(r['ratio'], r['ratio_low'], r['ratio_high']):>12s} "
+            f"{r['our_error_vs_float']:9.4f} {r['peer_error_vs_float']:10.4f}"
+        )
+    lines.append("err = relative error against the float64 product with the unquantized weight")
+    return lines

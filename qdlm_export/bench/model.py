@@ -1,13 +1,17 @@
 """One full denoising step of a quantized checkpoint against its original, in the same run.
 
 A dLLM denoising step is one forward pass over the whole sequence (prompt + masked answer). This
-times that pass for the original model (bf16 on CUDA, fp32 on CPU) and the quantized one, and
-reports the memory its quantized linears hold against the same linears in bf16. When the
-checkpoint has online Hadamard transforms, the share of the step spent in them is measured too.
+times that pass for the original model in every dense dtype the device runs fast (CPU: float32 and
+bfloat16; CUDA: bfloat16 and float16) and for the quantized one, loaded in the dtype a short probe
+found fastest, all in the same interleaved repetitions (``bench/timing.py``); the baseline is the
+fastest dense model. It reports the memory the quantized linears hold against the same linears in
+bf16 and, when the checkpoint has online Hadamard transforms, the share of the step spent in them.
+All models are held at once (the dense ones in each dtype), so the step needs their memory together.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -16,25 +20,39 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .timing import (
+    DEFAULT_MIN_RUN_TIME,
+    DEFAULT_REPETITIONS,
+    clock_for,
+    dense_dtypes,
+    dtype_name,
+    fastest,
+    interleaved_times,
+    median_ms,
+    ratio_stats,
+    sync,
+    torch_threads,
+)
+
 # The package's own tiny LLaDA: its code is ours, so timing it never needs --trust-remote-code.
 EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "assets" / "tiny-llada"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _forward(model: nn.Module, tokens: torch.Tensor) -> Any:
+    with torch.no_grad():
+        return model(input_ids=tokens)
 
 
 def _time_forward(model: nn.Module, tokens: torch.Tensor, device: torch.device, repeat: int) -> float:
-    with torch.no_grad():
-        model(input_ids=tokens)  # warm-up (kernel compilation, caches)
-        _sync(device)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(input_ids=tokens)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+    """Median seconds of ``repeat`` forwards after one warm-up: the probe that picks the fastest dtype."""
+    _forward(model, tokens)  # warm-up (kernel compilation, caches)
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        _forward(model, tokens)
+        sync(device)
+        times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
@@ -118,13 +136,16 @@ def run_model_benchmark(
     original: str | Path | None = None,
     batch: int = 1,
     seqlen: int = 256,
-    repeat: int = 3,
+    repeat: int = DEFAULT_REPETITIONS,
+    min_run_time: float = DEFAULT_MIN_RUN_TIME,
+    threads: int | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Time one denoising step of ``quantized_dir`` and of its original. Loading either may run
-    Python code shipped in its folder (LLaDA, Dream): that needs ``trust_remote_code=True``, else
-    ``UnsupportedModelError`` names the files."""
+    """Time one denoising step of ``quantized_dir`` and of its original (``repeat`` interleaved
+    repetitions; ``threads`` on a CPU, default 1). Loading either may run Python code shipped in its
+    folder (LLaDA, Dream): that needs ``trust_remote_code=True``, else ``UnsupportedModelError``
+    names the files."""
     from ..core.arguments import check_device
     from ..eval.loading import auto_class_name
 
@@ -136,7 +157,6 @@ def run_model_benchmark(
     qconfig = config["quantization_config"]
     auto_class = auto_class_name(config)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     vocab = config.get("vocab_size") or config.get("embedding_size")
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seqlen), generator=gen)
@@ -146,24 +166,43 @@ def run_model_benchmark(
     tokens = tokens.to(dev)
 
     trusted = trust_remote_code or Path(original).expanduser().resolve() == EMBEDDED_DEFAULT.resolve()
-    dense_model = _load(original, auto_class, dtype, dev, trusted)
-    dense_s = _time_forward(dense_model, tokens, dev, repeat)
-    del dense_model
-    quant_model = _load(str(quantized_dir), auto_class, dtype, dev, trust_remote_code)
-    quant_s = _time_forward(quant_model, tokens, dev, repeat)
-    held, dense_bytes = linear_memory(quant_model)
-    hadamard_share = _hadamard_share(quant_model, tokens, dev, quant_s)
+    if threads is None and dev.type == "cpu":
+        threads = 1
+    with torch_threads(threads if dev.type == "cpu" else None) as used_threads:
+        dense = {dt: _load(original, auto_class, dt, dev, trusted) for dt in dense_dtypes(dev)}
+        probe = {dt: _time_forward(model, tokens, dev, 1) for dt, model in dense.items()}
+        dtype = min(probe, key=probe.get)
+        quant_model = _load(str(quantized_dir), auto_class, dtype, dev, trust_remote_code)
+        fns = {f"dense:{dtype_name(dt)}": functools.partial(_forward, m, tokens) for dt, m in dense.items()}
+        fns["quantized"] = functools.partial(_forward, quant_model, tokens)
+        clock, clock_name = clock_for(dev, used_threads)
+        times = interleaved_times(fns, dev, repetitions=repeat, min_run_time=min_run_time, clock=clock)
+        del dense, fns
+        dense_names = [name for name in times if name.startswith("dense:")]
+        base = fastest(times, dense_names)
+        stats = ratio_stats(times["quantized"], times[base])
+        quant_ms = median_ms(times["quantized"])
+        held, dense_bytes = linear_memory(quant_model)
+        hadamard_share = _hadamard_share(quant_model, tokens, dev, quant_ms / 1000)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": used_threads if dev.type == "cpu" else None,
+        "clock": clock_name,
         "checkpoint": str(quantized_dir),
         "method": qconfig.get("method"),
         "bits": qconfig["weights"]["bits"],
         "act_bits": (qconfig.get("activations") or {}).get("bits"),
         "tokens": batch * seqlen,
-        "dense_dtype": str(dtype).removeprefix("torch."),
-        "dense_step_ms": round(dense_s * 1000, 3),
-        "quantized_step_ms": round(quant_s * 1000, 3),
-        "speedup": round(dense_s / quant_s, 3),
+        "dense_dtype": base.split(":", 1)[1],
+        "quantized_dtype": dtype_name(dtype),
+        "dense_step_ms": round(median_ms(times[base]), 3),
+        "dense_step_ms_by_dtype": {name.split(":", 1)[1]: round(median_ms(times[name]), 3) for name in dense_names},
+        "quantized_step_ms": round(quant_ms, 3),
+        "ratio": stats["median"],
+        "ratio_low": stats["low"],
+        "ratio_high": stats["high"],
+        "repetitions": stats["repetitions"],
+        "speedup": round(1 / stats["median"], 3),
         "linear_bytes_quantized": held,
         "linear_bytes_bf16": dense_bytes,
         "linear_memory_ratio": round(held / max(dense_bytes, 1), 4),
@@ -184,10 +223,10 @@ def _hadamard_share(model: nn.Module, tokens: torch.Tensor, device: torch.device
     calls = [0]
 
     def timed(*args, **kwargs):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = original(*args, **kwargs)
-        _sync(device)
+        sync(device)
         spent[0] += time.perf_counter() - start
         calls[0] += 1
         return out

@@ -76,8 +76,13 @@ def quantize(
         Optional[list[str]],
         typer.Option("--option", "-O", help="Any other method option as KEY=VALUE (repeatable), e.g. -O block_size=64. See docs/METHODS.md."),
     ] = None,
-    calib: Annotated[str, typer.Option(help="Calibration text: 'default' (shipped corpus), a .txt/.jsonl file, a folder, or a Hub dataset.")] = "default",
-    calib_field: Annotated[str, typer.Option(help="JSONL/dataset field holding the text.")] = "text",
+    calib: Annotated[str, typer.Option(help="Calibration data: 'default' (shipped corpus), a .txt/.jsonl file, a folder of text files, a json/csv/tsv/parquet/arrow file or save_to_disk folder, or a Hub dataset id (docs/calibration.md; datasets need pip install \"qdlm-export[calib]\").")] = "default",
+    calib_field: Annotated[Optional[str], typer.Option(help="The column (JSONL field) holding the text [default: 'text' when present, else the only string column].")] = None,
+    calib_config: Annotated[Optional[str], typer.Option(help="Configuration name of a Hub dataset, e.g. wikitext-2-raw-v1.")] = None,
+    calib_split: Annotated[str, typer.Option(help="Dataset split, with datasets' slicing syntax, e.g. 'train[:2000]'.")] = "train",
+    calib_chat_template: Annotated[
+        bool, typer.Option("--calib-chat-template", help="Render instruction data (a messages column, or prompt/response columns) with the model's chat template.", show_default=False)
+    ] = False,
     nsamples: Annotated[int, typer.Option(help="Calibration sequences (at least 1).", callback=int_range(1))] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence (at least 2).", callback=int_range(2))] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling and masking, 0 to 2**63-1.", callback=int_range(0, MAX_SEED, "2**63-1"))] = 0,
@@ -123,7 +128,8 @@ def quantize(
     options.update(parse_options(method, option or []))
     config = make_config(method, **options)
     calibration = CalibrationConfig(
-        source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field
+        source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field,
+        dataset_config=calib_config, split=calib_split, chat_template=calib_chat_template,
     )
     command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _block_progress(disable=as_json) as on_block:

@@ -31,7 +31,10 @@ CLI_FLAGS = {
     "bits", "group_size", "symmetric", "include_lm_head", "group_fallback", "scale_dtype", "act_bits",
     "act_granularity", "qkv_bits", "damp", "act_order", "mse_clip", "alpha",
 }
-CALIBRATION_FLAGS = {"source": "calib", "text_field": "calib-field", "masking": "calib-masking"}
+CALIBRATION_FLAGS = {
+    "source": "calib", "text_field": "calib-field", "masking": "calib-masking", "dataset_config": "calib-config",
+    "split": "calib-split", "chat_template": "calib-chat-template",
+}
 
 
 def option_name(field_name: str, calibration: bool = False) -> str:
@@ -195,9 +198,11 @@ CALIB_MASKINGS = ("auto", "random", "none")
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Where calibration text comes from and how it is cut into model inputs."""
+    """Where calibration text comes from and how it is cut into model inputs (docs/calibration.md)."""
 
-    source: str = "default"  # "default" (shipped corpus), a .txt/.jsonl file, a folder, or a Hub dataset
+    # "default" (shipped corpus), a .txt/.jsonl file, a folder of text files, a json/csv/parquet/arrow
+    # file or a `save_to_disk` folder (read with `datasets`), or a Hub dataset id.
+    source: str = "default"
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -205,7 +210,13 @@ class CalibrationConfig:
     # denoising; "none": clean text, as the study did; "auto" (default): random for models with a mask
     # token (dLLMs), none for the others. Chosen by measurement (docs/calibration.md).
     masking: str = "auto"
-    text_field: str = "text"
+    # The column (JSONL field) holding the text; None: "text" when present, else the only string column.
+    text_field: str | None = None
+    dataset_config: str | None = None  # a Hub dataset's configuration name (wikitext-2-raw-v1...)
+    split: str = "train"  # the dataset split, with datasets' slicing syntax ("train[:1000]")
+    # Render instruction data (a "messages" column, or prompt/response columns) with the model's chat
+    # template before tokenizing.
+    chat_template: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -222,6 +233,11 @@ class CalibrationConfig:
             raise ConfigError(f"--seed {self.seed} is out of range", hint=f"--seed accepts 0 to 2**63-1 ({MAX_SEED})")
         if self.masking not in CALIB_MASKINGS:
             raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint=f"choose one of {', '.join(CALIB_MASKINGS)}")
+        for name in ("source", "text_field", "dataset_config", "split"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                flag = option_name(name, calibration=True)
+                raise ConfigError(f"{flag} is empty", hint=f"give {flag} a value, or leave it out for the default")
 
     def resolved_masking(self, mask_token_id: int | None) -> str:
         """``"random"`` or ``"none"``: what ``auto`` means for a model with (or without) a mask token."""

@@ -1,6 +1,6 @@
 """Model-family adapters: architecture knowledge as data, one module per family."""
 
-from . import llada, qwen2  # noqa: F401  (registers the families)
+from . import llada, llada2_moe, lladamoe, qwen2  # noqa: F401  (registers the families)
 from .base import AttentionShape, FamilyAdapter, LinearGroup
 from .registry import family_by_name, family_for_config, known_families, known_model_types, register_family
 

@@ -20,12 +20,38 @@ class LinearGroup:
     ``norm`` names the norm whose output is that input (so scales/rotations can be folded into it);
     ``prev_linear`` names the linear whose output is that input (v -> attention output, up -> down)
     when no norm sits between them. Names are relative to the block.
+
+    Mixture-of-experts layers (all fields below default to the dense layout):
+
+    * ``experts`` -- the ``ModuleList`` of routed experts (relative to the block) this group is a
+      template for: ``linears`` and ``prev_linear`` are then relative to *one* expert, and the group
+      stands for one group per expert (:meth:`FamilyAdapter.block_groups` expands it). ``norm`` is
+      still the block's norm, which every expert (and the router) reads.
+    * ``routed`` -- set on such an expanded group: its linears see only the tokens the router sends
+      that expert, possibly none; a method must not assume it received inputs.
+    * ``optional`` -- the group exists in some blocks only (a dense MLP that sparse layers replace, a
+      shared expert); blocks without its first linear skip it.
+    * ``row_split`` -- one fused linear whose output rows are these parts, in order (``("q", "k",
+      "v")``: sizes from the attention shape, :meth:`FamilyAdapter.row_split_sizes`).
     """
 
     linears: tuple[str, ...]
     norm: str | None = None
     prev_linear: str | None = None
-    role: str = ""  # "qkv", "attn_out", "gate_up", "down": for humans and per-role options
+    role: str = ""  # "qkv", "attn_out", "gate_up", "down", "expert_gate_up"...: for humans and per-role options
+    experts: str | None = None
+    routed: bool = False
+    optional: bool = False
+    row_split: tuple[str, ...] = ()
+
+    def for_expert(self, index: int) -> "LinearGroup":
+        """This expert template as the concrete group of expert ``index`` (names relative to the block)."""
+        base = f"{self.experts}.{index}"
+        return LinearGroup(
+            linears=tuple(f"{base}.{name}" for name in self.linears), norm=self.norm,
+            prev_linear=f"{base}.{self.prev_linear}" if self.prev_linear else None,
+            role=self.role, routed=True, row_split=self.row_split,
+        )
 
 
 @dataclass(frozen=True)
@@ -67,12 +93,69 @@ class FamilyAdapter:
     auto_class: str = "AutoModel"  # the Auto class that loads the full model with its head
     # How people write the family's name (model cards); empty: ``name`` is shown.
     display_name: str = ""
+    # Mixture of experts: the router (relative to a block) that reads the same norm as the experts and
+    # picks them per token. It stays in full precision (it is not listed in ``groups``).
+    router: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived facts -------------------------------------------------------------------------
     @property
     def linear_names(self) -> tuple[str, ...]:
-        return tuple(name for group in self.groups for name in group.linears)
+        """The linears *every* block has (all of them for dense families; for mixtures of experts the
+        experts and the optional groups are resolved per block: :meth:`block_groups`)."""
+        return tuple(name for group in self.groups if not (group.experts or group.optional) for name in group.linears)
+
+    @property
+    def has_experts(self) -> bool:
+        return any(group.experts for group in self.groups)
+
+    def block_groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        """The concrete groups of one block, in forward order: expert templates expanded to one group
+        per expert the block holds, optional groups the block lacks left out."""
+        def exists(name: str) -> bool:
+            try:
+                block.get_submodule(name)
+            except AttributeError:
+                return False
+            return True
+
+        def experts_of(path: str) -> list[int]:
+            return list(range(len(block.get_submodule(path)))) if exists(path) else []
+
+        return self._resolve(exists, experts_of)
+
+    def stored_linears(self, index: int, keys: Any) -> list[str]:
+        """Full names of block ``index``'s linears, resolved against the checkpoint's tensor names
+        ``keys`` (what :meth:`block_groups` gives for the built block, without building it)."""
+        prefix = self.block_prefix(index) + "."
+        local = {key[len(prefix):] for key in keys if key.startswith(prefix)}
+
+        def exists(name: str) -> bool:
+            return f"{name}.weight" in local
+
+        def experts_of(path: str) -> list[int]:
+            head = path + "."
+            found = {k[len(head):].split(".", 1)[0] for k in local if k.startswith(head)}
+            return sorted(int(i) for i in found if i.isdigit())
+
+        return [prefix + name for group in self._resolve(exists, experts_of) for name in group.linears]
+
+    def _resolve(self, exists, experts_of) -> tuple[LinearGroup, ...]:
+        groups: list[LinearGroup] = []
+        for group in self.groups:
+            if group.experts:
+                groups += [group.for_expert(i) for i in experts_of(group.experts)
+                           if exists(group.for_expert(i).linears[0])]
+            elif not group.optional or exists(group.linears[0]):
+                groups.append(group)
+        return tuple(groups)
+
+    def row_split_sizes(self, group: LinearGroup, config: Any) -> tuple[int, ...]:
+        """Output rows of each part of a fused linear (``row_split``), from the attention shape."""
+        shape = self.attention_shape(config)
+        sizes = {"q": shape.num_heads * shape.head_dim, "k": shape.num_kv_heads * shape.head_dim,
+                 "v": shape.num_kv_heads * shape.head_dim}
+        return tuple(sizes[part] for part in group.row_split)
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         blocks = model.get_submodule(self.blocks)

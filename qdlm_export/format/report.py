@@ -19,7 +19,8 @@ def build_report(*, source: str, linear_params: int, linear_bytes_original: int,
                  checkpoint_bytes: int, source_checkpoint_bytes: int, relative_output_error: float | None,
                  calibration: dict[str, Any] | None, seconds_per_block: list[float], elapsed_s: float,
                  compat_repairs: list[str], manifest: dict[str, Any],
-                 display_names: dict[str, str] | None = None) -> dict[str, Any]:
+                 display_names: dict[str, str] | None = None,
+                 calibration_fallbacks: dict[str, str] | None = None) -> dict[str, Any]:
     """The report of a quantization run, with its fields in the documented order."""
     return {
         "source": source,
@@ -31,6 +32,8 @@ def build_report(*, source: str, linear_params: int, linear_bytes_original: int,
         "bits_per_weight": round(8 * linear_bytes_quantized / max(linear_params, 1), 4),
         "relative_output_error": relative_output_error,
         "calibration": calibration,
+        # linears quantized without calibration, and why (a routed expert no calibration token reached)
+        "calibration_fallbacks": dict(sorted((calibration_fallbacks or {}).items())),
         "seconds_per_block": [round(s, 3) for s in seconds_per_block],
         "elapsed_s": round(elapsed_s, 2),
         "eval": None,

@@ -27,7 +27,7 @@ import torch
 from ..core.schemes import QuantizedWeight
 from .spec import ST_DTYPE_NAMES, linear_tensors
 
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB" as transformers counts it (the CLI default)
 
 
 

@@ -119,7 +119,9 @@ class CpuPackedWeight:
 
 
 def _key(*tensors: torch.Tensor | None) -> tuple:
-    return tuple((t.data_ptr(), t._version, tuple(t.shape)) if t is not None else None for t in tensors)
+    # Inference tensors track no version counter (and cannot change in place): 0 stands for them.
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
+                 for t in tensors)
 
 
 def repack(

@@ -33,6 +33,8 @@ from ..format.config_schema import check_format_version
 from ..format.spec import FORMAT_NAME, LinearSpec, module_spec
 from ..format.tensor_headers import damaged, check_module_tensors, read_safetensors_headers
 from ..kernels import packed_int_linear, quantize_per_token, weight_only_linear
+# the module, not the package: the self-contained copy carries it (the package is a shim there)
+from ..kernels.weight_only import dequantize_packed
 from ..core.transforms import apply_input_transforms, transform_ops
 
 
@@ -286,6 +288,38 @@ class QdlmHfQuantizer(HfQuantizer):
         prefix = getattr(self, "_prefix", "")
         check_loaded_modules(model, getattr(self, "_headers_checked", False), prefix)
         check_all_tensors_loaded(model, prefix)
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: each :class:`QdlmLinear` becomes an ``nn.Linear`` holding its
+        dequantized weight ``(q - z) * s`` in ``dtype`` (the model's). Weight-only checkpoints only: a
+        module with online input transforms or activation quantizers computes something no plain
+        Linear does, so such a model is refused before anything is replaced."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        modules = quantized_modules(model)
+        for name, module in modules:
+            if module._ops or module._act_in is not None or module._act_out is not None:
+                raise CheckpointError(
+                    f"cannot dequantize module {name!r}: it applies online input transforms or activation "
+                    "quantization, which a plain Linear cannot hold",
+                    hint="dequantize() supports weight-only qdlm checkpoints; load the original model instead",
+                )
+            if any(t.is_meta for t in module.buffers()):
+                raise CheckpointError(f"cannot dequantize module {name!r}: its weights are offloaded (on meta)",
+                                      hint="load the model without disk/CPU offload to dequantize it")
+        for name, module in modules:
+            s = module.spec
+            weight = dequantize_packed(module.weight_packed, module.weight_scale,
+                                       getattr(module, "weight_zero_point", None), s.bits, s.group_size,
+                                       s.in_features, dtype or module.weight_scale.dtype)
+            linear = nn.Linear(s.in_features, s.out_features, bias=module.bias is not None,
+                               device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

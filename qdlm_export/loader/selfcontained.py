@@ -10,10 +10,10 @@ modeling files, which then play that part. :func:`make_self_contained` adds the 
   loader (``qdlm_loader.py``: ``QdlmConfig``, ``QdlmHfQuantizer``, ``QdlmLinear``), what it imports
   (format spec, packing, transforms, activation quantization, errors) and the torch and Triton
   weight-only kernels. They are the package's modules verbatim except for their import lines, which
-  are rewritten to point at the copies (``from .formats.native import X`` -> ``from .qdlm_native
+  are rewritten to point at the copies (``from ..format.spec import X`` -> ``from .qdlm_spec
   import X``), so a self-contained checkpoint computes exactly what the installed package computes.
-  ``qdlm_export.kernels`` (whose dispatcher registers every backend) is replaced by the small
-  dispatcher in ``formats/qdlm_remote_kernels.py``: the Triton kernel when triton and a CUDA tensor
+  ``qdlm_export.kernels`` (whose ``__init__`` imports every op module and its backends) is replaced by the
+  small stand-in in ``loader/remote_kernels.py``: the Triton kernel when triton and a CUDA tensor
   are there, the torch fallback otherwise.
 * **two lines at the end of each remote-code module named in ``auto_map``** that import
   ``qdlm_loader`` and call its ``register_with_transformers()``. transformers imports those modules
@@ -254,7 +254,7 @@ def loader_files() -> dict[str, str]:
             raise ConfigError(
                 f"the loader's copies import {', '.join(missing)} from {target}, which its self-contained copy "
                 f"({_export_name(target)}.py) does not define",
-                hint="add them to formats/qdlm_remote_kernels.py" if target in SHIMS else None,
+                hint="add them to loader/remote_kernels.py" if target in SHIMS else None,
             )
     _check_copied_together(files)
     return files

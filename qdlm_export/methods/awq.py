@@ -46,7 +46,7 @@ from ..core.configs import WeightOnlyConfig
 from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
-from .base import BlockCalibration, QuantMethod, find_linear, qualified
+from .base import NO_ROUTED_TOKENS, BlockCalibration, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
 from .folding import fold_scale, feeder_problem
 from .registry import register_method
@@ -143,16 +143,19 @@ def _sample_index(num_tokens: int, k: int | None, device: torch.device | str | N
 
 @torch.no_grad()
 def capture_group_input(
-    block: nn.Module, first_linear: nn.Linear, calib: BlockCalibration, clip_tokens: int | None
+    block: nn.Module, first_linear: nn.Linear, calib: BlockCalibration, clip_tokens: int | None,
+    may_be_silent: bool = False,
 ) -> InputStats:
-    """Statistics of the input of ``first_linear`` (the group's shared input) over the calibration."""
+    """Statistics of the input of ``first_linear`` (the group's shared input) over the calibration.
+    ``may_be_silent``: a routed expert's, which may receive no token (then ``count == 0``)."""
     num_tokens = sum(h.numel() // h.shape[-1] for h in calib.hidden)
     stats = InputStats(
         first_linear.in_features,
         first_linear.weight.device,
         _sample_index(num_tokens, clip_tokens, first_linear.weight.device),
     )
-    require_inputs(feed_inputs(block, {"group input": first_linear}, calib, lambda _, x: stats.add_batch(x)))
+    seen = feed_inputs(block, {"group input": first_linear}, calib, lambda _, x: stats.add_batch(x))
+    require_inputs(seen, ["group input"] if may_be_silent else ())
     return stats
 
 
@@ -267,6 +270,17 @@ def query_key_linears(adapter: FamilyAdapter) -> set[str]:
     return found
 
 
+def _shared_norms(groups: tuple[LinearGroup, ...]) -> set[str]:
+    """Norms a group's own scale cannot be folded into: those feeding several groups (every expert
+    and the shared expert of a mixture-of-experts layer), or routed experts (the router reads the
+    same norm), since the fold would change what the other readers compute."""
+    counts: dict[str, int] = {}
+    for group in groups:
+        if group.norm is not None:
+            counts[group.norm] = counts.get(group.norm, 0) + 1
+    return {norm for norm, n in counts.items() if n > 1} | {g.norm for g in groups if g.routed and g.norm}
+
+
 # ---- the method ----------------------------------------------------------------------------------
 
 
@@ -327,13 +341,23 @@ class AWQ(QuantMethod):
         master = {name: lin.weight.data.float().clone() for name, lin in linears.items()}
         clips: dict[str, torch.Tensor] = {}
         no_clip = query_key_linears(self.adapter) if cfg.clip_skip_qk else set()
+        shared = _shared_norms(groups)
 
         for group in groups:
             first = linears[group.linears[0]]
             in_features = first.in_features
-            stats = capture_group_input(block, first, calib, cfg.clip_tokens)
-            entry = self._scale_group(block, group, master, schemes, stats)
-            self.search_log[f"{prefix}:{group.role or ','.join(group.linears)}"] = entry
+            stats = capture_group_input(block, first, calib, cfg.clip_tokens, may_be_silent=group.routed)
+            key = f"{prefix}:{group.role or ','.join(group.linears)}"
+            if stats.count == 0:  # an expert no calibration token was routed to: plain RTN
+                for name in group.linears:
+                    self.calibration_fallbacks[qualified(prefix, name)] = f"rtn: {NO_ROUTED_TOKENS}"
+                self.search_log[key] = {"skipped": NO_ROUTED_TOKENS}
+                continue
+            if group.norm in shared:
+                entry = {"skipped": f"{group.norm} also feeds other linears or the router; no scale folded"}
+            else:
+                entry = self._scale_group(block, group, master, schemes, stats)
+            self.search_log[key] = entry
 
             if cfg.clip_search:
                 tokens = stats.sampled_tokens()

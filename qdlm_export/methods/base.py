@@ -23,8 +23,8 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightOnlyConfig
-from ..core.schemes import QuantizedWeight, WeightScheme
+from ..core.configs import WeightActivationConfig, WeightOnlyConfig
+from ..core.schemes import QuantizedWeight, WeightScheme, quantize_rtn
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
 
@@ -55,6 +55,10 @@ class BlockCalibration:
             out = block(h, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
+
+
+# Why a routed expert's linear was quantized without calibration (``QuantMethod.calibration_fallbacks``).
+NO_ROUTED_TOKENS = "the router sent it no calibration tokens"
 
 
 def find_linear(block: nn.Module, name: str) -> nn.Linear:
@@ -104,6 +108,10 @@ class QuantMethod:
     display_name: ClassVar[str] = ""  # how the model card names the method (empty: `name`)
     config_class: ClassVar[type[WeightOnlyConfig]] = WeightOnlyConfig
     needs_calibration: ClassVar[bool] = False
+    # Whether the method can quantize routed experts (mixture-of-experts layers). None: weight-only
+    # methods can; weight-activation methods, which fold smoothing scales and rotations across the
+    # linears sharing a norm (the router and every expert there), cannot yet.
+    supports_experts: ClassVar[bool | None] = None
 
     def __init__(self, config: WeightOnlyConfig, adapter: FamilyAdapter, model_config: Any, *,
                  scale_dtype: torch.dtype = torch.float32,
@@ -115,6 +123,29 @@ class QuantMethod:
         self.quantized_linear = quantized_linear
         # Layers that had to fall back to another scheme (recorded as module_overrides on disk).
         self.overrides: dict[str, dict[str, Any]] = {}
+        # Layers quantized without the method's calibration (full name -> why), e.g. an expert the
+        # router sent no calibration token to, which falls back to RTN: for the run's report.
+        self.calibration_fallbacks: dict[str, str] = {}
+        if adapter.has_experts and not self.handles_experts():
+            raise ConfigError(
+                f"method {self.name} does not support mixture-of-experts layers yet "
+                f"({adapter.display_name or adapter.name} models route tokens to experts)",
+                hint="use a weight-only method (rtn, gptq, awq) for this model",
+            )
+
+    @classmethod
+    def handles_experts(cls) -> bool:
+        if cls.supports_experts is not None:
+            return cls.supports_experts
+        return not issubclass(cls.config_class, WeightActivationConfig)
+
+    def fall_back_to_rtn(self, linear: nn.Linear, full_name: str, scheme: WeightScheme, reason: str) -> QuantizedWeight:
+        """Quantize ``linear`` with round-to-nearest (no calibration), leave it computing with the
+        result and record why (``calibration_fallbacks``)."""
+        qweight = quantize_rtn(linear.weight.data, scheme, self.scale_dtype, bias=linear.bias)
+        self.load_quantized(linear, qweight)
+        self.calibration_fallbacks[full_name] = f"rtn: {reason}"
+        return qweight
 
     def prepare(self, model: nn.Module) -> None:
         """Whole-model offline transforms before the block walk (rotations, centring). Default: none."""
@@ -141,8 +172,9 @@ class QuantMethod:
     def quantize_block(
         self, block: nn.Module, prefix: str, calib: BlockCalibration | None
     ) -> dict[str, QuantizedWeight]:
-        """Quantize every linear of a decoder block; returns them by full name."""
-        return self.quantize_groups(block, prefix, self.adapter.groups, calib)
+        """Quantize every linear of a decoder block (its groups as the adapter resolves them for this
+        block: experts expanded); returns them by full name."""
+        return self.quantize_groups(block, prefix, self.adapter.block_groups(block), calib)
 
     def quantize_head(
         self, norm: nn.Module, head: nn.Linear, name: str, calib: BlockCalibration | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.nn as nn
@@ -93,9 +93,10 @@ def feed_inputs(block: nn.Module, modules: dict[str, nn.Module], calib,
     return seen
 
 
-def require_inputs(seen: dict[str, int]) -> None:
-    """Refuse a capture in which a listed module never received an input."""
-    silent = [name for name, count in seen.items() if count == 0]
+def require_inputs(seen: dict[str, int], may_be_silent: Collection[str] = ()) -> None:
+    """Refuse a capture in which a listed module never received an input, except ``may_be_silent``
+    ones (routed experts: the router may send them no token)."""
+    silent = [name for name, count in seen.items() if count == 0 and name not in may_be_silent]
     if silent:
         raise RuntimeError(
             f"linear(s) {', '.join(silent)} saw no input while the block ran on the calibration data; "

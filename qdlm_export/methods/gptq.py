@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Collection
 
 from contextlib import contextmanager
 
@@ -37,7 +37,7 @@ from ..core.configs import WeightOnlyConfig
 from ..errors import ConfigError
 from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
 from ..families import LinearGroup
-from .base import BlockCalibration, QuantMethod, find_linear, qualified
+from .base import NO_ROUTED_TOKENS, BlockCalibration, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
 from .registry import register_method
 
@@ -98,12 +98,13 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def collect_hessians(
-    block: nn.Module, linears: dict[str, nn.Linear], calib: BlockCalibration
+    block: nn.Module, linears: dict[str, nn.Linear], calib: BlockCalibration, may_be_silent: Collection[str] = ()
 ) -> dict[str, HessianAccumulator]:
     """Run ``block`` over every calibration batch and return each named linear's Hessian (each
-    batch's forward stops once all of them have seen their input: ``capture.feed_inputs``)."""
+    batch's forward stops once all of them have seen their input: ``capture.feed_inputs``).
+    ``may_be_silent`` linears (routed experts) may see no token: their Hessian has ``nsamples == 0``."""
     accs = {name: HessianAccumulator(lin.in_features, device=lin.weight.device) for name, lin in linears.items()}
-    require_inputs(feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x)))
+    require_inputs(feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x)), may_be_silent)
     return accs
 
 
@@ -330,17 +331,21 @@ class GPTQ(QuantMethod):
         else:
             stages = [tuple(name for group in groups for name in group.linears)]
 
+        routed = {name for group in groups if group.routed for name in group.linears}
         results: dict[str, QuantizedWeight] = {}
         for names in stages:
             linears = {name: find_linear(block, name) for name in names}
             # Earlier stages are already quantized in place, so these inputs are what the
-            # quantized model will feed this group.
-            hessians = collect_hessians(block, linears, calib)
+            # quantized model will feed this group (an expert's: the tokens routed to it).
+            hessians = collect_hessians(block, linears, calib, may_be_silent=routed)
             for name in names:
                 linear = linears[name]
                 full_name = qualified(prefix, name)
                 scheme = self.layer_scheme(full_name, linear.in_features)
                 acc = hessians.pop(name)
+                if acc.nsamples == 0:  # an expert the router sent no calibration token to
+                    results[full_name] = self.fall_back_to_rtn(linear, full_name, scheme, NO_ROUTED_TOKENS)
+                    continue
                 qweight = gptq_quantize(
                     linear.weight.data,
                     acc.H,

@@ -175,10 +175,9 @@ def quantize(
 
             error = None
             if verify:
-                verify_cfg = CalibrationConfig(
-                    source=calibration.source, nsamples=4, seqlen=min(calibration.seqlen, 128),
+                verify_cfg = dataclasses.replace(  # the same data (source, column, split...), other windows
+                    calibration, nsamples=4, seqlen=min(calibration.seqlen, 128),
                     seed=calibration.seed + 1, masking="random" if mask_id is not None else "none",
-                    text_field=calibration.text_field,
                 )
                 from .fidelity import relative_output_error
 
@@ -195,6 +194,7 @@ def quantize(
                 calibration=_calibration_record(calibration) if method.needs_calibration else None,
                 seconds_per_block=result.seconds_per_block, elapsed_s=time.perf_counter() - started,
                 compat_repairs=compat.applied_repairs(), manifest=(writer or export).manifest(),
+                calibration_fallbacks=method.calibration_fallbacks,
                 display_names={k: v for k, v in {"method": type(method).display_name,
                                                 "family": source.adapter.display_name}.items() if v},
             )
@@ -274,7 +274,11 @@ def _check_layer_shapes(source: SourceModel, method) -> list:
 
     planned = []
     adapter = source.adapter
-    names = adapter.quantizable_linears(adapter.num_layers(source.config_dict))
+    layers = adapter.num_layers(source.config_dict)
+    if adapter.has_experts:  # expert counts come from the stored tensors, not the dense list
+        names = [n for i in range(layers) for n in adapter.stored_linears(i, source.keys())]
+    else:
+        names = adapter.quantizable_linears(layers)
     if method.config.include_lm_head:
         names.append(adapter.lm_head)
     for name in names:
@@ -320,10 +324,16 @@ def _tokenizer(source: SourceModel):
 
 
 def _calibration_record(calibration: CalibrationConfig) -> dict[str, Any]:
-    return {
+    """How the calibration data was chosen; the dataset options only where they were set."""
+    record = {
         "dataset": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
         "seed": calibration.seed, "masking": calibration.masking,
     }
+    options = {"text_field": calibration.text_field, "dataset_config": calibration.dataset_config,
+               "split": calibration.split if calibration.split != "train" else None,
+               "chat_template": calibration.chat_template or None}
+    record.update({k: v for k, v in options.items() if v is not None})
+    return record
 
 
 def _quantization_config(config, source, result, calibration, method, command) -> dict[str, Any]:

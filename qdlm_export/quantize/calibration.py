@@ -1,13 +1,16 @@
 """Calibration data: text from a corpus, tokenized and cut into fixed-length windows, optionally
 masked the way a masked-diffusion model sees its inputs.
 
-Sources: "default" (the corpus shipped in ``assets/corpus``), a .txt file, a .jsonl file (field
-``text``), a folder of .txt/.md/.py files, or a Hub dataset name (only where ``datasets`` is
-installed and the Hub is reachable).
+Sources: "default" (the corpus shipped in ``assets/corpus``), a .txt file, a .jsonl file, a folder of
+.txt/.md/.py/.rst files; and, read with the optional ``datasets`` package
+(``calibration_sources.py``), json/csv/tsv/parquet/arrow files, ``save_to_disk`` folders and Hub
+dataset ids. Records and rows are joined by a blank line, so the same paragraphs give the same
+windows whichever way they arrive (docs/calibration.md).
 
-Files are checked at the door: they must be UTF-8 text. Binary files (known formats by their first
-bytes, anything else by NUL bytes), UTF-16 and other 8-bit encodings, empty files and JSONL lines
-that are not JSON objects with the text field are refused naming the file (and line) and the fix.
+Files are checked at the door: text must be UTF-8. Binary files (known formats by their first bytes,
+anything else by NUL bytes), UTF-16 and other 8-bit encodings, empty files and JSONL lines that are
+not JSON objects with the text field are refused naming the file (and line) and the fix; a data file
+whose bytes do not match its name is refused naming what it holds.
 """
 
 from __future__ import annotations
@@ -15,50 +18,30 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..core.configs import CalibrationConfig
 from ..errors import ConfigError, InputDataError, json_kind
+from .calibration_sources import (
+    DATA_BUILDERS, ROW_SEPARATOR, UTF16, binary_kind, chat_renderer, conversations, dataset_text,
+    is_saved_dataset, load_data_files, load_hub_dataset, load_saved_dataset, not_text_hint,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_CORPUS = ASSETS / "corpus" / "default.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-
-# Leading bytes of the binary formats a calibration path most often points at by mistake.
-_MAGIC = (
-    (b"%PDF-", "a PDF document"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"PK\x03\x04", "a zip archive (or .docx/.xlsx/.odt, which are zip files)"),
-    (b"BZh", "a bzip2 archive"),
-    (b"\xfd7zXZ\x00", "an xz archive"),
-    (b"(\xb5/\xfd", "a zstd archive"),
-    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"\x7fELF", "an ELF executable"),
-    (b"SQLite format 3\x00", "an SQLite database"),
-    (b"PAR1", "a Parquet file"),
-    (b"ARROW1", "an Arrow file"),
-    (b"\x80\x02", "a Python pickle"),
-    (b"\x80\x03", "a Python pickle"),
-    (b"\x80\x04", "a Python pickle"),
-    (b"\x80\x05", "a Python pickle"),
-)
-_UTF16 = ((b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+_TEXT_HINT = "pass UTF-8 text: a .txt file, a .jsonl file with one JSON object per line, or a folder of them"
 
 
 def _decode_text(data: bytes, name: str) -> str:
     """``data`` (the bytes of calibration text ``name``) as a string, or an error that says what the
     bytes are instead: a known binary format, UTF-16, binary (NUL bytes), or another 8-bit encoding."""
-    for magic, kind in _MAGIC:
-        if data.startswith(magic):
-            raise InputDataError(
-                f"calibration file {name} is not text: it looks like {kind}",
-                hint="pass UTF-8 text: a .txt file, a .jsonl file with one JSON object per line, or a folder of them",
-            )
-    for bom, encoding in _UTF16:
+    kind = binary_kind(data)
+    if kind is not None:
+        raise InputDataError(f"calibration file {name} is not text: it looks like {kind}", hint=not_text_hint(kind))
+    for bom, encoding in UTF16:
         if data.startswith(bom):
             raise InputDataError(
                 f"calibration file {name} is {encoding} text, not UTF-8",
@@ -66,10 +49,7 @@ def _decode_text(data: bytes, name: str) -> str:
             )
     nul = data.find(b"\x00")
     if nul >= 0:
-        raise InputDataError(
-            f"calibration file {name} looks binary (NUL bytes at offset {nul})",
-            hint="pass UTF-8 text: a .txt file, a .jsonl file with one JSON object per line, or a folder of them",
-        )
+        raise InputDataError(f"calibration file {name} looks binary (NUL bytes at offset {nul})", hint=_TEXT_HINT)
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
@@ -99,15 +79,16 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path, text_field: str) -> str:
+def _jsonl_records(path: Path, expected: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; ``expected`` says what an object must hold."""
     data = _read_bytes(path)
     if not data.strip():
         raise InputDataError(
             f"calibration file {path} is empty", hint="pass a file with text in it, or --calib default"
         )
-    if b"\x00" in data or any(data.startswith(magic) for magic, _ in _MAGIC + _UTF16):
+    if b"\x00" in data or binary_kind(data) or any(data.startswith(bom) for bom, _ in UTF16):
         _decode_text(data, str(path))  # binary: raises with the detected type
-    texts = []
+    records = []
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path}:{lineno}"
         try:
@@ -128,10 +109,35 @@ def _read_jsonl(path: Path, text_field: str) -> str:
             ) from None
         if not isinstance(record, dict):
             raise InputDataError(
-                f"{where} is a JSON {json_kind(record)}, "
-                f"not an object with a {text_field!r} field",
+                f"{where} is a JSON {json_kind(record)}, not an object with {expected}",
                 hint="a .jsonl file holds one JSON object per line, e.g. {\"text\": \"...\"}",
             )
+        records.append((lineno, record))
+    return records
+
+
+def _default_field(records: list[tuple[int, dict]]) -> str:
+    """``"text"`` when the first record has it, else its only string field, else ``"text"`` (which
+    then fails naming the fields the records have)."""
+    if not records or "text" in records[0][1]:
+        return "text"
+    strings = [k for k, v in records[0][1].items() if isinstance(v, str)]
+    return strings[0] if len(strings) == 1 else "text"
+
+
+def _read_jsonl(path: Path, text_field: str | None, render: Callable[[list], str] | None = None) -> str:
+    if render is not None:
+        records = _jsonl_records(path, "a conversation")
+        rows = [r for _, r in records]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [n for n, _ in records]
+        texts = [render(m) for m in conversations(rows, columns, text_field, str(path), lambda i: f"{path}:{lines[i]}")]
+        return ROW_SEPARATOR.join(texts)
+    records = _jsonl_records(path, f"a {text_field or 'text'!r} field" if text_field else "a 'text' field")
+    text_field = text_field or _default_field(records)
+    texts = []
+    for lineno, record in records:
+        where = f"{path}:{lineno}"
         if text_field not in record:
             fields = ", ".join(map(repr, list(record)[:10])) or "none"
             raise InputDataError(
@@ -145,64 +151,104 @@ def _read_jsonl(path: Path, text_field: str) -> str:
                 hint="the --calib-field field must hold the text of each record",
             )
         texts.append(value)
-    text = "\n\n".join(texts)
+    text = ROW_SEPARATOR.join(texts)
     if not text.strip():
         raise InputDataError(f"calibration file {path} has no text (no non-empty {text_field!r} records)",
                              hint="pass a file with text in it, or --calib default")
     return text
 
 
-def load_text(source: str, text_field: str = "text") -> str:
-    """All calibration text of ``source`` as one string. Files must be UTF-8 text: binary, UTF-16,
-    Latin-1 and empty files are refused naming the file (and for .jsonl, the line)."""
+def _text_folder(path: Path) -> str | None:
+    """The text of a folder's .txt/.md/.py/.rst files, joined; None when it has none."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        return None
+    # Empty files (an empty __init__.py) are skipped; a binary or non-UTF-8 one is refused.
+    texts = [t for t in (_decode_text(_read_bytes(p), str(p)) for p in files) if t.strip()]
+    if not texts:
+        raise InputDataError(
+            f"calibration folder {path} has no usable text: its {len(files)} {'/'.join(TEXT_SUFFIXES)} "
+            "file(s) are all empty",
+            hint="put UTF-8 text files in it, or pass --calib default",
+        )
+    return ROW_SEPARATOR.join(texts)
+
+
+def _source_kind(source: str, path: Path) -> str:
     if source == "default":
-        return DEFAULT_CORPUS.read_text(encoding="utf-8")
-    path = Path(source).expanduser()
+        return "default"
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise InputDataError(
-                f"calibration folder {path} has no {'/'.join(TEXT_SUFFIXES)} files",
-                hint="put UTF-8 text files in it, or pass a .txt/.jsonl file",
-            )
-        # Empty files (an empty __init__.py) are skipped; a binary or non-UTF-8 one is refused.
-        texts = [t for t in (_decode_text(_read_bytes(p), str(p)) for p in files) if t.strip()]
-        if not texts:
-            raise InputDataError(
-                f"calibration folder {path} has no usable text: its {len(files)} {'/'.join(TEXT_SUFFIXES)} "
-                "file(s) are all empty",
-                hint="put UTF-8 text files in it, or pass --calib default",
-            )
-        return "\n\n".join(texts)
+        return "saved dataset" if is_saved_dataset(path) else "folder"
     if path.is_file():
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path, text_field)
-        return read_text_file(path)
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        return _load_hub_dataset(source, text_field)
+        suffix = path.suffix.lower()
+        return "jsonl" if suffix == ".jsonl" else "data file" if suffix in DATA_BUILDERS else "text"
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "hub"
     raise ConfigError(
         f"calibration source {source!r} is neither a file, a folder nor a Hub dataset id",
-        hint="pass --calib default, a .txt/.jsonl file, a folder of text files, or a dataset id like owner/name",
+        hint="pass --calib default, a .txt/.jsonl/.parquet/.csv/.json/.arrow file, a folder, or a dataset id "
+        "like owner/name",
     )
 
 
-def _load_hub_dataset(name: str, text_field: str) -> str:
-    try:
-        import datasets  # type: ignore
-    except ImportError:
-        raise ConfigError(
-            f"calibration dataset {name} needs the `datasets` package", hint="pip install datasets, or pass a local file"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as exc:
-        raise ConfigError(
-            f"could not load calibration dataset {name} ({type(exc).__name__})",
-            hint="check the name and your connection, or pass a local text/jsonl file",
-        ) from None
-    if text_field not in ds.column_names:
-        raise ConfigError(f"dataset {name} has no column {text_field!r}", hint=f"columns: {ds.column_names}")
-    return "\n\n".join(ds[text_field][:20000])
+def _check_options(kind: str, source: str, dataset_config: str | None, split: str, chat: bool) -> None:
+    """Refuse the dataset options on sources they do not apply to, rather than ignore them."""
+    if dataset_config is not None and kind != "hub":
+        raise ConfigError(f"--calib-config {dataset_config!r} applies to Hub datasets; {source!r} is not one",
+                          hint="leave --calib-config out")
+    if split != "train" and kind in ("default", "text", "jsonl"):
+        raise ConfigError(f"--calib-split {split!r} applies to datasets; {source!r} is {kind} text",
+                          hint="leave --calib-split out")
+    if chat and kind in ("default", "text"):
+        raise ConfigError(f"--calib-chat-template: {source} is plain text, without conversations to render",
+                          hint="pass instruction data (.jsonl, a dataset file or folder, a Hub dataset), "
+                          "or drop --calib-chat-template")
+
+
+def load_text(
+    source: str, text_field: str | None = None, *, dataset_config: str | None = None, split: str = "train",
+    render: Callable[[list], str] | None = None,
+) -> str:
+    """All calibration text of ``source`` as one string. Text files must be UTF-8: binary, UTF-16,
+    Latin-1 and empty files are refused naming the file (and for .jsonl, the line). ``render``: turn
+    each row's conversation into text (the chat template); plain text sources have none."""
+    path = Path(source).expanduser()
+    kind = _source_kind(source, path)
+    _check_options(kind, source, dataset_config, split, render is not None)
+    if kind == "default":
+        return DEFAULT_CORPUS.read_text(encoding="utf-8")
+    if kind == "hub":
+        return dataset_text(load_hub_dataset(source, dataset_config, split), source, text_field, render)
+    if kind == "saved dataset":
+        return dataset_text(load_saved_dataset(path, split, split_given=split != "train"), str(path), text_field, render)
+    if kind == "jsonl":
+        return _read_jsonl(path, text_field, render)
+    if kind == "data file":
+        return dataset_text(load_data_files([path], split, str(path)), str(path), text_field, render)
+    if kind == "text":
+        return read_text_file(path)
+    # A folder: its text files; else (or for conversations, or a split) its data files.
+    text = _text_folder(path) if render is None and split == "train" else None
+    if text is not None:
+        return text
+    data_files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_BUILDERS)
+    if data_files:
+        return dataset_text(load_data_files(data_files, split, str(path)), str(path), text_field, render)
+    if render is not None or split != "train":
+        option = "--calib-chat-template" if render is not None else f"--calib-split {split!r}"
+        raise InputDataError(f"calibration folder {path} has no json/csv/tsv/parquet/arrow files, which {option} reads",
+                             hint=f"put a dataset's files in it, or leave {option} out")
+    raise InputDataError(
+        f"calibration folder {path} has no {'/'.join(TEXT_SUFFIXES)} files",
+        hint="put UTF-8 text files in it, or pass a .txt/.jsonl file",
+    )
+
+
+def calibration_text(config: CalibrationConfig, tokenizer=None) -> str:
+    """The text ``config`` names, with the chat template of ``tokenizer`` applied when it asks."""
+    render = chat_renderer(tokenizer) if config.chat_template else None
+    return load_text(config.source, config.text_field, dataset_config=config.dataset_config, split=config.split,
+                     render=render)
 
 
 def tokenize_corpus(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tensor:
@@ -308,8 +354,7 @@ def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int 
             f"but only {_size(free)} of RAM is available",
             hint="use a smaller --nsamples (128 is typical) or --seqlen",
         )
-    text = load_text(config.source, config.text_field)
-    ids = tokenize_corpus(tokenizer, text)
+    ids = tokenize_corpus(tokenizer, calibration_text(config, tokenizer))
     if ids.numel() < config.seqlen + 1:
         raise ConfigError(
             f"calibration text has {ids.numel()} tokens, fewer than --seqlen {config.seqlen}",

@@ -201,6 +201,12 @@ def _write_block(source, sink, block, prefix, qweights, result) -> None:
         name = f"{prefix}.{local}"
         if name not in written:  # norms etc., possibly with scales folded in by the method
             sink.add_tensor(name, param.to(_source_dtype(source, name, param.dtype)))
+    for local, buffer in block.named_buffers():
+        name = f"{prefix}.{local}"
+        # persistent buffers the source stores (a router's expert_bias); a quantized linear's own
+        # buffers (its bias included) were written with it above
+        if name not in written and source.has(name):
+            sink.add_tensor(name, buffer.to(_source_dtype(source, name, buffer.dtype)))
 
 
 def _write_non_block(source, sink, model, method, head_calib, result) -> None:
@@ -225,6 +231,11 @@ def _write_non_block(source, sink, model, method, head_calib, result) -> None:
             continue
         if source.has(name):  # a tied head is not stored separately, as in the source
             sink.add_tensor(name, param.to(_source_dtype(source, name, param.dtype)))
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name.startswith((adapter.blocks + ".", head + ".")):  # blocks and the head: written with them
+            continue
+        if source.has(name):  # persistent buffers the source stores
+            sink.add_tensor(name, buffer.to(_source_dtype(source, name, buffer.dtype)))
     if qweight is not None:
         sink.add_linear(head, qweight)
         _record_linear(result, source, head, qweight)

@@ -388,6 +388,11 @@ class SourceModel:
                 if not self.allow_non_finite:
                     check_finite(value, key, Path(self._entries[key].path))
                 set_module_tensor_to_device(model, name, device, value=value.to(dtype))
+            for name, buffer in list(model.named_buffers(remove_duplicate=False)):
+                if prefix and not name.startswith(prefix + "."):
+                    continue
+                if self.has(name):  # persistent buffers the checkpoint stores (a router's expert_bias)
+                    set_module_tensor_to_device(model, name, device, value=self.tensor(name).to(buffer.dtype))
         finally:
             # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS
             # for the whole run, and peak memory would appear to grow with depth.

@@ -1,9 +1,14 @@
 """`bench` runs on CPU: a denoising step of the embedded default and tiny kernel shapes (ratios only;
-no timing assertions, only structure and the memory bound)."""
+no timing assertions, only structure, the spread's consistency and the memory bound)."""
 
 import json
+import time
+
+import pytest
+import torch
 
 from qdlm_export.bench.kernels import run_kernel_benchmarks
+from qdlm_export.bench.timing import interleaved_times, ratio_stats
 from tests.cli_runner import run_cli
 
 
@@ -14,6 +19,12 @@ def test_bench_step_reports_ratios_and_memory(monkeypatch, capsys):
     assert step["dense_step_ms"] > 0 and step["quantized_step_ms"] > 0 and step["speedup"] > 0
     # W4 g128: packed codes + fp16 scales are about 4.1/16 of the bf16 bytes.
     assert step["linear_memory_ratio"] <= 0.3
+    # the baseline is the fastest of the dense dtypes timed in the same run, with the ratio's spread
+    assert set(step["dense_step_ms_by_dtype"]) == {"float32", "bfloat16"}
+    assert step["dense_step_ms"] == min(step["dense_step_ms_by_dtype"].values())
+    assert step["dense_dtype"] == min(step["dense_step_ms_by_dtype"], key=step["dense_step_ms_by_dtype"].get)
+    assert step["repetitions"] == 5 and 0 < step["ratio_low"] <= step["ratio"] <= step["ratio_high"]
+    assert step["speedup"] == pytest.approx(1 / step["ratio"], rel=0.01)
 
 
 def test_kernel_benchmarks_cover_every_op_against_dense():
@@ -22,3 +33,47 @@ def test_kernel_benchmarks_cover_every_op_against_dense():
     assert ops == {"weight_only", "w8a8", "w4a4"}
     for r in result["results"]:
         assert r["dense_ms"] > 0 and r["time_ms"] > 0 and abs(r["ratio"] - r["time_ms"] / r["dense_ms"]) < 0.02 * r["ratio"] + 0.01
+    assert "peers" not in result  # only on request
+
+
+def test_kernel_rows_carry_the_fastest_dense_baseline_and_the_spread():
+    result = run_kernel_benchmarks(device="cpu", m_values=[2, 5], shapes=[(256, 128)], repeat=3, min_run_time=0.005)
+    assert result["repetitions"] == 3 and result["threads"] == 1
+    for r in result["results"]:
+        assert set(r["dense_ms_by_dtype"]) == {"float32", "bfloat16"}
+        assert r["dense_ms"] == min(r["dense_ms_by_dtype"].values())
+        assert r["repetitions"] == 3 and 0 < r["ratio_low"] <= r["ratio"] <= r["ratio_high"]
+    # exactly one backend per op and shape is the one `auto` runs
+    for op in ("weight_only", "w8a8", "w4a4"):
+        for m in (2, 5):
+            assert sum(r["auto"] for r in result["results"] if r["op"] == op and r["M"] == m) == 1
+
+
+def test_interleaved_times_alternate_and_the_ratio_is_per_repetition(monkeypatch):
+    from qdlm_export.bench import timing
+
+    monkeypatch.setattr(timing, "BLOCK_S", 0.0)  # one call per block: the call order is the round order
+    order = []
+
+    def sleeper(name, seconds):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    times = interleaved_times(
+        {"base": sleeper("base", 0.004), "slow": sleeper("slow", 0.012)}, torch.device("cpu"),
+        repetitions=4, min_run_time=0.0, warmup=0,
+    )
+    assert [len(v) for v in times.values()] == [4, 4]
+    stats = ratio_stats(times["slow"], times["base"])
+    assert stats["repetitions"] == 4 and stats["low"] <= stats["median"] <= stats["high"]
+    assert 1.8 < stats["median"] < 4.5  # 3x by construction; sleeps overshoot on a busy machine
+    # after the block sizing (one call each), every round times both, starting with each in turn
+    assert order[2:] == ["base", "slow", "slow", "base", "base", "slow", "slow", "base"]
+
+
+def test_ratio_stats_pair_each_round():
+    stats = ratio_stats([2.0, 4.0, 3.0], [1.0, 2.0, 1.0])  # drift doubles both in round 2: ratio stays 2
+    assert stats == {"median": 2.0, "low": 2.0, "high": 3.0, "repetitions": 3}
