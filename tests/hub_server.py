@@ -1,7 +1,8 @@
 """A small fake Hugging Face Hub served on 127.0.0.1, for tests that upload checkpoints.
 
 It answers the requests that ``huggingface_hub`` (2.x, with ``HF_HUB_DISABLE_XET``) makes for
-``HfApi.create_repo``, ``create_branch``, ``repo_info`` and ``upload_folder``:
+``HfApi.create_repo``, ``create_branch``, ``repo_info``, ``list_repo_tree`` and ``create_commit`` (with
+deletions, and ``create_pr``: the commit goes to a new ``refs/pr/N`` based on the revision):
 
 ====================================================  =============  ====================================
 request                                               name           answer
@@ -12,7 +13,8 @@ request                                               name           answer
 ``POST /api/models/{repo}/branch/{branch}``           ``branch``     ``{}``; 409 if the branch exists
 ``POST /api/validate-yaml``                           ``validate``   ``{"errors": [], "warnings": []}``
 ``POST /api/models/{repo}/preupload/{rev}``           ``preupload``  every file ``uploadMode: "regular"``
-``POST /api/models/{repo}/commit/{rev}``              ``commit``     ``{"commitUrl", "commitOid"}``
+``POST /api/models/{repo}/commit/{rev}``              ``commit``     ``{"commitUrl", "commitOid"[, "pullRequestUrl"]}``
+``GET  /api/models/{repo}/tree/{rev}[/{path}]``        ``tree``       the files of ``rev`` (one page)
 ``GET  /api/whoami-v2``                               ``whoami``     ``{"name": "tester", ...}``
 ====================================================  =============  ====================================
 
@@ -20,20 +22,15 @@ Anything else is answered 404 and recorded in :attr:`FakeHub.unknown`, so a test
 new ``huggingface_hub`` release starts calling something new.
 
 Everything received is recorded: every request (method, path, query, headers, body) in
-:attr:`FakeHub.requests`, and each commit's files (path -> bytes) in :attr:`FakeHub.commits`.
+:attr:`FakeHub.requests`, and each commit's files (path -> bytes) in :attr:`FakeHub.commits`; each
+repo keeps the files of every ref (:attr:`FakeRepo.trees`; ``files`` is main's).
 :meth:`FakeHub.fail` makes a named endpoint answer an error status instead; :meth:`FakeHub.stall`
 makes it read the request and then never answer (until the hub stops, or ``max_stall_s`` passed,
 when it drops the connection), like a Hub that hangs. The server stops in
 :meth:`FakeHub.stop` (used by the ``fake_hub`` fixture at teardown) and, as a safety net, by itself
 after ``max_lifetime_s`` seconds.
 
-Use it through the fixture::
-
-    from tests.hub_server import fake_hub  # noqa: F401  (or register it in conftest.py)
-
-    def test_upload(fake_hub):
-        HfApi(endpoint=fake_hub.endpoint).create_repo("me/x")
-        assert fake_hub.repos["me/x"].private is False
+Use it through the ``fake_hub`` fixture (``from tests.hub_server import fake_hub, hub_env``).
 """
 
 from __future__ import annotations
@@ -87,8 +84,14 @@ class FakeRepo:
     repo_id: str
     private: bool
     repo_type: str = "model"
-    branches: dict[str, str] = field(default_factory=dict)  # name -> head commit oid
-    files: dict[str, bytes] = field(default_factory=dict)  # content of "main"
+    branches: dict[str, str] = field(default_factory=dict)  # name (or refs/pr/N) -> head commit oid
+    trees: dict[str, dict[str, bytes]] = field(default_factory=dict)  # ref -> its files
+    pull_requests: list[str] = field(default_factory=list)  # "refs/pr/1", ...
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """The files of "main"."""
+        return self.trees.setdefault("main", {})
 
 
 @dataclass
@@ -100,10 +103,7 @@ class _Failure:
 
 
 def _oid(*parts: bytes) -> str:
-    h = hashlib.sha1()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()
+    return hashlib.sha1(b"".join(parts)).hexdigest()
 
 
 class FakeHub:
@@ -181,13 +181,10 @@ class FakeHub:
     ) -> None:
         """Answer ``status`` on ``endpoint`` (a route name from the module table), ``times`` times or always."""
         if message is None:
-            message = {
-                401: "Invalid credentials in Authorization header",
-                403: "You don't have the rights to create a model under this namespace",
-                404: "Repository not found",
-                500: "Internal Error - We're working hard to fix this as soon as possible!",
-                503: "Service Unavailable",
-            }.get(status, f"error {status}")
+            message = {401: "Invalid credentials in Authorization header",
+                       403: "You don't have the rights to create a model under this namespace",
+                       404: "Repository not found", 503: "Service Unavailable",
+                       500: "Internal Error - We're working hard to fix this as soon as possible!"}.get(status, f"error {status}")
         extra = dict(headers or {})
         if status in (401, 403):
             # What the real Hub sends for a bad token; huggingface_hub reads it to tell a bad token
@@ -204,7 +201,8 @@ class FakeHub:
         self._stalls.clear()
 
     def add_repo(self, repo_id: str, *, private: bool = False, branches: tuple[str, ...] = ("main",)) -> FakeRepo:
-        repo = FakeRepo(repo_id, private, branches={b: _oid(repo_id.encode(), b.encode()) for b in branches})
+        repo = FakeRepo(repo_id, private, branches={b: _oid(repo_id.encode(), b.encode()) for b in branches},
+                        trees={b: {} for b in branches})
         self.repos[repo_id] = repo
         return repo
 
@@ -283,21 +281,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _not_found(self, code: str, message: str) -> None:
         self._send(404, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
 
-    def do_GET(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
-
-    def do_HEAD(self):
-        self._dispatch()
-
-    def do_PUT(self):
-        self._dispatch()
-
-    def do_DELETE(self):
-        self._dispatch()
-
     # ------------------------------------------------------------------ routing
     def _route(self, method: str, path: str) -> tuple[str, dict]:
         if method == "POST" and path == "/api/repos/create":
@@ -316,6 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return "repo-info", args
             if method == "GET" and action == "refs":
                 return "refs", args
+            if method == "GET" and action == "tree" and rest:
+                revision, _, under = rest.partition("/")  # the revision is quoted: refs%2Fpr%2F1
+                return "tree", dict(args, rest=unquote(revision), under=unquote(under))
             if method == "POST" and action in ("preupload", "commit", "branch") and rest:
                 return action, args
         return "unknown", {}
@@ -348,6 +334,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(failure.status, {"error": message}, failure.headers)
             return
         getattr(self, "_h_" + name.replace("-", "_"))(args, body, parse_qs(url.query))
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _dispatch
 
     # ------------------------------------------------------------------ handlers
     def _h_create(self, args, body, query) -> None:
@@ -382,16 +370,9 @@ class _Handler(BaseHTTPRequestHandler):
         if rev not in repo.branches:
             self._not_found("RevisionNotFound", "Invalid rev id: " + rev)
             return
-        self._send(
-            200,
-            {
-                "id": repo.repo_id,
-                "modelId": repo.repo_id,
-                "sha": repo.branches[rev],
-                "private": repo.private,
-                "siblings": [{"rfilename": p} for p in sorted(repo.files)],
-            },
-        )
+        siblings = [{"rfilename": p} for p in sorted(repo.trees.get(rev, {}))]
+        self._send(200, {"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.branches[rev],
+                         "private": repo.private, "siblings": siblings})
 
     def _h_refs(self, args, body, query) -> None:
         repo = self._repo(args)
@@ -410,6 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         start = (json.loads(body or b"{}") or {}).get("startingPoint") or "main"
         repo.branches[branch] = repo.branches.get(start) or _oid(repo.repo_id.encode(), branch.encode())
+        repo.trees[branch] = dict(repo.trees.get(start, {}))
         self._send(200, {})
 
     def _h_preupload(self, args, body, query) -> None:
@@ -452,16 +434,36 @@ class _Handler(BaseHTTPRequestHandler):
                 # lfsFile would need the LFS/Xet upload that this fake never asks for.
                 self._send(400, {"error": f"fake hub: unsupported commit item {key!r}"})
                 return
-        oid = _oid(repo.branches[rev].encode(), summary.encode(), *(p.encode() + files[p] for p in sorted(files)))
-        repo.branches[rev] = oid
-        if rev == "main":
-            repo.files.update(files)
+        parent = repo.branches[rev]
+        oid = _oid(parent.encode(), summary.encode(), *(p.encode() + files[p] for p in sorted(files)), *map(str.encode, deleted))
+        answer = {"success": True, "commitOid": oid, "commitUrl": f"{self.fake.endpoint}/{repo.repo_id}/commit/{oid}"}
+        tree = dict(repo.trees.get(rev, {}))
+        if query.get("create_pr", ["0"])[0] in ("1", "true", "True"):  # a new refs/pr/N based on rev
+            number = len(repo.pull_requests) + 1
+            rev = f"refs/pr/{number}"
+            repo.pull_requests.append(rev)
+            answer["pullRequestUrl"] = f"{self.fake.endpoint}/{repo.repo_id}/discussions/{number}"
+        for gone in deleted:
+            for path in [p for p in tree if p == gone or p.startswith(gone.rstrip("/") + "/")]:
+                del tree[path]
+        tree.update(files)
+        repo.trees[rev], repo.branches[rev] = tree, oid
         commit = Commit(repo.repo_id, rev, oid, summary, description, files, deleted, query)
         with self.fake._lock:
             self.fake.commits.append(commit)
-        self._send(
-            200, {"success": True, "commitOid": oid, "commitUrl": f"{self.fake.endpoint}/{repo.repo_id}/commit/{oid}"}
-        )
+        self._send(200, answer)
+
+    def _h_tree(self, args, body, query) -> None:
+        repo = self._repo(args)
+        if repo is None:
+            return
+        if args["rest"] not in repo.branches:
+            self._not_found("RevisionNotFound", "Invalid rev id: " + args["rest"])
+            return
+        under = args["under"].strip("/")
+        paths = [p for p in sorted(repo.trees.get(args["rest"], {})) if not under or p.startswith(under + "/")]
+        tree = repo.trees[args["rest"]]
+        self._send(200, [{"type": "file", "path": p, "size": len(tree[p]), "oid": _oid(tree[p])} for p in paths])
 
 
 # --------------------------------------------------------------------------------- fixtures

@@ -15,6 +15,7 @@ from .. import __version__
 from . import bench, convert, evaluate, inspect_cmd, push, quantize
 from .error_table import interruptible, run
 from .options import EMBEDDED_DEFAULT  # noqa: F401  (tests/families/test_fixtures.py imports it from here)
+from .verbosity import Quiet, Verbose, restored_after_run, set_root, with_verbosity
 
 app = typer.Typer(
     name="qdlm-export",
@@ -39,8 +40,11 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Quantize diffusion LLMs into Hub-ready checkpoints."""
+    set_root(verbose, quiet)  # every command adds its own -v/-q to these (cli/verbosity.py)
 
 
 # (name, body, examples), in the order --help lists them; a command is named after its body unless given.
@@ -53,12 +57,13 @@ _COMMANDS = (
     ("eval", evaluate.eval_command, evaluate.EXAMPLES),
 )
 for name, body, epilog in _COMMANDS:
-    app.command(name, epilog=epilog)(interruptible(body))
+    app.command(name, epilog=epilog)(interruptible(with_verbosity(body)))
 
 
 def main() -> None:
     """Entry point: runs the app and maps every known failure to a message and exit code."""
-    run(app)
+    with restored_after_run():
+        run(app)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,6 +15,8 @@ from rich.table import Table
 
 from ..core.configs import MAX_SEED
 from .console import err, human_size, out
+from .recipe import load_recipe, resolved_recipe
+from .verbosity import progress_enabled
 from .options import (
     EMBEDDED_DEFAULT,
     ActGranularity,
@@ -42,6 +45,7 @@ EXAMPLES = examples(
 
 
 def quantize(
+    ctx: typer.Context,
     model: Annotated[
         Optional[str],
         typer.Argument(metavar="MODEL", help="Local model folder or Hub id. Omitted: the tiny LLaDA embedded in the package (offline)."),
@@ -111,8 +115,14 @@ def quantize(
     overwrite: Overwrite = False,
     verify: Annotated[bool, typer.Option(help="Reload the result and measure its output error against the original.")] = True,
     as_json: JsonSummary = False,
+    recipe: Annotated[
+        Optional[Path],
+        typer.Option("--config", metavar="RECIPE.yaml", is_eager=True, callback=load_recipe,
+                     help="A recipe: these options in YAML (a checkpoint's qdlm_recipe.yaml reproduces it); flags given here win."),
+    ] = None,
 ) -> None:
     """Quantize MODEL and write a checkpoint that reloads with from_pretrained."""
+    params = dict(locals())  # every option as given (or from --config), for the checkpoint's recipe
     from ..core.configs import CalibrationConfig
     from ..quantize.api import make_config
     from ..quantize.api import quantize as run_quantize
@@ -132,12 +142,17 @@ def quantize(
         dataset_config=calib_config, split=calib_split, chat_template=calib_chat_template,
     )
     command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with _block_progress(disable=as_json) as on_block:
+    from ..quantize.pipeline import default_compute_dtype, resolve_device
+
+    resolved_dtype = compute_dtype or str(default_compute_dtype(resolve_device(device))).removeprefix("torch.")
+    written_recipe = resolved_recipe(ctx, params, config, resolved_dtype)
+    with _block_progress(disable=as_json or not progress_enabled()) as on_block:
         summary = run_quantize(
             model, out_dir, config, calibration=calibration, trust_remote_code=trust_remote_code,
             overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size,
             verify=verify, max_shard_bytes=max_shard_size, revision=revision,
             on_block=on_block, command=command, output_format=output_format, self_contained=self_contained,
+            recipe=written_recipe,
             **({"allow_non_finite": True} if allow_non_finite else {}),  # the library's default otherwise
         )
     if as_json:

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import CheckpointError
 from ..format.report import recorded_local_source
 from ..format.spec import REPORT_FILE
-from ..hub.card import CARD_FILE, looks_like_hub_id, render_model_card, write_model_card
+from ..hub.card import CARD_FILE, is_generated_card, looks_like_hub_id, regenerated_inputs, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,9 @@ def check_original(source: str) -> None:
 
 
 def _card_is_generated(folder: Path) -> bool:
-    """README.md is exactly what qdlm-export renders for the folder as it is now (nobody edited it)."""
-    card = folder / CARD_FILE
-    try:
-        return card.read_text(encoding="utf-8") == render_model_card(folder)
-    except Exception:  # noqa: BLE001 - unreadable card or config: treat as edited, never overwrite
-        return False
+    """README.md is what qdlm-export renders for the folder's files now, with the inputs the card shows
+    (its repo id or folder name, license, base model): unedited, also after the folder was copied."""
+    return is_generated_card(folder)
 
 
 def write_eval(folder: str | Path, table: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -89,13 +86,17 @@ def write_eval(folder: str | Path, table: dict[str, Any], settings: dict[str, An
     folder = Path(folder)
     card = folder / CARD_FILE
     regenerate = not card.exists() or _card_is_generated(folder)
+    inputs = regenerated_inputs(folder) if card.exists() else None
     report_path = folder / REPORT_FILE
     report = _read_json(report_path) if report_path.is_file() else {}
     report["eval"] = table
     report["eval_settings"] = settings
     report_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if regenerate:
-        write_model_card(folder)
+        if inputs is None:
+            write_model_card(folder)
+        else:  # keep what the card was rendered with: a pushed card's repo id, its license and base model
+            write_model_card(folder, inputs.repo_id, license=inputs.license, base_model=inputs.base_model)
         return "regenerated"
     logger.warning("%s was edited by hand; the eval table went into %s only.", card, REPORT_FILE)
     return "kept"

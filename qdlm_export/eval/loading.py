@@ -85,11 +85,13 @@ def load_tokenizer(pretrained: str | Path, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as first:
-        source = None
-        config_path = Path(pretrained) / "config.json"
-        if config_path.is_file():
-            qc = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config") or {}
-            source = (qc.get("provenance") or {}).get("source")
+        from ..errors import CheckpointError
+        from .checkpoint_files import original_of
+
+        try:  # the source model, found the way `eval` finds it (provenance keeps only a folder name)
+            source = original_of(pretrained) if (Path(pretrained) / "config.json").is_file() else None
+        except CheckpointError:
+            source = None
         if not source:
             raise first
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)

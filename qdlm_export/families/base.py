@@ -28,7 +28,9 @@ class LinearGroup:
       stands for one group per expert (:meth:`FamilyAdapter.block_groups` expands it). ``norm`` is
       still the block's norm, which every expert (and the router) reads.
     * ``routed`` -- set on such an expanded group: its linears see only the tokens the router sends
-      that expert, possibly none; a method must not assume it received inputs.
+      that expert, possibly none; a method must not assume it received inputs. ``expert`` names that
+      expert's module (its forward is the expert's MLP) and ``expert_input`` the norm whose output
+      reaches the mixture-of-experts block (every token: what "all-tokens" calibration feeds it).
     * ``optional`` -- the group exists in some blocks only (a dense MLP that sparse layers replace, a
       shared expert); blocks without its first linear skip it.
     * ``row_split`` -- one fused linear whose output rows are these parts, in order (``("q", "k",
@@ -43,14 +45,18 @@ class LinearGroup:
     routed: bool = False
     optional: bool = False
     row_split: tuple[str, ...] = ()
+    expert: str | None = None
+    expert_input: str | None = None
 
-    def for_expert(self, index: int) -> "LinearGroup":
-        """This expert template as the concrete group of expert ``index`` (names relative to the block)."""
+    def for_expert(self, index: int, expert_input: str | None = None) -> "LinearGroup":
+        """This expert template as the concrete group of expert ``index`` (names relative to the
+        block); ``expert_input``: the norm feeding the experts (default: this template's own)."""
         base = f"{self.experts}.{index}"
         return LinearGroup(
             linears=tuple(f"{base}.{name}" for name in self.linears), norm=self.norm,
             prev_linear=f"{base}.{self.prev_linear}" if self.prev_linear else None,
-            role=self.role, routed=True, row_split=self.row_split,
+            role=self.role, routed=True, row_split=self.row_split, expert=base,
+            expert_input=expert_input or self.norm,
         )
 
 
@@ -144,11 +150,16 @@ class FamilyAdapter:
         groups: list[LinearGroup] = []
         for group in self.groups:
             if group.experts:
-                groups += [group.for_expert(i) for i in experts_of(group.experts)
+                feeder = self.expert_input(group.experts)
+                groups += [group.for_expert(i, feeder) for i in experts_of(group.experts)
                            if exists(group.for_expert(i).linears[0])]
             elif not group.optional or exists(group.linears[0]):
                 groups.append(group)
         return tuple(groups)
+
+    def expert_input(self, experts: str) -> str | None:
+        """The norm read by the first template of the ``experts`` list: the input of every expert."""
+        return next((g.norm for g in self.groups if g.experts == experts and g.norm), None)
 
     def row_split_sizes(self, group: LinearGroup, config: Any) -> tuple[int, ...]:
         """Output rows of each part of a fused linear (``row_split``), from the attention shape."""

@@ -24,7 +24,17 @@ user's files) so that they construct, load and run as their authors intended:
                                    fields of its own fails (transformers 5 compares every field
                                    with a plain ``GenerationConfig()``): it is built from the model
                                    config's values as transformers 4 did.
+``attn-mask-utils-module``         ``transformers.modeling_attn_mask_utils`` (LLaDA2's modeling file
+                                   imports its 4-D mask helpers) is gone: a stand-in module with
+                                   transformers 4's semantics is served when the import would fail.
+``torch-fx-available``             ``transformers.utils.import_utils.is_torch_fx_available`` is gone:
+                                   provided (torch.fx is always available with torch >= 2).
 =================================  =============================================================
+
+The last two are import repairs: they must exist before the model's file is imported, so importing
+this module installs them (:func:`install_import_repairs`); each serves only what the installed
+transformers lacks (a finder consulted after every other one; an attribute set only when missing)
+and is logged when the model's code uses it.
 
 Every repair is detected by behaviour (what the code does with the installed transformers), not by
 file hashes or model names, is idempotent, and is logged *when it takes effect*, so
@@ -38,7 +48,10 @@ import only the standard library, torch and transformers.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -53,6 +66,9 @@ REPAIRS = {
     "generation-config-validate": "GenerationConfig.validate() takes no keyword arguments; transformers' are dropped",
     "generation-config-from-model": "GenerationConfig.from_model_config() fails on the subclass's own fields; "
     "built from the model config's values as in transformers 4",
+    "attn-mask-utils-module": "transformers.modeling_attn_mask_utils is gone; a stand-in with transformers 4's "
+    "4-D mask helpers is imported instead",
+    "torch-fx-available": "transformers.utils.import_utils.is_torch_fx_available is gone; provided",
 }
 _MARK = "_qdlm_compat"  # set on every function this module installs (idempotence, across copies)
 _LOG: dict[str, set[str]] = {}  # repair id -> the classes/modules it was applied to, in this process
@@ -348,3 +364,137 @@ def _generation_config_from_model_config(klass, model_config):
     except Exception:  # older transformers: no hash, nothing to record
         pass
     return generation_config
+
+
+# ---- import repairs: modules and names transformers 5 removed ---------------------------------------
+
+_MASK_MODULE = "transformers.modeling_attn_mask_utils"
+
+
+def install_import_repairs() -> None:
+    """Serve what published code imports from transformers 4 and this one lacks (idempotent, across copies)."""
+    if importlib.util.find_spec(_MASK_MODULE) is None and not any(_marked(f) for f in sys.meta_path):
+        sys.meta_path.append(_mark(_RemovedModuleFinder()))
+    import transformers.utils.import_utils as import_utils
+
+    if not hasattr(import_utils, "is_torch_fx_available"):
+        import_utils.is_torch_fx_available = _mark(_is_torch_fx_available)
+
+
+def _is_torch_fx_available() -> bool:
+    """transformers 4: torch.fx is usable (always, with the torch transformers 5 needs)."""
+    _log("torch-fx-available", "transformers.utils.import_utils")
+    return True
+
+
+class _RemovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Consulted after every other finder: answers only for the removed mask-utilities module."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname == _MASK_MODULE else None
+
+    def create_module(self, spec):  # the default module object
+        return None
+
+    def exec_module(self, module) -> None:
+        module.AttentionMaskConverter = AttentionMaskConverter
+        module._prepare_4d_causal_attention_mask = _prepare_4d_causal_attention_mask
+        module._prepare_4d_causal_attention_mask_for_sdpa = _prepare_4d_causal_attention_mask_for_sdpa
+        _log("attn-mask-utils-module", _MASK_MODULE)
+
+
+def _causal_mask(batch, query_length, past, dtype, device, sliding_window=None) -> torch.Tensor:
+    """Additive ``[batch, 1, q, past + q]``: 0 where query i may see key j (j <= past + i), min elsewhere."""
+    rows = torch.arange(query_length, device=device)[:, None] + past
+    cols = torch.arange(past + query_length, device=device)[None, :]
+    blocked = (cols > rows) | ((cols < rows - sliding_window) if sliding_window is not None else False)
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+    return mask[None, None].expand(batch, 1, query_length, past + query_length)
+
+
+def _padding_mask(mask_2d: torch.Tensor, dtype, query_length=None) -> torch.Tensor:
+    """Additive ``[batch, 1, q, k]`` from a 2-D keep mask (1 keep, 0 padding)."""
+    batch, keys = mask_2d.shape
+    inverted = 1.0 - mask_2d[:, None, None, :].expand(batch, 1, query_length or keys, keys).to(dtype)
+    return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
+
+
+class AttentionMaskConverter:
+    """transformers 4's converter of 2-D masks to additive 4-D ones, as its mask helpers use it."""
+
+    def __init__(self, is_causal: bool, sliding_window: int | None = None):
+        self.is_causal, self.sliding_window = is_causal, sliding_window
+
+    def to_causal_4d(self, batch_size, query_length, key_value_length, dtype=torch.float32, device="cpu"):
+        if query_length > 1 or self.sliding_window is not None:
+            return _causal_mask(batch_size, query_length, key_value_length - query_length, dtype, device,
+                                self.sliding_window)
+        return None
+
+    def to_4d(self, attention_mask_2d, query_length, dtype, key_value_length=None):
+        expanded = _padding_mask(attention_mask_2d, dtype, query_length).to(attention_mask_2d.device)
+        if (query_length > 1 or self.sliding_window is not None) and self.is_causal:
+            if key_value_length is None:
+                raise ValueError("a causal 4-D mask needs key_value_length")
+            causal = _causal_mask(attention_mask_2d.shape[0], query_length, key_value_length - query_length, dtype,
+                                  attention_mask_2d.device, self.sliding_window)
+            expanded = causal.masked_fill(expanded.bool(), torch.finfo(dtype).min)
+        return expanded
+
+    @staticmethod
+    def _ignore_causal_mask_sdpa(attention_mask, inputs_embeds, past_key_values_length, sliding_window=None,
+                                 is_training=False):
+        """Whether SDPA can run without a mask: none given (or an all-ones 2-D one) and every query
+        sees every key (one query, or no cache)."""
+        query_length = inputs_embeds.shape[1]
+        whole = query_length == 1 or past_key_values_length == 0
+        in_window = sliding_window is None or query_length + past_key_values_length < sliding_window
+        if attention_mask is None or attention_mask.dim() == 4 or not in_window:
+            return attention_mask is None and whole and in_window
+        return bool(torch.all(attention_mask == 1)) and whole
+
+    @staticmethod
+    def _unmask_unattended(expanded_mask, min_dtype):
+        """Rows that attend to nothing attend to everything (what SDPA's memory-efficient path needs)."""
+        return expanded_mask.mul(~torch.all(expanded_mask == min_dtype, dim=-1, keepdim=True))
+
+
+def _prepare_4d_causal_attention_mask(attention_mask, input_shape, inputs_embeds, past_key_values_length,
+                                      sliding_window=None):
+    """transformers 4: the additive causal 4-D mask (with padding) eager attention adds to its scores."""
+    _log("attn-mask-utils-module", "_prepare_4d_causal_attention_mask")
+    converter = AttentionMaskConverter(is_causal=True, sliding_window=sliding_window)
+    key_value_length = input_shape[-1] + past_key_values_length
+    dtype = inputs_embeds.dtype
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return converter.to_4d(attention_mask, input_shape[-1], key_value_length=key_value_length, dtype=dtype)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if tuple(attention_mask.shape) != (input_shape[0], 1, input_shape[1], key_value_length):
+            raise ValueError(f"Incorrect 4D attention_mask shape: {tuple(attention_mask.shape)}")
+        inverted = 1.0 - attention_mask
+        return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
+    return converter.to_causal_4d(input_shape[0], input_shape[-1], key_value_length, dtype=dtype,
+                                  device=inputs_embeds.device)
+
+
+def _prepare_4d_causal_attention_mask_for_sdpa(attention_mask, input_shape, inputs_embeds, past_key_values_length,
+                                               sliding_window=None):
+    """transformers 4: None when SDPA needs no mask, a 4-D mask given as is, else the additive causal mask."""
+    _log("attn-mask-utils-module", "_prepare_4d_causal_attention_mask_for_sdpa")
+    converter = AttentionMaskConverter(is_causal=True, sliding_window=sliding_window)
+    key_value_length = input_shape[-1] + past_key_values_length
+    dtype = inputs_embeds.dtype
+    if AttentionMaskConverter._ignore_causal_mask_sdpa(attention_mask, inputs_embeds, past_key_values_length,
+                                                       sliding_window):
+        return None
+    if attention_mask is None:
+        return converter.to_causal_4d(input_shape[0], input_shape[-1], key_value_length, dtype=dtype,
+                                      device=inputs_embeds.device)
+    mask = attention_mask if attention_mask.dim() == 4 else converter.to_4d(
+        attention_mask, input_shape[-1], dtype=dtype, key_value_length=key_value_length)
+    if mask.device.type == "cuda":
+        mask = AttentionMaskConverter._unmask_unattended(mask, torch.finfo(dtype).min)
+    return mask
+
+
+install_import_repairs()

@@ -247,7 +247,7 @@ def _check_replaceable(out: Path) -> None:
 # weights, index, the local-source note, its staging marker) and those it copies from a source model
 # (model_files.COPIED_PATTERNS: code, tokenizer, chat template, generation config, license). Anything else
 # (notes, results, a user's own files) makes --overwrite refuse rather than delete it.
-_TOOL_FILES = ("config.json", REPORT_FILE, CARD_FILE, LOCAL_SOURCE_FILE,
+_TOOL_FILES = ("config.json", REPORT_FILE, CARD_FILE, LOCAL_SOURCE_FILE, "qdlm_recipe.yaml",  # quantize/api.py
                INCOMPLETE_MARKER, INCOMPLETE_MARKER + ".tmp",
                "*.safetensors", "*.safetensors.index.json")
 

@@ -4,6 +4,9 @@ weight files were written with. The one builder and reader of the report."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,46 @@ from .tensor_headers import DAMAGED_HINT, TensorEntry
 
 MANIFEST_KEY = "tensors"  # every tensor the writer wrote, name -> {"dtype", "shape"}
 DISPLAY_NAMES_KEY = "display_names"  # {"method", "family"}: how the model card names them
+# owner/name as the Hub spells it (validate_repo_id's rules, minus the length check).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(name: Any) -> bool:
+    """True for ``owner/name`` ids; False for local paths and bare names."""
+    return (
+        isinstance(name, str)
+        and bool(_HUB_ID.match(name))
+        and ".." not in name
+        and "--" not in name
+        and not name.endswith((".git", "."))
+    )
+
+
+def _is_machine_path(text: str) -> bool:
+    """A path that says where things are on this machine: absolute, home-relative, or climbing out."""
+    return text.startswith(("/", "~", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", text)) or ".." in Path(text).parts
+
+
+def public_name(value: str) -> str:
+    """What published files (config, report, card) say for a model or dataset: a Hub id or a relative
+    path as given; an absolute local path as its folder name (``"local"`` when it has none)."""
+    text = str(value)
+    if not _is_machine_path(text):
+        return text
+    return Path(os.path.expanduser(text)).resolve().name or "local"
+
+
+def public_command(command: str) -> str:
+    """The command line with every absolute local path (also in ``--opt=PATH``) reduced to its name."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: keep the words as they are
+        words = command.split()
+    out = []
+    for word in words:
+        option, eq, value = word.partition("=") if word.startswith("-") else ("", "", word)
+        out.append(option + eq + public_name(value) if value and _is_machine_path(value) else word)
+    return " ".join(shlex.quote(w) for w in out)
 
 
 def build_report(*, source: str, linear_params: int, linear_bytes_original: int, linear_bytes_quantized: int,

@@ -1,9 +1,11 @@
 """README.md (model card) for a quantized checkpoint, built from its ``config.json`` and ``qdlm_report.json``.
 
-The card has Hub metadata in YAML front matter (``base_model``, ``base_model_relation: quantized``,
-``library_name``, ``tags``) and a short body: how the checkpoint was made, how to load it, sizes,
-quality, and a pointer to the format description. Output depends only on the two files, so
-rendering the same folder twice gives the same text. Names for people (``GPTQ``, ``LLaDA``) come
+The card has Hub metadata in YAML front matter (hub/card_metadata.py: ``license``, ``base_model``,
+``base_model_relation: quantized``, ``datasets``, ``model-index``, ``library_name``, ``tags``) and a
+short body: how the checkpoint was made, how to load it (as this checkpoint loads: self-contained,
+or with qdlm-export), sizes, quality, and a pointer to the format description. Output depends only
+on the folder's files and the :class:`CardInputs`, so rendering the same folder twice gives the same
+text, and no absolute local path is ever shown (a local source appears as its folder name). Names for people (``GPTQ``, ``LLaDA``) come
 from the report, where ``quantize`` records them from the method class and the family adapter: the
 card knows no method or family by name.
 """
@@ -11,23 +13,25 @@ card knows no method or family by name.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCardData
-
 from ..errors import CheckpointError
-from ..format.report import DISPLAY_NAMES_KEY
+from ..format.report import DISPLAY_NAMES_KEY, looks_like_hub_id, public_command, public_name
 from ..format.spec import CARD_FILE, REPORT_FILE
+from .card_metadata import CardInputs, card_inputs, front_matter, resolve_inputs
+
+__all__ = ["CARD_FILE", "CardInputs", "card_inputs", "is_generated_card", "looks_like_hub_id", "render_model_card",
+           "write_model_card"]
 
 PROJECT_URL = "https://pypi.org/project/qdlm-export/"
 FORMAT_DOC = "docs/FORMAT.md"
 
 # The report's names for people ({"method": "GPTQ", "family": "LLaDA"}), recorded by `quantize` from
 # the method class and the family adapter that own them; absent, the card uses the config's keys.
-# owner/name as the Hub spells it (validate_repo_id's rules, minus the length check).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The loader copy a self-contained checkpoint carries (loader/selfcontained.py LOADER_FILE); the hub
+# layer may not import the loader, so the name is repeated here.
+SELF_CONTAINED_LOADER = "qdlm_loader.py"
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -61,17 +65,6 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def looks_like_hub_id(name: Any) -> bool:
-    """True for ``owner/name`` ids; False for local paths and bare names."""
-    return (
-        isinstance(name, str)
-        and bool(_HUB_ID.match(name))
-        and ".." not in name
-        and "--" not in name
-        and not name.endswith((".git", "."))
-    )
-
-
 # ----------------------------------------------------------------------------------- formatting
 def human_bytes(n: float) -> str:
     """Decimal units, as the Hub shows file sizes: 13958643712 -> '13.96 GB'."""
@@ -98,14 +91,18 @@ def _cell(text: str) -> str:
 class _Facts:
     """Everything the card says, read defensively: every key may be missing."""
 
-    def __init__(self, config: dict[str, Any], report: dict[str, Any]):
-        self.config, self.report = config, report
+    def __init__(self, config: dict[str, Any], report: dict[str, Any], self_contained: bool):
+        self.config, self.report, self.self_contained = config, report, self_contained
         q = self.qc = _dict(config.get("quantization_config"))
         prov = _dict(q.get("provenance"))
-        self.source = prov.get("source") or report.get("source")
-        self.base_model = self.source if looks_like_hub_id(self.source) else None
+        source = prov.get("source") or report.get("source")
+        # checkpoints written before paths were scrubbed may record an absolute path: show its name
+        self.source = public_name(source) if isinstance(source, str) and source else None
+        self.base_model: str | None = None  # set by render_model_card (given, or from the source)
+        self.license: str | None = None
         self.tool_version = prov.get("tool_version")
-        self.command = prov.get("command")
+        command = prov.get("command")
+        self.command = public_command(command) if isinstance(command, str) and command else None
         self.method = str(q.get("method") or "unknown")
         w = _dict(q.get("weights"))
         self.bits = w.get("bits")
@@ -149,10 +146,10 @@ class _Facts:
         return "calibration" in self.report and self.report["calibration"] is None
 
     def tags(self) -> list[str]:
-        tags = ["qdlm", "qdlm-export", self.method.lower()]
+        tags = ["qdlm", "qdlm-export", "quantized", self.method.lower()]
         if self.bits is not None:
             tags += [f"{self.bits}-bit", self.scheme]
-        tags.append("diffusion-llm")
+        tags += ["diffusion", "diffusion-llm"]
         if isinstance(self.family, str) and self.family:
             tags.append(self.family.lower())
         return list(dict.fromkeys(tags))
@@ -166,14 +163,10 @@ class _Facts:
 
 # ----------------------------------------------------------------------------------- sections
 def _front_matter(f: _Facts) -> str:
-    data = ModelCardData(
-        base_model=f.base_model,
-        base_model_relation="quantized" if f.base_model else None,
-        library_name="transformers",
-        pipeline_tag=f.pipeline_tag(),
-        tags=f.tags(),
-    )
-    return f"---\n{data.to_yaml()}\n---\n"
+    calib = _dict(f.report.get("calibration"))
+    return front_matter(license_=f.license, base_model=f.base_model, calibration_dataset=calib.get("dataset"),
+                        eval_table=f.report.get("eval"), model_name=f.model_name, tags=f.tags(),
+                        pipeline_tag=f.pipeline_tag())
 
 
 def _title(f: _Facts) -> str:
@@ -182,11 +175,12 @@ def _title(f: _Facts) -> str:
 
 
 def _how_made(f: _Facts) -> str:
-    src = (
-        f"[{f.source}](https://huggingface.co/{f.source})"
-        if f.base_model
-        else (f"`{f.source}`" if f.source else "a model")
-    )
+    if f.base_model and f.base_model == f.source:
+        src = f"[{f.source}](https://huggingface.co/{f.source})"
+    elif f.base_model:  # a local copy of a Hub model
+        src = f"[{f.base_model}](https://huggingface.co/{f.base_model}) (from a local copy, `{f.source}`)"
+    else:
+        src = f"`{f.source}`" if f.source else "a model"
     family = f.family_name
     kind = f"a {family} diffusion language model" if family else "a diffusion language model"
     parts = [f"This is a quantized version of {src}, {kind}."]
@@ -226,7 +220,7 @@ def _how_made(f: _Facts) -> str:
             bits_.append(f"{calib['nsamples']} samples")
         if calib.get("seqlen") is not None:
             bits_.append(f"of {calib['seqlen']} tokens")
-        ds = f" from the `{calib['dataset']}` dataset" if calib.get("dataset") else ""
+        ds = f" from the `{public_name(calib['dataset'])}` dataset" if calib.get("dataset") else ""
         parts.append(f"Calibration data: {' '.join(bits_) or 'see qdlm_report.json'}{ds}.")
 
     transforms = _dict(f.qc.get("transforms"))
@@ -253,37 +247,48 @@ def _how_made(f: _Facts) -> str:
 
 def _how_to_load(f: _Facts, repo_id: str) -> str:
     base = f.qc.get("base_model_type")
-    if f.auto_map and isinstance(base, str) and f.config.get("model_type") == f"qdlm_{base}":
-        # a transformers-native family under its own model type (formats/native_wrappers.py)
-        auto_cls, extra = "AutoModelForCausalLM", ", trust_remote_code=True"
+    wrapped = bool(f.auto_map) and isinstance(base, str) and f.config.get("model_type") == f"qdlm_{base}"
+    if wrapped:  # a transformers-native family under its own model type (loader/native_wrappers.py)
+        auto_cls = "AutoModelForCausalLM"
         why = (
             f"`config.json` names the model type `qdlm_{base}` instead of `{base}`, so that transformers without "
-            "qdlm-export refuses this checkpoint instead of loading its quantized layers as random weights. With "
-            "`import qdlm_export` it loads without `trust_remote_code`; without qdlm-export, "
-            "`trust_remote_code=True` runs the small Python files shipped here (subclasses of transformers' "
-            "classes, and the qdlm loader when the checkpoint carries it). Read them before running them."
+            "the qdlm loader refuses this checkpoint instead of loading its quantized layers as random weights. "
         )
     elif f.auto_map:
         auto_cls = "AutoModel"
         arch = f" (`{f.architecture}`)" if f.architecture else ""
         why = (
-            f"`trust_remote_code=True` is needed because the model's architecture{arch} is not part of "
-            "transformers: it is defined by the Python files shipped in this repository (see `auto_map` "
-            "in `config.json`). Read them before running them."
+            f"The model's architecture{arch} is not part of transformers: it is defined by the Python files "
+            "shipped in this repository (see `auto_map` in `config.json`). "
         )
-        extra = ", trust_remote_code=True"
     else:
-        auto_cls, why, extra = "AutoModelForCausalLM", "", ""
+        auto_cls, why = "AutoModelForCausalLM", ""
+    remote = bool(f.auto_map)
+    extra = ", trust_remote_code=True" if remote else ""
+    if remote and f.self_contained:
+        install = "```bash\npip install transformers torch\n```\n\n"
+        header = ""
+        why += (
+            "The checkpoint is self-contained: it carries the qdlm loader and kernels as remote code "
+            f"(`{SELF_CONTAINED_LOADER}` and its siblings), so it loads with transformers alone; "
+            "`trust_remote_code=True` runs those files. Read them before running them."
+        )
+    else:
+        install = "```bash\npip install qdlm-export\n```\n\n"
+        header = "import qdlm_export  # teaches transformers the `qdlm` quantization format\n"
+        if remote:
+            why += ("It loads where qdlm-export is installed (its remote code asks for it); "
+                    "`trust_remote_code=True` runs the Python files shipped here. Read them before running them.")
     code = (
-        "```bash\npip install qdlm-export\n```\n\n"
-        "```python\n"
-        "import qdlm_export  # teaches transformers the `qdlm` quantization format\n"
-        f"from transformers import {auto_cls}, AutoTokenizer\n\n"
+        install
+        + "```python\n"
+        + header
+        + f"from transformers import {auto_cls}, AutoTokenizer\n\n"
         f'model = {auto_cls}.from_pretrained("{repo_id}"{extra}, dtype="auto")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{extra})\n'
         "```\n"
     )
-    return "## How to load\n\n" + code + (f"\n{why}\n" if why else "")
+    return "## How to load\n\n" + code + (f"\n{why.strip()}\n" if why.strip() else "")
 
 
 def _sizes(f: _Facts) -> str:
@@ -370,22 +375,54 @@ def _format_note(f: _Facts) -> str:
 
 
 # ----------------------------------------------------------------------------------- API
-def render_model_card(folder: Path, repo_id: str | None = None) -> str:
+def render_model_card(folder: Path, repo_id: str | None = None, *, license: str | None = None,
+                      base_model: str | None = None) -> str:
     """README.md text for the checkpoint in ``folder``.
 
-    ``repo_id`` goes into the loading example; without it the example loads from the folder's name.
+    ``repo_id`` goes into the loading example (without it, the folder's name). ``license`` and
+    ``base_model``: ``None`` finds them from the source (:func:`card_metadata.resolve_inputs`), ``""``
+    leaves them out.
     """
     folder = Path(folder)
     config = _read_json(folder / "config.json", required=True)
     report = _read_json(folder / REPORT_FILE, required=False)
-    f = _Facts(config, report)
+    f = _Facts(config, report, self_contained=(folder / SELF_CONTAINED_LOADER).is_file())
+    inputs = CardInputs(repo_id=repo_id, license=license, base_model=base_model)
+    f.license, f.base_model = resolve_inputs(folder, f.source, inputs)
     where = repo_id or folder.name
     sections = [_title(f), _how_made(f), _how_to_load(f, where), _sizes(f), _quality(f), _format_note(f)]
     return _front_matter(f) + "\n" + "\n".join(s for s in sections if s)
 
 
-def write_model_card(folder: Path, repo_id: str | None = None) -> Path:
+def write_model_card(folder: Path, repo_id: str | None = None, *, license: str | None = None,
+                     base_model: str | None = None) -> Path:
     """Write README.md into ``folder`` (replacing any there) and return its path."""
     path = Path(folder) / CARD_FILE
-    path.write_text(render_model_card(folder, repo_id), encoding="utf-8")
+    path.write_text(render_model_card(folder, repo_id, license=license, base_model=base_model), encoding="utf-8")
     return path
+
+
+def is_generated_card(folder: Path) -> bool:
+    """README.md is exactly what qdlm-export renders for the folder's files now, with the inputs the
+    card itself shows (its loading target, license, base model): nobody edited it. Independent of
+    where the folder lives, its name and its files' times, so a copied checkpoint's card still counts."""
+    try:
+        text = (Path(folder) / CARD_FILE).read_text(encoding="utf-8")
+        inputs = card_inputs(text)
+        if inputs.repo_id is None:
+            return False
+        rendered = render_model_card(folder, inputs.repo_id, license=inputs.license, base_model=inputs.base_model)
+    except Exception:  # noqa: BLE001 - unreadable card or config: treat as edited, never overwrite
+        return False
+    return text == rendered
+
+
+def regenerated_inputs(folder: Path) -> CardInputs:
+    """The inputs to re-render a generated card with: its license and base model, and its repo id
+    when it names a Hub repo (a folder name is re-derived, so a copied folder's card names its new name)."""
+    try:
+        inputs = card_inputs((Path(folder) / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return CardInputs()
+    repo_id = inputs.repo_id if looks_like_hub_id(inputs.repo_id) else None
+    return CardInputs(repo_id=repo_id, license=inputs.license, base_model=inputs.base_model)

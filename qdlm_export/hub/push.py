@@ -3,19 +3,23 @@
 :func:`push_checkpoint` validates the folder first with the one checkpoint validation
 (:func:`qdlm_export.format.validation.validate_checkpoint`: no staging folder, every promised tensor present
 with its dtype and shape, no index entry or symlink leading outside the folder, no truncated file),
-so nothing is sent for a folder that is not a complete checkpoint. It then uploads an allow-list:
-the weight files the checkpoint loads, its index, and the top-level files a model repo is made of
-(configs, tokenizer, remote code, model card, license); pickles (``*.pkl *.pt *.pth *.bin *.ckpt``),
-hidden files, sub-folders and stray files are left out and named in a warning. A model card is
-rendered for the upload when README.md is missing (or is the untouched card ``quantize`` wrote);
-the local README.md is written only after the Hub confirmed the commit, so a failed push leaves
-every local file as it was. Every HTTP request has a timeout (``QDLM_HUB_TIMEOUT`` seconds, default
-:data:`DEFAULT_TIMEOUT_S`). Every failure becomes a :class:`~qdlm_export.errors.HubError` (or
-another ``QdlmError`` for local problems) whose text says what happened and what to do.
+so nothing is sent for a folder that is not a complete checkpoint. It then uploads an allow-list
+(hub/upload_plan.py): the weight files the checkpoint loads, its index, and the top-level files a
+model repo is made of (configs, tokenizer, remote code, model card, license); pickles, hidden files,
+sub-folders and stray files are left out and named in a warning. Like ``hf upload``: ``include`` /
+``exclude`` globs narrow it, ``delete`` globs remove repo files in the same commit, weight files on
+the Hub that the upload does not replace are deleted by default (a re-push that went from one file
+to shards leaves no stale ``model.safetensors``), ``create_pr`` opens a pull request, and folders
+over :data:`LARGE_FOLDER_BYTES` go through huggingface_hub's resumable upload. A model card is
+rendered for the upload when README.md is missing or is the generated card; the local README.md is
+written only after the Hub confirmed the commit, so a failed push leaves every local file as it was.
+Every HTTP request has a timeout (``QDLM_HUB_TIMEOUT`` seconds, default :data:`DEFAULT_TIMEOUT_S`).
+Every failure becomes a :class:`~qdlm_export.errors.HubError` (hub/failures.py; or another
+``QdlmError`` for local problems) whose text says what happened and what to do.
 
-The token is never handled as text here: ``token=None`` lets ``huggingface_hub`` find ``HF_TOKEN`` or
-the saved login. The token is still known to this module so that it can be scrubbed from any text
-that comes back from the server or the HTTP stack before it reaches a message or a log.
+``token=None`` lets ``huggingface_hub`` find ``HF_TOKEN`` or the saved login; a given token is only
+handed to ``HfApi``. Either way it is scrubbed from any text that comes back from the server or the
+HTTP stack before it reaches a message or a log.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,25 +34,23 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, ConfigError, HubError, QdlmError
-from ..format.reader import INDEX_FILE, link_roots, stays_inside
-from ..format.validation import ValidCheckpoint, validate_checkpoint
-from .card import CARD_FILE, render_model_card
+from ..format.validation import validate_checkpoint
+from .card import CARD_FILE, is_generated_card, regenerated_inputs, render_model_card
+from .failures import AUTH_HINT, TIMEOUT_ENV, Scrubber, known_token, scrubbed, to_hub_error
+from .upload_plan import filter_plan, stale_files, upload_plan
+
+__all__ = ["DEFAULT_TIMEOUT_S", "LARGE_FOLDER_BYTES", "PushResult", "hub_timeout", "push_checkpoint", "upload_plan",
+           "validate_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TIMEOUT_ENV = "QDLM_HUB_TIMEOUT"
 DEFAULT_TIMEOUT_S = 60.0  # per HTTP request: connecting, or waiting for the next bytes of an answer
 # (huggingface_hub retries its pre-upload and LFS requests up to 5 times after a timeout, with backoff;
 # repo creation and the commit itself fail at the first timeout.)
-# What a checkpoint repo is made of besides its weights (top-level files only): configs, tokenizer
-# files, remote code and the loader copies, model card, license texts, chat templates.
-UPLOAD_SUFFIXES = (".json", ".py", ".txt", ".model", ".md", ".jinja", ".tiktoken", ".yaml", ".yml")
-UPLOAD_PREFIXES = ("LICENSE", "NOTICE", "COPYING")
-# Never uploaded, whatever their name: pickles can run code when loaded.
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt")
-_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
-_AUTH_HINT = "Set HF_TOKEN to a token with write access, or run `hf auth login`."
+# Above this many bytes of files to upload, `large_folder=None` goes through huggingface_hub's
+# resumable upload_large_folder (several commits, resumable after an interruption); below, one commit.
+LARGE_FOLDER_BYTES = 5_000_000_000  # 5 GB, decimal as the Hub counts
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class PushResult:
     commit_url: str
     commit_oid: str
     uploaded: tuple[str, ...] = ()  # paths in the repo
-    skipped: tuple[str, ...] = ()  # local entries left out (not part of a checkpoint)
+    skipped: tuple[str, ...] = ()  # local entries left out (not part of a checkpoint, or --include/--exclude)
+    deleted: tuple[str, ...] = ()  # files removed from the repo (stale weights, --delete)
+    pr_url: str | None = None  # with create_pr: the pull request opened
 
 
 # ----------------------------------------------------------------------------------- local checks
@@ -75,47 +78,6 @@ def _tool_version() -> str | None:
         return version("qdlm-export")
     except (ImportError, PackageNotFoundError):
         return None
-
-
-def _is_untouched_generated_card(card: Path) -> bool:
-    """True when README.md is exactly the card `quantize` wrote (no repo id yet): safe to regenerate."""
-    try:
-        return card.read_text(encoding="utf-8") == render_model_card(card.parent)
-    except (OSError, UnicodeDecodeError, QdlmError):
-        return False
-
-
-def upload_plan(checked: ValidCheckpoint) -> tuple[list[tuple[str, Path]], list[str]]:
-    """``([(path in repo, local file)], [left-out entries])``: the allow-list of what ``push`` uploads.
-
-    Uploaded: the weight files the checkpoint loads (its index's shards, or ``model.safetensors``),
-    the index, and top-level files with a model-repo suffix (:data:`UPLOAD_SUFFIXES`) or a license
-    name. Left out: pickles, hidden files, sub-folders, safetensors the index does not list, anything
-    else. Symlinks are only followed inside the folder (the validation refused the others)."""
-    folder = checked.folder
-    roots = link_roots(folder)
-    take: dict[str, Path] = {f.relative_to(folder).as_posix(): f for f in checked.weight_files}
-    skipped: list[str] = []
-    for entry in sorted(folder.iterdir()):
-        name = entry.name
-        if name in take:
-            continue
-        if name.startswith("."):
-            if name not in (".git", ".cache"):
-                skipped.append(name)
-        elif entry.is_dir():
-            skipped.append(name + "/")
-        elif not entry.is_file() or not stays_inside(entry, roots):
-            skipped.append(name)
-        elif name == INDEX_FILE:
-            take[name] = entry
-        elif name.lower().endswith(PICKLE_SUFFIXES) or name.endswith(".safetensors"):
-            skipped.append(name)
-        elif name.endswith(UPLOAD_SUFFIXES) or name.startswith(UPLOAD_PREFIXES):
-            take[name] = entry
-        else:
-            skipped.append(name)
-    return sorted(take.items()), skipped
 
 
 def hub_timeout(value: float | str | None = None) -> float:
@@ -203,139 +165,6 @@ def _offline() -> bool:
     return env or constants.is_offline_mode()
 
 
-# ----------------------------------------------------------------------------------- secrets
-class _Scrubber:
-    def __init__(self, *secrets: str | None):
-        self.secrets = sorted({s for s in secrets if isinstance(s, str) and len(s) >= 4}, key=len, reverse=True)
-
-    def __call__(self, text: str | None) -> str | None:
-        if text is None:
-            return None
-        for s in self.secrets:
-            text = text.replace(s, "***")
-        return _TOKEN_SHAPE.sub("hf_***", text)
-
-
-def _known_token(token: str | None) -> str | None:
-    if token:
-        return token
-    try:
-        from huggingface_hub import get_token
-
-        return get_token()
-    except Exception:  # noqa: BLE001 - a broken token store is huggingface_hub's error to report later
-        return None
-
-
-# ----------------------------------------------------------------------------------- error mapping
-def _is_timeout(exc: BaseException) -> bool:
-    if isinstance(exc, TimeoutError):
-        return True
-    return any(
-        c.__name__ == "TimeoutException" and c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(exc).__mro__
-    )
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return any(
-        c.__name__ in ("TransportError", "RequestError") and c.__module__.split(".")[0] in ("httpx", "httpx2")
-        for c in type(exc).__mro__
-    )
-
-
-def _server_message(exc: BaseException) -> str | None:
-    msg = getattr(exc, "server_message", None)
-    if not isinstance(msg, str):
-        return None
-    lines = list(dict.fromkeys(line.strip() for line in msg.splitlines() if line.strip()))
-    return " ".join(lines)[:500] or None
-
-
-def _to_hub_error(
-    exc: BaseException, *, step: str, endpoint: str, repo_id: str, revision: str | None, scrub: _Scrubber,
-    timeout: float | None = None,
-) -> HubError:
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RevisionNotFoundError
-
-    where = f"while {step}"
-    if isinstance(exc, OfflineModeIsEnabled):
-        return HubError(
-            f"Cannot reach the Hub at {endpoint} {where}: offline mode is on (HF_HUB_OFFLINE).",
-            hint="Unset HF_HUB_OFFLINE to upload.",
-        )
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None) if isinstance(exc, HfHubHTTPError) else None
-    said = _server_message(exc)
-    says = f" The Hub says: {scrub(said)}" if said else ""
-    if status is not None:
-        if status == 401:
-            err = HubError(
-                f"Authentication failed (401 Unauthorized) {where} for {repo_id} on {endpoint}: the token "
-                f"was refused, or it cannot see this repository.{says}",
-                hint=_AUTH_HINT,
-            )
-        elif status == 403:
-            namespace = repo_id.split("/")[0] if "/" in repo_id else "your account"
-            err = HubError(
-                f"Permission denied (403 Forbidden) {where} for {repo_id} on {endpoint}: the token cannot "
-                f"write to {namespace}.{says}",
-                hint=f"Use a token with write access to {namespace}. {_AUTH_HINT}",
-            )
-        elif status == 404:
-            if isinstance(exc, RevisionNotFoundError) and revision:
-                err = HubError(
-                    f"Revision {revision!r} was not found in {repo_id} on {endpoint} ({step}).{says}",
-                    hint="Check the --revision name; branches are created from main when missing.",
-                )
-            else:
-                err = HubError(
-                    f"Repository {repo_id} was not found on {endpoint} ({step}).{says}",
-                    hint="Check the repo id and that your token can see it. " + _AUTH_HINT,
-                )
-        elif status == 429:
-            err = HubError(
-                f"The Hub at {endpoint} is rate-limiting requests (429) {where}.{says}",
-                hint="Wait a few minutes and try again.",
-            )
-        elif 500 <= status < 600:
-            err = HubError(
-                f"The Hub at {endpoint} answered with server error {status} {where}; the upload was not "
-                f"confirmed.{says}",
-                hint="Try again later; pushing the same folder again is safe.",
-            )
-        else:
-            err = HubError(f"The Hub at {endpoint} refused the request {where} (HTTP {status}).{says}")
-        err.status_code = status  # type: ignore[attr-defined]
-        return err
-    if _is_timeout(exc) and timeout is not None:
-        return HubError(
-            f"The Hub at {endpoint} did not answer within {timeout:g} s {where} ({type(exc).__name__}); the upload "
-            "was not confirmed.",
-            hint=f"Check the network connection and try again (pushing the same folder again is safe); on a slow "
-            f"link, allow more time with {TIMEOUT_ENV}=SECONDS (now {timeout:g}).",
-        )
-    if _is_transport_error(exc):
-        return HubError(
-            f"Cannot reach the Hub at {endpoint} {where} ({type(exc).__name__}: {scrub(str(exc)) or 'no detail'}).",
-            hint="Check the network connection, proxy settings and HF_ENDPOINT, then try again.",
-        )
-    if isinstance(exc, ValueError) and "README.md" in str(exc):
-        return HubError(
-            f"The Hub rejected the metadata of README.md: {scrub(str(exc))}",
-            hint="Fix the YAML header of README.md, or delete README.md to get a generated card.",
-        )
-    return HubError(f"Upload to {endpoint} failed {where}: {type(exc).__name__}: {scrub(str(exc))}")
-
-
-def _scrubbed(err: HubError, scrub: _Scrubber) -> HubError:
-    clean = HubError(scrub(err.message) or "", hint=scrub(err.hint))
-    if hasattr(err, "status_code"):
-        clean.status_code = err.status_code  # type: ignore[attr-defined]
-    return clean
-
-
 def _create_repo(api, repo_id: str, *, private: bool, endpoint: str) -> str:
     """``create_repo(exist_ok=True)``; ``private=False`` leaves visibility to the namespace default."""
     from huggingface_hub import errors
@@ -354,6 +183,30 @@ def _create_repo(api, repo_id: str, *, private: bool, endpoint: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- push
+def _card_for_push(folder: Path, repo_id: str, license: str | None, base_model: str | None) -> str | None:
+    """The card to upload in place of README.md: rendered when there is none, or when it is the
+    generated card (keeping the license and base model it shows unless new ones are given); None for
+    a hand-edited card, which is uploaded as it is."""
+    card = folder / CARD_FILE
+    if card.exists() and not is_generated_card(folder):
+        if license is not None or base_model is not None:
+            logger.warning("%s was edited by hand: it is uploaded as it is, without the --license/--base-model "
+                           "given (delete it to get a generated card).", card)
+        return None
+    kept = regenerated_inputs(folder) if card.exists() else None
+    return render_model_card(
+        folder, repo_id,
+        license=license if license is not None else (kept.license if kept else None),
+        base_model=base_model if base_model is not None else (kept.base_model if kept else None),
+    )
+
+
+def _commit_message(qc: dict, is_qdlm: bool) -> str:
+    what = f"{qc.get('method', 'qdlm')} checkpoint" if is_qdlm else "checkpoint"
+    version = _tool_version()
+    return f"Upload {what} with qdlm-export" + (f" {version}" if version else "")
+
+
 def push_checkpoint(
     folder: Path | str,
     repo_id: str,
@@ -364,23 +217,43 @@ def push_checkpoint(
     endpoint: str | None = None,
     token: str | None = None,
     timeout: float | None = None,
+    create_pr: bool = False,
+    include: list[str] | tuple[str, ...] = (),
+    exclude: list[str] | tuple[str, ...] = (),
+    delete: list[str] | tuple[str, ...] = (),
+    delete_stale: bool = True,
+    large_folder: bool | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
 ) -> PushResult:
     """Upload the checkpoint in ``folder`` to ``repo_id`` and return where the commit landed.
 
     Validates the folder first (nothing is sent unless it is a complete checkpoint), renders a model
-    card if the folder has none (or has the untouched card that ``quantize`` wrote, so that the
-    loading example names ``repo_id``), creates the repo if needed (``private=True`` asks for a
-    private one; otherwise the namespace's default applies) and the branch ``revision`` if it is
-    missing, then uploads the allow-listed files (:func:`upload_plan`) in one commit. ``timeout``:
-    seconds each request may wait (default ``QDLM_HUB_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`).
-    Local files change only after the Hub confirmed the commit (the rendered card is then saved).
+    card if the folder has none (or has the generated card, so that the loading example names
+    ``repo_id``; ``license``/``base_model`` replace what it shows), creates the repo if needed
+    (``private=True`` asks for a private one) and the branch ``revision`` if it is missing, then
+    uploads the allow-listed files (:func:`upload_plan`), narrowed by the ``include``/``exclude``
+    globs, in one commit that also deletes the repo's files matching ``delete`` and (``delete_stale``)
+    the weight files the upload does not replace. ``create_pr`` opens a pull request instead of
+    committing to the branch. ``large_folder``: upload through ``upload_large_folder`` (resumable,
+    several commits, no pull request); ``None`` does so above :data:`LARGE_FOLDER_BYTES` unless
+    ``create_pr``. ``token``: used for the requests, never shown (``None``: HF_TOKEN or the saved
+    login). ``timeout``: seconds each request may wait (default ``QDLM_HUB_TIMEOUT``, else
+    :data:`DEFAULT_TIMEOUT_S`). Local files change only after the Hub confirmed the commit.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     from ..core.arguments import check_bool, check_path
 
     check_path("push_checkpoint", "folder", folder)
-    check_bool("push_checkpoint", "private", private)  # private='no' is truthy
+    for name, value in (("private", private), ("create_pr", create_pr), ("delete_stale", delete_stale)):
+        check_bool("push_checkpoint", name, value)  # private='no' is truthy
+    if large_folder and create_pr:
+        raise ConfigError(
+            "a pull request cannot be opened with the large-folder upload (huggingface_hub's upload_large_folder "
+            "commits to a branch, in several commits)",
+            hint="leave out --large-folder to open the pull request in one commit, or push to a branch with --revision",
+        )
     folder = Path(folder)
     checked = validate_checkpoint(folder, require_qdlm=False)
     config = checked.config
@@ -396,43 +269,44 @@ def push_checkpoint(
     seconds = hub_timeout(timeout)
     ep = (endpoint or constants.ENDPOINT or DEFAULT_ENDPOINT).rstrip("/")
     if _offline():
-        raise HubError(
-            f"Cannot reach the Hub at {ep}: offline mode is on (HF_HUB_OFFLINE).",
-            hint="Unset HF_HUB_OFFLINE to upload.",
-        )
-    known = _known_token(token)
-    scrub = _Scrubber(known)
+        raise HubError(f"Cannot reach the Hub at {ep}: offline mode is on (HF_HUB_OFFLINE).",
+                       hint="Unset HF_HUB_OFFLINE to upload.")
+    known = known_token(token)
+    scrub = Scrubber(known)
     if not known:
-        raise HubError(f"No Hugging Face token found, and uploading to {ep} needs one.", hint=_AUTH_HINT)
+        raise HubError(f"No Hugging Face token found, and uploading to {ep} needs one.", hint=AUTH_HINT)
 
     files, skipped = upload_plan(checked)
     if skipped:
         logger.warning(
             "Not uploaded (not part of a checkpoint: pickles, hidden files, folders, stray files): %s", ", ".join(skipped)
         )
-    qc = config.get("quantization_config")
-    is_qdlm = checked.is_qdlm
-    card = folder / CARD_FILE
-    card_text: str | None = None  # a card rendered for this push, saved locally after success
-    if not card.exists() or (is_qdlm and _is_untouched_generated_card(card)):
-        if is_qdlm:
-            card_text = render_model_card(folder, repo_id)
-        else:
+    files, filtered = filter_plan(files, list(include), list(exclude))
+    if filtered:
+        logger.info("Left out by --include/--exclude: %s", ", ".join(filtered))
+    card_wanted = not ((include and not any(n == CARD_FILE for n, _ in files)) or CARD_FILE in filtered)
+    if not files and not card_wanted:
+        raise ConfigError(f"--include/--exclude leave nothing of {folder} to upload",
+                          hint="check the patterns against the file names `qdlm-export inspect` lists")
+    card_text = None
+    if card_wanted:
+        if checked.is_qdlm:
+            card_text = _card_for_push(folder, repo_id, license, base_model)
+        elif not (folder / CARD_FILE).exists():
             logger.warning("%s has no README.md and no qdlm quantization_config; pushing without a model card.", folder)
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files
-        if not (card_text is not None and name == CARD_FILE)
-    ]
+    adds = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files
+            if not (card_text is not None and name == CARD_FILE)]
     if card_text is not None:
-        operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text.encode("utf-8")))
-
+        adds.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card_text.encode("utf-8")))
+    uploading = {op.path_in_repo for op in adds}
+    total = sum(path.stat().st_size for _, path in files)
+    large = large_folder if large_folder is not None else (total > LARGE_FOLDER_BYTES and not create_pr)
     if commit_message is None:
-        what = f"{qc.get('method', 'qdlm')} checkpoint" if is_qdlm else "checkpoint"
-        version = _tool_version()
-        commit_message = f"Upload {what} with qdlm-export" + (f" {version}" if version else "")
+        commit_message = _commit_message(config["quantization_config"], checked.is_qdlm)
 
     api = HfApi(endpoint=endpoint, token=token, library_name="qdlm-export", library_version=_tool_version())
     step = "creating the repository"
+    info, deletes = None, []
     try:
         with _http_timeout(seconds):
             logger.info("Creating %s on %s (exist_ok)", repo_id, ep)
@@ -441,21 +315,38 @@ def push_checkpoint(
                 step = f"creating branch {revision!r}"
                 logger.info("Creating branch %s in %s (exist_ok)", revision, repo_id)
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            if delete or delete_stale:
+                step = "listing the files already in the repository"
+                remote = api.list_repo_files(repo_id, revision=revision)
+                deletes = stale_files(remote, uploading, list(delete), weights=delete_stale)
+                if deletes:
+                    logger.info("Deleting from %s: %s", repo_id, ", ".join(deletes))
+            operations = adds + [CommitOperationDelete(path_in_repo=p) for p in deletes]
+            if large:
+                step = "uploading the files (large-folder upload)"
+                logger.info("Uploading %d files (%d bytes) of %s to %s with upload_large_folder", len(files), total,
+                            folder, repo_id)
+                allow = sorted(n for n, _ in files if not (n == CARD_FILE and card_text is not None))
+                _upload_large(api, repo_id, folder, revision=revision, private=private, allow=allow,
+                              commit_message=commit_message)
+                # then one commit of what it cannot do: the rendered card, and the deletions
+                operations = [op for op in operations if isinstance(op, CommitOperationDelete)
+                              or (op.path_in_repo == CARD_FILE and card_text is not None)]
             step = "uploading the files"
-            logger.info("Uploading %d files of %s to %s%s", len(operations), folder, repo_id,
-                        f"@{revision}" if revision else "")
-            info = api.create_commit(
-                repo_id=repo_id,
-                operations=operations,
-                commit_message=commit_message,
-                revision=revision,
-            )
+            if operations:
+                logger.info("Committing %d files and %d deletions to %s%s%s", len(operations) - len(deletes),
+                            len(deletes), repo_id, f"@{revision}" if revision else "", " as a pull request" * create_pr)
+                info = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                         revision=revision, create_pr=create_pr)
+            else:
+                head = api.repo_info(repo_id, revision=revision).sha
+                info = _HeadCommit(oid=head, commit_url=f"{ep}/{repo_id}/commit/{head}")
     except QdlmError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure is mapped to one clear HubError
-        err = _to_hub_error(e, step=step, endpoint=ep, repo_id=repo_id, revision=revision, scrub=scrub, timeout=seconds)
+        err = to_hub_error(e, step=step, endpoint=ep, repo_id=repo_id, revision=revision, scrub=scrub, timeout=seconds)
         # `from None`: the original exception may quote server text; only the scrubbed copy travels.
-        raise _scrubbed(err, scrub) from None
+        raise scrubbed(err, scrub) from None
 
     oid = getattr(info, "oid", None)
     commit_url = getattr(info, "commit_url", None)
@@ -464,9 +355,31 @@ def push_checkpoint(
             f"The Hub at {ep} did not confirm the commit to {repo_id} (no commit id in its answer).",
             hint="Check the repository page before pushing again.",
         )
-    if card_text is not None:
-        _write_card_after_push(card, card_text)
-    logger.info("Pushed %s to %s (commit %s)", folder, repo_id, oid)
-    uploaded = tuple(op.path_in_repo for op in operations)
+    if card_text is not None and not create_pr:  # a PR may never be merged: the local card stays as it was
+        _write_card_after_push(folder / CARD_FILE, card_text)
+    pr_url = getattr(info, "pr_url", None)
+    logger.info("Pushed %s to %s (commit %s)%s", folder, repo_id, oid, f", pull request {pr_url}" if pr_url else "")
     return PushResult(repo_url=str(repo_url), commit_url=str(commit_url), commit_oid=str(oid),
-                      uploaded=uploaded, skipped=tuple(skipped))
+                      uploaded=tuple(sorted(uploading)), skipped=tuple(skipped + filtered), deleted=tuple(deletes),
+                      pr_url=str(pr_url) if pr_url else None)
+
+
+def _upload_large(api, repo_id: str, folder: Path, *, revision: str | None, private: bool, allow: list[str],
+                  commit_message: str) -> None:
+    """The resumable upload of many large files: ``upload_large_folder`` where huggingface_hub has it;
+    in 2.x, where it is gone, ``upload_folder`` is the resumable one (batched commits with hf_xet)."""
+    large = getattr(api, "upload_large_folder", None)
+    if large is not None:
+        large(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+              private=True if private else None, allow_patterns=allow, print_report=False)
+    else:
+        api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, allow_patterns=allow,
+                          commit_message=commit_message)
+
+
+@dataclass(frozen=True)
+class _HeadCommit:
+    """Where a large-folder upload left the branch, when no final commit was needed."""
+
+    oid: str
+    commit_url: str

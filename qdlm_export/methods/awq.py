@@ -42,12 +42,13 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightOnlyConfig
+from ..core.configs import CalibratedWeightOnlyConfig
 from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, dequantize, quantize_with_qparams
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
-from .base import NO_ROUTED_TOKENS, BlockCalibration, QuantMethod, find_linear, qualified
+from .base import BlockCalibration, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
+from .experts import ALL_TOKENS, RTN, AllTokenInputs, expert_plan, uses_routed_statistics
 from .folding import fold_scale, feeder_problem
 from .registry import register_method
 
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AWQConfig(WeightOnlyConfig):
+class AWQConfig(CalibratedWeightOnlyConfig):
     """AWQ with the study's settings by default: asymmetric, group 128, 20-point grids."""
 
     method: ClassVar[str] = "awq"
@@ -156,6 +157,19 @@ def capture_group_input(
     )
     seen = feed_inputs(block, {"group input": first_linear}, calib, lambda _, x: stats.add_batch(x))
     require_inputs(seen, ["group input"] if may_be_silent else ())
+    return stats
+
+
+@torch.no_grad()
+def every_token_stats(every_token: AllTokenInputs, group: LinearGroup, first_linear: nn.Linear,
+                      clip_tokens: int | None) -> InputStats:
+    """Statistics of the input of a routed expert group's ``first_linear`` when its expert is run on
+    every token reaching the mixture-of-experts block (all-tokens calibration)."""
+    inputs = every_token.of_norm(group.expert_input)
+    num_tokens = sum(x.numel() // x.shape[-1] for x in inputs)
+    device = first_linear.weight.device
+    stats = InputStats(first_linear.in_features, device, _sample_index(num_tokens, clip_tokens, device))
+    every_token.feed(group, {group.linears[0]: first_linear}, lambda _, x: stats.add_batch(x))
     return stats
 
 
@@ -342,17 +356,24 @@ class AWQ(QuantMethod):
         clips: dict[str, torch.Tensor] = {}
         no_clip = query_key_linears(self.adapter) if cfg.clip_skip_qk else set()
         shared = _shared_norms(groups)
+        every_token = AllTokenInputs(block, calib)
 
         for group in groups:
             first = linears[group.linears[0]]
             in_features = first.in_features
-            stats = capture_group_input(block, first, calib, cfg.clip_tokens, may_be_silent=group.routed)
             key = f"{prefix}:{group.role or ','.join(group.linears)}"
-            if stats.count == 0:  # an expert no calibration token was routed to: plain RTN
+            stats = None
+            if uses_routed_statistics(cfg, group):
+                stats = capture_group_input(block, first, calib, cfg.clip_tokens, may_be_silent=group.routed)
+            plan, reason = expert_plan(cfg, group, stats.count if stats is not None else None)
+            if reason is not None:
                 for name in group.linears:
-                    self.calibration_fallbacks[qualified(prefix, name)] = f"rtn: {NO_ROUTED_TOKENS}"
-                self.search_log[key] = {"skipped": NO_ROUTED_TOKENS}
+                    self.calibration_fallbacks[qualified(prefix, name)] = f"{plan}: {reason}"
+            if plan == RTN:  # an expert with too few routed calibration tokens: plain RTN
+                self.search_log[key] = {"skipped": reason}
                 continue
+            if plan == ALL_TOKENS:
+                stats = every_token_stats(every_token, group, first, cfg.clip_tokens)
             if group.norm in shared:
                 entry = {"skipped": f"{group.norm} also feeds other linears or the router; no scale folded"}
             else:

@@ -33,19 +33,20 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightOnlyConfig
+from ..core.configs import CalibratedWeightOnlyConfig
 from ..errors import ConfigError
 from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
 from ..families import LinearGroup
-from .base import NO_ROUTED_TOKENS, BlockCalibration, QuantMethod, find_linear, qualified
+from .base import BlockCalibration, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
+from .experts import ALL_TOKENS, RTN, AllTokenInputs, expert_plan, uses_routed_statistics
 from .registry import register_method
 
 __all__ = ["GPTQ", "GPTQConfig", "HessianAccumulator", "collect_hessians", "gptq_quantize"]
 
 
 @dataclass(frozen=True)
-class GPTQConfig(WeightOnlyConfig):
+class GPTQConfig(CalibratedWeightOnlyConfig):
     """GPTQ with the study's settings by default (symmetric, group 128, damp 0.01, no act-order)."""
 
     method: ClassVar[str] = "gptq"
@@ -332,20 +333,32 @@ class GPTQ(QuantMethod):
             stages = [tuple(name for group in groups for name in group.linears)]
 
         routed = {name for group in groups if group.routed for name in group.linears}
+        group_of = {name: group for group in groups for name in group.linears}
+        every_token = AllTokenInputs(block, calib)
         results: dict[str, QuantizedWeight] = {}
         for names in stages:
             linears = {name: find_linear(block, name) for name in names}
             # Earlier stages are already quantized in place, so these inputs are what the
             # quantized model will feed this group (an expert's: the tokens routed to it).
-            hessians = collect_hessians(block, linears, calib, may_be_silent=routed)
+            captured = {n: linears[n] for n in names if uses_routed_statistics(cfg, group_of[n])}
+            hessians = collect_hessians(block, captured, calib, may_be_silent=routed) if captured else {}
+            plans = {}
+            for name in names:
+                acc = hessians.get(name)
+                plans[name] = expert_plan(cfg, group_of[name], acc.nsamples if acc is not None else None)
+            hessians.update(self._all_token_hessians(every_token, group_of, linears, plans))
             for name in names:
                 linear = linears[name]
                 full_name = qualified(prefix, name)
                 scheme = self.layer_scheme(full_name, linear.in_features)
-                acc = hessians.pop(name)
-                if acc.nsamples == 0:  # an expert the router sent no calibration token to
-                    results[full_name] = self.fall_back_to_rtn(linear, full_name, scheme, NO_ROUTED_TOKENS)
+                plan, reason = plans[name]
+                if plan == RTN:  # an expert with too few routed calibration tokens
+                    hessians.pop(name, None)
+                    results[full_name] = self.fall_back_to_rtn(linear, full_name, scheme, reason)
                     continue
+                if reason is not None:
+                    self.calibration_fallbacks[full_name] = f"{plan}: {reason}"
+                acc = hessians.pop(name)
                 qweight = gptq_quantize(
                     linear.weight.data,
                     acc.H,
@@ -362,3 +375,15 @@ class GPTQ(QuantMethod):
                 self.load_quantized(linear, qweight)
                 results[full_name] = qweight
         return results
+
+    @staticmethod
+    def _all_token_hessians(every_token: AllTokenInputs, group_of: dict[str, LinearGroup],
+                            linears: dict[str, nn.Linear], plans: dict[str, tuple[str, str | None]]
+                            ) -> dict[str, HessianAccumulator]:
+        """Hessians of the linears whose plan is all-tokens: their expert run on every token."""
+        wanted = [name for name, (plan, _) in plans.items() if plan == ALL_TOKENS]
+        accs = {n: HessianAccumulator(linears[n].in_features, device=linears[n].weight.device) for n in wanted}
+        for group in dict.fromkeys(group_of[n] for n in wanted):
+            modules = {n: linears[n] for n in group.linears if n in accs}
+            every_token.feed(group, modules, lambda name, x: accs[name].add_batch(x))
+        return accs

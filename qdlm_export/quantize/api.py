@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shlex
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from .calibration import calibration_tokens, check_calibration_fits
 from ..core.configs import CalibrationConfig, WeightOnlyConfig
 from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
 from ..format.config_schema import build_quantization_config
-from ..format.report import build_report, record_local_source, write_report
+from ..format.report import build_report, public_command, public_name, record_local_source, write_report
 from ..format.spec import DTYPES, ST_FLOAT_DTYPES, dtype_name
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TeeSink
 from ..methods import build_method, make_config  # noqa: F401  (make_config: part of this API)
@@ -34,6 +35,8 @@ from ..format.staging import staged_output
 from .pipeline import build_quantized_linear, default_compute_dtype, resolve_device, run_pipeline
 from .source import SourceModel
 
+logger = logging.getLogger(__name__)
+RECIPE_FILE = "qdlm_recipe.yaml"  # the command line's resolved options (cli/recipe.py)
 
 
 @dataclass
@@ -78,6 +81,7 @@ def quantize(
     output_format: str = "native",
     self_contained: bool = True,
     allow_non_finite: bool = False,
+    recipe: dict[str, Any] | None = None,
 ) -> QuantizeSummary:
     """Quantize ``model`` into ``out``.
 
@@ -89,6 +93,7 @@ def quantize(
     remote code, so they load with transformers alone; without it they refuse to load where qdlm-export
     is not installed (formats/native_wrappers.py). Never random weights either way.
     ``allow_non_finite``: quantize source weights that hold NaN/Inf instead of refusing them.
+    ``recipe``: the options that made this run, written as ``qdlm_recipe.yaml`` (no absolute paths).
     """
     from ..exports.convert import FORMATS, check_convertible
 
@@ -98,6 +103,8 @@ def quantize(
         max_shard_bytes=max_shard_bytes, revision=revision, on_block=on_block, command=command,
         output_format=output_format, self_contained=self_contained, allow_non_finite=allow_non_finite,
     )
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ArgumentTypeError(f"quantize() argument recipe={recipe!r} is not a dict or None", hint="pass recipe as a dict")
     started = time.perf_counter()
     local_source = Path(model).expanduser() if isinstance(model, (str, Path)) else None
     out = check_output(out, overwrite, source=local_source if local_source and local_source.exists() else None)
@@ -120,6 +127,7 @@ def quantize(
     from ..families import compat
 
     compat.reset_log()  # the repairs this run needs are listed in its report
+    logger.info("Opening %s", model)
     source = SourceModel.open(
         str(model), trust_remote_code=trust_remote_code, revision=revision, allow_non_finite=allow_non_finite
     )
@@ -139,7 +147,12 @@ def quantize(
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
         mask_id = source.adapter.mask_token_id(source.config_dict)
         calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id))
+        if method.needs_calibration:
+            logger.info("Tokenizing calibration text (%s): %d x %d tokens", calibration.source,
+                        calibration.nsamples, calibration.seqlen)
         calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
+        logger.info("Quantizing %d blocks with %s (%d-bit, group %d)", source.adapter.num_layers(source.config_dict),
+                    config.method, config.bits, config.group_size)
 
         with staged_output(out, overwrite, source=source.path) as stage:
             # Non-native formats are converted linear by linear into the stage; the native checkpoint
@@ -181,13 +194,14 @@ def quantize(
                 )
                 from .fidelity import relative_output_error
 
+                logger.info("Verifying: reloading the checkpoint and comparing its logits with the original's")
                 tokens = calibration_tokens(tokenizer, verify_cfg, mask_id)
                 error = relative_output_error(source, tmp, tokens, torch_device)
 
             checkpoint_bytes = sum(f.stat().st_size for f in shards)
             bpw = 8 * result.linear_bytes_quantized / max(result.linear_params, 1)
             report = build_report(
-                source=source.model_id, linear_params=result.linear_params,
+                source=public_name(source.model_id), linear_params=result.linear_params,
                 linear_bytes_original=result.linear_bytes_original,
                 linear_bytes_quantized=result.linear_bytes_quantized, checkpoint_bytes=checkpoint_bytes,
                 source_checkpoint_bytes=source.source_bytes(), relative_output_error=error,
@@ -201,14 +215,17 @@ def quantize(
             write_report(tmp, report)
             if Path(source.model_id).expanduser().exists():  # found by `eval` from any directory; never pushed
                 record_local_source(stage, source.path)
-            _write_card(tmp, repo_id=out.name)
             if export is not None:  # config, model files, report (with its export record), card
+                _write_card(tmp, repo_id=out.name)
                 export.finish(tmp, qconfig, repo_id=out.name)
                 shutil.rmtree(tmp)
             else:  # the loader as remote code, or (--no-self-contained) a guard asking for qdlm-export
                 from ..loader.native_wrappers import finish_native
 
                 finish_native(stage, self_contained=self_contained)
+                _write_card(stage, repo_id=out.name)  # after: its load instructions depend on the loader copy
+            if recipe is not None:
+                _write_recipe(stage, recipe)
     finally:
         source.close()
 
@@ -326,7 +343,7 @@ def _tokenizer(source: SourceModel):
 def _calibration_record(calibration: CalibrationConfig) -> dict[str, Any]:
     """How the calibration data was chosen; the dataset options only where they were set."""
     record = {
-        "dataset": calibration.source, "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
+        "dataset": public_name(calibration.source), "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
         "seed": calibration.seed, "masking": calibration.masking,
     }
     options = {"text_field": calibration.text_field, "dataset_config": calibration.dataset_config,
@@ -354,14 +371,23 @@ def _quantization_config(config, source, result, calibration, method, command) -
         transforms={"modules": result.module_transforms, **transforms} if (result.module_transforms or transforms) else {},
         calibration=_calibration_record(calibration) if method.needs_calibration else None,
         provenance={
-            "source": source.model_id,
+            "source": public_name(source.model_id),  # never an absolute path: config.json is published
             "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",
             "tool": "qdlm-export",
             "tool_version": __version__,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+            "command": public_command(command or " ".join(shlex.quote(a) for a in sys.argv)),
         },
     )
+
+
+def _write_recipe(folder: Path, recipe: dict[str, Any]) -> None:
+    import yaml
+
+    header = ("# qdlm-export quantize --config qdlm_recipe.yaml --out OTHER reproduces this checkpoint.\n"
+              "# model: a local path is written relative to where the run started, or as its folder name:\n"
+              "# edit it to reproduce elsewhere. null means the embedded tiny LLaDA.\n")
+    (folder / RECIPE_FILE).write_text(header + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
 def _write_card(folder: Path, repo_id: str) -> None:

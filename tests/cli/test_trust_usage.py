@@ -186,7 +186,7 @@ OTHER_CASES = [
     (["eval"], ["Usage: qdlm-export eval", "Missing argument"]),
     (["push", "{tmp}/ckpt", "me/repo", "--privat"], ["No such option: --privat", "--private"]),
     (["quantize", "--out", "{tmp}/out", "--help-me"], ["No such option: --help-me"]),
-    (["--verbose"], ["No such option: --verbose"]),
+    (["--loud"], ["No such option: --loud"]),
     # click's parser raises these without a context: main() restores the command's usage line
     (["quantize", "--out"], ["Usage: qdlm-export quantize", "Try 'qdlm-export quantize -h'", "'--out' requires an argument"]),
     (["eval", "{tmp}/ckpt", "--mc-num"], ["Usage: qdlm-export eval", "'--mc-num' requires an argument"]),

@@ -314,7 +314,7 @@ def test_experts_without_calibration_tokens_fall_back_to_rtn(models, family, met
         calib.hidden = calib.run(block)
     block = blocks[last]
     originals = {n: m.weight.detach().clone() for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    config = make_config(method, bits=4, group_size=32)
+    config = make_config(method, bits=4, group_size=32, expert_calibration="routed", expert_fallback="rtn")
     quant = build_method(config, adapter, model.config)
     prefix = adapter.block_prefix(last)
     results = quant.quantize_block(block, prefix, calib)
@@ -330,9 +330,68 @@ def test_experts_without_calibration_tokens_fall_back_to_rtn(models, family, met
     assert "no calibration tokens" in next(iter(quant.calibration_fallbacks.values()))
 
 
+def _quantize_last_block(models, family, method, tokens, **options):
+    """The last (sparse) block of ``family`` quantized by ``method`` on ``tokens``: (results, method)."""
+    model = _load(models[family], family)
+    adapter = family_by_name(family)
+    blocks = adapter.block_list(model)
+    calib = capture_block_inputs(model, blocks, tokens, 1, torch.device("cpu"))
+    last = len(blocks) - 1
+    for block in list(blocks)[:last]:
+        calib.hidden = calib.run(block)
+    quant = build_method(make_config(method, bits=4, group_size=32, **options), adapter, model.config)
+    return quant.quantize_block(blocks[last], adapter.block_prefix(last), calib), quant
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n].dequantize(torch.float64), b[n].dequantize(torch.float64))
+                                        for n in a)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_tokens_calibration_and_its_fallback_agree(models, family, method):
+    """All-tokens calibration calibrates every expert (none listed as a fallback) and differs from
+    routed calibration; a routed run whose threshold no expert reaches falls back to exactly the
+    all-tokens statistics, every expert listed with its token count; experts that did reach it keep
+    the routed statistics."""
+    tokens = _tokens(6, n=2, length=16)
+    every, quant_every = _quantize_last_block(models, family, method, tokens, expert_calibration="all-tokens")
+    assert quant_every.calibration_fallbacks == {}
+    routed, quant_routed = _quantize_last_block(models, family, method, tokens, expert_calibration="routed")
+    experts = [n for n in every if ".mlp.experts." in n]
+    assert any(not torch.equal(every[n].dequantize(torch.float64), routed[n].dequantize(torch.float64)) for n in experts)
+    # Experts the router skipped use the all-tokens statistics (the default fallback); the others not.
+    assert set(quant_routed.calibration_fallbacks) < set(experts)
+    assert all(why == "all-tokens: the router sent it no calibration tokens"
+               for why in quant_routed.calibration_fallbacks.values())
+    fallen, quant_fallen = _quantize_last_block(models, family, method, tokens, expert_calibration="routed",
+                                                min_expert_tokens=10**6)
+    assert _same_weights(fallen, every)
+    assert sorted(quant_fallen.calibration_fallbacks) == sorted(experts)
+    assert all(why.startswith("all-tokens: the router sent it ") for why in quant_fallen.calibration_fallbacks.values())
+    assert any("fewer than min_expert_tokens=1000000" in why for why in quant_fallen.calibration_fallbacks.values())
+
+
+def test_expert_options_are_checked_and_reach_the_method_options():
+    from qdlm_export.methods import config_class
+
+    for method in ("gptq", "awq"):
+        options = make_config(method, expert_calibration="routed", min_expert_tokens=8).method_options()
+        assert (options["expert_calibration"], options["min_expert_tokens"], options["expert_fallback"]) == \
+            ("routed", 8, "all-tokens")
+        for bad in ({"expert_calibration": "some"}, {"expert_fallback": "none"}, {"min_expert_tokens": -1}):
+            with pytest.raises(ConfigError):
+                make_config(method, **bad)
+    with pytest.raises(ConfigError, match="do not apply"):
+        make_config("rtn", expert_calibration="routed")  # nothing to calibrate
+    assert config_class("gptq")().expert_calibration == "all-tokens"  # the measured default
+
+
 def test_quantize_survives_a_calibration_that_misses_experts(models, tmp_path):
     out = tmp_path / "few"
-    quantize(str(models["lladamoe"]), out, make_config("gptq", bits=4, group_size=32),
+    quantize(str(models["lladamoe"]), out, make_config("gptq", bits=4, group_size=32, expert_calibration="routed",
+                                                       expert_fallback="rtn"),
              calibration=CalibrationConfig(nsamples=1, seqlen=2, seed=3), trust_remote_code=True, verify=False,
              device="cpu")
     listed = json.loads((out / "config.json").read_text())["quantization_config"]["quantized_modules"]

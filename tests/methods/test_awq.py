@@ -247,6 +247,9 @@ def test_registered_with_config():
         "max_shrink": 0.5,
         "clip_tokens": 512,
         "clip_skip_qk": True,
+        "expert_calibration": "all-tokens",
+        "min_expert_tokens": 1,
+        "expert_fallback": "all-tokens",
     }
     for bad in ({"grid": 0}, {"clip_grid": 0}, {"max_shrink": 1.0}, {"clip_tokens": 0}):
         with pytest.raises(ConfigError):

@@ -287,6 +287,9 @@ def test_registered_with_config():
         "static_groups": True,
         "mse_clip": False,
         "true_sequential": True,
+        "expert_calibration": "all-tokens",
+        "min_expert_tokens": 1,
+        "expert_fallback": "all-tokens",
     }
     with pytest.raises(ConfigError):
         GPTQConfig(damp=-1)

@@ -86,7 +86,7 @@ def test_parquet_and_saved_folder_give_the_txt_checkpoint(sources, tiny_llada, t
                                                                            seqlen=64, seed=3))
         weights[kind] = load_file(str(out / "model.safetensors"))
         record = json.loads((out / "config.json").read_text())["quantization_config"]["calibration"]
-        assert record["dataset"] == str(sources[kind]) and record["nsamples"] == 8
+        assert record["dataset"] == sources[kind].name and record["nsamples"] == 8  # no local path is published
     assert weights["txt"].keys() == weights["parquet"].keys() == weights["saved"].keys()
     packed = [k for k in weights["txt"] if k.endswith("weight_packed")]
     assert packed
