@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the real Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# eval caches the original model's results (eval/result_cache.py): never in the user's cache during tests
+os.environ.setdefault("QDLM_CACHE", tempfile.mkdtemp(prefix="qdlm-cache-"))
 
 
 def _no_cuda() -> bool:

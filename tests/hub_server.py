@@ -16,21 +16,21 @@ request                                               name           answer
 ``POST /api/models/{repo}/commit/{rev}``              ``commit``     ``{"commitUrl", "commitOid"[, "pullRequestUrl"]}``
 ``GET  /api/models/{repo}/tree/{rev}[/{path}]``        ``tree``       the files of ``rev`` (one page)
 ``GET  /api/whoami-v2``                               ``whoami``     ``{"name": "tester", ...}``
+``GET|HEAD /{repo}/resolve/{rev}/{path}``             ``resolve``    the file's bytes (``X-Repo-Commit``, ``ETag``)
 ====================================================  =============  ====================================
 
-Anything else is answered 404 and recorded in :attr:`FakeHub.unknown`, so a test can tell when a
-new ``huggingface_hub`` release starts calling something new.
+Reads (``repo-info``, ``tree``, ``resolve``) take a branch or its commit oid (``snapshot_download``).
+Anything else is answered 404 and recorded in :attr:`FakeHub.unknown`: a new release's new calls show.
 
-Everything received is recorded: every request (method, path, query, headers, body) in
-:attr:`FakeHub.requests`, and each commit's files (path -> bytes) in :attr:`FakeHub.commits`; each
-repo keeps the files of every ref (:attr:`FakeRepo.trees`; ``files`` is main's).
+Everything received is recorded: requests in :attr:`FakeHub.requests`, each commit's files in
+:attr:`FakeHub.commits`; each repo keeps every ref's files (:attr:`FakeRepo.trees`; ``files``: main's).
 :meth:`FakeHub.fail` makes a named endpoint answer an error status instead; :meth:`FakeHub.stall`
 makes it read the request and then never answer (until the hub stops, or ``max_stall_s`` passed,
 when it drops the connection), like a Hub that hangs. The server stops in
 :meth:`FakeHub.stop` (used by the ``fake_hub`` fixture at teardown) and, as a safety net, by itself
 after ``max_lifetime_s`` seconds.
 
-Use it through the ``fake_hub`` fixture (``from tests.hub_server import fake_hub, hub_env``).
+Use it through the ``fake_hub`` and ``hub_env`` fixtures of tests/hub/conftest.py.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import pytest
 
-__all__ = ["FAKE_TOKEN", "Commit", "FakeHub", "FakeRepo", "RecordedRequest", "fake_hub", "hub_env"]
+__all__ = ["FAKE_TOKEN", "Commit", "FakeHub", "FakeRepo", "RecordedRequest"]
 
 FAKE_USER = "tester"
 
@@ -55,6 +54,8 @@ _REPO_ROUTE = re.compile(
     r"^/api/(?P<type>models|datasets|spaces)/(?P<repo>[^/]+(?:/[^/]+)?)"
     r"(?:/(?P<action>preupload|commit|branch|revision|refs|tree|paths-info)(?:/(?P<rest>.+))?)?$"
 )
+# /{owner}/{name}/resolve/{revision}/{path}: a file download (hf_hub_download)
+_RESOLVE_ROUTE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
 @dataclass
@@ -119,6 +120,7 @@ class FakeHub:
         self.commits: list[Commit] = []
         self.repos: dict[str, FakeRepo] = {}
         self.unknown: list[tuple[str, str]] = []
+        self.downloads: list[str] = []  # paths served by "resolve" GETs and HEADs, in order
         self._failures: dict[str, _Failure] = {}
         self._stalls: dict[str, int | None] = {}  # endpoint -> how many more requests hang (None: all)
         self._release = threading.Event()  # set at stop: stalled handlers give up
@@ -289,6 +291,9 @@ class _Handler(BaseHTTPRequestHandler):
             return "validate", {}
         if method == "GET" and path == "/api/whoami-v2":
             return "whoami", {}
+        m = _RESOLVE_ROUTE.match(path)
+        if m and method in ("GET", "HEAD") and not path.startswith("/api/"):
+            return "resolve", {"repo": m["repo"], "type": "models", "rest": unquote(m["rev"]), "path": unquote(m["path"])}
         m = _REPO_ROUTE.match(path)
         if m:
             action, rest = m["action"], m["rest"]
@@ -362,11 +367,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found("RepoNotFound", "Repository not found")
         return repo
 
+    @staticmethod
+    def _ref(repo: FakeRepo, rev: str) -> str:
+        """A branch name as is; a commit oid as the branch (or PR ref) whose head it is."""
+        if rev in repo.branches:
+            return rev
+        return next((ref for ref, oid in repo.branches.items() if oid == rev), rev)
+
     def _h_repo_info(self, args, body, query) -> None:
         repo = self._repo(args)
         if repo is None:
             return
-        rev = args["rest"] or "main"
+        rev = self._ref(repo, args["rest"] or "main")
         if rev not in repo.branches:
             self._not_found("RevisionNotFound", "Invalid rev id: " + rev)
             return
@@ -457,6 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(args)
         if repo is None:
             return
+        args = dict(args, rest=self._ref(repo, args["rest"]))
         if args["rest"] not in repo.branches:
             self._not_found("RevisionNotFound", "Invalid rev id: " + args["rest"])
             return
@@ -466,34 +479,22 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, [{"type": "file", "path": p, "size": len(tree[p]), "oid": _oid(tree[p])} for p in paths])
 
 
-# --------------------------------------------------------------------------------- fixtures
+    def _h_resolve(self, args, body, query) -> None:
+        repo = self._repo(args)
+        if repo is None:
+            return
+        rev = self._ref(repo, args["rest"])
+        if rev not in repo.branches:
+            self._not_found("RevisionNotFound", "Invalid rev id: " + args["rest"])
+            return
+        data = repo.trees.get(rev, {}).get(args["path"])
+        if data is None:
+            self._not_found("EntryNotFound", f"{args['path']} does not exist on {rev}")
+            return
+        with self.fake._lock:
+            self.fake.downloads.append(args["path"])
+        etag = '"' + _oid(data) + '"'
+        self._send(200, data, {"X-Repo-Commit": repo.branches[rev], "ETag": etag})
+
+
 FAKE_TOKEN = "hf_fakeTOKENqdlm7Zx9Q2sentinel"  # distinctive, so tests can grep for leaks
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """Environment for talking to a fake Hub: a fake HF_TOKEN, no Xet, no offline mode, no stored login."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    # huggingface_hub reads these at import time: patch the parsed values too.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_token_absent"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_stored_tokens_absent"))
-    return FAKE_TOKEN
-
-
-@pytest.fixture
-def fake_hub(hub_env):
-    """A started :class:`FakeHub`, stopped at teardown. Also sets up :func:`hub_env`."""
-    hub = FakeHub().start()
-    try:
-        yield hub
-    finally:
-        hub.stop()

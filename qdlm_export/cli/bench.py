@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import out
+from .inspect_cmd import Revision
 from .options import EMBEDDED_DEFAULT, JsonResults, RunDevice, TrustCheckpointCode, examples, int_range
 
 EXAMPLES = examples(
@@ -41,9 +42,9 @@ def _shapes(values: Optional[list[str]]) -> Optional[list[tuple[int, int]]]:
 
 
 def bench(
-    checkpoint: Annotated[
-        Optional[Path],
-        typer.Argument(metavar="CHECKPOINT", help="A quantized checkpoint for the denoising-step benchmark [default: the embedded tiny LLaDA, RTN W4 g128].")
+    checkpoint_name: Annotated[
+        Optional[str],
+        typer.Argument(metavar="CHECKPOINT", help="A quantized checkpoint folder or Hub id (owner/name) for the denoising-step benchmark [default: the embedded tiny LLaDA, RTN W4 g128].")
     ] = None,
     full: Annotated[bool, typer.Option("--full/--quick", help="Every dLLM GEMM shape and token count, or a quick subset.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Run the GEMM micro-benchmarks.")] = True,
@@ -56,6 +57,7 @@ def bench(
     seqlen: Annotated[int, typer.Option(help="Sequence length of the denoising step (at least 1).", callback=int_range(1))] = 256,
     device: RunDevice = None,
     trust_remote_code: TrustCheckpointCode = False,
+    revision: Revision = None,
     as_json: JsonResults = False,
 ) -> None:
     """Benchmark kernels at dLLM shapes and a full denoising step, as ratios to the fastest dense path (float32 or bfloat16 on CPU, bf16 or fp16 on CUDA) measured in the same run."""
@@ -65,6 +67,11 @@ def bench(
     if peers and not kernels:
         raise typer.BadParameter("--peers times torchao beside our kernels: drop --no-kernels", param_hint="--peers")
     result: dict = {}
+    checkpoint: Optional[Path] = None
+    if step and checkpoint_name is not None:
+        from ..hub.download import local_checkpoint
+
+        checkpoint = local_checkpoint(checkpoint_name, revision=revision)
     if step and checkpoint is not None:  # refuse untrusted code or a broken checkpoint before minutes of kernel timing
         from ..bench.model import check_checkpoint
 

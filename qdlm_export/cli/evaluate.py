@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import err, out
+from .inspect_cmd import Revision
 from .options import MAX_EVAL_SEED, EvalDtype, JsonResult, RunDevice, TrustCheckpointCode, examples, int_range, limit_option
 
 EXAMPLES = examples(
@@ -20,7 +21,7 @@ EXAMPLES = examples(
 
 
 def eval_command(
-    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A quantized checkpoint folder written by `qdlm-export quantize`.")],
+    checkpoint: Annotated[str, typer.Argument(metavar="FOLDER", help="A quantized checkpoint folder written by `qdlm-export quantize`, or its Hub id (owner/name).")],
     tasks: Annotated[
         str,
         typer.Option(help="Comma-separated lm-eval tasks. Bundled offline tasks: qdlm_stdlib_mc, qdlm_stdlib_gen (tag qdlm_offline)."),
@@ -46,12 +47,26 @@ def eval_command(
     device: RunDevice = None,
     dtype: Annotated[EvalDtype, typer.Option(help="Dtype the models run in.")] = "auto",
     trust_remote_code: TrustCheckpointCode = False,
+    revision: Revision = None,
     write: Annotated[bool, typer.Option("--write/--no-write", help="Store the table in the folder's qdlm_report.json and model card.")] = True,
+    output_path: Annotated[
+        Optional[Path], typer.Option(help="A folder for lm-eval's results JSON of each model and the comparison (new, empty, or a previous --output-path).")
+    ] = None,
+    log_samples: Annotated[bool, typer.Option("--log-samples", help="Also write each model's per-sample logs into --output-path.")] = False,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse the original model's results from an earlier run with the same settings ($QDLM_CACHE/eval or ~/.cache/qdlm-export/eval).")
+    ] = True,
     as_json: JsonResult = False,
 ) -> None:
     """Evaluate the original and the quantized model side by side with lm-eval (the `qdlm` dLLM model)."""
+    if log_samples and output_path is None:
+        raise typer.BadParameter("--log-samples writes into --output-path: pass --output-path DIR", param_hint="--log-samples")
     from ..eval.evaluate import evaluate_checkpoint, format_table
     from ..eval.model_args import parse_model_args
+    from ..hub.download import local_checkpoint
+
+    folder = local_checkpoint(checkpoint, revision=revision)
+    write = write and folder == Path(checkpoint).expanduser()  # never into the shared Hub cache
 
     if limit is not None and limit >= 1:
         limit = int(limit)
@@ -62,11 +77,16 @@ def eval_command(
         folder, tasks, limit=limit, original=original, mc_num=mc_num, batch_size=batch_size,
         num_fewshot=num_fewshot, seed=seed, nll=nll, model_args=model_args,
         include_path=[str(p) for p in include_path] if include_path else None, device=device, dtype=dtype,
-        write=write, trust_remote_code=trust_remote_code,
+        write=write, trust_remote_code=trust_remote_code, output_path=output_path, log_samples=log_samples, cache=cache,
     )
+    if result.get("original_cache") == "reused":  # stderr: --json keeps stdout to the JSON alone
+        err.print("original model: reused its cached results from an earlier run with the same settings (--no-cache reruns it)",
+                  highlight=False, soft_wrap=True)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
+    if result.get("output_path"):
+        out.print(f"wrote lm-eval's results of both models into {result['output_path']}", highlight=False, soft_wrap=True)
     out.print(format_table(result["table"]), highlight=False, soft_wrap=True)
     out.print(f"original: {result['original']}", highlight=False, soft_wrap=True)
     if write:

@@ -3,30 +3,42 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from .console import human_size, out
-from .options import CheckpointFolder, JsonDescription, examples, int_range, report_device_option
+from .options import JsonDescription, examples, int_range, report_device_option
 
-EXAMPLES = examples("qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json")
+EXAMPLES = examples(
+    "qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json", "qdlm-export inspect me/llada-w4 --revision w4-g128"
+)
+Checkpoint = Annotated[
+    str, typer.Argument(metavar="FOLDER", help="A checkpoint folder written by `qdlm-export quantize`, or its Hub id (owner/name).")
+]
+Revision = Annotated[
+    Optional[str], typer.Option(help="Branch, tag or commit to download when the checkpoint is a Hub id [default: main].")
+]
 
 
 def inspect(
-    folder: CheckpointFolder,
+    checkpoint: Checkpoint,
     device: Annotated[
         Optional[str],
         typer.Option(help="Device to report kernel backends for: cpu, cuda or cuda:N [default: cuda when available].", callback=report_device_option),
     ] = None,
     tokens: Annotated[int, typer.Option(help="Rows (batch x sequence) to report kernel backends for (at least 1).", callback=int_range(1))] = 256,
+    revision: Revision = None,
     as_json: JsonDescription = False,
 ) -> None:
     """Describe a checkpoint, validate that every promised tensor exists with the right dtype and shape,
     and show which kernel backend each layer would use (reads headers only; never runs model code)."""
     from ..format.validation import inspect_checkpoint
+    from ..hub.download import local_checkpoint
 
+    folder = local_checkpoint(checkpoint, revision=revision)
     info = inspect_checkpoint(folder, device=device, tokens=tokens)
     from ..loader.kernel_choice import kernel_plans
 
@@ -35,7 +47,8 @@ def inspect(
         typer.echo(json.dumps({**info.to_dict(), "valid": True}, indent=2))
         return
     sym = "symmetric" if info.symmetric else "asymmetric"
-    table = Table(title=str(folder), show_header=False)
+    downloaded = folder != Path(checkpoint).expanduser()
+    table = Table(title=checkpoint if downloaded else str(folder), show_header=False)
     table.add_row("method", info.method)
     table.add_row("weights", f"{info.bits}-bit, group {info.group_size}, {sym}, scales {info.scale_dtype}")
     table.add_row("activations", json.dumps(info.activations) if info.activations else "full precision")

@@ -31,6 +31,7 @@ import torch
 from ..errors import ConfigError
 from .checkpoint_files import check_original, original_of, write_eval
 from .harness import all_bundled, require_lm_eval, run_tasks, task_list, task_manager
+from . import result_cache
 from .model_args import check_model_args
 
 # quantize/api.py imports it from here; remove once that caller imports .checkpoint_files (or format).
@@ -164,6 +165,9 @@ def evaluate_checkpoint(
     offline: bool | None = None,
     write: bool = True,
     trust_remote_code: bool = False,
+    output_path: str | Path | None = None,
+    log_samples: bool = False,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the original and the quantized model with the same tasks, settings and seeds.
 
@@ -176,17 +180,27 @@ def evaluate_checkpoint(
     default on when every task is a bundled one. ``write``: store the table in the folder's report
     and card. ``trust_remote_code``: allow the Python files of the checkpoint and of its original
     (LLaDA, Dream define their models there); without it such a model is refused, naming the files,
-    before anything is loaded.
+    before anything is loaded. ``output_path``: a folder for lm-eval's results JSON of each model
+    (:mod:`.output_path`); ``log_samples``: also each model's per-sample logs there. ``cache``: reuse
+    the original model's results from an earlier run with the same settings (:mod:`.result_cache`),
+    and store them after evaluating it.
 
     Returns ``{"table": {row: {...}}, "settings": {...}, "original": str, "quantized": str,
-    "card": "regenerated" | "kept" | None}``.
+    "card": "regenerated" | "kept" | None, "original_cache": "reused" | "stored" | None,
+    "output_path": str | None}``.
     """
     require_lm_eval()
     _check_numbers(mc_num=mc_num, batch_size=batch_size, num_fewshot=num_fewshot, nll_windows=nll_windows,
                    nll_seqlen=nll_seqlen, seed=seed, limit=limit)
     check_model_args(dict(model_args or {}))
     _check_types(quantized_dir=quantized_dir, tasks=tasks, nll=nll, offline=offline, write=write,
-                 trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+                 trust_remote_code=trust_remote_code, device=device, dtype=dtype, log_samples=log_samples,
+                 cache=cache)
+    if log_samples and output_path is None:
+        raise ConfigError("--log-samples needs --output-path", hint="pass --output-path DIR for the per-sample logs")
+    from .output_path import check_output_path
+
+    out_dir = check_output_path(output_path) if output_path is not None else None
     folder = Path(quantized_dir).expanduser().resolve()
     from ..core.remote_code import require_trust
 
@@ -207,14 +221,22 @@ def evaluate_checkpoint(
         limit=limit, num_fewshot=num_fewshot, mc_num=mc_num, batch_size=batch_size, seed=seed,
         model_args=model_args, include_path=include_path, offline=offline, nll=nll, nll_windows=nll_windows,
         nll_seqlen=nll_seqlen, nll_seed=nll_seed, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        log_samples=log_samples,
     )
     from .loading import load_tokenizer
     from .offline import offline_mode
 
     with offline_mode(offline):
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)  # one tokenizer for both, so both see the same tokens
-        logger.info("Evaluating the original model %s", source)
-        orig = evaluate_model(source, tokenizer, tasks, **common)
+        key = _cache_key(source, folder, tasks, common) if cache else None
+        orig = result_cache.lookup(key, need_samples=log_samples) if key is not None else None
+        if orig is not None:
+            cached = "reused"
+            logger.info("Reusing the original model's results from %s", result_cache.entry_path(key))
+        else:
+            logger.info("Evaluating the original model %s", source)
+            orig = evaluate_model(source, tokenizer, tasks, **common)
+            cached = "stored" if key is not None and result_cache.store(key, orig) is not None else None
         logger.info("Evaluating the quantized model %s", folder)
         quant = evaluate_model(folder, tokenizer, tasks, **common)
     table = compare(orig, quant)
@@ -226,21 +248,54 @@ def evaluate_checkpoint(
         "original": source, "lm_eval_version": quant.get("lm_eval_version"),
     }
     card = write_eval(folder, table, settings) if write else None
-    return {"table": table, "settings": settings, "original": source, "quantized": str(folder), "card": card}
+    if out_dir is not None:
+        from .output_path import write_outputs
+
+        write_outputs(out_dir, {"original": orig, "quantized": quant}, {"table": table, "settings": settings})
+    return {"table": table, "settings": settings, "original": source, "quantized": str(folder), "card": card,
+            "original_cache": cached, "output_path": str(out_dir) if out_dir is not None else None}
+
+
+def _cache_key(source: str, folder: Path, tasks: list[str], common: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes the original model's numbers (see :mod:`.result_cache`)."""
+    settings = {k: v for k, v in common.items() if k not in ("offline", "log_samples", "trust_remote_code",
+                                                             "include_path", "device")}
+    settings["batch_size"] = settings["batch_size"] if settings["batch_size"] is not None else min(settings["mc_num"], 32)
+    settings["model_args"] = dict(settings["model_args"] or {})
+    return {
+        "model": result_cache.model_identity(source), "tokenizer": result_cache.tokenizer_digest(folder),
+        "tasks": list(tasks), "include_path": result_cache.include_path_digest(common["include_path"]),
+        "device": common["device"] or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "settings": settings, "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str | None]:
+    """lm-eval's and qdlm-export's versions: an upgrade may change the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("lm-eval", "qdlm-export"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_types(*, quantized_dir: Any, tasks: Any, nll: Any, offline: Any, write: Any, trust_remote_code: Any,
-                 device: Any, dtype: Any) -> None:
+                 device: Any, dtype: Any, log_samples: Any = False, cache: Any = True) -> None:
     """The other arguments of :func:`evaluate_checkpoint`: a truthy string must not pass for
     ``True`` (``write='no'``, ``trust_remote_code='no'``), nor torch see an unknown device."""
     from ..core.arguments import check_bool, check_device, check_path
     from ..errors import ArgumentTypeError
 
     check_path("evaluate_checkpoint", "quantized_dir", quantized_dir)
-    for name, value in (("nll", nll), ("write", write), ("trust_remote_code", trust_remote_code)):
+    for name, value in (("nll", nll), ("write", write), ("trust_remote_code", trust_remote_code),
+                        ("log_samples", log_samples), ("cache", cache)):
         check_bool("evaluate_checkpoint", name, value)
     check_bool("evaluate_checkpoint", "offline", offline, optional=True)
     if tasks is not None and not isinstance(tasks, str) and not (

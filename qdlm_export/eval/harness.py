@@ -83,12 +83,15 @@ def run_tasks(
     include_path: str | Path | Sequence[str | Path] | None = None,
     offline: bool | None = None,
     bootstrap_iters: int = 1000,
+    log_samples: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval's ``simple_evaluate`` with the ``qdlm`` model on an already loaded ``model``.
 
     Returns ``{"values": {row: x}, "stderr": {row: se}, "higher_is_better": {row: bool},
-    "lm_eval_version": str}``. ``model_args`` are further :class:`~.lm_eval_model.QdlmLM` arguments
-    (``gen_length``, ``steps``, ``alg``, ...). ``include_path`` adds task folders to the bundled one.
+    "lm_eval_version": str, "results": {...}}``, ``"results"`` being lm-eval's own results as JSON
+    (what its ``--output_path`` writes), plus ``"samples": {task: [...]}`` with ``log_samples``.
+    ``model_args`` are further :class:`~.lm_eval_model.QdlmLM` arguments (``gen_length``,
+    ``steps``, ``alg``, ...). ``include_path`` adds task folders to the bundled one.
     """
     require_lm_eval()
     tasks = task_list(tasks)
@@ -99,7 +102,7 @@ def run_tasks(
     with offline_mode(offline):
         return _run_tasks(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot, mc_num=mc_num,
                           batch_size=batch_size, seed=seed, model_args=model_args, include_path=include_path,
-                          bootstrap_iters=bootstrap_iters)
+                          bootstrap_iters=bootstrap_iters, log_samples=log_samples)
 
 
 def task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
@@ -128,7 +131,7 @@ def task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
 
 
 def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_size, seed, model_args, include_path,
-               bootstrap_iters) -> dict[str, Any]:
+               bootstrap_iters, log_samples=False) -> dict[str, Any]:
     import lm_eval
 
     from .lm_eval_model import QdlmLM
@@ -141,7 +144,7 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
     lm = QdlmLM(model=model, tokenizer=tokenizer, mc_num=mc_num, batch_size=batch_size, **args)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-        bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed, numpy_random_seed=seed,
+        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed,
     )
     if results is None:
@@ -152,10 +155,25 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
             f"lm-eval produced no metrics for tasks {tasks}",
             hint="check the task names (lm-eval --tasks list) and --limit; the bundled offline tasks are qdlm_stdlib_mc and qdlm_stdlib_gen",
         )
-    return {
+    samples = results.pop("samples", None)
+    out = {
         "values": values, "stderr": stderrs, "higher_is_better": better,
         "lm_eval_version": getattr(lm_eval, "__version__", None) or _dist_version("lm-eval"),
+        "results": as_json(results),
     }
+    if log_samples:
+        out["samples"] = as_json(samples or {})
+    return out
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as plain JSON data, non-serializable parts (task functions, dtypes) turned into
+    strings the way lm-eval's own ``--output_path`` writes them."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(value, default=handle_non_serializable, ensure_ascii=False))
 
 
 def _dist_version(name: str) -> str | None:

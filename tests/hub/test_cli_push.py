@@ -7,7 +7,7 @@ import json
 import pytest
 from huggingface_hub import constants
 
-from tests.hub_server import FAKE_TOKEN, fake_hub, hub_env  # noqa: F401  (fixtures)
+from tests.hub_server import FAKE_TOKEN
 from tests.cli_runner import run_cli
 
 

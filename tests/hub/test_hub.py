@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-try:  # tests/ on sys.path (no tests/__init__.py) or the repo root (with one)
-    from hub_server import FAKE_TOKEN, FakeHub, fake_hub, hub_env
-except ImportError:  # pragma: no cover
-    from tests.hub_server import FAKE_TOKEN, FakeHub, fake_hub, hub_env  # noqa: F401
+from tests.hub_server import FAKE_TOKEN, FakeHub
 
 from qdlm_export.errors import HubError, QdlmError
 from qdlm_export.hub.push import PushResult, push_checkpoint

@@ -12,7 +12,7 @@ from qdlm_export.errors import ConfigError, HubError
 from qdlm_export.hub.push import push_checkpoint
 from tests.cli_runner import run_cli
 from tests.hub.test_hub import REPO, make_checkpoint
-from tests.hub_server import FAKE_TOKEN, fake_hub, hub_env  # noqa: F401  (fixtures)
+from tests.hub_server import FAKE_TOKEN
 
 
 def _reshard(folder, shards: int) -> None:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.cli_runner import run_cli
-from tests.hub_server import FAKE_TOKEN, fake_hub, hub_env  # noqa: F401  (fixtures)
+from tests.hub_server import FAKE_TOKEN
 
 REPO = "me/tiny-w4"
 Q = "model.transformer.blocks.0.q_proj"
