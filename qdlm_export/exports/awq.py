@@ -25,21 +25,16 @@ from typing import Any
 
 import torch
 
-from .convert import (
+from ..errors import ConfigError
+from .export_format import (
     ExportFormat,
     ExportInventory,
-    LinearTensors,
-    QuantizedModule,
-    activation_problem_weight_only,
     fp16_exact,
-    lm_head_problem,
     not_converted_linears,
-    online_transform_problem,
-    output_quant_problem,
-    scale_dtype_problem,
+    weight_only_problems,
 )
-from ..errors import ConfigError
 from .gptq import LM_HEADS, _scale_error
+from .quantized_module import LinearTensors, QuantizedModule
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a word holds column 8j + ORDER[k]
 PACK = 8
@@ -71,15 +66,7 @@ class AWQFormat(ExportFormat):
     title = "AWQ GEMM"
 
     def config_problems(self, qconfig: dict[str, Any]) -> list[str]:
-        problems = [
-            p for p in (
-                online_transform_problem(qconfig, "AWQ"),
-                output_quant_problem(qconfig, "AWQ"),
-                activation_problem_weight_only(qconfig, "AWQ"),
-                lm_head_problem(qconfig, "AWQ", LM_HEADS),
-                scale_dtype_problem(qconfig, "AWQ"),
-            ) if p
-        ]
+        problems = weight_only_problems(qconfig, "AWQ", LM_HEADS)
         weights = qconfig.get("weights") or {}
         bits = {weights.get("bits")} | {o.get("bits") for o in (qconfig.get("module_overrides") or {}).values()}
         bits.discard(None)

@@ -33,17 +33,16 @@ from typing import Any
 
 import torch
 
-from .convert import (
+from ..core.packing import pack_rows
+from ..errors import ConfigError
+from .export_format import (
     ExportFormat,
     ExportInventory,
-    LinearTensors,
-    QuantizedModule,
     not_converted_linears,
     online_transform_problem,
     output_quant_problem,
 )
-from ..errors import ConfigError
-from ..core.packing import pack_rows
+from .quantized_module import LinearTensors, QuantizedModule
 
 CT_LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes (checked against)
 PACK_BITS = (2, 3, 4, 8)

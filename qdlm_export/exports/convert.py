@@ -5,8 +5,9 @@ checkpoint in the target's layout, so the target's dequantized weights equal the
 a target cannot express (online transforms, a bit width, a shape, a scale it cannot store exactly)
 is refused up front with a message saying what and why; docs/EXPORTS.md lists the rules.
 
-The machinery shared by every target lives here: :class:`ExportFormat` is what a target implements
-(``exports/gptq.py``, ``exports/awq.py``, ``exports/compressed_tensors.py``). It encodes one linear at a
+What a target implements, and the refusals several targets share, live in :mod:`.export_format`
+(``exports/gptq.py``, ``exports/awq.py``, ``exports/compressed_tensors.py`` implement it). A target encodes
+one linear at a
 time (:class:`~.quantized_module.QuantizedModule` and its
 :class:`~.quantized_module.LinearTensors`), whether they come from a native folder read lazily through
 the one reader (:func:`write_converted`, ``convert DIR``) or from the quantizer's in-memory result
@@ -23,17 +24,14 @@ Entry points::
 from __future__ import annotations
 
 import importlib
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
 from ..format.staging import staged_output
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from .export_folder import write_export_files
+from .export_format import ExportFormat, ExportInventory
 from .native_source import NativeCheckpoint
 from .quantized_module import LinearTensors, QuantizedModule
 
@@ -50,56 +48,6 @@ FORMATS = (NATIVE, *TARGETS)  # what `--format` accepts
 _MAX_LISTED = 8  # modules named in one refusal message
 
 
-# ---------------------------------------------------------------------------------------------
-# What a target implements
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExportInventory:
-    """What a target's ``quantization_config`` is built from, once every tensor is written."""
-
-    qconfig: dict[str, Any]  # the native quantization_config
-    modules: list[QuantizedModule]  # in qconfig["quantized_modules"] order
-    passthrough: list[tuple[str, tuple[int, ...]]]  # (key, shape) of every tensor of no quantized module
-
-
-class ExportFormat:
-    """A target format. Subclasses fill in the hooks; refusals are returned as reasons (strings)."""
-
-    name: str = ""
-    title: str = ""  # for messages and the model card ("GPTQ (v1)")
-
-    def config_problems(self, qconfig: dict[str, Any]) -> list[str]:
-        """Scheme-level reasons this target cannot express the checkpoint (config only, no tensors).
-        Must cope with partial configs (``check_convertible`` before quantizing)."""
-        return []
-
-    def module_problems(self, m: QuantizedModule, qconfig: dict[str, Any]) -> list[str]:
-        """Shape/scheme reasons this target cannot hold one module (no tensor values read)."""
-        return []
-
-    def module_tensors(self, m: QuantizedModule, data: LinearTensors, qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The target's tensors of one module, by suffix (exact re-encoding; may raise on values).
-        ``qconfig``: at least the native ``weights`` section."""
-        raise NotImplementedError
-
-    def passthrough(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor that belongs to no quantized module, as the target stores it (default: unchanged)."""
-        return tensor
-
-    def quantization_config(self, inventory: ExportInventory) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
-        """Markdown for the model card's "How to load" section."""
-        return ""
-
-    def format_note(self) -> str:
-        """Markdown for the model card's "Format" section."""
-        return ""
-
-
 def get_format(to: str) -> ExportFormat:
     key = str(to).strip().lower()
     if key == NATIVE:
@@ -107,119 +55,6 @@ def get_format(to: str) -> ExportFormat:
     if key not in _TARGET_MODULES:
         raise ConfigError(f"unknown export format {to!r}", hint=f"choose one of {', '.join(TARGETS)}")
     return importlib.import_module(_TARGET_MODULES[key]).FORMAT
-
-
-# ---------------------------------------------------------------------------------------------
-# Refusals shared by several targets (each target decides which apply)
-# ---------------------------------------------------------------------------------------------
-
-
-def online_transform_problem(qconfig: dict[str, Any], target: str) -> str | None:
-    """Non-empty per-module online transforms (rotations, smoothing applied at run time)."""
-    modules = (qconfig.get("transforms") or {}).get("modules") or {}
-    kinds: dict[str, int] = {}
-    for ops in modules.values():
-        for op in ops:
-            kind = op.get("op")
-            if kind not in ("quantize_input", "quantize_output"):
-                kinds[kind] = kinds.get(kind, 0) + 1
-    if not kinds:
-        return None
-    listed = ", ".join(f"{k} ({n} module{'s' if n > 1 else ''})" for k, n in sorted(kinds.items()))
-    return (
-        f"the checkpoint applies online input transforms at run time ({listed}); {target} has no way to "
-        "express transforms that the loader must apply to activations, so the converted model would compute "
-        "a different function. Offline (fused) rotations are fine: quantize with a method or options that "
-        "fold every transform into the weights, or keep the native format"
-    )
-
-
-def output_quant_problem(qconfig: dict[str, Any], target: str) -> str | None:
-    modules = (qconfig.get("transforms") or {}).get("modules") or {}
-    n = sum(1 for ops in modules.values() if any(op.get("op") == "quantize_output" for op in ops))
-    if not n:
-        return None
-    return (
-        f"{n} module(s) quantize their outputs (activations.qkv_bits, the q/k/v cache quantization); "
-        f"{target} cannot express it"
-    )
-
-
-def activation_problem_weight_only(qconfig: dict[str, Any], target: str) -> str | None:
-    acts = qconfig.get("activations")
-    if not acts:
-        return None
-    return (
-        f"the checkpoint quantizes activations ({acts.get('bits')}-bit, {acts.get('granularity', 'token')}); "
-        f"{target} is a weight-only format and its loaders keep activations in floating point, which would "
-        "silently change the model (use compressed-tensors for W8A8, or keep the native format)"
-    )
-
-
-def lm_head_problem(ckpt_or_qconfig: dict[str, Any], target: str, lm_head_names: tuple[str, ...]) -> str | None:
-    quantized = set(ckpt_or_qconfig.get("quantized_modules") or [])
-    heads = sorted(quantized & set(lm_head_names))
-    if not heads:
-        return None
-    return (
-        f"the output head ({', '.join(heads)}) is quantized; {target} loaders only replace linears inside the "
-        "decoder blocks, so the head would load as a plain Linear without its weights. Quantize without "
-        "--include-lm-head"
-    )
-
-
-def fp16_exact(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``scale`` in float16 and how many values changed (0: the conversion is exact)."""
-    half = scale.to(torch.float16)
-    if scale.dtype == torch.float16:
-        return half, 0
-    changed = int((half.to(scale.dtype) != scale).sum())
-    return half, changed
-
-
-def scale_dtype_problem(qconfig: dict[str, Any], target: str) -> str | None:
-    """float32 scales essentially never convert exactly to the float16 that GPTQ/AWQ store."""
-    dtype = ((qconfig.get("weights") or {}).get("scale_dtype")) or "float16"
-    overrides = [o.get("scale_dtype") for o in (qconfig.get("module_overrides") or {}).values()]
-    if dtype == "float32" or "float32" in overrides:
-        return (
-            f"{target} stores float16 scales and this checkpoint has float32 scales, which would be rounded "
-            "(the converted weights would differ from the native ones). Quantize with --scale-dtype float16"
-        )
-    return None
-
-
-def block_layout(names: list[str]) -> tuple[str, list[str]] | None:
-    """``(block_prefix, [module suffix...])`` when ``names`` are exactly ``<prefix>.<i>.<suffix>`` for
-    every block index ``i`` present and every suffix (same linears quantized in every block); else None."""
-    prefix = None
-    suffixes: list[str] = []
-    blocks: set[str] = set()
-    pattern = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
-    for name in names:
-        match = pattern.match(name)
-        if not match or (prefix is not None and match.group(1) != prefix):
-            return None
-        prefix = match.group(1)
-        blocks.add(match.group(2))
-        if match.group(3) not in suffixes:
-            suffixes.append(match.group(3))
-    if prefix is None or len(set(names)) != len(blocks) * len(suffixes):
-        return None
-    return prefix, suffixes
-
-
-def not_converted_linears(inventory: ExportInventory) -> list[str]:
-    """Modules kept in floating point that a loader replacing *every* Linear must be told to skip:
-    ``modules_not_converted`` plus the owner of every other 2-D ``.weight`` (embeddings included;
-    listing a non-Linear is harmless)."""
-    names = list(inventory.qconfig.get("modules_not_converted") or [])
-    for key, shape in inventory.passthrough:
-        if key.endswith(".weight") and len(shape) == 2:
-            owner = key[: -len(".weight")]
-            if owner not in names:
-                names.append(owner)
-    return names
 
 
 def raise_problems(problems: list[str], target: ExportFormat, where: str) -> None:

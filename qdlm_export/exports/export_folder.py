@@ -16,7 +16,7 @@ from ..format.spec import CARD_FILE
 from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_config
 
 if TYPE_CHECKING:
-    from .convert import ExportFormat, ExportInventory
+    from .export_format import ExportFormat, ExportInventory
 
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 

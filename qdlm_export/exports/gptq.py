@@ -29,20 +29,15 @@ from typing import Any
 
 import torch
 
-from .convert import (
+from ..core.packing import pack_rows
+from .export_format import (
     ExportFormat,
     ExportInventory,
-    LinearTensors,
-    QuantizedModule,
-    activation_problem_weight_only,
     block_layout,
     fp16_exact,
-    lm_head_problem,
-    online_transform_problem,
-    output_quant_problem,
-    scale_dtype_problem,
+    weight_only_problems,
 )
-from ..core.packing import pack_rows
+from .quantized_module import LinearTensors, QuantizedModule
 
 LM_HEADS = ("lm_head", "model.transformer.ff_out")
 BITS = (2, 3, 4, 8)
@@ -64,15 +59,7 @@ class GPTQFormat(ExportFormat):
     title = "GPTQ v1"
 
     def config_problems(self, qconfig: dict[str, Any]) -> list[str]:
-        problems = [
-            p for p in (
-                online_transform_problem(qconfig, "GPTQ"),
-                output_quant_problem(qconfig, "GPTQ"),
-                activation_problem_weight_only(qconfig, "GPTQ"),
-                lm_head_problem(qconfig, "GPTQ", LM_HEADS),
-                scale_dtype_problem(qconfig, "GPTQ"),
-            ) if p
-        ]
+        problems = weight_only_problems(qconfig, "GPTQ", LM_HEADS)
         weights = qconfig.get("weights") or {}
         if weights.get("bits") is not None and weights["bits"] not in BITS:
             problems.append(f"{weights['bits']}-bit weights: GPTQ stores {BITS} bits")

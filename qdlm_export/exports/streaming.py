@@ -21,8 +21,9 @@ import torch
 
 from ..core.schemes import QuantizedWeight
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
-from .convert import ExportInventory, get_format, raise_problems
+from .convert import get_format, raise_problems
 from .export_folder import write_export_files
+from .export_format import ExportInventory
 from .quantized_module import InMemoryLinear, QuantizedModule
 
 _WHERE = "this checkpoint"
