@@ -72,15 +72,20 @@ def _block_size(fn: Callable[[], Any], device: torch.device, warmup: int, clock:
         fn()
     number = 1
     while True:
-        sync(device)
-        start = clock()
-        for _ in range(number):
-            fn()
-        sync(device)
-        taken = clock() - start
+        taken = _timed_block(fn, device, number, clock)
         if taken >= BLOCK_S or number >= 1 << 16:
             return number
         number = max(number * 2, int(number * BLOCK_S / max(taken, 1e-9)) + 1)
+
+
+def _timed_block(fn: Callable[[], Any], device: torch.device, number: int, clock: Callable[[], float]) -> float:
+    """Seconds that ``number`` back-to-back calls of ``fn`` take, the device synchronised around them."""
+    sync(device)
+    start = clock()
+    for _ in range(number):
+        fn()
+    sync(device)
+    return clock() - start
 
 
 def _one_repetition(
@@ -89,12 +94,7 @@ def _one_repetition(
     """Fastest block's time per call (ms), blocks of ``number`` calls run until ``min_run_time`` passed."""
     per_call, total = [], 0.0
     while total < min_run_time or not per_call:
-        sync(device)
-        start = clock()
-        for _ in range(number):
-            fn()
-        sync(device)
-        taken = clock() - start
+        taken = _timed_block(fn, device, number, clock)
         total += taken
         per_call.append(taken / number * 1e3)
     return min(per_call)
