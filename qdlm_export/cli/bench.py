@@ -11,8 +11,15 @@ from typing import Annotated, Optional
 import typer
 
 from .console import out
-from .inspect_cmd import Revision
-from .options import EMBEDDED_DEFAULT, JsonResults, RunDevice, TrustCheckpointCode, examples, int_range
+from .options import (
+    EMBEDDED_DEFAULT,
+    JsonResults,
+    Revision,
+    RunDevice,
+    TrustCheckpointCode,
+    examples,
+    int_range,
+)
 
 EXAMPLES = examples(
     "qdlm-export bench                  # kernels + a denoising step of the embedded default, W4",

@@ -8,8 +8,15 @@ from typing import Annotated
 import typer
 
 from .console import out
-from .inspect_cmd import Revision
-from .options import ConvertTarget, JsonResult, MaxShardSize, OutDir, Overwrite, examples
+from .options import (
+    ConvertTarget,
+    JsonResult,
+    MaxShardSize,
+    OutDir,
+    Overwrite,
+    Revision,
+    examples,
+)
 
 EXAMPLES = examples(
     "qdlm-export convert llada-w4 --to compressed-tensors --out llada-w4-ct",

@@ -9,8 +9,17 @@ from typing import Annotated, Optional
 import typer
 
 from .console import err, out
-from .inspect_cmd import Revision
-from .options import MAX_EVAL_SEED, EvalDtype, JsonResult, RunDevice, TrustCheckpointCode, examples, int_range, limit_option
+from .options import (
+    MAX_EVAL_SEED,
+    EvalDtype,
+    JsonResult,
+    Revision,
+    RunDevice,
+    TrustCheckpointCode,
+    examples,
+    int_range,
+    limit_option,
+)
 
 EXAMPLES = examples(
     "qdlm-export eval tiny-w4 --trust-remote-code               # bundled multiple-choice task, offline",

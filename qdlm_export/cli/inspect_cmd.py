@@ -10,16 +10,19 @@ import typer
 from rich.table import Table
 
 from .console import human_size, out
-from .options import JsonDescription, examples, int_range, report_device_option
+from .options import (
+    JsonDescription,
+    Revision,
+    examples,
+    int_range,
+    report_device_option,
+)
 
 EXAMPLES = examples(
     "qdlm-export inspect llada-w4", "qdlm-export inspect llada-w4 --json", "qdlm-export inspect me/llada-w4 --revision w4-g128"
 )
 Checkpoint = Annotated[
     str, typer.Argument(metavar="FOLDER", help="A checkpoint folder written by `qdlm-export quantize`, or its Hub id (owner/name).")
-]
-Revision = Annotated[
-    Optional[str], typer.Option(help="Branch, tag or commit to download when the checkpoint is a Hub id [default: main].")
 ]
 
 

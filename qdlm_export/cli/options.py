@@ -14,7 +14,12 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ..core.configs import ACT_GRANULARITIES, CALIB_MASKINGS, GROUP_FALLBACKS, SCALE_DTYPES
+from ..core.configs import (
+    ACT_GRANULARITIES,
+    CALIB_MASKINGS,
+    GROUP_FALLBACKS,
+    SCALE_DTYPES,
+)
 from ..exports.convert import FORMATS, TARGETS
 from ..methods import available_methods
 
@@ -169,3 +174,7 @@ JsonSummary = as_json_flag("the summary")
 JsonResult = as_json_flag("the result")
 JsonResults = as_json_flag("the results")
 JsonDescription = as_json_flag("the description")
+# A checkpoint argument that may be a Hub id (hub/download.py) takes its revision here.
+Revision = Annotated[
+    Optional[str], typer.Option(help="Branch, tag or commit to download when the checkpoint is a Hub id [default: main].")
+]

@@ -15,8 +15,6 @@ from rich.table import Table
 
 from ..core.configs import MAX_SEED
 from .console import err, human_size, out
-from .recipe import load_recipe, resolved_recipe
-from .verbosity import progress_enabled
 from .options import (
     EMBEDDED_DEFAULT,
     ActGranularity,
@@ -35,6 +33,8 @@ from .options import (
     finite,
     int_range,
 )
+from .recipe import load_recipe, resolved_recipe
+from .verbosity import progress_enabled
 
 EXAMPLES = examples(
     "qdlm-export quantize --out tiny-w4    # the embedded tiny LLaDA, RTN W4 g128",
@@ -183,7 +183,13 @@ class _block_progress:
         self.disable = disable
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("quantizing blocks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
