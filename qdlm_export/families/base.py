@@ -102,6 +102,10 @@ class FamilyAdapter:
     # Mixture of experts: the router (relative to a block) that reads the same norm as the experts and
     # picks them per token. It stays in full precision (it is not listed in ``groups``).
     router: str | None = None
+    # Block diffusion (LLaDA2): the block length of the family's published sampler. Attention is
+    # bidirectional inside a block and causal across blocks; calibration reproduces that pattern.
+    # None: the whole sequence is one block (LLaDA, Dream).
+    block_length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived facts -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ LLADA2_MOE = register_family(
         lm_head="lm_head",
         router="mlp.gate",
         default_mask_token_id=156895,
+        block_length=32,  # its generate()'s default
         logits_shift=False,
         needs_remote_code=True,
         auto_class="AutoModelForCausalLM",
