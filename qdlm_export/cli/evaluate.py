@@ -26,6 +26,7 @@ EXAMPLES = examples(
     "qdlm-export eval tiny-w4 --trust-remote-code --tasks qdlm_stdlib_mc,qdlm_stdlib_gen --limit 20 --json",
     "qdlm-export eval llada-w4 --trust-remote-code --tasks arc_easy,hellaswag --limit 200 --mc-num 128",
     "qdlm-export eval llada-w4 --trust-remote-code --tasks gsm8k -O gen_length=256 -O steps=256 -O block_length=32",
+    "qdlm-export eval llada2-w4 --trust-remote-code --tasks gsm8k -O gen_length=256 -O threshold=0.95   # LLaDA2's own sampler",
 )
 
 
@@ -50,7 +51,7 @@ def eval_command(
     nll: Annotated[bool, typer.Option("--nll/--no-nll", help="Also score the held-out masked-token NLL on the shipped corpus.")] = True,
     option: Annotated[
         Optional[list[str]],
-        typer.Option("--option", "-O", help="A qdlm model argument as KEY=VALUE (repeatable): gen_length, steps, block_length, alg, temperature, ... See docs/EVAL.md."),
+        typer.Option("--option", "-O", help="A qdlm model argument as KEY=VALUE (repeatable): gen_length, steps, block_length, alg, temperature, threshold (LLaDA2), ... See docs/EVAL.md."),
     ] = None,
     include_path: Annotated[Optional[list[Path]], typer.Option(help="A folder of extra lm-eval task YAMLs (repeatable).")] = None,
     device: RunDevice = None,
@@ -67,7 +68,9 @@ def eval_command(
     ] = True,
     as_json: JsonResult = False,
 ) -> None:
-    """Evaluate the original and the quantized model side by side with lm-eval (the `qdlm` dLLM model)."""
+    """Evaluate the original and the quantized model side by side with lm-eval (the `qdlm` dLLM model).
+
+    Generation tasks also report forward passes per generated token for both models."""
     if log_samples and output_path is None:
         raise typer.BadParameter("--log-samples writes into --output-path: pass --output-path DIR", param_hint="--log-samples")
     from ..eval.evaluate import evaluate_checkpoint, format_table

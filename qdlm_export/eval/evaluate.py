@@ -192,7 +192,7 @@ def evaluate_checkpoint(
     require_lm_eval()
     _check_numbers(mc_num=mc_num, batch_size=batch_size, num_fewshot=num_fewshot, nll_windows=nll_windows,
                    nll_seqlen=nll_seqlen, seed=seed, limit=limit)
-    check_model_args(dict(model_args or {}))
+    check_model_args(dict(model_args or {}), block_diffusion=_block_diffusion(quantized_dir))
     _check_types(quantized_dir=quantized_dir, tasks=tasks, nll=nll, offline=offline, write=write,
                  trust_remote_code=trust_remote_code, device=device, dtype=dtype, log_samples=log_samples,
                  cache=cache)
@@ -254,6 +254,20 @@ def evaluate_checkpoint(
         write_outputs(out_dir, {"original": orig, "quantized": quant}, {"table": table, "settings": settings})
     return {"table": table, "settings": settings, "original": source, "quantized": str(folder), "card": card,
             "original_cache": cached, "output_path": str(out_dir) if out_dir is not None else None}
+
+
+def _block_diffusion(folder: Any) -> bool:
+    """Whether the checkpoint's family samples with its own block sampler (LLaDA2); False when its
+    config cannot be read here (the checks after this one say why)."""
+    import json
+
+    from .block_sampler import block_length_of
+
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+    return block_length_of(config) is not None
 
 
 def _cache_key(source: str, folder: Path, tasks: list[str], common: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .tasks import MC_TASK, OFFLINE_TASKS, tasks_dir
 
 DEFAULT_TASKS = (MC_TASK,)
+PASSES_PER_TOKEN = "forward_passes_per_token"  # the row a generation task adds beside its metrics
 _SKIP_KEYS = {"alias", "name", "sample_len", "samples"}
 
 
@@ -150,6 +151,10 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
     if results is None:
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
     values, stderrs, better = _flatten(results)
+    for task, (passes, tokens) in lm.generation_counts.items():
+        if tokens and task:  # forward passes per generated token (EOS included): lower is cheaper
+            values[f"{task}/{PASSES_PER_TOKEN}"] = passes / tokens
+            better[f"{task}/{PASSES_PER_TOKEN}"] = False
     if not values:
         raise ConfigError(
             f"lm-eval produced no metrics for tasks {tasks}",

@@ -16,7 +16,10 @@ From Python, ``import qdlm_export.eval.lm_eval_model`` registers the name (``qdl
   ones; ``estimator=`` overrides. Every request uses the same ``seed``, so the choices of one
   question are scored with the same masks (common random numbers: less noise in their ranking).
 * ``generate_until`` - diffusion sampling (:mod:`qdlm_export.eval.generation`), LLaDA's sampler or
-  Dream's by family; the text is cut at the first EOS and then at the first stop sequence.
+  Dream's by family, or for block-diffusion families (LLaDA2) the model's own ``generate``
+  (:mod:`qdlm_export.eval.block_sampler`); the text is cut at the first EOS and then at the first
+  stop sequence. Forward passes and generated tokens are counted per task
+  (``generation_counts``; ``forward_passes_per_token`` in the eval table).
 * ``loglikelihood_rolling`` - the same Monte-Carlo bound over rolling windows of the text, each
   window conditioned on the tokens before it (on EOS for the first one).
 """
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from .block_sampler import PUBLISHED_DEFAULTS, ForwardCounter, block_generate, block_length_of, generated_length
 from .generation import dllm_settings, dream_generate, llada_generate
 from .likelihood import loglikelihood as mc_loglikelihood
 from .loading import load_model, load_tokenizer
@@ -62,8 +66,10 @@ class QdlmLM(LM):
     ``llada`` | ``dream``), ``gen_length`` (default: the task's ``max_gen_toks``), ``steps``
     (default: ``gen_length``), ``block_length`` (default: ``gen_length``), ``temperature``,
     ``cfg_scale``, ``remasking`` (LLaDA); ``alg`` (default ``entropy``), ``alg_temp``, ``top_p``,
-    ``top_k``, ``eps`` (Dream); ``gen_batch_size`` (prompts of equal length sampled together);
-    ``max_length`` (prompt + answer tokens; longer prompts are cut on the left); ``dtype``,
+    ``top_k``, ``eps`` (Dream); ``threshold``, ``minimal_topk``, ``eos_early_stop`` (``llada2``: the
+    model's own block sampler, the default for block-diffusion families, where ``block_length``
+    defaults to the family's and ``steps``, per block, to 32); ``gen_batch_size`` (prompts of equal
+    length sampled together); ``max_length`` (prompt + answer tokens; longer prompts are cut on the left); ``dtype``,
     ``device``; ``check_greedy`` (decode each continuation greedily to fill ``is_greedy``; off by
     default as it costs one forward pass per continuation token).
     """
@@ -90,6 +96,9 @@ class QdlmLM(LM):
         top_p: float | None = None,
         top_k: int | None = None,
         eps: float = 1e-3,
+        threshold: float = PUBLISHED_DEFAULTS["threshold"],
+        minimal_topk: int = PUBLISHED_DEFAULTS["minimal_topk"],
+        eos_early_stop: bool = PUBLISHED_DEFAULTS["eos_early_stop"],
         gen_batch_size: int = 8,
         max_length: int | None = None,
         dtype: str | None = "auto",
@@ -138,15 +147,19 @@ class QdlmLM(LM):
         self.estimator = estimator
         self.seed = int(seed)
 
+        self.family_block_length = block_length_of(self.model)
         if sampler == "auto":
-            sampler = "dream" if self.logits_shift else "llada"
-        if sampler not in ("llada", "dream"):
-            raise ValueError(f"sampler must be auto, llada or dream, got {sampler!r}")
+            sampler = "llada2" if self.family_block_length else "dream" if self.logits_shift else "llada"
+        if sampler not in ("llada", "dream", "llada2"):
+            raise ValueError(f"sampler must be auto, llada, dream or llada2, got {sampler!r}")
         self.sampler = sampler
         self.gen_length, self.steps, self.block_length = gen_length, steps, block_length
         self.temperature = temperature  # None: the task's, else 0
         self.cfg_scale, self.remasking = float(cfg_scale), remasking
         self.alg, self.alg_temp, self.top_p, self.top_k, self.eps = alg, alg_temp, top_p, top_k, float(eps)
+        self.threshold, self.minimal_topk, self.eos_early_stop = float(threshold), int(minimal_topk), bool(eos_early_stop)
+        # {task: [forward passes, generated tokens]} over this model's generate_until calls.
+        self.generation_counts: dict[str, list[int]] = {}
         self.gen_batch_size = max(1, int(gen_batch_size))
         self.check_greedy = bool(check_greedy)
         self.max_length = int(max_length) if max_length else self._config_max_length()
@@ -276,6 +289,11 @@ class QdlmLM(LM):
     def _sampling(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         max_toks = int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", 256)))
         gen_length = int(self.gen_length or max_toks)
+        temperature = self._temperature(gen_kwargs)
+        if self.sampler == "llada2":  # the published sampler takes any lengths: nothing is rounded
+            block_length = int(self.block_length or self.family_block_length or PUBLISHED_DEFAULTS["block_length"])
+            steps = int(self.steps or PUBLISHED_DEFAULTS["steps"])
+            return {"gen_length": gen_length, "steps": steps, "block_length": block_length, "temperature": temperature}
         block_length = int(self.block_length or gen_length)
         if gen_length % block_length:
             gen_length += block_length - gen_length % block_length
@@ -283,17 +301,31 @@ class QdlmLM(LM):
         steps = int(self.steps or gen_length)
         if steps % blocks:
             steps += blocks - steps % blocks
-        if self.temperature is not None:
-            temperature = float(self.temperature)
-        elif gen_kwargs.get("do_sample") is False:
-            temperature = 0.0
-        else:
-            temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
         return {"gen_length": gen_length, "steps": steps, "block_length": block_length, "temperature": temperature}
 
-    def _generate_ids(self, prompts: list[list[int]], *, gen_length: int, steps: int, block_length: int,
-                      temperature: float) -> list[list[int]]:
+    def _temperature(self, gen_kwargs: dict[str, Any]) -> float:
+        if self.temperature is not None:
+            return float(self.temperature)
+        if gen_kwargs.get("do_sample") is False:
+            return 0.0
+        return float(gen_kwargs.get("temperature", 0.0) or 0.0)
+
+    def _generate_ids(self, prompts: list[list[int]], **settings: Any) -> list[list[int]]:
         """Generated token ids for prompts of equal length (no padding), cut at the first EOS."""
+        return [answer for answer, _ in self._generate_rows(prompts, **settings)]
+
+    def _generate_rows(self, prompts: list[list[int]], *, gen_length: int, steps: int, block_length: int,
+                       temperature: float) -> list[tuple[list[int], int]]:
+        """``(answer cut at the first EOS, tokens generated up to and including that EOS)`` per prompt."""
+        if self.sampler == "llada2":
+            eos = self.eos_token_id if self.eos_token_id is not None else getattr(self.model.config, "eos_token_id", None)
+            rows = block_generate(
+                self.model, prompts, gen_length=gen_length, block_length=block_length, steps=steps,
+                threshold=self.threshold, minimal_topk=self.minimal_topk, eos_early_stop=self.eos_early_stop,
+                temperature=temperature, top_p=self.top_p, top_k=self.top_k, mask_id=self.mask_token_id,
+                eos_id=eos, seed=self.seed,
+            )
+            return [self._cut(row) for row in rows]
         gen = torch.Generator(device=self._device).manual_seed(self.seed)
         x = torch.tensor(prompts, dtype=torch.long)
         if self.sampler == "llada":
@@ -308,13 +340,13 @@ class QdlmLM(LM):
                 temperature=temperature, top_p=self.top_p, top_k=self.top_k, alg_temp=self.alg_temp,
                 mask_token_id=self.mask_token_id, logits_shift=self.logits_shift, generator=gen,
             )
-        plen = x.shape[1]
-        result = []
-        for row in out[:, plen:].tolist():
-            if self.eos_token_id is not None and self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id)]
-            result.append([t for t in row if t != self.mask_token_id])
-        return result
+        return [self._cut(row) for row in out[:, x.shape[1]:].tolist()]
+
+    def _cut(self, row: list[int]) -> tuple[list[int], int]:
+        n = generated_length(row, self.eos_token_id, self.mask_token_id)
+        if self.eos_token_id is not None and self.eos_token_id in row:
+            row = row[: row.index(self.eos_token_id)]
+        return [t for t in row if t != self.mask_token_id], n
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         # Group requests with the same prompt length and settings, so a batch needs no padding.
@@ -332,18 +364,22 @@ class QdlmLM(LM):
             prompt = prompt[-keep:]
             if not prompt and self.eos_token_id is not None:
                 prompt = [self.eos_token_id]
-            prepared.append((i, context, req.args[1], until, settings, prompt))
+            prepared.append((i, context, req.args[1], until, settings, prompt, getattr(req, "task_name", None) or ""))
         groups: dict[tuple, list] = {}
-        for item in prepared:
-            key = (len(item[5]), tuple(sorted(item[4].items())))
+        for item in prepared:  # one task per batch: forward passes are counted per task
+            key = (item[6], len(item[5]), tuple(sorted(item[4].items())))
             groups.setdefault(key, []).append(item)
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="qdlm generate_until", disable=disable_tqdm)
         for items in groups.values():
             for s in range(0, len(items), self.gen_batch_size):
                 chunk = items[s : s + self.gen_batch_size]
-                ids = self._generate_ids([it[5] for it in chunk], **chunk[0][4])
-                for it, toks in zip(chunk, ids):
+                with ForwardCounter(self.model) as counter:
+                    rows = self._generate_rows([it[5] for it in chunk], **chunk[0][4])
+                counts = self.generation_counts.setdefault(chunk[0][6], [0, 0])
+                counts[0] += counter.passes
+                counts[1] += sum(n for _, n in rows)
+                for it, (toks, _) in zip(chunk, rows):
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
                     for stop in it[3]:
                         if stop:

@@ -30,9 +30,10 @@ _RESERVED_MODEL_ARGS = {"self", "pretrained", "model", "tokenizer", "mc_num", "b
                         "trust_remote_code", "unused"}
 
 
-def check_model_args(model_args: dict[str, Any]) -> None:
+def check_model_args(model_args: dict[str, Any], *, block_diffusion: bool = False) -> None:
     """Refuse ``-O`` keys the ``qdlm`` model does not take (lm-eval would only log them) and
-    non-finite numbers, stating what is accepted."""
+    non-finite numbers, stating what is accepted. ``block_diffusion``: the model's family samples
+    with its own block sampler (LLaDA2), which takes any lengths."""
     import inspect
 
     from .lm_eval_model import QdlmLM
@@ -51,7 +52,9 @@ def check_model_args(model_args: dict[str, Any]) -> None:
             raise ConfigError(f"-O {key}={value} is not a finite number", hint=f"give {key} a finite value")
         _check_model_arg_value(key, value, params[key].default is None)
     sizes = {k: model_args.get(k) for k in ("gen_length", "block_length", "steps")}
-    llada_blocks = model_args.get("sampler") != "dream"  # Dream's sampler has no blocks
+    sampler = model_args.get("sampler", "auto")
+    # Dream's sampler has no blocks; LLaDA2's own sampler takes any gen_length, block_length and steps.
+    llada_blocks = sampler == "llada" or (sampler == "auto" and not block_diffusion)
     if llada_blocks and isinstance(sizes["gen_length"], int) and isinstance(sizes["block_length"], int):
         if sizes["gen_length"] % sizes["block_length"]:
             raise ConfigError(
@@ -70,9 +73,10 @@ def check_model_args(model_args: dict[str, Any]) -> None:
 _MODEL_ARG_RULES: dict[str, tuple[str, Any]] = {
     "gen_length": ("int", 1), "steps": ("int", 1), "block_length": ("int", 1), "max_length": ("int", 1),
     "gen_batch_size": ("int", 1), "max_batch_size": ("int", 1), "top_k": ("int", 1), "seed": ("int", 0),
-    "temperature": ("float", 0), "cfg_scale": ("float", 0), "alg_temp": ("float", 0),
+    "temperature": ("float", 0), "cfg_scale": ("float", 0), "alg_temp": ("float", 0), "minimal_topk": ("int", 1),
+    "threshold": ("unit", "a number from 0 to 1"), "eos_early_stop": ("bool", None),
     "top_p": ("fraction", "a number in (0, 1]"), "eps": ("fraction", "a number in (0, 1)"),
-    "estimator": ("choice", ("auto", "llada", "dream")), "sampler": ("choice", ("auto", "llada", "dream")),
+    "estimator": ("choice", ("auto", "llada", "dream")), "sampler": ("choice", ("auto", "llada", "dream", "llada2")),
     "remasking": ("choice", ("low_confidence", "random")),
     "alg": ("choice", ("entropy", "maskgit_plus", "topk_margin", "origin")),
     "check_greedy": ("bool", None),
@@ -97,6 +101,9 @@ def _check_model_arg_value(key: str, value: Any, nullable: bool) -> None:
         accepted = limit + none
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
         ok = ok and (key != "eps" or value < 1)
+    elif kind == "unit":
+        accepted = limit + none
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
     elif kind == "bool":
         accepted, ok = "true or false", isinstance(value, bool)
     else:
