@@ -28,6 +28,7 @@ from .loader.hf_quantizer import register_with_transformers as _register
 _register()
 
 from . import families, methods  # noqa: E402,F401  (register families and methods)
+from .loader import grouped_experts as _grouped_experts  # noqa: E402,F401  (the grouped mixture-of-experts path after loading)
 from .loader.native_wrappers import register_wrappers as _register_wrappers  # noqa: E402
 
 _register_wrappers()  # the qdlm_<type> model types of native checkpoints of dense families (docs/FORMAT.md)

@@ -8,12 +8,12 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.table import Table
 
-from ..core.configs import MAX_SEED
+from ..core.configs import CALIB_ATTENTIONS, MAX_SEED
 from .console import err, human_size, out
 from .options import (
     EMBEDDED_DEFAULT,
@@ -35,6 +35,8 @@ from .options import (
 )
 from .recipe import load_recipe, resolved_recipe
 from .verbosity import progress_enabled
+
+CalibAttention = Literal[CALIB_ATTENTIONS]  # type: ignore[valid-type]
 
 EXAMPLES = examples(
     "qdlm-export quantize --out tiny-w4    # the embedded tiny LLaDA, RTN W4 g128",
@@ -93,6 +95,9 @@ def quantize(
     calib_masking: Annotated[
         CalibMasking, typer.Option(help="'random': mask tokens with a per-sample ratio t~U(0,1), as dLLMs see them while denoising (measured better, docs/calibration.md); 'none': clean text, as the study did; 'auto': random for models with a mask token, else none.")
     ] = "auto",
+    calib_attention: Annotated[
+        CalibAttention, typer.Option(help="Attention pattern of the calibration windows: 'block-causal': bidirectional inside a block, causal across blocks, with a random current block partly masked, as block-diffusion models (LLaDA2) sample; 'causal': token-causal, as autoregressive calibrators use; 'full': bidirectional (LLaDA, Dream); 'auto': block-causal for block-diffusion models, else full (docs/calibration.md).")
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available).", callback=device_option)] = "auto",
     compute_dtype: Annotated[
         Optional[ComputeDtype], typer.Option(help="Dtype blocks run in during calibration [default: float32 on CPU, bfloat16 on CUDA].")
@@ -139,7 +144,7 @@ def quantize(
     config = make_config(method, **options)
     calibration = CalibrationConfig(
         source=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, masking=calib_masking, text_field=calib_field,
-        dataset_config=calib_config, split=calib_split, chat_template=calib_chat_template,
+        dataset_config=calib_config, split=calib_split, chat_template=calib_chat_template, attention=calib_attention,
     )
     command = "qdlm-export " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     from ..quantize.pipeline import default_compute_dtype, resolve_device

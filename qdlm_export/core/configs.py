@@ -33,7 +33,7 @@ CLI_FLAGS = {
 }
 CALIBRATION_FLAGS = {
     "source": "calib", "text_field": "calib-field", "masking": "calib-masking", "dataset_config": "calib-config",
-    "split": "calib-split", "chat_template": "calib-chat-template",
+    "split": "calib-split", "chat_template": "calib-chat-template", "attention": "calib-attention",
 }
 
 
@@ -226,6 +226,11 @@ class WeightActivationConfig(WeightOnlyConfig):
 
 
 CALIB_MASKINGS = ("auto", "random", "none")
+# The attention pattern calibration windows are run with (docs/calibration.md, "Block-diffusion
+# calibration"): the family's own ("auto"), block-causal with a masked current block (the sampler of
+# block-diffusion models), token-causal (what autoregressive calibrators such as GPTQModel use), or
+# full bidirectional attention (LLaDA, Dream: no mask is passed).
+CALIB_ATTENTIONS = ("auto", "block-causal", "causal", "full")
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,11 @@ class CalibrationConfig:
     # Render instruction data (a "messages" column, or prompt/response columns) with the model's chat
     # template before tokenizing.
     chat_template: bool = False
+    # "auto" (default): "block-causal" for block-diffusion families (those with a block length: LLaDA2),
+    # "full" for the others. "block-causal": each window's attention is bidirectional inside a block and
+    # causal across blocks, with a random current block partly masked, the blocks before it clean and
+    # the blocks after it masked; "causal": a token-causal mask. Chosen by measurement (docs/calibration.md).
+    attention: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -265,6 +275,9 @@ class CalibrationConfig:
             raise ConfigError(f"--seed {self.seed} is out of range", hint=f"--seed accepts 0 to 2**63-1 ({MAX_SEED})")
         if self.masking not in CALIB_MASKINGS:
             raise ConfigError(f"--calib-masking {self.masking!r} is invalid", hint=f"choose one of {', '.join(CALIB_MASKINGS)}")
+        if self.attention not in CALIB_ATTENTIONS:
+            raise ConfigError(f"--calib-attention {self.attention!r} is invalid",
+                              hint=f"choose one of {', '.join(CALIB_ATTENTIONS)}")
         for name in ("source", "text_field", "dataset_config", "split"):
             value = getattr(self, name)
             if value is not None and not value.strip():
@@ -276,3 +289,19 @@ class CalibrationConfig:
         if self.masking == "auto":
             return "random" if mask_token_id is not None else "none"
         return self.masking
+
+    def resolved_attention(self, block_length: int | None) -> str:
+        """``"block-causal"``, ``"causal"`` or ``"full"``: what ``auto`` means for a family with (or
+        without) a block-diffusion block length. Patterns that need a block length are refused without one:
+        the other families attend bidirectionally over the whole sequence, and their forward need not
+        take a 4-D attention mask."""
+        attention = self.attention
+        if attention == "auto":
+            return "block-causal" if block_length else "full"
+        if attention != "full" and not block_length:
+            raise ConfigError(
+                f"--calib-attention {attention} applies to block-diffusion models (LLaDA2), and this model "
+                "attends bidirectionally over the whole sequence",
+                hint="leave --calib-attention out (auto), or pass --calib-attention full",
+            )
+        return attention

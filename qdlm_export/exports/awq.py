@@ -30,6 +30,7 @@ from .export_format import (
     ExportFormat,
     ExportInventory,
     fp16_exact,
+    loading_class,
     not_converted_linears,
     weight_only_problems,
 )
@@ -55,10 +56,12 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
 
 
 def matches_awq_skip(name: str, patterns: list[str]) -> bool:
-    """transformers' rule for ``modules_to_not_convert``: a pattern skips ``name`` when it matches
-    from the start up to a module boundary (as a regex) or is a suffix of it."""
+    """Whether a loader would skip ``name`` for an entry of ``modules_to_not_convert``. transformers:
+    the entry matches from the start up to a module boundary (as a regex) or is a suffix of it; vLLM:
+    the entry occurs anywhere in the name (which also covers the suffix rule). A router kept in
+    float (``model.layers.3.mlp.gate``) must not be the start of a quantized ``...mlp.gate_proj``."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{p}){boundary}", name) or name.endswith(p) for p in patterns)
+    return any(re.match(rf"(?:{p}){boundary}", name) or p in name for p in patterns)
 
 
 class AWQFormat(ExportFormat):
@@ -118,7 +121,7 @@ class AWQFormat(ExportFormat):
         if clashes:
             raise ConfigError(
                 f"cannot convert to AWQ: modules_to_not_convert would also skip quantized modules {clashes[:4]} "
-                "(transformers matches these names as prefixes and suffixes)",
+                "(transformers matches these names as prefixes and suffixes, vLLM as substrings)",
                 hint="convert to compressed-tensors instead (--to compressed-tensors), which lists modules exactly",
             )
         w = inventory.qconfig["weights"]
@@ -135,7 +138,7 @@ class AWQFormat(ExportFormat):
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
         remote = ", trust_remote_code=True" if config.get("auto_map") else ""
-        cls = "AutoModel" if config.get("auto_map") else "AutoModelForCausalLM"
+        cls = loading_class(config)
         return (
             "## How to load\n\n"
             "This folder is a standard AWQ checkpoint (GEMM layout). transformers 5 loads AWQ through "

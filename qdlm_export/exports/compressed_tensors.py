@@ -38,6 +38,7 @@ from ..errors import ConfigError
 from .export_format import (
     ExportFormat,
     ExportInventory,
+    loading_class,
     not_converted_linears,
     online_transform_problem,
     output_quant_problem,
@@ -190,7 +191,7 @@ class CompressedTensorsFormat(ExportFormat):
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
         remote = ", trust_remote_code=True" if config.get("auto_map") else ""
-        cls = "AutoModel" if config.get("auto_map") else "AutoModelForCausalLM"
+        cls = loading_class(config)
         groups = (config.get("quantization_config") or {}).get("config_groups") or {}
         asymmetric = any(not (g.get("weights") or {}).get("symmetric", True) for g in groups.values())
         extra = ", quantization_config=CompressedTensorsConfig(dequantize=True)" if asymmetric else ""

@@ -116,7 +116,7 @@ def write_converted(
         writer = ShardedWriter(dst, max_shard_bytes)
         done: set[str] = set()
         owner = {f"{m.name}.weight_packed": m for m in ckpt.modules}
-        for key in ckpt.keys():
+        for key in ckpt.keys():  # noqa: SIM118 - NativeCheckpoint.keys() is a method, not a dict view
             if key in owner:
                 m = owner[key]
                 writer.add_all(m.name, target.module_tensors(m, ckpt.linear(m), ckpt.qconfig))

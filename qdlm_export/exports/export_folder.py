@@ -18,6 +18,14 @@ from ..loader.native_wrappers import is_generated, strip_added_code, unwrap_conf
 if TYPE_CHECKING:
     from .export_format import ExportFormat, ExportInventory
 
+# Appended to an export's remote-code modules when their published code needs repairs (below).
+COMPAT_MARKER = "# qdlm-export compat repairs"
+COMPAT_CALL = (
+    f"\n\n{COMPAT_MARKER}: in-memory repairs of this published code for the installed transformers\n"
+    "# ({file}.py, a copy of qdlm_export/families/compat.py); no quantization code, nothing to install.\n"
+    "from .{file} import repair_module as _qdlm_repair_module\n\n"
+    "_qdlm_repair_module(globals())\n"
+)
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 
@@ -38,10 +46,42 @@ def write_export_files(native_dir: Path, dst: Path, target: ExportFormat, native
         shutil.copy2(f, dst / f.name)
         if f.suffix == ".py":  # remote code without the qdlm loader registration or guard appended to it
             (dst / f.name).write_text(strip_added_code(f.read_text(encoding="utf-8")), encoding="utf-8")
+    _carry_compat_repairs(native_dir, dst, config)
     _write_report(native_dir, dst, target, inventory.qconfig, manifest)
     if model_card:
         _write_card(native_dir, dst, target, config, repo_id)
     return qconfig
+
+
+def _carry_compat_repairs(native_dir: Path, dst: Path, config: dict[str, Any]) -> list[Path]:
+    """Published remote code that the installed transformers cannot run as is (LLaDA2's and
+    LLaDA-MoE's: a list ``_tied_weights_keys``, no ``ROPE_INIT_FUNCTIONS["default"]``...) loads in the
+    native checkpoint because the self-contained loader repairs it in memory (docs/EXPORTS.md). An
+    export drops that loader, so when the quantize run needed repairs (the report's
+    ``compat_repairs``), the export carries the repairs alone: ``qdlm_compat.py`` (a copy of
+    ``families/compat.py``, torch and transformers only) and a call to it at the end of each
+    remote-code module of ``auto_map``. The target's own quantizer still loads the weights. Returns
+    the files written or changed."""
+    report = read_report(native_dir) or {}
+    auto_map = config.get("auto_map")
+    if not report.get("compat_repairs") or not isinstance(auto_map, dict):
+        return []
+    from ..loader.selfcontained import COMPAT_FILE, loader_files
+
+    changed = [dst / f"{COMPAT_FILE}.py"]
+    changed[0].write_text(loader_files()[f"{COMPAT_FILE}.py"], encoding="utf-8")
+    for key, ref in auto_map.items():
+        if not (key.startswith("AutoModel") or key == "AutoConfig"):
+            continue  # tokenizers and processors build no model
+        for value in ref if isinstance(ref, (list, tuple)) else [ref]:
+            path = dst / (str(value).rsplit(".", 1)[0] + ".py")
+            if "--" in str(value) or not path.is_file() or path in changed:
+                continue  # code in another repository (nothing here to append to), or a module already done
+            text = path.read_text(encoding="utf-8")
+            if COMPAT_MARKER not in text:
+                path.write_text(text.rstrip("\n") + COMPAT_CALL.format(file=COMPAT_FILE), encoding="utf-8")
+                changed.append(path)
+    return changed
 
 
 def _is_weight_file(name: str) -> bool:

@@ -143,23 +143,50 @@ def scale_dtype_problem(qconfig: dict[str, Any], target: str) -> str | None:
 
 
 def block_layout(names: list[str]) -> tuple[str, list[str]] | None:
-    """``(block_prefix, [module suffix...])`` when ``names`` are exactly ``<prefix>.<i>.<suffix>`` for
-    every block index ``i`` present and every suffix (same linears quantized in every block); else None."""
+    """``(block_prefix, [module suffix...])`` when every name is ``<prefix>.<i>.<suffix>`` under one
+    block list; the suffixes are those of every block together, in first-seen order. Blocks may hold
+    different modules (a dense first layer beside mixture-of-experts layers): a loader that matches
+    these suffixes finds in each block only the modules that block has. Whether a suffix would also
+    pick up a module kept in floating point is :func:`suffix_clashes`' question. None otherwise."""
     prefix = None
     suffixes: list[str] = []
-    blocks: set[str] = set()
     pattern = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
     for name in names:
         match = pattern.match(name)
         if not match or (prefix is not None and match.group(1) != prefix):
             return None
         prefix = match.group(1)
-        blocks.add(match.group(2))
         if match.group(3) not in suffixes:
             suffixes.append(match.group(3))
-    if prefix is None or len(set(names)) != len(blocks) * len(suffixes):
+    if prefix is None:
         return None
     return prefix, suffixes
+
+
+def suffix_clashes(prefix: str, suffixes: list[str], kept: list[str]) -> list[tuple[str, str]]:
+    """``(module, suffix)`` for each module of ``kept`` (left in floating point) inside the blocks
+    under ``prefix`` that a loader selecting modules by these suffixes would also replace. optimum
+    keeps a block's linear when its name ends with a listed entry, vLLM when an entry occurs in it;
+    the substring test covers both."""
+    inside = [k for k in kept if k.startswith(prefix + ".")]
+    return [(k, s) for k in inside for s in suffixes if s in k]
+
+
+def loading_class(config: dict[str, Any]) -> str:
+    """The transformers Auto class that builds the family's model with its output head (what the
+    model card tells users to load). LLaDA2's ``AutoModel`` is the base model without ``lm_head``, so
+    the family adapter's class is used; families the package does not know fall back to the rule
+    "remote code: AutoModel, else AutoModelForCausalLM"."""
+    from ..errors import UnsupportedModelError
+    from ..families import family_for_config
+
+    try:
+        auto = family_for_config(config).auto_class
+    except UnsupportedModelError:
+        auto = None
+    if config.get("auto_map"):
+        return auto if auto in config["auto_map"] else "AutoModel"
+    return "AutoModelForCausalLM"
 
 
 def not_converted_linears(inventory: ExportInventory) -> list[str]:

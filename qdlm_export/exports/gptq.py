@@ -30,11 +30,15 @@ from typing import Any
 import torch
 
 from ..core.packing import pack_rows
+from ..errors import ConfigError
 from .export_format import (
     ExportFormat,
     ExportInventory,
     block_layout,
     fp16_exact,
+    loading_class,
+    not_converted_linears,
+    suffix_clashes,
     weight_only_problems,
 )
 from .quantized_module import LinearTensors, QuantizedModule
@@ -68,7 +72,9 @@ class GPTQFormat(ExportFormat):
                 if field in override and field in weights and override[field] != weights[field]:
                     problems.append(
                         f"{name} overrides {field}={override[field]} (checkpoint: {weights[field]}); a GPTQ "
-                        "checkpoint has one bits/sym setting for every module"
+                        "checkpoint has one bits/sym setting for every module (transformers' GPTQ loader ignores "
+                        "GPTQModel's per-module `dynamic` overrides). Convert to compressed-tensors, which gives "
+                        "each scheme its own config group"
                     )
         names = qconfig.get("quantized_modules")
         if names and block_layout([n for n in names if n not in LM_HEADS]) is None:
@@ -120,8 +126,6 @@ class GPTQFormat(ExportFormat):
         scale = scale[:, native_group]
         if bool((zeros == 0).any()):
             count = int((zeros == 0).sum())
-            from ..errors import ConfigError
-
             raise ConfigError(
                 f"cannot convert to GPTQ: {m.name} has {count} group(s) with zero point 0; GPTQ v1 stores "
                 "zero - 1 and its loaders add the 1 back per packed field, so 0 cannot be stored",
@@ -147,6 +151,17 @@ class GPTQFormat(ExportFormat):
         names = [m.name for m in inventory.modules]
         layout = block_layout(names)
         prefix, suffixes = layout if layout else (None, [])
+        clashes = suffix_clashes(prefix, suffixes, not_converted_linears(inventory)) if layout else []
+        if clashes:
+            module, suffix = clashes[0]
+            raise ConfigError(
+                f"cannot convert to GPTQ: {module} is kept in floating point, but GPTQ loaders select the "
+                f"quantized linears of every block by the names in modules_in_block_to_quantize, and {suffix!r} "
+                f"(a quantized module's name within its block) also matches it, so it would load as an empty "
+                f"quantized layer ({len(clashes)} such module(s))",
+                hint="convert to compressed-tensors (--to compressed-tensors), which lists modules exactly, or "
+                "quantize the same linears in every block",
+            )
         return {
             "quant_method": "gptq",
             "bits": int(w["bits"]),
@@ -166,7 +181,7 @@ class GPTQFormat(ExportFormat):
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
         remote = ", trust_remote_code=True" if config.get("auto_map") else ""
-        cls = "AutoModel" if config.get("auto_map") else "AutoModelForCausalLM"
+        cls = loading_class(config)
         return (
             "## How to load\n\n"
             "This folder is a standard GPTQ checkpoint (v1 format). transformers loads it through "
@@ -192,8 +207,6 @@ class GPTQFormat(ExportFormat):
 
 
 def _scale_error(m: QuantizedModule, changed: int, dtype: torch.dtype):
-    from ..errors import ConfigError
-
     return ConfigError(
         f"cannot convert {m.name}: {changed} of its {m.out_features * m.groups} {dtype_str(dtype)} scales are not "
         "exactly representable in float16, which GPTQ/AWQ store; the converted weights would differ",

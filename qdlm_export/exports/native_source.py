@@ -30,7 +30,7 @@ class NativeCheckpoint:
             by_file.setdefault(entry.path, []).append(key)
         self._order = [key for path in sorted(by_file) for key in sorted(by_file[path])]
         self.modules = [QuantizedModule.from_spec(name, checked.specs[name]) for name in self.qconfig["quantized_modules"]]
-        self._owner = {key: m for m in self.modules for key in m.keys()}
+        self._owner = {key: m for m in self.modules for key in m.keys()}  # noqa: SIM118 - a method
 
     # -- tensors --------------------------------------------------------------------------------
     def get(self, key: str) -> torch.Tensor:

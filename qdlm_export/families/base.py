@@ -61,6 +61,42 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class ExpertRouting:
+    """A mixture-of-experts module's routing, for a module with no dispatch method of its own (its
+    forward is then replaced as a whole: ``loader/grouped_experts.py``). Names are attributes of the
+    module. As computed: ``p = score(router(x))`` in float32, ``+ bias`` when the module's ``bias``
+    attribute is not None (the biased values also weight the experts), top-``top_k``, divided by their
+    sum when the module's ``normalize`` attribute is true, cast to the hidden dtype; each expert's
+    output times its weight is added, in the hidden dtype, in expert order."""
+
+    router: str  # the linear giving router logits [tokens, experts]
+    top_k: str  # int attribute: experts per token
+    score: str = "softmax"  # the only one the loader knows
+    bias: str | None = None  # buffer (or None) added to the scores
+    normalize: str | None = None  # bool attribute: renormalise the top-k weights
+
+
+@dataclass(frozen=True)
+class ExpertDispatch:
+    """Where the loader computes a block's routed experts in one grouped pass (``loader/grouped_experts.py``).
+
+    ``module`` (relative to a block) holds the ``experts`` ``ModuleList``; each expert computes
+    ``down(act(gate(x)) * up(x))`` with the linears and activation attribute named here. Either
+    ``method`` names the module's dispatch method ``f(x [tokens, hidden], topk_ids, topk_weight) ->
+    [tokens, hidden]`` (replaced on the instance; the published code keeps the routing), or
+    ``routing`` describes the routing and the module's ``forward`` is replaced."""
+
+    module: str
+    experts: str = "experts"
+    method: str | None = None
+    routing: ExpertRouting | None = None
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    activation: str = "act_fn"
+
+
+@dataclass(frozen=True)
 class AttentionShape:
     num_heads: int
     num_kv_heads: int
@@ -106,6 +142,9 @@ class FamilyAdapter:
     # bidirectional inside a block and causal across blocks; calibration reproduces that pattern.
     # None: the whole sequence is one block (LLaDA, Dream).
     block_length: int | None = None
+    # Mixture of experts: how the loader runs a block's routed experts through the grouped expert GEMM
+    # (None: the published per-expert loop).
+    expert_dispatch: ExpertDispatch | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived facts -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ in full precision), ``mlp.experts.E.{gate,up,down}_proj`` and ``mlp.shared_exper
 Embeddings are ``model.word_embeddings``. The mask token id is the sampler's default, 156895.
 """
 
-from .base import FamilyAdapter, LinearGroup
+from .base import ExpertDispatch, FamilyAdapter, LinearGroup
 from .registry import register_family
 
 _NORM = "post_attention_layernorm"
@@ -34,6 +34,7 @@ LLADA2_MOE = register_family(
         final_norm="model.norm",
         lm_head="lm_head",
         router="mlp.gate",
+        expert_dispatch=ExpertDispatch(module="mlp", method="moe_infer"),
         default_mask_token_id=156895,
         block_length=32,  # its generate()'s default
         logits_shift=False,

@@ -7,7 +7,7 @@ is dense (``mlp.{gate,up,down}_proj``) where ``moe_layer_freq`` is 0 and sparse 
 ``shared_expert.{gate,up,down}_proj`` sits beside ``mlp`` in the layer. The mask token id is 156895.
 """
 
-from .base import FamilyAdapter, LinearGroup
+from .base import ExpertDispatch, ExpertRouting, FamilyAdapter, LinearGroup
 from .registry import register_family
 
 _NORM = "post_attention_layernorm"
@@ -34,6 +34,10 @@ LLADAMOE = register_family(
         final_norm="model.norm",
         lm_head="lm_head",
         router="mlp.gate",
+        expert_dispatch=ExpertDispatch(
+            module="mlp",
+            routing=ExpertRouting(router="gate", top_k="top_k", bias="expert_bias", normalize="norm_topk_prob"),
+        ),
         intermediate_size_keys=("dense_intermediate_size",),
         default_mask_token_id=156895,
         logits_shift=False,

@@ -3,13 +3,14 @@
 Each op module holds the op, its torch implementation (the CPU fallback and the ground truth) and
 the registration of every backend; Triton kernels sit beside it:
 
-==================  ==================  =========================  ==============================
-op                  module              Triton                     other backends
-==================  ==================  =========================  ==============================
-weight-only linear  ``weight_only.py``  ``weight_only_triton.py``  ``cpu_packed.py`` (torch CPU)
-int8 activations    ``int8.py``         ``int8_triton.py``         ``torch._int_mm``
-Hadamard            ``hadamard.py``     ``hadamard_triton.py``     fast-hadamard-transform
-==================  ==================  =========================  ==============================
+===================  ======================  ============================  ==============================
+op                   module                  Triton                        other backends
+===================  ======================  ============================  ==============================
+weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_packed.py`` (torch CPU)
+grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
+int8 activations     ``int8.py``             ``int8_triton.py``            ``torch._int_mm``
+Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform
+===================  ======================  ============================  ==============================
 
 ``registry.py`` picks the backend per call (``backend=``, else ``QDLM_KERNEL_BACKEND=auto|torch|triton``,
 read once) and :func:`describe_backend` reports the choice. Triton is optional: nothing here imports
@@ -17,6 +18,7 @@ it until a Triton backend runs (``_triton.py``). Importing this package also rou
 Hadamards of ``core.transforms`` through :func:`hadamard_transform` (see ``hadamard.py``).
 """
 
+from .grouped_experts import grouped_expert_gemm
 from .hadamard import HADAMARD_ORDERS, hadamard_matrix, hadamard_transform, split_size
 from .int8 import (
     int8_gemm,
@@ -48,6 +50,7 @@ __all__ = [
     "configured_backend",
     "dequantize_packed",
     "describe_backend",
+    "grouped_expert_gemm",
     "hadamard_matrix",
     "hadamard_transform",
     "int8_gemm",

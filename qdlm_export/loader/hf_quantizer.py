@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -268,6 +269,19 @@ def check_all_tensors_loaded(model: nn.Module, prefix: str = "") -> None:
         )
 
 
+# Work other loader modules do on a model once its weights are loaded and checked, each called as
+# ``hook(model, quantization_config dict, checkpoint prefix)``: ``loader/grouped_experts.py`` adds the
+# grouped mixture-of-experts path (registered when ``qdlm_export`` is imported). A self-contained
+# checkpoint's copy of this module has none, so it computes with the published per-expert loop.
+AFTER_LOAD_HOOKS: list[Callable[[nn.Module, dict[str, Any], str], None]] = []
+
+
+def add_after_load_hook(hook: Callable[[nn.Module, dict[str, Any], str], None]) -> None:
+    """Run ``hook`` on every model this quantizer loads (once per hook, in the order added)."""
+    if hook not in AFTER_LOAD_HOOKS:
+        AFTER_LOAD_HOOKS.append(hook)
+
+
 class QdlmHfQuantizer(HfQuantizer):
     """transformers' hook into loading: module replacement and the tensor check before weights, and
     the check that every quantized buffer was loaded after."""
@@ -288,6 +302,9 @@ class QdlmHfQuantizer(HfQuantizer):
         prefix = getattr(self, "_prefix", "")
         check_loaded_modules(model, getattr(self, "_headers_checked", False), prefix)
         check_all_tensors_loaded(model, prefix)
+        qconfig = self.quantization_config.to_dict()
+        for hook in AFTER_LOAD_HOOKS:
+            hook(model, qconfig, prefix)
         return model
 
     def _dequantize(self, model, dtype=None):

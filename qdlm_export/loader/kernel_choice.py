@@ -1,4 +1,5 @@
-"""Which kernel backends the loader would run a checkpoint's quantized linears on (``inspect``)."""
+"""Which kernel backends the loader would run a checkpoint's quantized linears on (``inspect``); for a
+routed expert, also whether its block computes through the grouped expert GEMM (``grouped_experts.py``)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,28 @@ import torch
 from ..format.spec import LinearSpec, checkpoint_dtype
 from ..format.validation import validate_checkpoint
 from ..kernels import describe_backend
+from .grouped_experts import planned_paths, prefers_grouped
 from .hf_quantizer import uses_integer_input
 
 
-def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype) -> str:
-    """Which kernel backends the loader would run this linear on (``inspect``), for ``tokens`` rows."""
+def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, dtype: torch.dtype,
+                     expert_path: str | None = None) -> str:
+    """Which kernel backends the loader would run this linear on (``inspect``), for ``tokens`` rows;
+    ``expert_path``: a routed expert's path (:func:`~.grouped_experts.planned_paths`)."""
     shapes = dict(M=tokens, in_features=spec.in_features, out_features=spec.out_features, bits=spec.bits,
                   group_size=spec.group_size, symmetric=spec.symmetric, dtype=dtype)
+    if expert_path is not None and expert_path.startswith("grouped"):
+        if prefers_grouped(device, dtype, spec):
+            return f"{expert_path}: {describe_backend('grouped_expert_gemm', device, **shapes)}"
+        expert_path = "published per-expert loop here: the per-expert kernels beat the grouped torch reference"
     parts = [f"hadamard({op['size']}): {describe_backend('hadamard', device, n=op['size'], dtype=torch.float32)}"
              for op in spec.input_transforms if op.get("op") == "hadamard"]
     if uses_integer_input(spec):
         parts.append(describe_backend("w4a4_linear", device, act_bits=spec.input_activation.bits, **shapes))
     else:
         parts.append(describe_backend("weight_only_linear", device, **shapes))
+    if expert_path is not None:
+        parts.append(expert_path)
     return "; ".join(parts)
 
 
@@ -30,4 +40,6 @@ def kernel_plans(folder: str | Path, *, device: torch.device | str, tokens: int)
     (validated again: headers only), in the dtype the checkpoint loads in."""
     checked = validate_checkpoint(folder)
     dtype = checkpoint_dtype(checked.config)
-    return {name: describe_kernels(spec, device, tokens, dtype) for name, spec in checked.specs.items()}
+    experts = planned_paths(checked.specs, (checked.qconfig or {}).get("family"))
+    return {name: describe_kernels(spec, device, tokens, dtype, experts.get(name))
+            for name, spec in checked.specs.items()}

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
+from .block_calibration import attention_mask
 from .calibration import calibration_tokens, check_calibration_fits
 from ..core.configs import CalibrationConfig, WeightOnlyConfig
 from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFoundError
@@ -142,15 +143,20 @@ def quantize(
             from .preflight import run_first_block
 
             run_first_block(source, torch_device)  # the model's own code runs, finitely, before any work
+        block_length = source.adapter.block_length
+        attention = calibration.resolved_attention(block_length)  # a pattern the family cannot take: refused
         if method.needs_calibration:
             check_calibration_fits(calibration, source.adapter, source.config_dict, device=torch_device, dtype=dtype)
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
         mask_id = source.adapter.mask_token_id(source.config_dict)
-        calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id))
+        calibration = dataclasses.replace(calibration, masking=calibration.resolved_masking(mask_id),
+                                          attention=attention)
+        calib_tokens = calib_mask = None
         if method.needs_calibration:
-            logger.info("Tokenizing calibration text (%s): %d x %d tokens", calibration.source,
-                        calibration.nsamples, calibration.seqlen)
-        calib_tokens = calibration_tokens(tokenizer, calibration, mask_id) if method.needs_calibration else None
+            logger.info("Tokenizing calibration text (%s): %d x %d tokens, %s attention", calibration.source,
+                        calibration.nsamples, calibration.seqlen, attention)
+            calib_tokens = calibration_tokens(tokenizer, calibration, mask_id, block_length)
+            calib_mask = attention_mask(attention, calibration.seqlen, block_length, dtype=dtype)
         logger.info("Quantizing %d blocks with %s (%d-bit, group %d)", source.adapter.num_layers(source.config_dict),
                     config.method, config.bits, config.group_size)
 
@@ -168,7 +174,7 @@ def quantize(
             result = run_pipeline(
                 source, method, TeeSink(*(s for s in (writer, export) if s is not None)),
                 calib_tokens=calib_tokens, device=torch_device, compute_dtype=dtype, batch_size=batch_size,
-                on_block=on_block,
+                on_block=on_block, calib_attention_mask=calib_mask,
             )
             shards = writer.close() if writer is not None else []
             if export is not None:
@@ -191,6 +197,7 @@ def quantize(
                 verify_cfg = dataclasses.replace(  # the same data (source, column, split...), other windows
                     calibration, nsamples=4, seqlen=min(calibration.seqlen, 128),
                     seed=calibration.seed + 1, masking="random" if mask_id is not None else "none",
+                    attention="full",  # the logits compared over whole windows, as before
                 )
                 from .fidelity import relative_output_error
 
@@ -205,7 +212,8 @@ def quantize(
                 linear_bytes_original=result.linear_bytes_original,
                 linear_bytes_quantized=result.linear_bytes_quantized, checkpoint_bytes=checkpoint_bytes,
                 source_checkpoint_bytes=source.source_bytes(), relative_output_error=error,
-                calibration=_calibration_record(calibration) if method.needs_calibration else None,
+                calibration=(_calibration_record(calibration, source.adapter.block_length)
+                             if method.needs_calibration else None),
                 seconds_per_block=result.seconds_per_block, elapsed_s=time.perf_counter() - started,
                 compat_repairs=compat.applied_repairs(), manifest=(writer or export).manifest(),
                 calibration_fallbacks=method.calibration_fallbacks,
@@ -340,12 +348,14 @@ def _tokenizer(source: SourceModel):
         ) from None
 
 
-def _calibration_record(calibration: CalibrationConfig) -> dict[str, Any]:
+def _calibration_record(calibration: CalibrationConfig, block_length: int | None = None) -> dict[str, Any]:
     """How the calibration data was chosen; the dataset options only where they were set."""
     record = {
         "dataset": public_name(calibration.source), "nsamples": calibration.nsamples, "seqlen": calibration.seqlen,
-        "seed": calibration.seed, "masking": calibration.masking,
+        "seed": calibration.seed, "masking": calibration.masking, "attention": calibration.attention,
     }
+    if calibration.attention == "block-causal":
+        record["block_length"] = block_length
     options = {"text_field": calibration.text_field, "dataset_config": calibration.dataset_config,
                "split": calibration.split if calibration.split != "train" else None,
                "chat_template": calibration.chat_template or None}
@@ -369,7 +379,8 @@ def _quantization_config(config, source, result, calibration, method, command) -
         module_overrides=result.module_overrides,
         modules_not_converted=result.modules_not_converted,
         transforms={"modules": result.module_transforms, **transforms} if (result.module_transforms or transforms) else {},
-        calibration=_calibration_record(calibration) if method.needs_calibration else None,
+        calibration=(_calibration_record(calibration, source.adapter.block_length)
+                     if method.needs_calibration else None),
         provenance={
             "source": public_name(source.model_id),  # never an absolute path: config.json is published
             "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",

@@ -24,6 +24,7 @@ import torch
 
 from ..core.configs import CalibrationConfig
 from ..errors import ConfigError, InputDataError, json_kind
+from .block_calibration import BlockDraw, mask_current_blocks
 from .calibration_sources import (
     DATA_BUILDERS, ROW_SEPARATOR, UTF16, binary_kind, chat_renderer, conversations, dataset_text,
     is_saved_dataset, load_data_files, load_hub_dataset, load_saved_dataset, not_text_hint,
@@ -305,7 +306,8 @@ def check_calibration_fits(
 
     The pipeline keeps every calibration sequence's hidden states of the current block on
     ``device`` and computes the next block's beside them: ``2 * nsamples * seqlen * hidden_size``
-    elements of ``dtype``. ``available`` overrides the measured free memory (tests)."""
+    elements of ``dtype`` (plus a ``seqlen x seqlen`` attention mask for block-causal or causal
+    calibration). ``available`` overrides the measured free memory (tests)."""
     limit = adapter.max_context(model_config)
     if limit is not None and config.seqlen > limit[1]:
         key, value = limit
@@ -324,6 +326,8 @@ def check_calibration_fits(
         return
     element = torch.empty((), dtype=dtype).element_size()
     need = 2 * config.nsamples * config.seqlen * hidden * element
+    if config.resolved_attention(adapter.block_length) != "full":
+        need += config.seqlen * config.seqlen * element  # the one attention mask every batch shares
     free = available if available is not None else available_memory(device)
     if free is not None and need > free:
         fits = max(0, free // (2 * config.seqlen * hidden * element))
@@ -337,13 +341,24 @@ def check_calibration_fits(
         )
 
 
-def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int | None = None) -> torch.Tensor:
+def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int | None = None,
+                       block_length: int | None = None) -> torch.Tensor:
     """``[nsamples, seqlen]`` token windows drawn at random offsets of the tokenized corpus.
 
     With ``config.masking == "random"`` (and ``"auto"`` when the model has a mask token) each sample
     draws a ratio ``t ~ U(0, 1)`` and masks each token with probability ``t`` (LLaDA's forward
     process), so calibration sees what the model sees at denoising steps rather than clean text only.
+    With block-causal attention (``config.attention``, ``"auto"`` for a family with ``block_length``)
+    the masking follows the block-diffusion sampler instead (``block_calibration.py``).
     """
+    return calibration_windows(tokenizer, config, mask_token_id, block_length)[0]
+
+
+def calibration_windows(tokenizer, config: CalibrationConfig, mask_token_id: int | None = None,
+                        block_length: int | None = None) -> tuple[torch.Tensor, list[BlockDraw]]:
+    """:func:`calibration_tokens`, with each window's block-diffusion draw (current block, ratio, masked
+    count) when the attention is block-causal and tokens are masked; else an empty list."""
+    attention = config.resolved_attention(block_length)
     # The windows themselves (int64, plus the masking draws): refuse what cannot be allocated at all,
     # rather than fail inside torch with an allocator error.
     need = config.nsamples * config.seqlen * 8 * (3 if config.masking != "none" else 1)
@@ -369,7 +384,9 @@ def calibration_tokens(tokenizer, config: CalibrationConfig, mask_token_id: int 
                 "--calib-masking random needs a mask token, and this model has none",
                 hint="use --calib-masking none (or auto, which picks none for models without a mask token)",
             )
+        if attention == "block-causal":
+            return mask_current_blocks(tokens, block_length, mask_token_id, gen)
         ratio = torch.rand(config.nsamples, 1, generator=gen)
         masked = torch.rand(tokens.shape, generator=gen) < ratio
         tokens = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)
-    return tokens
+    return tokens, []

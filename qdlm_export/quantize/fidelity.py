@@ -114,7 +114,13 @@ def check_buffers_match(source: SourceModel, model: nn.Module) -> None:
     from ..errors import UnsupportedModelError
 
     reference = dict(source.skeleton().named_buffers())
+    # Persistent buffers (a router's expert_bias) are loaded from the checkpoint, which holds the
+    # source's values; the skeleton only has their initial values, so they are not compared here.
+    persistent = {f"{prefix}.{b}" if prefix else b for prefix, module in model.named_modules()
+                  for b in module._buffers if b not in module._non_persistent_buffers_set}
     for name, buf in model.named_buffers():
+        if name in persistent:
+            continue
         ref = reference.get(name)
         if ref is None or ref.device.type == "meta" or ref.shape != buf.shape or not ref.is_floating_point():
             continue

@@ -64,14 +64,28 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, device: torch.device,
+    attention_mask: torch.Tensor | None = None,
 ) -> BlockCalibration:
-    """What the model passes to its first block, per batch of ``tokens``; nothing after it runs."""
+    """What the model passes to its first block, per batch of ``tokens``; nothing after it runs.
+
+    ``attention_mask``: a ``[1, 1, seqlen, seqlen]`` additive mask (``block_calibration.attention_mask``)
+    given to the model's forward for every batch, expanded to the batch without a copy; the model hands
+    it on to block 0, so it lands in each batch's recorded call arguments and reaches every block's
+    forward during capture and propagation. None: the model's forward without a mask, as before."""
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
     with record_calls(blocks[0], stop=True) as calls:
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start : start + batch_size].to(device)
+            inputs = {"input_ids": batch}
+            if attention_mask is not None:
+                # transformers 4's mask preparation, which the published code calls, wants the batch size
+                inputs["attention_mask"] = attention_mask.expand(batch.shape[0], -1, -1, -1)
+            if _accepts_use_cache(model):
+                inputs["use_cache"] = False
             try:
-                model(input_ids=batch, use_cache=False) if _accepts_use_cache(model) else model(input_ids=batch)
+                model(**inputs)
             except ForwardStopped:
                 pass
     if not calls.hidden:
@@ -137,7 +151,10 @@ def run_pipeline(
     compute_dtype: torch.dtype,
     batch_size: int = 8,
     on_block: Callable[[int, int], None] | None = None,
+    calib_attention_mask: torch.Tensor | None = None,
 ) -> PipelineResult:
+    """``calib_attention_mask``: the additive mask calibration windows run with (block-diffusion
+    families: ``block_calibration.attention_mask``); None: the model's forward without one."""
     adapter = source.adapter
     model = source.skeleton()
     blocks = adapter.block_list(model)
@@ -153,7 +170,7 @@ def run_pipeline(
     if method.needs_calibration:
         if calib_tokens is None:
             raise ConfigError(f"method {method.name} needs calibration data")
-        calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device)
+        calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device, calib_attention_mask)
 
     for index in range(len(blocks)):
         started = time.perf_counter()

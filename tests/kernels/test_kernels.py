@@ -250,6 +250,7 @@ def test_describe_backend_for_cuda_and_int8_ops():
         "int8_gemm",
         "packed_int_linear",
         "hadamard",
+        "grouped_expert_gemm",
     }
     with pytest.raises(kernels.KernelBackendError, match="unknown backend"):
         kernels.select_backend("int8_gemm", "cpu", backend="cutlass")
