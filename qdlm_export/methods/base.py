@@ -109,8 +109,9 @@ class QuantMethod:
     config_class: ClassVar[type[WeightOnlyConfig]] = WeightOnlyConfig
     needs_calibration: ClassVar[bool] = False
     # Whether the method can quantize routed experts (mixture-of-experts layers). None: weight-only
-    # methods can; weight-activation methods, which fold smoothing scales and rotations across the
-    # linears sharing a norm (the router and every expert there), cannot yet.
+    # methods can, other methods must say so (a method folding scales or rotations into a norm must
+    # fold them into every reader of it: the router and every expert; the weight-activation methods
+    # do, weight_activation.py). A method that cannot is refused before any work.
     supports_experts: ClassVar[bool | None] = None
 
     def __init__(self, config: WeightOnlyConfig, adapter: FamilyAdapter, model_config: Any, *,
@@ -130,7 +131,8 @@ class QuantMethod:
             raise ConfigError(
                 f"method {self.name} does not support mixture-of-experts layers yet "
                 f"({adapter.display_name or adapter.name} models route tokens to experts)",
-                hint="use a weight-only method (rtn, gptq, awq) for this model",
+                hint="use a method that quantizes experts for this model: rtn, gptq, awq (weight-only) or "
+                "rtn-wa, smoothquant, quarot, duquant (weight-activation)",
             )
 
     @classmethod

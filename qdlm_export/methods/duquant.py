@@ -35,18 +35,18 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightActivationConfig
 from ..core.hadamard import hadamard_matrix, hadamard_unsupported_reason
 from ..core.transforms import apply_op
 from ..errors import ConfigError
+from ..families import LinearGroup
 from .base import BlockCalibration, find_linear
 from .registry import register_method
 from .smoothquant import smooth_block
-from .weight_activation import LinearPlan, WeightActivationMethod, collect_group_inputs
+from .weight_activation import LinearPlan, MoEWeightActivationConfig, WeightActivationMethod
 
 
 @dataclass(frozen=True)
-class DuQuantConfig(WeightActivationConfig):
+class DuQuantConfig(MoEWeightActivationConfig):
     """DuQuant with the study's settings: W4A4, per-channel asymmetric weights clipped to 0.8,
     per-token asymmetric activations clipped to 0.9, block 128, 256 greedy steps."""
 
@@ -210,11 +210,12 @@ class DuQuant(WeightActivationMethod):
         return self.config.swc
 
     @torch.no_grad()
-    def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
+    def plan_block(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
+    ) -> dict[str, LinearPlan]:
         if calib is None or len(calib) == 0:
             raise ValueError("DuQuant needs calibration inputs for every block")
         cfg: DuQuantConfig = self.config  # type: ignore[assignment]
-        groups = self.adapter.groups
         for group in groups:
             in_features = find_linear(block, group.linears[0]).in_features
             if in_features % cfg.block_size:
@@ -223,14 +224,22 @@ class DuQuant(WeightActivationMethod):
                     f"{prefix}.{group.linears[0]}",
                     hint="pass -O block_size=N with N dividing every linear's input size (the study uses 128)",
                 )
-        stats = collect_group_inputs(block, groups, calib, sample_tokens=cfg.rotation_tokens)
-        smoothed = smooth_block(block, groups, stats, cfg.alpha, fold=cfg.fold_smoothing)
+        inputs = self.block_inputs(block, prefix, groups, calib, sample_tokens=cfg.rotation_tokens)
+        smoothed = smooth_block(block, groups, inputs, cfg.alpha, fold=cfg.fold_smoothing, adapter=self.adapter,
+                                model_config=self.model_config)
         plans = {}
+        # Groups with the same input tokens and scale (every expert's gate/up under all-token
+        # calibration) get the same rotations: learned once.
+        learned: dict[tuple[int, int], tuple[list, dict]] = {}
         for group in groups:
             s, smooth_plan = smoothed[group]
-            tokens = stats[group].tokens().to(s.device) / s[None, :]  # what the rotations will see
-            ops, tensors = duquant_transform(tokens, cfg.block_size, cfg.max_rotation_steps, self.rot,
-                                             cfg.per_block_rotation)
+            stats = inputs.stats[group]
+            key = (id(stats), id(s))
+            if key not in learned:
+                tokens = stats.tokens().to(s.device) / s[None, :]  # what the rotations will see
+                learned[key] = duquant_transform(tokens, cfg.block_size, cfg.max_rotation_steps, self.rot,
+                                                 cfg.per_block_rotation)
+            ops, tensors = learned[key]
             plan = LinearPlan(ops=smooth_plan.ops + ops, tensors={**smooth_plan.tensors, **tensors})
             for name in group.linears:
                 plans[name] = plan

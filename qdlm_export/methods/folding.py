@@ -53,14 +53,14 @@ def feeder_problem(block: nn.Module, group: LinearGroup) -> str | None:
 @torch.no_grad()
 def divide_norm(norm: nn.Module, s: torch.Tensor) -> torch.Tensor:
     """Divide the norm's gain (and bias) by ``s``; returns the scale realised after rounding to the
-    norm's dtype (``s`` itself for a float32 norm)."""
+    norm's dtype (``s`` itself for a float32 or float64 norm)."""
     weight = norm.weight
     old = weight.data.float()
     weight.data.copy_((weight.data.double() / s.double()).to(weight.dtype))
     bias = getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.data.copy_((bias.data.double() / s.double()).to(bias.dtype))
-    if weight.dtype == torch.float32:
+    if weight.dtype in (torch.float32, torch.float64):  # holds gain / s as computed
         return s
     new = weight.data.float()
     ok = (old != 0) & (new != 0)
@@ -78,9 +78,15 @@ def _update(linear: nn.Linear, master: torch.Tensor | None, fn) -> None:
 
 
 @torch.no_grad()
-def divide_rows(linear: nn.Linear, s: torch.Tensor, master: torch.Tensor | None = None) -> None:
-    """Divide a previous linear's output rows (and bias) by ``s``."""
+def divide_rows(linear: nn.Linear, s: torch.Tensor, master: torch.Tensor | None = None,
+                rows: slice | None = None) -> None:
+    """Divide a previous linear's output rows (and bias) by ``s``; ``rows``: only those rows (the v
+    part of a fused q/k/v linear), the others unchanged."""
     s64 = s.double().to(linear.weight.device)
+    if rows is not None:
+        full = torch.ones(linear.weight.shape[0], dtype=torch.float64, device=s64.device)
+        full[rows] = s64
+        s64 = full
     _update(linear, master, lambda w: w / s64[:, None])
     if linear.bias is not None:
         linear.bias.data.copy_((linear.bias.data.double() / s64).to(linear.bias.dtype))
@@ -113,6 +119,28 @@ def fold_scale(block: nn.Module, group: LinearGroup, s: torch.Tensor,
     return s
 
 
+@torch.no_grad()
+def fold_scale_into_readers(norm: nn.Module, readers: list[nn.Module], s: torch.Tensor) -> torch.Tensor:
+    """Fold ``1/s`` into a norm read by several modules (every expert and the router of a
+    mixture-of-experts layer) and ``s`` into every reader's ``weight`` columns, so each computes
+    what it did; returns the realised scale. The caller checks the norm can take it
+    (:func:`norm_can_take`)."""
+    s = divide_norm(norm, s.to(norm.weight.device))
+    for reader in readers:
+        multiply_columns(reader, s)
+    return s
+
+
+@torch.no_grad()
+def fold_scale_into_rows(prev: nn.Linear, rows: slice, readers: list[nn.Linear], s: torch.Tensor) -> torch.Tensor:
+    """Fold ``1/s`` into ``rows`` of ``prev`` (a fused q/k/v linear's value rows) and ``s`` into the
+    readers' columns."""
+    divide_rows(prev, s, rows=rows)
+    for reader in readers:
+        multiply_columns(reader, s)
+    return s
+
+
 def is_scale_only_norm(norm: nn.Module) -> bool:
     """A norm whose affine part is a gain without bias (RMSNorm): its gain folds into its readers."""
     return isinstance(getattr(norm, "weight", None), torch.Tensor) and getattr(norm, "bias", None) is None
@@ -140,6 +168,18 @@ def rotate_outputs(linear: nn.Linear, signs: torch.Tensor) -> None:
     linear.weight.data = rotate_columns(linear.weight.data.t(), signs).t().contiguous()
     if linear.bias is not None:
         linear.bias.data = rotate_columns(linear.bias.data[None], signs)[0]
+
+
+@torch.no_grad()
+def rotate_value_rows(linear: nn.Linear, head_dim: int, rows: slice | None = None) -> None:
+    """``H(head_dim)`` on every value head's output rows (and bias): all rows of a value projection,
+    or ``rows`` of a fused q/k/v linear (q and k are left alone: their RoPE and q/k norms are not
+    invariant under a rotation)."""
+    rows = slice(None) if rows is None else rows
+    w = linear.weight.data
+    w[rows] = hadamard_per_head(w[rows].t(), head_dim).t()
+    if linear.bias is not None:
+        linear.bias.data[rows] = hadamard_per_head(linear.bias.data[rows][None], head_dim)[0]
 
 
 def hadamard_per_head(weight: torch.Tensor, head_dim: int) -> torch.Tensor:

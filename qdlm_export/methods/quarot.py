@@ -43,19 +43,20 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightActivationConfig
 from ..core.hadamard import hadamard_unsupported_reason
 from ..core.transforms import random_hadamard_signs
 from ..errors import ConfigError
 from ..families import LinearGroup
 from .base import BlockCalibration, find_linear
-from .folding import fold_norm_gain, hadamard_per_head, is_scale_only_norm, rotate_columns, rotate_outputs
+from .folding import (fold_norm_gain, hadamard_per_head, is_scale_only_norm, rotate_columns, rotate_outputs,
+                      rotate_value_rows)
 from .registry import register_method
-from .weight_activation import WEIGHT_METHODS, LinearPlan, WeightActivationMethod
+from .shared_inputs import norm_readers, router_of, value_rows
+from .weight_activation import WEIGHT_METHODS, LinearPlan, MoEWeightActivationConfig, WeightActivationMethod
 
 
 @dataclass(frozen=True)
-class QuaRotConfig(WeightActivationConfig):
+class QuaRotConfig(MoEWeightActivationConfig):
     """QuaRot with the study's settings: W4A4, per-channel symmetric GPTQ weights with a clip
     search, per-token symmetric activations."""
 
@@ -103,7 +104,7 @@ def _config_value(config: Any, keys: tuple[str, ...]) -> Any:
     return None
 
 
-def _fold_norm(norm: nn.Module, linears: list[nn.Linear], where: str) -> None:
+def _fold_norm(norm: nn.Module, linears: list[nn.Module], where: str) -> None:
     if not is_scale_only_norm(norm):
         raise ConfigError(
             f"QuaRot folds norm gains into the next linears, but {where} is not a bias-free scaled norm",
@@ -113,13 +114,12 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear], where: str) -> None:
 
 
 def residual_writers(groups: tuple[LinearGroup, ...]) -> set[str]:
-    """Linears whose output is added to the residual stream: a group that is followed by a norm
-    group (the next sub-block's readers), or that ends the block."""
-    writers = set()
-    for i, group in enumerate(groups):
-        if group.norm is None and (i + 1 == len(groups) or groups[i + 1].norm is not None):
-            writers.update(group.linears)
-    return writers
+    """Linears whose output is added to the residual stream: those of a group fed by a previous
+    linear (not by a norm) that feed no further group -- the attention output, every down
+    projection (each routed expert's and the shared expert's included). Decided from the groups'
+    links, not their order: a block's expert templates are expanded template by template."""
+    feeders = {group.prev_linear for group in groups if group.prev_linear}
+    return {name for group in groups if group.norm is None for name in group.linears if name not in feeders}
 
 
 @register_method
@@ -161,23 +161,29 @@ class QuaRot(WeightActivationMethod):
             head.weight.data = rotate_columns(head.weight.data, self.signs)
 
     @torch.no_grad()
-    def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
-        groups = self.adapter.groups
+    def plan_block(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
+    ) -> dict[str, LinearPlan]:
         heads, head_dim = self.shape.num_heads, self.shape.head_dim
         writers = residual_writers(groups)
-        plans = {name: LinearPlan() for name in self.adapter.linear_names}
+        router = router_of(self.adapter, block, groups)
+        plans: dict[str, LinearPlan] = {}
+        rotated_norms: set[str] = set()
         for group in groups:
             linears = [find_linear(block, name) for name in group.linears]
-            if group.norm is not None:  # readers of the residual stream
-                _fold_norm(block.get_submodule(group.norm), linears, f"{prefix}.{group.norm}")
-                for linear in linears:
-                    linear.weight.data = rotate_columns(linear.weight.data, self.signs)
+            if group.norm is not None and group.norm not in rotated_norms:
+                # Readers of the residual stream: every group reading this norm at once, and the
+                # full-precision router (it keeps computing the same logits from the rotated stream).
+                rotated_norms.add(group.norm)
+                readers, extra = norm_readers(block, groups, group.norm, router)
+                _fold_norm(block.get_submodule(group.norm), readers + extra, f"{prefix}.{group.norm}")
+                for reader in readers + extra:
+                    reader.weight.data = rotate_columns(reader.weight.data, self.signs)
             if group.role == "attn_out":
-                # Per head on v's outputs (offline) and o's inputs (offline part), heads online.
-                v = find_linear(block, group.prev_linear)
-                v.weight.data = hadamard_per_head(v.weight.data.t(), head_dim).t().contiguous()
-                if v.bias is not None:
-                    v.bias.data = hadamard_per_head(v.bias.data[None], head_dim)[0]
+                # Per head on v's outputs (offline: the v rows of a fused q/k/v linear) and o's inputs
+                # (offline part), heads online.
+                rows = value_rows(self.adapter, self.model_config, groups, group.prev_linear)
+                rotate_value_rows(find_linear(block, group.prev_linear), head_dim, rows)
                 for name, linear in zip(group.linears, linears):
                     linear.weight.data = hadamard_per_head(linear.weight.data, head_dim)
                     plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": heads, "stride": head_dim}])

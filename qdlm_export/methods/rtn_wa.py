@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..core.configs import WeightActivationConfig
 from .registry import register_method
-from .weight_activation import WeightActivationMethod
+from .weight_activation import MoEWeightActivationConfig, WeightActivationMethod
 
 
 @dataclass(frozen=True)
-class RTNWAConfig(WeightActivationConfig):
+class RTNWAConfig(MoEWeightActivationConfig):
     """RTN weights + the activation quantizer, no transforms: the W8A8/W4A4 baseline."""
 
     method: ClassVar[str] = "rtn-wa"

@@ -29,20 +29,20 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..core.configs import WeightActivationConfig
 from ..core.transforms import SMOOTH_TENSOR
 from ..errors import ConfigError
-from ..families import LinearGroup
+from ..families import FamilyAdapter, LinearGroup
 from .base import BlockCalibration, find_linear
-from .folding import fold_scale
+from .folding import fold_scale, fold_scale_into_readers, fold_scale_into_rows, norm_can_take
 from .registry import register_method
-from .weight_activation import GroupInputStats, LinearPlan, WeightActivationMethod, collect_group_inputs
+from .shared_inputs import norm_readers, router_of, value_rows
+from .weight_activation import BlockInputs, LinearPlan, MoEWeightActivationConfig, WeightActivationMethod
 
 SCALE_MIN = 1e-5  # floor of max|X|, max|W| and s (dead channels would otherwise give 0 or inf)
 
 
 @dataclass(frozen=True)
-class SmoothQuantConfig(WeightActivationConfig):
+class SmoothQuantConfig(MoEWeightActivationConfig):
     """SmoothQuant with the study's settings: W8A8, per-channel asymmetric weights, per-token
     asymmetric activations, alpha 0.5."""
 
@@ -75,17 +75,48 @@ def online_smoothing(s: torch.Tensor) -> LinearPlan:
 def smooth_block(
     block: nn.Module,
     groups: tuple[LinearGroup, ...],
-    stats: dict[LinearGroup, GroupInputStats],
+    inputs: BlockInputs,
     alpha: float,
     fold: bool = True,
+    *,
+    adapter: FamilyAdapter,
+    model_config: Any,
 ) -> dict[LinearGroup, tuple[torch.Tensor, LinearPlan]]:
-    """Smooth every group of a block; returns each group's scales and online plan."""
-    result = {}
+    """Smooth every group of a block; returns each group's scales and online plan.
+
+    The groups reading one norm (in a mixture-of-experts layer: every routed expert's gate/up, the
+    shared expert's, and the full-precision router) share one scale: from the largest ``max|X|``
+    any of them saw and the largest ``max|W|`` over all their quantized weights' columns (the
+    router's weight is not quantized, so its range does not enter). Folded into the norm, it
+    multiplies every reader's columns, the router's included, so routing is unchanged."""
+    router = router_of(adapter, block, groups)
+    result: dict[LinearGroup, tuple[torch.Tensor, LinearPlan]] = {}
     for group in groups:
+        if group in result:
+            continue
+        if group.norm is not None:
+            readers = tuple(g for g in groups if g.norm == group.norm)
+            linears, extra = norm_readers(block, groups, group.norm, router)
+            act = torch.stack([inputs.stats[g].absmax for g in readers]).amax(0)
+            s = smoothing_scales(act, [lin.weight for lin in linears], alpha)
+            norm = block.get_submodule(group.norm)
+            realised = fold_scale_into_readers(norm, linears + extra, s) if fold and norm_can_take(
+                norm, linears[0].in_features) else None
+            for g in readers:
+                result[g] = (s, online_smoothing(s)) if realised is None else (realised, LinearPlan())
+            continue
         weights = [find_linear(block, name).weight for name in group.linears]
-        s = smoothing_scales(stats[group].absmax, weights, alpha)
-        # Folded into the norm gain or the previous linear's rows where exact, online otherwise.
-        realised = fold_scale(block, group, s) if fold else None
+        s = smoothing_scales(inputs.stats[group].absmax, weights, alpha)
+        realised = None
+        if fold:
+            rows = value_rows(adapter, model_config, groups, group.prev_linear) if group.prev_linear else None
+            if rows is None:
+                realised = fold_scale(block, group, s)  # None where the previous linear cannot take it
+            elif rows.stop - rows.start == weights[0].shape[1]:
+                # The v rows of a fused q/k/v linear, one to one with the attention output's inputs
+                # (no grouped-query sharing of value heads).
+                realised = fold_scale_into_rows(find_linear(block, group.prev_linear), rows,
+                                                [find_linear(block, n) for n in group.linears], s)
         result[group] = (s, online_smoothing(s)) if realised is None else (realised, LinearPlan())
     return result
 
@@ -103,12 +134,14 @@ class SmoothQuant(WeightActivationMethod):
     def method_needs_calibration(self) -> bool:
         return True  # max|X| per channel comes from calibration data
 
-    def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
+    def plan_block(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
+    ) -> dict[str, LinearPlan]:
         if calib is None or len(calib) == 0:
             raise ValueError("SmoothQuant needs calibration inputs for every block")
-        groups = self.adapter.groups
-        stats = collect_group_inputs(block, groups, calib)
-        smoothed = smooth_block(block, groups, stats, self.config.alpha)
+        inputs = self.block_inputs(block, prefix, groups, calib)
+        smoothed = smooth_block(block, groups, inputs, self.config.alpha, adapter=self.adapter,
+                                model_config=self.model_config)
         plans = {}
         for group, (_, plan) in smoothed.items():
             for name in group.linears:

@@ -23,7 +23,6 @@ loader's head reads the final norm's output as a plain (weight-quantized) linear
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,14 +31,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.activations import ActivationSpec, RangeObserver
-from ..core.configs import WeightActivationConfig
+from ..core.configs import EXPERT_CALIBRATIONS, WeightActivationConfig
 from ..core.schemes import QuantizedWeight, compute_qparams, quantize_with_qparams
 from ..core.transforms import apply_input_transforms, transform_weight
+from ..errors import ConfigError
 from ..families import LinearGroup
 from .awq import search_clip
 from .base import BlockCalibration, HeadBlock, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
+from .experts import AllTokenInputs
 from .gptq import HessianAccumulator, gptq_quantize
+from .shared_inputs import BlockInputs, GroupInputStats, collect_block_inputs, feed_group
+
+__all__ = ["BlockInputs", "GroupInputStats", "LinearPlan", "MoEWeightActivationConfig", "TransformedLinear",
+           "WeightActivationMethod", "collect_block_inputs"]
 
 WEIGHT_METHODS = ("rtn", "gptq")
 
@@ -50,6 +55,26 @@ def group_grams(gram: torch.Tensor, scheme) -> torch.Tensor:
     k = scheme.effective_group_size(n_in)
     n = n_in // k
     return gram.reshape(n, k, n, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class MoEWeightActivationConfig(WeightActivationConfig):
+    """The weight-activation configs' base: how routed experts of mixture-of-experts layers are
+    calibrated (as the weight-only methods' options; dense families ignore them). An expert the
+    router sent fewer than ``min_expert_tokens`` calibration tokens falls back to the all-token
+    statistics; there is no RTN fallback (activations are quantized per token at run time)."""
+
+    expert_calibration: str = "all-tokens"  # or "routed": the tokens the router sent each expert
+    min_expert_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.expert_calibration not in EXPERT_CALIBRATIONS:
+            raise ConfigError(f"-O expert_calibration={self.expert_calibration!r} is invalid",
+                              hint=f"choose one of {', '.join(EXPERT_CALIBRATIONS)}")
+        if self.min_expert_tokens < 0:
+            raise ConfigError(f"-O min_expert_tokens={self.min_expert_tokens} is invalid",
+                              hint="-O min_expert_tokens accepts a token count >= 0, such as 1")
 
 
 @dataclass
@@ -97,6 +122,9 @@ class WeightActivationMethod(QuantMethod):
 
     config_class: ClassVar[type[WeightActivationConfig]] = WeightActivationConfig
     needs_calibration: ClassVar[bool] = False  # refined per instance in __init__
+    # Every routed and shared expert is quantized; folds at a norm reach all its readers, the router
+    # included (shared_inputs.py).
+    supports_experts: ClassVar[bool | None] = True
 
     def __init__(self, config: WeightActivationConfig, adapter, model_config, **kwargs):
         super().__init__(config, adapter, model_config, **kwargs)
@@ -114,9 +142,25 @@ class WeightActivationMethod(QuantMethod):
         """GPTQ weights, or RTN weights whose clipping is searched against the inputs (``w_clip``)."""
         return self.weight_method == "gptq" or bool(getattr(self.config, "w_clip", False))
 
-    def plan_block(self, block: nn.Module, prefix: str, calib: BlockCalibration | None) -> dict[str, LinearPlan]:
-        """Step 1: fold offline transforms into ``block`` and return each linear's online ops."""
-        return {name: LinearPlan() for name in self.adapter.linear_names}
+    def plan_block(
+        self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
+    ) -> dict[str, LinearPlan]:
+        """Step 1: fold offline transforms into ``block`` (whose concrete groups, experts expanded,
+        are ``groups``) and return each linear's online ops (absent: none)."""
+        return {}
+
+    def block_inputs(self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration,
+                     sample_tokens: int = 0) -> BlockInputs:
+        """Every group's input statistics (routed experts per ``expert_calibration``), recording
+        the experts that fell back to the all-token statistics."""
+        inputs = collect_block_inputs(block, groups, calib, self.config, sample_tokens)
+        self._record_fallbacks(prefix, {group: why for group, why in inputs.fallbacks.items()})
+        return inputs
+
+    def _record_fallbacks(self, prefix: str, fallbacks: dict[LinearGroup, str]) -> None:
+        for group, why in fallbacks.items():
+            for name in group.linears:
+                self.calibration_fallbacks[qualified(prefix, name)] = f"all-tokens: {why}"
 
     def weight_clip_ratio(self, full_name: str) -> float:
         return 1.0
@@ -124,13 +168,16 @@ class WeightActivationMethod(QuantMethod):
     # ---- the shared steps ------------------------------------------------------------------------
 
     def transform_block(
-        self, block: nn.Module, prefix: str, calib: BlockCalibration | None
+        self, block: nn.Module, prefix: str, calib: BlockCalibration | None,
+        groups: tuple[LinearGroup, ...] | None = None,
     ) -> dict[str, TransformedLinear]:
-        """Step 1, applied: the block computes as before, through :class:`TransformedLinear` s."""
-        plans = self.plan_block(block, prefix, calib)
+        """Step 1, applied: the block computes as before, through :class:`TransformedLinear` s.
+        ``groups``: the block's concrete groups (default: as the adapter resolves them)."""
+        groups = self.adapter.block_groups(block) if groups is None else groups
+        plans = self.plan_block(block, prefix, groups, calib)
         modules = {}
-        for name in self.adapter.linear_names:
-            module = TransformedLinear(find_linear(block, name), plans[name])
+        for name in (name for group in groups for name in group.linears):
+            module = TransformedLinear(find_linear(block, name), plans.get(name, LinearPlan()))
             set_submodule(block, name, module)
             modules[name] = module
         return modules
@@ -139,12 +186,16 @@ class WeightActivationMethod(QuantMethod):
     def quantize_groups(
         self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
     ) -> dict[str, QuantizedWeight]:
-        if groups != self.adapter.groups:
+        if groups != self.adapter.block_groups(block):
             raise ValueError("weight-activation methods transform whole decoder blocks (plan_block)")
-        modules = self.transform_block(block, prefix, calib)
+        modules = self.transform_block(block, prefix, calib, groups)
+        # Valid for one pass in forward order: an expert's input is the output of a norm that only
+        # the (already quantized) groups before it feed.
+        every_token = AllTokenInputs(block, calib) if calib is not None else None
         results: dict[str, QuantizedWeight] = {}
         for group in groups:
-            observed = self._observe_group(block, {n: modules[n] for n in group.linears}, calib)
+            observed = self._observe_group(block, prefix, group, {n: modules[n] for n in group.linears}, calib,
+                                           every_token)
             for name in group.linears:
                 full_name = qualified(prefix, name)
                 qweight = self._quantize_linear(full_name, modules[name], group, *observed.get(name, (None, None)))
@@ -168,9 +219,11 @@ class WeightActivationMethod(QuantMethod):
         return self._quantize_weight(name, head.weight.data.float(), head.bias, hessian)
 
     def _observe_group(
-        self, block: nn.Module, modules: dict[str, TransformedLinear], calib: BlockCalibration | None
+        self, block: nn.Module, prefix: str, group: LinearGroup, modules: dict[str, TransformedLinear],
+        calib: BlockCalibration | None, every_token: AllTokenInputs | None,
     ) -> dict[str, tuple[RangeObserver | None, Any]]:
-        """Step 2: transformed-input ranges (static activations) and Hessians (GPTQ) of one group."""
+        """Step 2: transformed-input ranges (static activations) and Hessians (GPTQ) of one group
+        (a routed expert's from its routed tokens or from every token, ``shared_inputs.feed_group``)."""
         want_range, want_hessian = self.act_spec.static, self.needs_hessian()
         if not (want_range or want_hessian):
             return {}
@@ -192,7 +245,10 @@ class WeightActivationMethod(QuantMethod):
             if hes is not None:
                 hes.add_batch(x)
 
-        require_inputs(feed_inputs(block, modules, calib, consume))
+        assert every_token is not None
+        reason = feed_group(block, group, modules, calib, self.config, every_token, consume)
+        if reason is not None:
+            self._record_fallbacks(prefix, {group: reason})
         return observed
 
     def _quantize_linear(
@@ -243,40 +299,3 @@ class WeightActivationMethod(QuantMethod):
                 "builder (registry.build_method(..., quantized_linear=...); quantize/pipeline.py has one)"
             )
         return self.quantized_linear(full_name, qweight, self.config.activations(), device)
-
-
-# ---- input statistics the smoothing methods share ---------------------------------------------------
-
-
-class GroupInputStats:
-    """Per-channel ``max|x|`` of a group's input and (optionally) a bounded sample of its tokens."""
-
-    def __init__(self, sample_tokens: int = 0, batches: int = 1):
-        self.absmax: torch.Tensor | None = None
-        self.rows_per_batch = math.ceil(sample_tokens / max(batches, 1)) if sample_tokens else 0
-        self.samples: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        m = x.abs().amax(0)
-        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
-        if self.rows_per_batch:
-            step = max(1, x.shape[0] // self.rows_per_batch)
-            self.samples.append(x[::step][: self.rows_per_batch].cpu())
-
-    def tokens(self) -> torch.Tensor:
-        return torch.cat(self.samples)
-
-
-
-@torch.no_grad()
-def collect_group_inputs(
-    block: nn.Module, groups: tuple[LinearGroup, ...], calib: BlockCalibration, sample_tokens: int = 0
-) -> dict[LinearGroup, GroupInputStats]:
-    """Run ``block`` on the calibration inputs and record every group's input statistics."""
-    stats = {group: GroupInputStats(sample_tokens, len(calib)) for group in groups}
-    firsts = {group.linears[0]: group for group in groups}
-    modules = {name: block.get_submodule(name) for name in firsts}
-    require_inputs(feed_inputs(block, modules, calib, lambda name, x: stats[firsts[name]].add(x)))
-    return stats

@@ -404,18 +404,3 @@ def test_quantize_survives_a_calibration_that_misses_experts(models, tmp_path):
         assert ".mlp.experts." in name and name in listed and "no calibration tokens" in why
         per_layer.setdefault(name.split(".mlp.")[0], set()).add(name.split(".mlp.experts.")[1].split(".")[0])
     assert len(per_layer) == 2 and all(len(experts) >= 4 for experts in per_layer.values())
-
-
-# ---- methods that cannot handle experts yet -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("method, options", [("smoothquant", {"bits": 8, "act_bits": 8}),
-                                             ("quarot", {"bits": 4, "act_bits": 4}),
-                                             ("duquant", {"bits": 4, "act_bits": 4})])
-def test_weight_activation_methods_refuse_mixture_of_experts_before_any_work(models, tmp_path, method, options):
-    out = tmp_path / method
-    with pytest.raises(ConfigError, match="does not support mixture-of-experts layers yet") as info:
-        quantize(str(models["llada2_moe"]), out, make_config(method, **options), calibration=CALIB,
-                 trust_remote_code=True, verify=False, device="cpu")
-    assert "rtn, gptq, awq" in (info.value.hint or "")
-    assert not out.exists()
