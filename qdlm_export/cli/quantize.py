@@ -63,6 +63,7 @@ def quantize(
         typer.Option("--symmetric/--asymmetric", help="Symmetric (no zero point) or asymmetric weights [default: the method's; asymmetric for awq].", show_default=False),
     ] = None,
     include_lm_head: Annotated[Optional[bool], typer.Option("--include-lm-head", help="Also quantize the LM head (kept in full precision by default).", show_default=False)] = None,
+    include_router: Annotated[Optional[bool], typer.Option("--include-router", help="Mixture-of-experts models: also quantize the routers (kept in full precision by default; only where a router is a linear layer).", show_default=False)] = None,
     group_fallback: Annotated[
         Optional[GroupFallback], typer.Option(help="When --group-size does not divide a layer's input size: refuse, or per-channel scales for that layer [default: error].")
     ] = None,
@@ -136,7 +137,7 @@ def quantize(
         model, trust_remote_code = str(EMBEDDED_DEFAULT), True  # our own shipped code
     given = dict(
         bits=bits, group_size=group_size, symmetric=symmetric, include_lm_head=include_lm_head,
-        group_fallback=group_fallback, scale_dtype=scale_dtype, act_bits=act_bits, act_granularity=act_granularity,
+        include_router=include_router, group_fallback=group_fallback, scale_dtype=scale_dtype, act_bits=act_bits, act_granularity=act_granularity,
         qkv_bits=qkv_bits, damp=damp, act_order=act_order, mse_clip=mse_clip, alpha=alpha,
     )
     options = {k: v for k, v in given.items() if v is not None}

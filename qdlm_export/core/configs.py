@@ -28,7 +28,7 @@ MAX_SEED = 2**63 - 1
 
 # Config fields with a `quantize` flag of their own; every other field is set with `-O KEY=VALUE`.
 CLI_FLAGS = {
-    "bits", "group_size", "symmetric", "include_lm_head", "group_fallback", "scale_dtype", "act_bits",
+    "bits", "group_size", "symmetric", "include_lm_head", "include_router", "group_fallback", "scale_dtype", "act_bits",
     "act_granularity", "qkv_bits", "damp", "act_order", "mse_clip", "alpha",
 }
 CALIBRATION_FLAGS = {
@@ -98,6 +98,9 @@ class WeightOnlyConfig:
     group_size: int = 128  # -1: per output channel
     symmetric: bool = True
     include_lm_head: bool = False
+    # Mixture of experts: also quantize the router (kept in full precision by default: it picks the
+    # experts, and its few weights barely change the checkpoint size).
+    include_router: bool = False
     # What to do when group_size does not divide a layer's input size: refuse, or fall back to
     # per-channel scales for that layer only (recorded in the checkpoint's module_overrides).
     group_fallback: str = "error"

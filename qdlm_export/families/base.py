@@ -7,7 +7,7 @@ this package that builds an adapter and registers it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
@@ -199,6 +199,18 @@ class FamilyAdapter:
             elif not group.optional or exists(group.linears[0]):
                 groups.append(group)
         return tuple(groups)
+
+    def with_router_quantized(self) -> "FamilyAdapter":
+        """This family with its router quantized like the other linears (``--include-router``): a
+        group of its own, reading the norm the experts read, placed before the experts (the router runs
+        first). The variant has no full-precision router left for methods to fold into."""
+        if self.router is None:
+            return self
+        first = next(i for i, g in enumerate(self.groups) if g.experts)
+        norm = self.expert_input(self.groups[first].experts)
+        router = LinearGroup((self.router,), norm=norm, role="router", optional=True)
+        groups = self.groups[:first] + (router,) + self.groups[first:]
+        return replace(self, groups=groups, router=None)
 
     def expert_input(self, experts: str) -> str | None:
         """The norm read by the first template of the ``experts`` list: the input of every expert."""

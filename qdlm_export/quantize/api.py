@@ -133,6 +133,8 @@ def quantize(
         str(model), trust_remote_code=trust_remote_code, revision=revision, allow_non_finite=allow_non_finite
     )
     try:
+        if config.include_router:
+            source.adapter = _router_quantized(source)
         method = build_method(config, source.adapter, source.config_dict, scale_dtype=_scale_dtype(config, source),
                               quantized_linear=build_quantized_linear)
         planned = _check_layer_shapes(source, method)
@@ -289,6 +291,30 @@ def _check_argument_types(**args: Any) -> None:
     if args["on_block"] is not None and not callable(args["on_block"]):
         fail("on_block", "a callable(done, total) or None")
     # a CalibrationConfig checks its own field types when it is built (configs.check_field_values)
+
+
+def _router_quantized(source: SourceModel):
+    """The family with its routers quantized (``--include-router``), where each router is a plain
+    linear layer the loader can replace; refused, naming the module, where it is not."""
+    import torch.nn as nn
+
+    adapter = source.adapter
+    name = adapter.display_name or adapter.name
+    if adapter.router is None:
+        raise ConfigError(f"--include-router: {name} models have no mixture-of-experts router",
+                          hint="drop --include-router")
+    for index, block in enumerate(adapter.block_list(source.skeleton())):
+        try:
+            router = block.get_submodule(adapter.router)
+        except AttributeError:
+            continue  # a dense layer
+        if type(router) is not nn.Linear:
+            raise ConfigError(
+                f"--include-router: the router {adapter.block_prefix(index)}.{adapter.router} of {name} models is "
+                f"a {type(router).__name__}, not a linear layer, so a quantized linear cannot replace it",
+                hint="drop --include-router; the router stays in full precision",
+            )
+    return adapter.with_router_quantized()
 
 
 def _check_layer_shapes(source: SourceModel, method) -> list:
