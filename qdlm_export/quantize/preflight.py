@@ -146,6 +146,9 @@ def run_first_block(source, device: torch.device | str = "cpu", seq_len: int = 1
             handle.remove()
     finally:
         del model
+        from .source import return_freed_memory
+
+        return_freed_memory()
     hidden = output[0] if isinstance(output, (tuple, list)) else output
     if not torch.is_tensor(hidden):
         return hidden

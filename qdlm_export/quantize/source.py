@@ -7,6 +7,7 @@ device until a block is needed, and go back there once it has been written.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import dataclass, field
@@ -134,6 +135,16 @@ def check_finite(value: torch.Tensor, key: str, file: Path) -> None:
         hint="the source weights are damaged (re-download them) or were saved after a diverged training step; "
         "pass --allow-non-finite to quantize them anyway",
     )
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by a released block back to the system. glibc keeps freed heap pages of
+    many small allocations; without this the next block's tensors add to them and the peak RSS grows
+    past one block. A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -387,12 +398,16 @@ class SourceModel:
                     )
                 if not self.allow_non_finite:
                     check_finite(value, key, Path(self._entries[key].path))
-                set_module_tensor_to_device(model, name, device, value=value.to(dtype))
+                # dtype= is needed: without it accelerate casts the value back to the skeleton's dtype
+                # (the checkpoint's, e.g. bf16), and blocks would not compute in the compute dtype.
+                set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
             for name, buffer in list(model.named_buffers(remove_duplicate=False)):
                 if prefix and not name.startswith(prefix + "."):
                     continue
                 if self.has(name):  # persistent buffers the checkpoint stores (a router's expert_bias)
-                    set_module_tensor_to_device(model, name, device, value=self.tensor(name).to(buffer.dtype))
+                    # a copy: a same-dtype .to() would be a view that keeps the whole shard mapped
+                    value = self.tensor(name).to(buffer.dtype, copy=True)
+                    set_module_tensor_to_device(model, name, device, value=value)
         finally:
             # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS
             # for the whole run, and peak memory would appear to grow with depth.
@@ -405,6 +420,7 @@ class SourceModel:
         for name, _ in list(model.named_parameters(remove_duplicate=False)):
             if name.startswith(prefix + "."):
                 set_module_tensor_to_device(model, name, "meta")
+        return_freed_memory()
 
     def _checkpoint_key(self, param_name: str) -> str:
         if self.has(param_name):

@@ -279,7 +279,7 @@ def block_errors(source: Path, tensors: dict[str, torch.Tensor], ids: torch.Tens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gptq_beats_rtn_at_w3_on_held_out_tokens(models, written, family):
+def test_gptq_and_awq_beat_rtn_at_w3_on_held_out_tokens(models, written, family):
     from transformers import AutoTokenizer
 
     from qdlm_export.fixtures import MASK_ID, tokenizer_dir
@@ -288,11 +288,11 @@ def test_gptq_beats_rtn_at_w3_on_held_out_tokens(models, written, family):
     held_out = calibration_tokens(AutoTokenizer.from_pretrained(tokenizer_dir()),
                                   CalibrationConfig(nsamples=8, seqlen=64, seed=12345, masking="random"), MASK_ID)
     errors = {}
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq", "awq"):
         out = written(family, method, 3)
         errors[method] = block_errors(models[family], _dequantized_tensors(out, models[family]), held_out, family)
     print(f"W3 {family} {errors}")
-    assert errors["gptq"] < errors["rtn"], errors
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], errors
 
 
 # ---- experts the calibration never reaches -------------------------------------------------------------
