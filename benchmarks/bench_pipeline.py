@@ -2,8 +2,9 @@
 
 Builds LLaDA-architecture models with the real 8B block shapes (d_model 4096, MLP 12288, 32 heads)
 but only a few blocks (random bf16 weights), quantizes each in a fresh subprocess, and reports peak
-RSS and seconds per block. Peak memory must not grow with depth; time extrapolates linearly to the
-32 blocks of LLaDA-8B.
+RSS, seconds per block and the process's CPU seconds (the wall clock counts time another job holds
+the cores; CPU time does not). Peak memory must not grow with depth; time extrapolates linearly to
+the 32 blocks of LLaDA-8B.
 
     python benchmarks/bench_pipeline.py --method gptq --blocks 2 4 --nsamples 16 --seqlen 512 [--json]
 """
@@ -18,13 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-LLADA_8B = dict(hidden_size=4096, intermediate_size=12288, num_heads=32)
+LLADA_8B = {"hidden_size": 4096, "intermediate_size": 12288, "num_heads": 32}
 
 
 def run_one(model_dir: Path, out_dir: Path, method: str, nsamples: int, seqlen: int, device: str) -> dict:
     """Quantize in a child process so its peak RSS is its own."""
     code = f"""
-import json, time
+import json, resource, time
 from qdlm_export.core.configs import CalibrationConfig
 from qdlm_export.quantize.api import make_config, quantize
 start = time.perf_counter()
@@ -34,7 +35,8 @@ s = quantize({str(model_dir)!r}, {str(out_dir)!r}, make_config({method!r}, bits=
 report = json.load(open({str(out_dir / 'qdlm_report.json')!r}))
 # VmHWM is this process's own high-water mark; ru_maxrss would include the parent's (kept across exec).
 hwm_kb = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-print(json.dumps({{"peak_rss_gb": hwm_kb / 1024**2,
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({{"peak_rss_gb": hwm_kb / 1024**2, "cpu_s": usage.ru_utime + usage.ru_stime,
                   "seconds_per_block": report["seconds_per_block"], "total_s": time.perf_counter() - start}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,6 +66,7 @@ def main() -> None:
             per_block = sorted(r["seconds_per_block"])[len(r["seconds_per_block"]) // 2]  # median
             rows.append({"blocks": n, "checkpoint_gb": round(checkpoint_gb, 2), "peak_rss_gb": round(r["peak_rss_gb"], 2),
                          "median_s_per_block": round(per_block, 1), "total_s": round(r["total_s"], 1),
+                         "process_cpu_s": round(r["cpu_s"], 1),
                          "extrapolated_32_blocks_min": round(per_block * 32 / 60, 1)})
     result = {"method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -72,10 +75,10 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.method} W4 g128, {args.nsamples}x{args.seqlen} calibration tokens, {result['machine']}")
-    print("blocks  checkpoint GB  peak RSS GB  s/block (median)  extrapolated 32 blocks")
+    print("blocks  checkpoint GB  peak RSS GB  s/block (median)  extrapolated 32 blocks  process wall / CPU s")
     for r in rows:
         print(f"{r['blocks']:>6}  {r['checkpoint_gb']:>13}  {r['peak_rss_gb']:>11}  {r['median_s_per_block']:>16}  "
-              f"{r['extrapolated_32_blocks_min']:>8} min")
+              f"{r['extrapolated_32_blocks_min']:>18} min  {r['total_s']:>8} / {r['process_cpu_s']}")
 
 
 if __name__ == "__main__":

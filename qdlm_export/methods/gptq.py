@@ -1,59 +1,57 @@
-"""GPTQ (Frantar et al., 2022): quantize a linear column by column and push each column's rounding
-error onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
-reconstruction loss ``||W X^T - W_hat X^T||^2``.
-
-The pieces, in the paper's order:
+"""GPTQ (Frantar et al., 2022) as a method: per block, the Hessians of the linears' inputs, then the
+solver of ``gptq_solver.py`` (dead inputs, dampening, activation order, the Cholesky factor of
+``H^-1``, the blocked column loop) on each linear.
 
 * :class:`HessianAccumulator` -- ``H = 2/n sum_t x_t x_t^T`` over the calibration tokens a linear
   sees, kept as a running average in float32 (fed by a forward hook on the linear).
-* :func:`gptq_quantize` -- dead inputs, dampening, the upper Cholesky factor of ``H^-1``, then the
-  blocked column loop with lazy batch updates. It returns a :class:`QuantizedWeight` whose codes are
-  exactly those its stored scales/zeros produce, so ``dequantize`` gives back the weight GPTQ chose.
+* :func:`collect_hessians` -- one calibration pass over a block; linears that are handed the very
+  same input tensor (q/k/v, gate/up) share one accumulator, so their Hessian is accumulated once,
+  factored once and they are solved as one stacked matrix.
 * :class:`GPTQ` -- the method: per block, Hessians of one adapter group are collected with the
   earlier groups already quantized ("true sequential"), that group is quantized, and so on.
-
-Group parameters and activation order. Without ``act_order`` columns are visited in their natural
-order and a group's scale/zero are computed when the loop reaches its first column, from the weights
-as already updated by the error feedback (the paper's choice). With ``act_order`` columns are visited
-by decreasing ``H_ii``; scales/zeros of *every* group are then computed up front on the unpermuted
-weight ("static groups"), so each stored group is still a contiguous run of original columns and the
-checkpoint needs no ``g_idx``. ``act_order`` without static groups would need a ``g_idx`` the
-on-disk format does not have, and is refused by :class:`GPTQConfig`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import ClassVar, Collection
-
-from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..core.configs import CalibratedWeightOnlyConfig
+from ..core.schemes import QuantizedWeight
 from ..errors import ConfigError
-from ..core.schemes import QuantizedWeight, WeightScheme, compute_qparams, quantize_with_qparams
 from ..families import LinearGroup
 from .base import BlockCalibration, QuantMethod, find_linear, qualified
 from .capture import feed_inputs, require_inputs
-from .experts import ALL_TOKENS, RTN, AllTokenInputs, expert_plan, uses_routed_statistics
+from .experts import (
+    ALL_TOKENS,
+    RTN,
+    AllTokenInputs,
+    expert_plan,
+    uses_routed_statistics,
+)
+from .gptq_solver import HessianFactor, factor_hessian, gptq_quantize
 from .registry import register_method
 
-__all__ = ["GPTQ", "GPTQConfig", "HessianAccumulator", "collect_hessians", "gptq_quantize"]
+__all__ = ["GPTQ", "GPTQConfig", "HessianAccumulator", "HessianFactor", "collect_hessians", "factor_hessian",
+           "gptq_quantize"]
 
 
 @dataclass(frozen=True)
 class GPTQConfig(CalibratedWeightOnlyConfig):
-    """GPTQ with the study's settings by default (symmetric, group 128, damp 0.01, no act-order)."""
+    """GPTQ: symmetric, group 128, damp 0.01, block 128 by default, and activation order with static
+    groups (llm-compressor's default too; lower held-out error than natural order in every scheme
+    measured, docs/benchmarks.md, at no cost to the on-disk layout)."""
 
     method: ClassVar[str] = "gptq"
 
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy-batch block
-    act_order: bool = False  # visit columns by decreasing H_ii ("desc_act")
+    act_order: bool = True  # visit columns by decreasing H_ii ("desc_act"), with static groups
     static_groups: bool = True  # with act_order: group qparams fixed up front on the unpermuted W
     mse_clip: bool = False  # search each group's range shrink for the least |W - W_hat|^2.4
     true_sequential: bool = True  # collect each group's Hessians with the earlier groups quantized
@@ -97,216 +95,93 @@ class HessianAccumulator:
         self.nsamples = total
 
 
+_MAX_STACKED_ROWS = 3 * 12288  # LLaDA-8B's gate+up (2 x 12288 rows) in one solve
+
+
+class _InputsDiverged(Exception):
+    """Linears that shared an input on one batch were handed different inputs on another."""
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    # ``a`` is held alive by the caller, so an equal data pointer cannot be a reused allocation;
+    # the version counter catches an in-place change between the two calls.
+    return (a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device and a._version == b._version)
+
+
+class _SharedHessians:
+    """A ``consume(name, x)`` for ``feed_inputs``: the k-th input of a linear that is the very tensor
+    another linear received as its k-th input (q/k/v read one normed hidden state) is accumulated
+    once, into an accumulator the two share. A linear whose inputs later differ from its partners'
+    raises :class:`_InputsDiverged` (the caller collects again, unshared)."""
+
+    def __init__(self, linears: dict[str, nn.Module], share: bool):
+        self.linears, self.share = linears, share
+        self.accs: dict[str, HessianAccumulator] = {}
+        self.count = {name: 0 for name in linears}
+        self.last: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        k = self.count[name]
+        acc = self.accs.get(name)
+        if acc is None:
+            partner = next((m for m in self.accs if self.share and self.count[m] == 1 and k == 0
+                            and _same_tensor(self.last.get(m), x)), None)
+            if partner is not None:
+                self.accs[name] = self.accs[partner]
+            else:
+                linear = self.linears[name]
+                acc = self.accs[name] = HessianAccumulator(linear.in_features, device=linear.weight.device)
+                acc.add_batch(x)
+        else:
+            done = [m for m in self.accs if m != name and self.accs[m] is acc and self.count[m] == k + 1]
+            if any(not _same_tensor(self.last.get(m), x) for m in done):
+                raise _InputsDiverged(name)
+            if not done:
+                acc.add_batch(x)
+        self.last[name] = x
+        self.count[name] = k + 1
+
+    def result(self) -> dict[str, HessianAccumulator]:
+        for name, acc in self.accs.items():
+            if any(self.accs[m] is acc and self.count[m] != self.count[name] for m in self.accs):
+                raise _InputsDiverged(name)
+        self.last.clear()
+        return self.accs
+
+
+def _accumulate(linears: dict[str, nn.Module], run: Callable[[Callable[[str, torch.Tensor], None]], None]
+                ) -> dict[str, HessianAccumulator]:
+    """Hessians of ``linears`` from one pass ``run(consume)``, shared between linears fed the same
+    tensors; should that sharing not hold on every batch, a second pass without it."""
+    try:
+        consumer = _SharedHessians(linears, share=True)
+        run(consumer)
+        return consumer.result()
+    except _InputsDiverged:
+        consumer = _SharedHessians(linears, share=False)
+        run(consumer)
+        return consumer.result()
+
+
 @torch.no_grad()
 def collect_hessians(
     block: nn.Module, linears: dict[str, nn.Linear], calib: BlockCalibration, may_be_silent: Collection[str] = ()
 ) -> dict[str, HessianAccumulator]:
     """Run ``block`` over every calibration batch and return each named linear's Hessian (each
     batch's forward stops once all of them have seen their input: ``capture.feed_inputs``).
-    ``may_be_silent`` linears (routed experts) may see no token: their Hessian has ``nsamples == 0``."""
-    accs = {name: HessianAccumulator(lin.in_features, device=lin.weight.device) for name, lin in linears.items()}
-    require_inputs(feed_inputs(block, linears, calib, lambda name, x: accs[name].add_batch(x)), may_be_silent)
+    Linears fed the same tensor get the same accumulator object. ``may_be_silent`` linears (routed
+    experts) may see no token: their Hessian has ``nsamples == 0``."""
+    seen: dict[str, int] = {}
+
+    def run(consume):
+        seen.update(feed_inputs(block, linears, calib, consume))
+
+    accs = _accumulate(linears, run)
+    require_inputs(seen, may_be_silent)
+    for name, linear in linears.items():  # a linear the forward never called
+        accs.setdefault(name, HessianAccumulator(linear.in_features, device=linear.weight.device))
     return accs
-
-
-# ---- the GPTQ solver -----------------------------------------------------------------------------
-
-
-def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float, max_tries: int = 8) -> torch.Tensor:
-    """``U`` upper-triangular with ``U^T U = (H + damp*mean(diag H)*I)^-1``.
-
-    If the dampened ``H`` is not positive definite (numerically), the dampening is raised tenfold at a
-    time, with a warning, instead of failing.
-    """
-    diag_mean = torch.mean(torch.diag(H)).item()
-    if not math.isfinite(diag_mean):
-        raise ValueError("the Hessian has non-finite entries (NaN/inf in the calibration activations?)")
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    current = damp
-    for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(H + (current * diag_mean) * eye)
-        if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
-                if current != damp:
-                    warnings.warn(
-                        f"GPTQ: Hessian not positive definite with damp={damp}; used damp={current:g}",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                return U
-        current = current * 10 if current > 0 else 1e-4
-    raise RuntimeError(f"GPTQ: the Hessian stays singular even with damp={current / 10:g}")
-
-
-def _qparams(
-    w: torch.Tensor,
-    scheme: WeightScheme,
-    scale_dtype: torch.dtype,
-    mse_clip: bool,
-    mse_grid: int,
-    mse_max_shrink: float,
-    mse_norm: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale ``[out]`` (scale_dtype) and zero ``[out]`` (float) of one group of columns ``w [out, k]``.
-
-    With ``mse_clip`` the range is shrunk by ``p = 1 - i/grid`` (``i < max_shrink*grid``) and each
-    row keeps the ``p`` with the least ``sum |w - w_hat|^norm`` (the GPTQ/QuaRot ``mse`` option).
-    """
-    row_scheme = WeightScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric)
-    scale, zero = compute_qparams(w, row_scheme, scale_dtype)
-    if not mse_clip:
-        return scale[:, 0], zero[:, 0]
-    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
-    for i in range(int(mse_max_shrink * mse_grid)):
-        p = 1 - i / mse_grid
-        s_p, z_p = compute_qparams(w, row_scheme, scale_dtype, clip_ratio=p)
-        q = quantize_with_qparams(w, s_p, z_p, row_scheme).float()
-        err = ((q - z_p) * s_p.float() - w).abs_().pow_(mse_norm).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        scale = torch.where(better.unsqueeze(1), s_p, scale)
-        zero = torch.where(better.unsqueeze(1), z_p, zero)
-    return scale[:, 0], zero[:, 0]
-
-
-def _aligned_block_size(block_size: int, group: int) -> int:
-    """A block size such that every group either lies inside one block or starts at a block start.
-
-    Then, when a group starts, its columns as updated so far are all at hand (lazy updates from
-    earlier blocks are applied at block boundaries).
-    """
-    if block_size >= group:
-        return (block_size // group) * group
-    return block_size if group % block_size == 0 else group
-
-
-@torch.no_grad()
-def gptq_quantize(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    scheme: WeightScheme,
-    *,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    static_groups: bool = True,
-    mse_clip: bool = False,
-    scale_dtype: torch.dtype = torch.float32,
-    bias: torch.Tensor | None = None,
-    mse_grid: int = 100,
-    mse_max_shrink: float = 0.8,
-    mse_norm: float = 2.4,
-) -> QuantizedWeight:
-    """Quantize ``W [out, in]`` given the Hessian ``H [in, in]`` of its inputs (neither is modified).
-
-    Returns codes, scales (``scale_dtype``) and, for asymmetric schemes, zero points such that
-    ``dequantize`` reproduces exactly the weight the error feedback was computed against.
-    """
-    scheme.validate()
-    out_features, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight input size {cols}")
-    group = scheme.effective_group_size(cols)
-    if cols % group:
-        raise ValueError(f"group size {group} does not divide the input size {cols}")
-    n_groups = cols // group
-    if act_order and not static_groups and n_groups > 1:
-        raise ValueError("act_order without static_groups needs a g_idx, which QuantizedWeight does not carry")
-
-    W = W.detach().to(torch.float32, copy=True)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)
-
-    # Inputs that were always zero carry no information: fix H_ii so H stays invertible and zero the
-    # weight column (it multiplies zeros on the calibration data anyway).
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    qargs = (scheme, scale_dtype, mse_clip, mse_grid, mse_max_shrink, mse_norm)
-    scale = torch.ones(out_features, n_groups, dtype=scale_dtype, device=W.device)
-    zero = torch.zeros(out_features, n_groups, dtype=torch.float32, device=W.device)
-    # Per-channel schemes and act-order groups: all qparams up front, on the unpermuted weight.
-    static = n_groups == 1 or act_order
-    if static:
-        for g in range(n_groups):
-            scale[:, g], zero[:, g] = _qparams(W[:, g * group : (g + 1) * group], *qargs)
-
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    col_group = (perm if perm is not None else torch.arange(cols, device=W.device)) // group
-    col_group = col_group.tolist()
-
-    Hinv = _upper_cholesky_of_inverse(H, damp)
-    del H
-
-    # The column loop works on transposed copies, so that "column j" is a contiguous row and the
-    # rank-1 error updates are in-place ``addr_`` calls (no temporaries): several times faster on
-    # CPU than column slices of a row-major W, with identical arithmetic.
-    Wt = W.t().contiguous()
-    del W
-    codes_t = torch.zeros(cols, out_features, dtype=torch.uint8, device=Wt.device)
-    max_code = scheme.max_code
-    bs = block_size if static else _aligned_block_size(block_size, group)
-    with _single_thread_on_cpu(Wt.device):
-        _column_loop(Wt, Hinv, codes_t, scale, zero, col_group, static, group, bs, max_code, qargs)
-    del Hinv, Wt
-    codes = codes_t.t().contiguous()
-
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    zero_point = None if scheme.symmetric else zero.to(torch.uint8)
-    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero_point, scheme=scheme, bias=bias)
-
-
-@contextmanager
-def _single_thread_on_cpu(device: torch.device):
-    """The column loop is thousands of small, latency-bound ops: on CPU, intra-op threads only add
-    synchronisation (4x slower with 2 threads than with 1 on a 2-core machine, measured)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _column_loop(Wt, Hinv, codes_t, scale, zero, col_group, static, group, bs, max_code, qargs) -> None:
-    """Quantize column by column (rows of ``Wt``), spreading each rounding error over later columns."""
-    cols = Wt.shape[0]
-    for i1 in range(0, cols, bs):
-        i2 = min(i1 + bs, cols)
-        W1 = Wt[i1:i2].clone()  # [block cols, out]
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = col_group[j]
-            if not static and j % group == 0:
-                # A group starts: its columns as updated so far (the whole group is in this block, or
-                # it starts the block, when Wt itself is up to date).
-                current = Wt[j : j + group] if i == 0 else W1[i : i + group]
-                scale[:, g], zero[:, g] = _qparams(current.t(), *qargs)
-            w = W1[i]
-            s = scale[:, g].float()
-            z = zero[:, g]
-            # Same arithmetic as quantize_with_qparams / dequantize, so stored codes reproduce w_hat.
-            q = torch.clamp(torch.round(w / s) + z, 0, max_code)
-            codes_t[j] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            Err1[i] = err
-        # Lazy batch update of every later column with this block's errors.
-        if i2 < cols:
-            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
 
 
 # ---- the method ----------------------------------------------------------------------------------
@@ -347,43 +222,91 @@ class GPTQ(QuantMethod):
                 acc = hessians.get(name)
                 plans[name] = expert_plan(cfg, group_of[name], acc.nsamples if acc is not None else None)
             hessians.update(self._all_token_hessians(every_token, group_of, linears, plans))
-            for name in names:
-                linear = linears[name]
-                full_name = qualified(prefix, name)
-                scheme = self.layer_scheme(full_name, linear.in_features)
+            solved = self._solve_stage(prefix, names, linears, hessians, plans)
+            for name in names:  # in forward order, as the adapter lists them
+                linear, full_name = linears[name], qualified(prefix, name)
                 plan, reason = plans[name]
                 if plan == RTN:  # an expert with too few routed calibration tokens
-                    hessians.pop(name, None)
+                    scheme = self.layer_scheme(full_name, linear.in_features)
                     results[full_name] = self.fall_back_to_rtn(linear, full_name, scheme, reason)
                     continue
                 if reason is not None:
                     self.calibration_fallbacks[full_name] = f"{plan}: {reason}"
-                acc = hessians.pop(name)
-                qweight = gptq_quantize(
-                    linear.weight.data,
-                    acc.H,
-                    scheme,
-                    damp=cfg.damp,
-                    block_size=cfg.block_size,
-                    act_order=cfg.act_order,
-                    static_groups=cfg.static_groups,
-                    mse_clip=cfg.mse_clip,
-                    scale_dtype=self.scale_dtype,
-                    bias=linear.bias,
-                )
-                del acc  # in x in float32: free before the next linear's solve
-                self.load_quantized(linear, qweight)
-                results[full_name] = qweight
+                self.load_quantized(linear, solved[name])
+                results[full_name] = solved.pop(name)
         return results
+
+    def _solve_stage(self, prefix: str, names: tuple[str, ...], linears: dict[str, nn.Linear],
+                     hessians: dict[str, HessianAccumulator], plans: dict[str, tuple[str, str | None]]
+                     ) -> dict[str, QuantizedWeight]:
+        """GPTQ of a stage's linears. Linears with one Hessian (one input) and one scheme are solved
+        as one matrix, their weights stacked by rows (GPTQ treats rows independently: each gets what it
+        would alone, up to the float rounding of larger products), and every Hessian is factored once."""
+        cfg: GPTQConfig = self.config  # type: ignore[assignment]
+        solves: dict = {}  # (Hessian, scheme[, chunk]) -> linears
+        for name in names:
+            if plans[name][0] != RTN:
+                scheme = self.layer_scheme(qualified(prefix, name), linears[name].in_features)
+                solves.setdefault((id(hessians[name]), scheme), []).append(name)
+        solves = {(key, scheme, i): chunk for (key, scheme), members in solves.items()
+                  for i, chunk in enumerate(_row_chunks(members, linears))}
+        users = {id(acc): sum(len(v) for (key, _, _), v in solves.items() if key == id(acc)) for acc in hessians.values()}
+        factors: dict[int, HessianFactor] = {}
+        solved: dict[str, QuantizedWeight] = {}
+        for (key, scheme, _), members in solves.items():
+            if key not in factors:
+                acc = hessians[members[0]]
+                factors[key] = factor_hessian(acc.H, cfg.damp, cfg.act_order)
+                acc.H = acc.H.new_empty(0)  # in x in float32: free it once factored
+            weights = [linears[n].weight.data for n in members]
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+            qweight = gptq_quantize(stacked, factors[key], scheme, block_size=cfg.block_size,
+                                    act_order=cfg.act_order, static_groups=cfg.static_groups,
+                                    mse_clip=cfg.mse_clip, scale_dtype=self.scale_dtype)
+            del stacked
+            for name, part in zip(members, _split_rows(qweight, [w.shape[0] for w in weights])):
+                part.bias = linears[name].bias
+                solved[name] = part
+            users[key] -= len(members)
+            if users[key] == 0:
+                del factors[key]
+        return solved
 
     @staticmethod
     def _all_token_hessians(every_token: AllTokenInputs, group_of: dict[str, LinearGroup],
                             linears: dict[str, nn.Linear], plans: dict[str, tuple[str, str | None]]
                             ) -> dict[str, HessianAccumulator]:
         """Hessians of the linears whose plan is all-tokens: their expert run on every token."""
-        wanted = [name for name, (plan, _) in plans.items() if plan == ALL_TOKENS]
-        accs = {n: HessianAccumulator(linears[n].in_features, device=linears[n].weight.device) for n in wanted}
-        for group in dict.fromkeys(group_of[n] for n in wanted):
-            modules = {n: linears[n] for n in group.linears if n in accs}
-            every_token.feed(group, modules, lambda name, x: accs[name].add_batch(x))
+        wanted = {name: linears[name] for name, (plan, _) in plans.items() if plan == ALL_TOKENS}
+
+        def run(consume):
+            for group in dict.fromkeys(group_of[n] for n in wanted):
+                every_token.feed(group, {n: linears[n] for n in group.linears if n in wanted}, consume)
+
+        accs = _accumulate(wanted, run) if wanted else {}
         return accs
+
+
+def _row_chunks(members: list[str], linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """Consecutive runs of ``members`` of at most ``_MAX_STACKED_ROWS`` rows (or one linear): a stacked
+    solve holds its weights in float32 (many experts sharing one Hessian would otherwise all be)."""
+    chunks: list[list[str]] = [[]]
+    rows = 0
+    for name in members:
+        n = linears[name].out_features
+        if chunks[-1] and rows + n > _MAX_STACKED_ROWS:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(name)
+        rows += n
+    return chunks
+
+
+def _split_rows(qweight: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
+    """The per-linear pieces of a solve over stacked weights."""
+    if len(rows) == 1:
+        return [qweight]
+    zeros = qweight.zero_point.split(rows) if qweight.zero_point is not None else [None] * len(rows)
+    return [QuantizedWeight(codes=c.contiguous(), scale=s.contiguous(), zero_point=None if z is None else z.contiguous(),
+                            scheme=qweight.scheme)
+            for c, s, z in zip(qweight.codes.split(rows), qweight.scale.split(rows), zeros)]

@@ -23,7 +23,7 @@ def reference_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 96), (4, 129), (7, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 96), (4, 129), (7, 300), (3, 256)])  # whole words too
 def test_pack_matches_reference_and_round_trips(bits, shape):
     codes = torch.randint(0, 1 << bits, shape, dtype=torch.int64)
     packed = pack_rows(codes, bits)

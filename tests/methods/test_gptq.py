@@ -8,15 +8,26 @@ import warnings
 import pytest
 import torch
 
-from qdlm_export.methods.rtn import RTNConfig
+from qdlm_export.core.schemes import (
+    WeightScheme,
+    compute_qparams,
+    dequantize,
+    quantize_rtn,
+    quantize_with_qparams,
+)
 from qdlm_export.errors import ConfigError
 from qdlm_export.families import FamilyAdapter, LinearGroup, family_by_name
 from qdlm_export.methods.base import BlockCalibration
-from qdlm_export.methods.gptq import GPTQ, GPTQConfig, HessianAccumulator, collect_hessians, gptq_quantize
+from qdlm_export.methods.gptq import (
+    GPTQ,
+    GPTQConfig,
+    HessianAccumulator,
+    collect_hessians,
+    gptq_quantize,
+)
 from qdlm_export.methods.registry import method_class
-from qdlm_export.methods.rtn import RTN
+from qdlm_export.methods.rtn import RTN, RTNConfig
 from tests.dense_models import decoder_block
-from qdlm_export.core.schemes import WeightScheme, compute_qparams, dequantize, quantize_rtn, quantize_with_qparams
 
 PREFIX = "model.layers.0"
 
@@ -303,7 +314,7 @@ def test_registered_with_config():
 def test_hessian_collection_stops_each_forward_once_the_group_has_its_inputs():
     """feed_inputs gives every listed linear exactly its forward-time input, and stops the block's
     forward right after the last of them: later modules never run."""
-    import torch.nn as nn
+    from torch import nn
 
     from qdlm_export.methods.capture import feed_inputs
 
@@ -333,3 +344,108 @@ def test_hessian_collection_stops_each_forward_once_the_group_has_its_inputs():
     acc = collect_hessians(block, {"a": block.a}, BlockCalibration(hidden=xs))["a"]
     flat = torch.cat([x.reshape(-1, 8) for x in xs]).double()
     torch.testing.assert_close(acc.H.double(), 2 * flat.t() @ flat / flat.shape[0], rtol=1e-5, atol=1e-6)
+
+
+# ---- the factor, shared Hessians and stacked solves -------------------------------------------------
+
+
+def test_factor_is_the_reverse_cholesky_and_its_inverse_the_textbook_factor():
+    """R R^T = H + damp*mean(diag H)*I, R upper; R^-1 is the upper Cholesky factor of the damped
+    inverse the paper's loop uses (computed here in float64 the textbook way)."""
+    from qdlm_export.methods.gptq import factor_hessian
+
+    _, _, h = _layer(out=8, cols=192, n=512)
+    factor = factor_hessian(h, damp=0.01)
+    damped = h.double() + 0.01 * torch.diag(h).double().mean() * torch.eye(192, dtype=torch.float64)
+    R = factor.R.double()
+    assert torch.equal(R, R.triu()) and bool((R.diagonal() > 0).all())
+    torch.testing.assert_close(R @ R.T, damped, rtol=1e-5, atol=1e-4 * damped.diagonal().mean().item())
+    textbook = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    torch.testing.assert_close(torch.linalg.inv(R), textbook, rtol=1e-4, atol=1e-5 * textbook.abs().max().item())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_solve_with_a_shared_factor_equals_separate_solves(act_order):
+    from qdlm_export.methods.gptq import factor_hessian
+
+    w, _, h = _layer(out=96, cols=256)
+    scheme = WeightScheme(bits=3, group_size=64, symmetric=False)
+    factor = factor_hessian(h, 0.01, act_order)
+    stacked = gptq_quantize(w, factor, scheme, act_order=act_order)
+    # Rows are independent in GPTQ; only the float32 rounding of differently shaped products differs.
+    for rows in (slice(0, 40), slice(40, 96)):
+        alone = gptq_quantize(w[rows], h, scheme, act_order=act_order)
+        assert (stacked.codes[rows] == alone.codes).float().mean().item() >= 0.999
+        torch.testing.assert_close(stacked.scale[rows], alone.scale, rtol=1e-5, atol=0)
+        assert (stacked.zero_point[rows] == alone.zero_point).float().mean().item() >= 0.99
+    with pytest.raises(ValueError, match="act_order"):
+        gptq_quantize(w, factor, scheme, act_order=not act_order)
+
+
+def test_linears_reading_one_input_share_one_hessian():
+    _, block, calib = _block("llama")
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    linears = {n: block.get_submodule(n) for n in names}
+    accs = collect_hessians(block, linears, calib)
+    assert accs[names[0]] is accs[names[1]] is accs[names[2]]
+    # Against the inputs recorded independently of the accumulator.
+    seen = []
+    handle = linears[names[1]].register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 256).double()))
+    calib.run(block)
+    handle.remove()
+    flat = torch.cat(seen)
+    torch.testing.assert_close(accs[names[0]].H.double(), 2 * flat.T @ flat / flat.shape[0], rtol=1e-4, atol=1e-3)
+    assert accs[names[0]].nsamples == flat.shape[0]
+
+
+def test_hessians_stay_apart_when_shared_inputs_stop_being_shared():
+    """Two linears fed one tensor on the first batch and different tensors afterwards: each must end
+    with the Hessian of its own inputs (the sharing is dropped and the inputs collected again)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            y = x if self.calls == 1 else x.flip(-1) * 3
+            return self.a(x) + self.b(y)
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 7, 16, generator=g) for _ in range(3)]
+    block = Block()
+    accs = collect_hessians(block, {"a": block.a, "b": block.b}, BlockCalibration(hidden=xs))
+    assert accs["a"] is not accs["b"]
+    flat_a = torch.cat([x.reshape(-1, 16) for x in xs]).double()
+    # b's inputs: the second collection pass sees calls 4..6, all transformed.
+    flat_b = torch.cat([x.flip(-1).reshape(-1, 16) * 3 for x in xs]).double()
+    torch.testing.assert_close(accs["a"].H.double(), 2 * flat_a.T @ flat_a / 42, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(accs["b"].H.double(), 2 * flat_b.T @ flat_b / 42, rtol=1e-5, atol=1e-4)
+
+
+def test_block_results_equal_one_linear_at_a_time():
+    """The method's stacked q/k/v and gate/up solves give each linear exactly what gptq_quantize gives
+    it alone on the same Hessian (the block is quantized group by group, as true sequential does)."""
+    config, block, calib = _block("qwen2")
+    adapter = family_by_name("dense-decoder")
+    reference = copy.deepcopy(block)
+    cfg = GPTQConfig(bits=4, group_size=128, symmetric=False)
+    results = GPTQ(cfg, adapter, config).quantize_block(block, PREFIX, calib)
+    for group in adapter.groups:
+        linears = {n: reference.get_submodule(n) for n in group.linears}
+        seen = {n: [] for n in linears}
+        handles = [m.register_forward_pre_hook(lambda m, a, n=n, seen=seen: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+                   for n, m in linears.items()]
+        calib.run(reference)
+        for handle in handles:
+            handle.remove()
+        for name, linear in linears.items():
+            x = torch.cat(seen[name])
+            h = 2.0 / x.shape[0] * x.T @ x
+            alone = gptq_quantize(linear.weight.data, h, cfg.scheme, act_order=cfg.act_order)
+            got = results[f"{PREFIX}.{name}"]
+            assert (got.codes == alone.codes).float().mean().item() >= 0.999, name
+            linear.weight.data = got.dequantize()  # the next group sees what the method's did
