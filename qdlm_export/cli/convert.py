@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .console import out
+from .progress_bars import progress_bars
 from .options import (
     ConvertTarget,
     JsonResult,
@@ -41,7 +42,8 @@ def convert(
 
     folder = local_checkpoint(checkpoint, revision=revision)
     read_quantization_config(folder)  # a clear error if FOLDER is not a native checkpoint
-    result = run_convert(folder, out_dir, to, overwrite=overwrite, max_shard_bytes=max_shard_size)
+    with progress_bars(disable=as_json):
+        result = run_convert(folder, out_dir, to, overwrite=overwrite, max_shard_bytes=max_shard_size)
     if as_json:
         typer.echo(json.dumps({"out": str(result), "format": to}))
     else:

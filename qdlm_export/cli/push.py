@@ -9,6 +9,7 @@ import typer
 
 from .console import out
 from .options import CheckpointFolder, JsonResult, examples
+from .progress_bars import hub_progress_bars
 
 EXAMPLES = examples(
     "qdlm-export push llada-w4 me/LLaDA-8B-Instruct-qdlm-w4",
@@ -31,7 +32,7 @@ def push(
     delete: Annotated[Patterns, typer.Option(metavar="GLOB", help="Delete files matching GLOB from the repo in the same commit (repeatable).")] = None,
     delete_stale: Annotated[bool, typer.Option(help="Delete weight files on the Hub that this upload does not replace (e.g. model.safetensors after re-sharding).")] = True,
     large_folder: Annotated[Optional[bool], typer.Option("--large-folder/--no-large-folder", help="Upload with huggingface_hub's resumable large-folder upload (no pull request) [default: above 5 GB, unless --create-pr].", show_default=False)] = None,
-    license: Annotated[Optional[str], typer.Option(help="License id for the model card metadata, e.g. apache-2.0 [default: the source model's].")] = None,
+    license: Annotated[Optional[str], typer.Option(help="License id for the model card metadata, e.g. apache-2.0 [default: the source model card's: its recorded local folder's, else its Hub repo's].")] = None,
     base_model: Annotated[Optional[str], typer.Option(help="Hub id of the original model for the card [default: from the source].")] = None,
     token: Annotated[Optional[str], typer.Option(help="Hugging Face token [default: HF_TOKEN or the saved login]; never printed.", show_default=False)] = None,
     as_json: JsonResult = False,
@@ -39,11 +40,12 @@ def push(
     """Upload a checkpoint to the Hugging Face Hub (token from --token, HF_TOKEN or `hf auth login`)."""
     from ..hub.push import push_checkpoint
 
-    result = push_checkpoint(
-        folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
-        create_pr=create_pr, include=include or (), exclude=exclude or (), delete=delete or (),
-        delete_stale=delete_stale, large_folder=large_folder, license=license, base_model=base_model,
-    )
+    with hub_progress_bars(disable=as_json):
+        result = push_checkpoint(
+            folder, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
+            create_pr=create_pr, include=include or (), exclude=exclude or (), delete=delete or (),
+            delete_stale=delete_stale, large_folder=large_folder, license=license, base_model=base_model,
+        )
     if as_json:
         typer.echo(json.dumps(result.__dict__, indent=2))
         return

@@ -1,5 +1,5 @@
 """``qdlm-export quantize``: options -> a method config and a calibration config -> the library's
-``quantize()``, with a progress bar over decoder blocks and a summary table."""
+``quantize()``, with progress bars (tokenizing, blocks, verifying, converting) and a summary table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..core.configs import CALIB_ATTENTIONS, MAX_SEED
-from .console import err, human_size, out
+from .console import human_size, out
 from .options import (
     EMBEDDED_DEFAULT,
     ActGranularity,
@@ -34,7 +34,7 @@ from .options import (
     int_range,
 )
 from .recipe import load_recipe, resolved_recipe
-from .verbosity import progress_enabled
+from .progress_bars import progress_bars
 
 CalibAttention = Literal[CALIB_ATTENTIONS]  # type: ignore[valid-type]
 
@@ -76,7 +76,7 @@ def quantize(
     ] = None,
     qkv_bits: Annotated[Optional[int], typer.Option(help="Also quantize attention q/k/v outputs to 8 or 4 bits [default: off].")] = None,
     damp: Annotated[Optional[float], typer.Option(help="GPTQ/QuaRot dampening, a finite fraction >= 0 of mean(diag H) [default: 0.01].", callback=finite)] = None,
-    act_order: Annotated[Optional[bool], typer.Option("--act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups keep the layout kernel-friendly).", show_default=False)] = None,
+    act_order: Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (static groups keep the layout kernel-friendly) [default: on].", show_default=False)] = None,
     mse_clip: Annotated[Optional[bool], typer.Option("--mse-clip", help="GPTQ: search each group's clipping range by MSE.", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="SmoothQuant/DuQuant migration strength alpha, in [0, 1] [default: 0.5].", callback=finite)] = None,
     option: Annotated[
@@ -152,12 +152,12 @@ def quantize(
 
     resolved_dtype = compute_dtype or str(default_compute_dtype(resolve_device(device))).removeprefix("torch.")
     written_recipe = resolved_recipe(ctx, params, config, resolved_dtype)
-    with _block_progress(disable=as_json or not progress_enabled()) as on_block:
+    with progress_bars(disable=as_json):  # tokenizing, every block, verifying, converting
         summary = run_quantize(
             model, out_dir, config, calibration=calibration, trust_remote_code=trust_remote_code,
             overwrite=overwrite, device=device, compute_dtype=compute_dtype, batch_size=batch_size,
             verify=verify, max_shard_bytes=max_shard_size, revision=revision,
-            on_block=on_block, command=command, output_format=output_format, self_contained=self_contained,
+            command=command, output_format=output_format, self_contained=self_contained,
             recipe=written_recipe,
             **({"allow_non_finite": True} if allow_non_finite else {}),  # the library's default otherwise
         )
@@ -180,39 +180,6 @@ def quantize(
         out.print(f"Repaired for this transformers: {repair}", soft_wrap=True, highlight=False)
     out.print(f"Next: qdlm-export inspect {summary.out}", soft_wrap=True, highlight=False)
     out.print(f"      qdlm-export push {summary.out} YOUR_NAME/REPO", soft_wrap=True, highlight=False)
-
-
-class _block_progress:
-    """A rich progress bar with ETA over decoder blocks (silent with --json)."""
-
-    def __init__(self, disable: bool):
-        self.disable = disable
-
-    def __enter__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("quantizing blocks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err, disable=self.disable, transient=True,
-        )
-        self.progress.__enter__()
-        self.task = None
-
-        def on_block(done: int, total: int) -> None:
-            if self.task is None:
-                self.task = self.progress.add_task("blocks", total=total)
-            self.progress.update(self.task, completed=done)
-
-        return on_block
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
 
 
 def parse_options(method: str, pairs: list[str]) -> dict[str, object]:

@@ -27,6 +27,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from ..core import progress
 from ..errors import ArgumentTypeError, CheckpointError, ConfigError
 from ..format.staging import staged_output
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
@@ -116,11 +117,13 @@ def write_converted(
         writer = ShardedWriter(dst, max_shard_bytes)
         done: set[str] = set()
         owner = {f"{m.name}.weight_packed": m for m in ckpt.modules}
-        for key in ckpt.keys():  # noqa: SIM118 - NativeCheckpoint.keys() is a method, not a dict view
-            if key in owner:
-                m = owner[key]
-                writer.add_all(m.name, target.module_tensors(m, ckpt.linear(m), ckpt.qconfig))
-                done.add(m.name)
+        with progress.step(f"converting to {to}: quantized linears", len(owner)) as converted:
+            for key in ckpt.keys():  # noqa: SIM118 - NativeCheckpoint.keys() is a method, not a dict view
+                if key in owner:
+                    m = owner[key]
+                    writer.add_all(m.name, target.module_tensors(m, ckpt.linear(m), ckpt.qconfig))
+                    done.add(m.name)
+                    converted.advance()
         passthrough = []
         for key in ckpt.passthrough_keys():
             writer.add(key, target.passthrough(key, ckpt.get(key)))

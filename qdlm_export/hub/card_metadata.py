@@ -1,7 +1,8 @@
 """The model card's Hub metadata (its YAML front matter), and the inputs a card was rendered with.
 
 Metadata, built with huggingface_hub's ``ModelCardData``: ``license`` (given, else the source
-model's own card when its folder is recorded on this machine), ``base_model`` (given, else the
+model's own card when its folder is recorded on this machine, else, for a Hub source, the card of
+that Hub repo), ``base_model`` (given, else the
 source's Hub id, else the Hub id a local source records in its README or ``config.json``
 ``_name_or_path``), ``base_model_relation: quantized``, ``datasets`` (a Hub calibration dataset),
 ``model-index`` (the ``eval`` results), ``tags``, ``library_name`` and ``pipeline_tag``.
@@ -75,10 +76,22 @@ def _source_card_metadata(folder: Path) -> dict[str, Any]:
     return found
 
 
+def _hub_card_metadata(repo_id: str) -> dict[str, Any]:
+    """The front matter of the Hub model ``repo_id``'s card (its README.md), or nothing when it has
+    none or cannot be read (offline, private, gone): the card then shows no license rather than a
+    guess, and ``--license`` sets one."""
+    try:
+        return ModelCard.load(repo_id, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - someone else's repo: anything unreadable gives nothing
+        return {}
+
+
 def resolve_inputs(folder: Path, source: Any, given: CardInputs) -> tuple[str | None, str | None]:
     """``(license, base_model)`` for the card: what was given, else what the source says."""
     needs_source = given.license is None or (given.base_model is None and not looks_like_hub_id(source))
     meta = _source_card_metadata(folder) if needs_source else {}
+    if given.license is None and "license" not in meta and looks_like_hub_id(source):
+        meta = {**_hub_card_metadata(source), **meta}  # the base model's card on the Hub
     license_ = given.license if given.license is not None else meta.get("license")
     if given.base_model is not None:
         base = given.base_model

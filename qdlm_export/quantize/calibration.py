@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..core import progress
 from ..core.configs import CalibrationConfig
 from ..errors import ConfigError, InputDataError, json_kind
 from .block_calibration import BlockDraw, mask_current_blocks
@@ -257,13 +258,15 @@ def tokenize_corpus(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.T
     models' tokenizers truncate, very long single inputs)."""
     ids: list[int] = []
     start = 0
-    while start < len(text):
-        end = min(len(text), start + chunk_chars)
-        if end < len(text):
-            cut = text.rfind("\n", start, end)
-            end = cut + 1 if cut > start else end
-        ids.extend(tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
-        start = end
+    with progress.step("tokenizing calibration text (characters)", len(text)) as tokenized:
+        while start < len(text):
+            end = min(len(text), start + chunk_chars)
+            if end < len(text):
+                cut = text.rfind("\n", start, end)
+                end = cut + 1 if cut > start else end
+            ids.extend(tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"])
+            tokenized.advance(end - start)
+            start = end
     return torch.tensor(ids, dtype=torch.long)
 
 

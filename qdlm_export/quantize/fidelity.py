@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..core import progress
 from ..families import family_for_config
 from ..methods.capture import record_calls
 from .source import SourceModel
@@ -37,21 +38,25 @@ def reference_logits(source: SourceModel, tokens: torch.Tensor, device: torch.de
     for prefix in source.non_block_prefixes(model):
         source.materialize(model, prefix, device, torch.float32)
     handles = []
-    for index, block in enumerate(adapter.block_list(model)):
-        prefix = adapter.block_prefix(index)
+    blocks = adapter.block_list(model)
+    batches = -(-tokens.shape[0] // batch_size)
+    with progress.step("verifying: the original, block by block", len(blocks) * batches) as done:
+        for index, block in enumerate(blocks):
+            prefix = adapter.block_prefix(index)
 
-        def load(module: nn.Module, args, prefix=prefix):
-            source.materialize(model, prefix, device, torch.float32)
+            def load(module: nn.Module, args, prefix=prefix):
+                source.materialize(model, prefix, device, torch.float32)
 
-        def free(module: nn.Module, args, output, prefix=prefix):
-            source.release(model, prefix)
+            def free(module: nn.Module, args, output, prefix=prefix):
+                source.release(model, prefix)
+                done.advance()
 
-        handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
-    try:
-        logits = _logits(model, tokens, device, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
+            handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
+        try:
+            logits = _logits(model, tokens, device, batch_size)
+        finally:
+            for h in handles:
+                h.remove()
     from .preflight import check_finite_logits
 
     check_finite_logits(source, logits, f"{tokens.shape[0]} verification samples")
@@ -64,6 +69,15 @@ def _logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_
         out = model(input_ids=tokens[start : start + batch_size].to(device))
         logits = out.logits if hasattr(out, "logits") else out[0]
         outs.append(logits.float().cpu())
+    return torch.cat(outs)
+
+
+def _checkpoint_logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    with progress.step("verifying: the quantized checkpoint (batches)", -(-tokens.shape[0] // batch_size)) as done:
+        outs = []
+        for start in range(0, tokens.shape[0], batch_size):
+            outs.append(_logits(model, tokens[start : start + batch_size], device, batch_size))
+            done.advance()
     return torch.cat(outs)
 
 
@@ -142,7 +156,7 @@ def relative_output_error(
     ref = reference_logits(source, tokens, device)
     model = load_quantized(folder, source.adapter.auto_class, source.trust_remote_code, device)
     check_buffers_match(source, model)
-    got = _logits(model, tokens, device, batch_size=4)
+    got = _checkpoint_logits(model, tokens, device, batch_size=4)
     del model
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 

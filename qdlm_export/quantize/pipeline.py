@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..core import progress
 from ..core.schemes import QuantizedWeight
 from ..errors import ConfigError
 from ..format.spec import ST_FLOAT_DTYPES, linear_tensors, quantized_linear_spec
@@ -172,17 +173,19 @@ def run_pipeline(
             raise ConfigError(f"method {method.name} needs calibration data")
         calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device, calib_attention_mask)
 
-    for index in range(len(blocks)):
-        started = time.perf_counter()
-        prefix = adapter.block_prefix(index)
-        source.materialize(model, prefix, device, compute_dtype)
-        block = blocks[index]
-        qweights = quantize_block(method, block, prefix, calib, propagate=index + 1 < len(blocks))
-        _write_block(source, sink, block, prefix, qweights, result)
-        source.release(model, prefix)
-        result.seconds_per_block.append(time.perf_counter() - started)
-        if on_block is not None:
-            on_block(index + 1, len(blocks))
+    with progress.step("quantizing blocks", len(blocks)) as blocks_done:
+        for index in range(len(blocks)):
+            started = time.perf_counter()
+            prefix = adapter.block_prefix(index)
+            source.materialize(model, prefix, device, compute_dtype)
+            block = blocks[index]
+            qweights = quantize_block(method, block, prefix, calib, propagate=index + 1 < len(blocks))
+            _write_block(source, sink, block, prefix, qweights, result)
+            source.release(model, prefix)
+            result.seconds_per_block.append(time.perf_counter() - started)
+            blocks_done.advance()
+            if on_block is not None:
+                on_block(index + 1, len(blocks))
 
     head_calib = BlockCalibration(hidden=calib.hidden) if calib is not None else None
     _write_non_block(source, sink, model, method, head_calib, result)

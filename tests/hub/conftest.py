@@ -35,3 +35,16 @@ def fake_hub(hub_env):
         yield hub
     finally:
         hub.stop()
+
+
+@pytest.fixture
+def hub(fake_hub, monkeypatch, tmp_path):
+    """The fake Hub as HF_ENDPOINT (both parsed forms huggingface_hub keeps), with an empty cache:
+    downloads (snapshot_download, hf_hub_download) go to it too."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return fake_hub

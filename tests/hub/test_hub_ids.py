@@ -26,16 +26,6 @@ def checkpoint(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def hub(fake_hub, monkeypatch, tmp_path):
-    """The fake Hub as HF_ENDPOINT (both parsed forms huggingface_hub keeps), with an empty cache."""
-    monkeypatch.setenv("HF_ENDPOINT", fake_hub.endpoint)
-    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake_hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    return fake_hub
-
-
 def _push(hub, folder, revision=None):
     from qdlm_export.hub.push import push_checkpoint
 
