@@ -2,7 +2,7 @@
 
 Metadata, built with huggingface_hub's ``ModelCardData``: ``license`` (given, else the source
 model's own card when its folder is recorded on this machine, else, for a Hub source, the card of
-that Hub repo), ``base_model`` (given, else the
+that Hub repo as downloaded with its weights), ``base_model`` (given, else the
 source's Hub id, else the Hub id a local source records in its README or ``config.json``
 ``_name_or_path``), ``base_model_relation: quantized``, ``datasets`` (a Hub calibration dataset),
 ``model-index`` (the ``eval`` results), ``tags``, ``library_name`` and ``pipeline_tag``.
@@ -77,12 +77,18 @@ def _source_card_metadata(folder: Path) -> dict[str, Any]:
 
 
 def _hub_card_metadata(repo_id: str) -> dict[str, Any]:
-    """The front matter of the Hub model ``repo_id``'s card (its README.md), or nothing when it has
-    none or cannot be read (offline, private, gone): the card then shows no license rather than a
-    guess, and ``--license`` sets one."""
+    """The front matter of the Hub model ``repo_id``'s card (its README.md) as huggingface_hub's cache
+    holds it: quantizing from a Hub id downloads the card with the weights. Never a network request
+    (rendering a card must not wait on one); nothing when the card is not cached or cannot be read:
+    the card then shows no license rather than a guess, and ``--license`` sets one."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        return ModelCard.load(repo_id, ignore_metadata_errors=True).data.to_dict()
-    except Exception:  # noqa: BLE001 - someone else's repo: anything unreadable gives nothing
+        cached = try_to_load_from_cache(repo_id, "README.md")
+        if not isinstance(cached, str):
+            return {}
+        return ModelCard.load(cached, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - someone else's card: anything unreadable gives nothing
         return {}
 
 

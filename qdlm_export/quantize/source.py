@@ -43,7 +43,8 @@ def resolve_model_path(model: str, *, revision: str | None = None) -> Path:
         local = snapshot_download(
             model,
             revision=revision,
-            allow_patterns=["*.json", "*.py", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"],
+            allow_patterns=["*.json", "*.py", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja",
+                            "README.md"],  # the card: its license goes into the quantized model's card
         )
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise ModelNotFoundError(
