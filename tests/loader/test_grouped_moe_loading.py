@@ -279,7 +279,7 @@ def test_bf16_on_the_cpu_keeps_the_faster_per_expert_kernels(checkpoints, monkey
         forced = model(input_ids=ids).logits
     assert [(g.calls, g.published_calls) for g in grouped] == [(1, 1)] * 2
     want = reference_logits(folder, _dequantized_tensors(folder), ids, "llada2_moe")
-    assert rel(per_expert, want) <= 3e-2 and rel(forced, want) <= 3e-2
+    assert rel(per_expert, want) <= 8e-2 and rel(forced, want) <= 8e-2  # bf16 rounding through the whole model; a wrong kernel gives O(1)
 
 
 def test_save_pretrained_of_a_grouped_model_writes_every_expert(checkpoints, tmp_path):
