@@ -154,6 +154,16 @@ EXPERT_CALIBRATIONS = ("routed", "all-tokens")
 EXPERT_FALLBACKS = ("all-tokens", "rtn")
 
 
+def check_expert_options(config) -> None:
+    """The expert-calibration options every calibrated method shares (weight-only and W-A)."""
+    if config.expert_calibration not in EXPERT_CALIBRATIONS:
+        raise ConfigError(f"-O expert_calibration={config.expert_calibration!r} is invalid",
+                          hint=f"choose one of {', '.join(EXPERT_CALIBRATIONS)}")
+    if config.min_expert_tokens < 0:
+        raise ConfigError(f"-O min_expert_tokens={config.min_expert_tokens} is invalid",
+                          hint="-O min_expert_tokens accepts a token count >= 0, such as 1")
+
+
 @dataclass(frozen=True)
 class CalibratedWeightOnlyConfig(WeightOnlyConfig):
     """A weight-only method that calibrates (GPTQ, AWQ): how the routed experts of mixture-of-experts
@@ -171,15 +181,10 @@ class CalibratedWeightOnlyConfig(WeightOnlyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.expert_calibration not in EXPERT_CALIBRATIONS:
-            raise ConfigError(f"-O expert_calibration={self.expert_calibration!r} is invalid",
-                              hint=f"choose one of {', '.join(EXPERT_CALIBRATIONS)}")
+        check_expert_options(self)
         if self.expert_fallback not in EXPERT_FALLBACKS:
             raise ConfigError(f"-O expert_fallback={self.expert_fallback!r} is invalid",
                               hint=f"choose one of {', '.join(EXPERT_FALLBACKS)}")
-        if self.min_expert_tokens < 0:
-            raise ConfigError(f"-O min_expert_tokens={self.min_expert_tokens} is invalid",
-                              hint="-O min_expert_tokens accepts a token count >= 0, such as 1")
 
 
 ACT_GRANULARITIES = ("token", "tensor")

@@ -60,13 +60,7 @@ def _source_card_metadata(folder: Path) -> dict[str, Any]:
     recorded = recorded_local_source(folder)
     if recorded is None or not Path(recorded).is_dir():
         return {}
-    found: dict[str, Any] = {}
-    readme = Path(recorded) / "README.md"
-    if readme.is_file():
-        try:
-            found.update(ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict())
-        except Exception:  # noqa: BLE001 - someone else's card: unreadable metadata just gives nothing
-            pass
+    found = _front_matter(Path(recorded) / "README.md")
     try:
         name = json.loads((Path(recorded) / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
@@ -83,12 +77,17 @@ def _hub_card_metadata(repo_id: str) -> dict[str, Any]:
     the card then shows no license rather than a guess, and ``--license`` sets one."""
     from huggingface_hub import try_to_load_from_cache
 
+    cached = try_to_load_from_cache(repo_id, "README.md")
+    return _front_matter(Path(cached)) if isinstance(cached, str) else {}
+
+
+def _front_matter(readme: Path) -> dict[str, Any]:
+    """A model card's front matter; nothing when the file is absent or unreadable."""
+    if not readme.is_file():
+        return {}
     try:
-        cached = try_to_load_from_cache(repo_id, "README.md")
-        if not isinstance(cached, str):
-            return {}
-        return ModelCard.load(cached, ignore_metadata_errors=True).data.to_dict()
-    except Exception:  # noqa: BLE001 - someone else's card: anything unreadable gives nothing
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # noqa: BLE001 - someone else's card: unreadable metadata just gives nothing
         return {}
 
 

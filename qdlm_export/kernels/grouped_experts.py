@@ -22,9 +22,8 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from ._triton import triton_unavailable_reason
-from .registry import Problem, choose, on_cuda, register_backend
-from .weight_only import dequantize_packed, triton_unsupported_reason
+from .registry import choose, on_cuda, register_backend
+from .weight_only import dequantize_packed, triton_problem_unsupported
 
 OP = "grouped_expert_gemm"
 
@@ -79,12 +78,6 @@ def grouped_expert_gemm_torch(
     return y
 
 
-def _triton_unsupported(p: Problem) -> str | None:
-    return triton_unavailable_reason(p.device) or triton_unsupported_reason(
-        bits=p.bits, group_size=p.group_size, in_features=p.K, dtype=p.dtype
-    )
-
-
 def _grouped_expert_gemm_triton(*args: object, **kwargs: object) -> torch.Tensor:
     # imported on first use (_triton.py)
     from .grouped_experts_triton import grouped_expert_gemm_triton
@@ -93,7 +86,7 @@ def _grouped_expert_gemm_triton(*args: object, **kwargs: object) -> torch.Tensor
 
 
 register_backend(
-    OP, "triton", _grouped_expert_gemm_triton, family="triton", priority=20, unsupported=_triton_unsupported,
+    OP, "triton", _grouped_expert_gemm_triton, family="triton", priority=20, unsupported=triton_problem_unsupported,
     auto=on_cuda, summary="one launch over every expert's row tiles: fused unpack + grouped dequant-GEMM",
 )
 register_backend(OP, "torch", grouped_expert_gemm_torch, family="torch", priority=0,

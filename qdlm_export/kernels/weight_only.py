@@ -153,7 +153,7 @@ def triton_unsupported_reason(
 # ---------------------------------------------------------------------------------------------
 
 
-def _triton_unsupported(p: Problem) -> str | None:
+def triton_problem_unsupported(p: Problem) -> str | None:
     return triton_unavailable_reason(p.device) or triton_unsupported_reason(
         bits=p.bits, group_size=p.group_size, in_features=p.K, dtype=p.dtype
     )
@@ -186,7 +186,7 @@ def _weight_only_linear_cpu_packed(*args: object, **kwargs: object) -> torch.Ten
 
 register_backend(
     "weight_only_linear", "triton", _weight_only_linear_triton, family="triton", priority=20,
-    unsupported=_triton_unsupported, auto=on_cuda, summary="fused unpack + grouped dequant-GEMM",
+    unsupported=triton_problem_unsupported, auto=on_cuda, summary="fused unpack + grouped dequant-GEMM",
 )
 register_backend(
     "weight_only_linear", "cpu_packed", _weight_only_linear_cpu_packed, family="cpu_packed", priority=10,

@@ -31,10 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.activations import ActivationSpec, RangeObserver
-from ..core.configs import EXPERT_CALIBRATIONS, WeightActivationConfig
+from ..core.configs import WeightActivationConfig, check_expert_options
 from ..core.schemes import QuantizedWeight, compute_qparams, quantize_with_qparams
 from ..core.transforms import apply_input_transforms, transform_weight
-from ..errors import ConfigError
 from ..families import LinearGroup
 from .awq import search_clip
 from .base import BlockCalibration, HeadBlock, QuantMethod, find_linear, qualified
@@ -69,12 +68,7 @@ class MoEWeightActivationConfig(WeightActivationConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.expert_calibration not in EXPERT_CALIBRATIONS:
-            raise ConfigError(f"-O expert_calibration={self.expert_calibration!r} is invalid",
-                              hint=f"choose one of {', '.join(EXPERT_CALIBRATIONS)}")
-        if self.min_expert_tokens < 0:
-            raise ConfigError(f"-O min_expert_tokens={self.min_expert_tokens} is invalid",
-                              hint="-O min_expert_tokens accepts a token count >= 0, such as 1")
+        check_expert_options(self)
 
 
 @dataclass
