@@ -58,6 +58,8 @@ def inspect(
     table.add_row("family", str(info.family))
     table.add_row("quantized linears", str(len(info.quantized_modules)))
     table.add_row("kept in full precision", ", ".join(info.modules_not_converted) or "-")
+    for label, text in info.layout_rows():  # fused experts and a shared layer stack, where the model has them
+        table.add_row(label, text)
     if info.module_overrides:
         table.add_row("per-module overrides", ", ".join(f"{k}: {v}" for k, v in info.module_overrides.items()))
     table.add_row("bits per weight", f"{info.bits_per_weight:.3f}")

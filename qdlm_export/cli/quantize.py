@@ -97,7 +97,7 @@ def quantize(
         CalibMasking, typer.Option(help="'random': mask tokens with a per-sample ratio t~U(0,1), as dLLMs see them while denoising (measured better, docs/calibration.md); 'none': clean text, as the study did; 'auto': random for models with a mask token, else none.")
     ] = "auto",
     calib_attention: Annotated[
-        CalibAttention, typer.Option(help="Attention pattern of the calibration windows: 'block-causal': bidirectional inside a block, causal across blocks, with a random current block partly masked, as block-diffusion models (LLaDA2) sample; 'causal': token-causal, as autoregressive calibrators use; 'full': bidirectional (LLaDA, Dream); 'auto': block-causal for block-diffusion models, else full (docs/calibration.md).")
+        CalibAttention, typer.Option(help="Attention pattern of the calibration windows: 'block-causal': bidirectional inside a block, causal across blocks, with a random current block partly masked, as block-diffusion models (LLaDA2) sample; 'causal': token-causal, as autoregressive calibrators use; 'full': bidirectional (LLaDA, Dream); 'denoising': a clean context through the causal encoder and a noised canvas through the decoder, as DiffusionGemma samples ('causal' there: the encoder alone); 'auto': denoising for DiffusionGemma, block-causal for block-diffusion models, else full (docs/calibration.md).")
     ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available).", callback=device_option)] = "auto",
     compute_dtype: Annotated[

@@ -238,7 +238,7 @@ CALIB_MASKINGS = ("auto", "random", "none")
 # calibration"): the family's own ("auto"), block-causal with a masked current block (the sampler of
 # block-diffusion models), token-causal (what autoregressive calibrators such as GPTQModel use), or
 # full bidirectional attention (LLaDA, Dream: no mask is passed).
-CALIB_ATTENTIONS = ("auto", "block-causal", "causal", "full")
+CALIB_ATTENTIONS = ("auto", "block-causal", "causal", "full", "denoising")
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,9 @@ class CalibrationConfig:
     # "full" for the others. "block-causal": each window's attention is bidirectional inside a block and
     # causal across blocks, with a random current block partly masked, the blocks before it clean and
     # the blocks after it masked; "causal": a token-causal mask. Chosen by measurement (docs/calibration.md).
+    # Models with a causal encoder beside their denoising decoder (DiffusionGemma): "denoising" (auto) runs
+    # each window as a clean context through the encoder and a noised canvas through the decoder, as the
+    # sampler does; "causal" calibrates the causal encoder alone on whole windows (the peers' shortcut).
     attention: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -298,12 +301,30 @@ class CalibrationConfig:
             return "random" if mask_token_id is not None else "none"
         return self.masking
 
-    def resolved_attention(self, block_length: int | None) -> str:
+    def resolved_attention(self, block_length: int | None, *, denoising: bool = False) -> str:
         """``"block-causal"``, ``"causal"`` or ``"full"``: what ``auto`` means for a family with (or
         without) a block-diffusion block length. Patterns that need a block length are refused without one:
         the other families attend bidirectionally over the whole sequence, and their forward need not
-        take a 4-D attention mask."""
+        take a 4-D attention mask. ``denoising``: a family with an encoder stack beside its decoder
+        (``FamilyAdapter.shared_stack``), where ``auto`` is ``"denoising"`` and ``"causal"`` the encoder alone."""
         attention = self.attention
+        if denoising:
+            if attention == "auto":
+                return "denoising"
+            if attention not in ("denoising", "causal"):
+                raise ConfigError(
+                    f"--calib-attention {attention} does not apply to this model: it denoises a canvas with a "
+                    "bidirectional decoder reading a causal encoder's cache",
+                    hint="leave --calib-attention out (denoising: the path the sampler runs), or pass "
+                    "--calib-attention causal to calibrate on the causal encoder alone",
+                )
+            return attention
+        if attention == "denoising":
+            raise ConfigError(
+                "--calib-attention denoising applies to models with a causal encoder beside their denoising "
+                "decoder (DiffusionGemma)",
+                hint="leave --calib-attention out (auto)",
+            )
         if attention == "auto":
             return "block-causal" if block_length else "full"
         if attention != "full" and not block_length:

@@ -11,6 +11,12 @@ The table goes into ``qdlm_report.json`` (``"eval"``; the settings under ``"eval
 into the model card: README.md is regenerated when it is the card qdlm-export wrote (unchanged
 since), and left alone when someone edited it (the result says which).
 
+A model without a mask token (DiffusionGemma: uniform noise) has no masked likelihood: likelihood
+tasks are refused before any model is loaded (:func:`.harness.refuse_likelihood_without_mask`), the
+NLL row is skipped, and generation runs the model's own canvas sampler with the generation config
+each checkpoint ships (recorded under ``settings["sampler_config"]``; a difference between the
+original's and the quantized one's is logged) (:mod:`.canvas_sampler`).
+
 Bundled tasks (``qdlm_stdlib_mc``, ``qdlm_stdlib_gen``) run offline: when every task is a bundled
 one, the Hub is switched off for the whole run. Other lm-eval tasks download their data as usual.
 
@@ -30,7 +36,8 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint_files import check_original, original_of, write_eval
-from .harness import all_bundled, require_lm_eval, run_tasks, task_list, task_manager
+from .canvas_sampler import has_mask_token, uses_canvas_sampler
+from .harness import all_bundled, refuse_likelihood_without_mask, require_lm_eval, run_tasks, task_list, task_manager
 from . import result_cache
 from .model_args import check_model_args
 
@@ -89,11 +96,15 @@ def evaluate_model(
 def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nll_seed, dtype, device, run_kwargs,
                     trust_remote_code=False):
     from ..core.remote_code import refusal_from_transformers, require_trust
+    from .canvas_sampler import has_mask_token
     from .loading import load_model, load_tokenizer
 
     owned = not isinstance(model, torch.nn.Module)
     if owned:
         require_trust(model, trust_remote_code, what="the model")
+        config = _folder_config(model)
+        if config is not None and not has_mask_token(config):  # likelihood tasks: refused before loading
+            refuse_likelihood_without_mask(config, task_manager(tasks, run_kwargs.get("include_path")), tasks)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, trust_remote_code=trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -107,7 +118,9 @@ def _evaluate_model(model, tokenizer, tasks, *, nll, nll_windows, nll_seqlen, nl
         raise ValueError("pass the tokenizer along with a loaded model")
     try:
         out = run_tasks(model, tokenizer, tasks, **run_kwargs)
-        if nll:
+        if nll and not has_mask_token(model):
+            logger.warning("Skipping the held-out masked-token NLL: %s has no mask token", type(model).__name__)
+        elif nll:
             out["values"][NLL_ROW] = heldout_nll(model, tokenizer, n=nll_windows, seqlen=nll_seqlen, seed=nll_seed)
             out["higher_is_better"][NLL_ROW] = False
         return out
@@ -192,7 +205,9 @@ def evaluate_checkpoint(
     require_lm_eval()
     _check_numbers(mc_num=mc_num, batch_size=batch_size, num_fewshot=num_fewshot, nll_windows=nll_windows,
                    nll_seqlen=nll_seqlen, seed=seed, limit=limit)
-    check_model_args(dict(model_args or {}), block_diffusion=_block_diffusion(quantized_dir))
+    folder_config = _folder_config(quantized_dir)
+    check_model_args(dict(model_args or {}), block_diffusion=_block_diffusion(folder_config),
+                     canvas=_canvas(folder_config))
     _check_types(quantized_dir=quantized_dir, tasks=tasks, nll=nll, offline=offline, write=write,
                  trust_remote_code=trust_remote_code, device=device, dtype=dtype, log_samples=log_samples,
                  cache=cache)
@@ -209,12 +224,16 @@ def evaluate_checkpoint(
 
     # The one checkpoint validation, before anything is loaded or computed: an incomplete or
     # corrupted checkpoint (or a staging folder) is refused naming the file or tensor.
-    validate_checkpoint(folder, require_qdlm=False)
+    config = validate_checkpoint(folder, require_qdlm=False).config
     source = str(original) if original is not None else original_of(folder)
     check_original(source)
     require_trust(source, trust_remote_code, what="its original model")
     tasks = task_list(tasks)
-    task_manager(tasks, include_path)  # unknown tasks or a missing --include-path, before any loading
+    manager = task_manager(tasks, include_path)  # unknown tasks or a missing --include-path, before any loading
+    refuse_likelihood_without_mask(config, manager, tasks)  # no mask token (DiffusionGemma): generation only
+    if nll and not has_mask_token(config):
+        logger.warning("Skipping the held-out masked-token NLL: the model has no mask token (uniform noise)")
+        nll = False
     if offline is None:
         offline = all_bundled(tasks)
     common = dict(
@@ -247,6 +266,11 @@ def evaluate_checkpoint(
         "nll": {"windows": nll_windows, "seqlen": nll_seqlen, "seed": nll_seed} if nll else None,
         "original": source, "lm_eval_version": quant.get("lm_eval_version"),
     }
+    if quant.get("sampler_config") is not None:  # the canvas sampler's generation config, as each model ran it
+        settings["sampler_config"] = quant["sampler_config"]
+        if orig.get("sampler_config") != quant["sampler_config"]:
+            logger.warning("The original and the quantized checkpoint ship different generation configs: %s vs %s",
+                           orig.get("sampler_config"), quant["sampler_config"])
     card = write_eval(folder, table, settings) if write else None
     if out_dir is not None:
         from .output_path import write_outputs
@@ -256,18 +280,28 @@ def evaluate_checkpoint(
             "original_cache": cached, "output_path": str(out_dir) if out_dir is not None else None}
 
 
-def _block_diffusion(folder: Any) -> bool:
-    """Whether the checkpoint's family samples with its own block sampler (LLaDA2); False when its
-    config cannot be read here (the checks after this one say why)."""
+def _folder_config(folder: Any) -> dict[str, Any] | None:
+    """The checkpoint's config.json, or None when it cannot be read here (the checks after the first
+    use say why)."""
     import json
-
-    from .block_sampler import block_length_of
 
     try:
         config = json.loads((Path(folder).expanduser() / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
-        return False
-    return block_length_of(config) is not None
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _block_diffusion(config: dict[str, Any] | None) -> bool:
+    """Whether the checkpoint's family samples with its own block sampler (LLaDA2)."""
+    from .block_sampler import block_length_of
+
+    return config is not None and block_length_of(config) is not None
+
+
+def _canvas(config: dict[str, Any] | None) -> bool:
+    """Whether the checkpoint's family samples with its own canvas sampler (DiffusionGemma)."""
+    return config is not None and uses_canvas_sampler(config)
 
 
 def _cache_key(source: str, folder: Path, tasks: list[str], common: dict[str, Any]) -> dict[str, Any]:

@@ -90,7 +90,9 @@ def run_tasks(
 
     Returns ``{"values": {row: x}, "stderr": {row: se}, "higher_is_better": {row: bool},
     "lm_eval_version": str, "results": {...}}``, ``"results"`` being lm-eval's own results as JSON
-    (what its ``--output_path`` writes), plus ``"samples": {task: [...]}`` with ``log_samples``.
+    (what its ``--output_path`` writes), plus ``"samples": {task: [...]}`` with ``log_samples`` and
+    ``"sampler_config"`` (the generation config) when the model runs its own canvas sampler.
+    Likelihood tasks on a model without a mask token are refused before lm-eval starts.
     ``model_args`` are further :class:`~.lm_eval_model.QdlmLM` arguments (``gen_length``,
     ``steps``, ``alg``, ...). ``include_path`` adds task folders to the bundled one.
     """
@@ -131,6 +133,72 @@ def task_manager(tasks: Sequence[str], include_path: Any = None) -> Any:
     return manager
 
 
+LIKELIHOOD_OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
+
+
+def likelihood_tasks(manager: Any, tasks: Sequence[str]) -> list[str]:
+    """The tasks among ``tasks`` (groups, tags and glob patterns expanded) whose ``output_type`` scores
+    answers by likelihood, read from the task configs in ``manager``'s index: no dataset is loaded.
+    Tasks whose type the index does not state (Python tasks) are not listed."""
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def visit(item: Any) -> None:
+        if isinstance(item, dict):  # an inline task or group config inside a group
+            if item.get("output_type") in LIKELIHOOD_OUTPUT_TYPES:
+                found.append(str(item.get("task", item.get("group", "?"))))
+            for child in _as_list(item.get("task")) if "group" in item else ():
+                visit(child)
+            return
+        name = str(item)
+        if name in seen:
+            return
+        seen.add(name)
+        entry = manager.task_index.get(name)
+        if entry is None:
+            if name.endswith(".yaml") and Path(name).is_file():
+                from lm_eval.tasks._yaml_loader import load_yaml
+
+                visit(load_yaml(Path(name), resolve_func=False, recursive=True))
+                return
+            for match in manager.match_tasks([name]):  # a glob pattern
+                if match != name:
+                    visit(match)
+            return
+        kind = entry.kind.name
+        if kind == "TAG":
+            for child in sorted(entry.tags):
+                visit(child)
+        elif kind == "GROUP":
+            for child in _as_list((entry.cfg or {}).get("task")):
+                visit(child)
+        elif (entry.cfg or {}).get("output_type") in LIKELIHOOD_OUTPUT_TYPES:
+            found.append(name)
+
+    for task in tasks:
+        visit(task)
+    return list(dict.fromkeys(found))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def refuse_likelihood_without_mask(model: Any, manager: Any, tasks: Sequence[str]) -> None:
+    """Refuse likelihood tasks for a model (or config) whose diffusion has no mask token, before
+    anything runs (:func:`.canvas_sampler.likelihood_refusal`)."""
+    from .canvas_sampler import has_mask_token, likelihood_refusal
+
+    if has_mask_token(model):
+        return
+    scored = likelihood_tasks(manager, tasks)
+    if scored:
+        from ..families import family_for_config
+
+        family = family_for_config(getattr(model, "config", model))
+        raise likelihood_refusal(scored, family.display_name or family.name)
+
+
 def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_size, seed, model_args, include_path,
                bootstrap_iters, log_samples=False) -> dict[str, Any]:
     import lm_eval
@@ -138,6 +206,7 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
     from .lm_eval_model import QdlmLM
 
     manager = task_manager(tasks, include_path)
+    refuse_likelihood_without_mask(model, manager, tasks)
     if batch_size is None:
         batch_size = min(mc_num, 32)
     args = dict(model_args or {})
@@ -168,6 +237,10 @@ def _run_tasks(model, tokenizer, tasks, *, limit, num_fewshot, mc_num, batch_siz
     }
     if log_samples:
         out["samples"] = as_json(samples or {})
+    from .canvas_sampler import CANVAS_SAMPLER, sampler_settings
+
+    if lm.sampler == CANVAS_SAMPLER:  # what the model's own sampler ran with (its generation config)
+        out["sampler_config"] = as_json(sampler_settings(model))
     return out
 
 

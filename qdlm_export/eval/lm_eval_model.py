@@ -17,11 +17,15 @@ From Python, ``import qdlm_export.eval.lm_eval_model`` registers the name (``qdl
   question are scored with the same masks (common random numbers: less noise in their ranking).
 * ``generate_until`` - diffusion sampling (:mod:`qdlm_export.eval.generation`), LLaDA's sampler or
   Dream's by family, or for block-diffusion families (LLaDA2) the model's own ``generate``
-  (:mod:`qdlm_export.eval.block_sampler`); the text is cut at the first EOS and then at the first
-  stop sequence. Forward passes and generated tokens are counted per task
-  (``generation_counts``; ``forward_passes_per_token`` in the eval table).
+  (:mod:`qdlm_export.eval.block_sampler`), or for uniform-noise families (DiffusionGemma) the model's
+  own canvas sampler with its published generation config (:mod:`qdlm_export.eval.canvas_sampler`);
+  the text is cut at the first EOS and then at the first stop sequence. Forward passes and generated
+  tokens are counted per task (``generation_counts``; ``forward_passes_per_token`` in the eval table).
 * ``loglikelihood_rolling`` - the same Monte-Carlo bound over rolling windows of the text, each
   window conditioned on the tokens before it (on EOS for the first one).
+
+A model without a mask token (DiffusionGemma) has no masked likelihood: both likelihood requests
+raise :func:`~qdlm_export.eval.canvas_sampler.likelihood_refusal` naming the tasks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .block_sampler import PUBLISHED_DEFAULTS, ForwardCounter, block_generate, block_length_of, generated_length
+from .canvas_sampler import (CANVAS_SAMPLER, canvas_generate, eos_ids, has_mask_token, likelihood_refusal,
+                             uses_canvas_sampler)
 from .generation import dllm_settings, dream_generate, llada_generate
 from .likelihood import loglikelihood as mc_loglikelihood
 from .loading import load_model, load_tokenizer
@@ -63,12 +69,14 @@ class QdlmLM(LM):
     ``tokenizer=`` objects from Python), ``mc_num`` (masked copies per likelihood, default 128),
     ``batch_size`` (copies per forward pass; ``mc_num`` must be a multiple for LLaDA's estimator),
     ``estimator`` (``auto`` | ``llada`` | ``dream``), ``seed``; generation: ``sampler`` (``auto`` |
-    ``llada`` | ``dream``), ``gen_length`` (default: the task's ``max_gen_toks``), ``steps``
+    ``llada`` | ``dream`` | ``llada2`` | ``canvas``), ``gen_length`` (default: the task's ``max_gen_toks``), ``steps``
     (default: ``gen_length``), ``block_length`` (default: ``gen_length``), ``temperature``,
     ``cfg_scale``, ``remasking`` (LLaDA); ``alg`` (default ``entropy``), ``alg_temp``, ``top_p``,
-    ``top_k``, ``eps`` (Dream); ``threshold``, ``minimal_topk``, ``eos_early_stop`` (``llada2``: the
-    model's own block sampler, the default for block-diffusion families, where ``block_length``
-    defaults to the family's and ``steps``, per block, to 32); ``gen_batch_size`` (prompts of equal
+    ``top_k``, ``eps`` (Dream); ``canvas`` (the default for uniform-noise families, DiffusionGemma:
+    ``model.generate`` with the checkpoint's generation config, only ``max_new_tokens`` set, from the
+    task's ``max_gen_toks`` or ``gen_length``); ``threshold``, ``minimal_topk``, ``eos_early_stop``
+    (``llada2``: the model's own block sampler, the default for block-diffusion families, where
+    ``block_length`` defaults to the family's and ``steps``, per block, to 32); ``gen_batch_size`` (prompts of equal
     length sampled together); ``max_length`` (prompt + answer tokens; longer prompts are cut on the left); ``dtype``,
     ``device``; ``check_greedy`` (decode each continuation greedily to fill ``is_greedy``; off by
     default as it costs one forward pass per continuation token).
@@ -127,7 +135,10 @@ class QdlmLM(LM):
         self.pretrained = str(pretrained) if pretrained is not None else getattr(
             getattr(model, "config", None), "_name_or_path", "model"
         )
-        self.mask_token_id, self.logits_shift = dllm_settings(self.model)
+        if has_mask_token(self.model):
+            self.mask_token_id, self.logits_shift = dllm_settings(self.model)
+        else:  # uniform noise: no masked likelihood; generation runs the model's canvas sampler
+            self.mask_token_id, self.logits_shift = None, False
 
         self.mc_num = int(mc_num)
         bs = 32 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
@@ -148,10 +159,21 @@ class QdlmLM(LM):
         self.seed = int(seed)
 
         self.family_block_length = block_length_of(self.model)
+        canvas = uses_canvas_sampler(self.model)
         if sampler == "auto":
-            sampler = "llada2" if self.family_block_length else "dream" if self.logits_shift else "llada"
-        if sampler not in ("llada", "dream", "llada2"):
-            raise ValueError(f"sampler must be auto, llada, dream or llada2, got {sampler!r}")
+            sampler = CANVAS_SAMPLER if canvas else "llada2" if self.family_block_length else (
+                "dream" if self.logits_shift else "llada")
+        if sampler not in ("llada", "dream", "llada2", CANVAS_SAMPLER):
+            raise ValueError(f"sampler must be auto, llada, dream, llada2 or canvas, got {sampler!r}")
+        if (sampler == CANVAS_SAMPLER) != canvas or (self.mask_token_id is None and sampler != CANVAS_SAMPLER):
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"-O sampler={sampler} does not fit this model: " + (
+                    "the canvas sampler is the own generate() of uniform-noise models (DiffusionGemma)"
+                    if sampler == CANVAS_SAMPLER else "it fills mask tokens, and this model has none"),
+                hint="leave -O sampler unset (auto picks the family's sampler)",
+            )
         self.sampler = sampler
         self.gen_length, self.steps, self.block_length = gen_length, steps, block_length
         self.temperature = temperature  # None: the task's, else 0
@@ -185,8 +207,9 @@ class QdlmLM(LM):
 
     def _config_max_length(self) -> int:
         cfg = self.model.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # multimodal: the text section
         for key in ("max_sequence_length", "max_position_embeddings", "n_positions"):
-            value = getattr(cfg, key, None)
+            value = getattr(cfg, key, None) or getattr(text, key, None)
             if isinstance(value, int) and value > 0:
                 return value
         return 4096
@@ -251,7 +274,13 @@ class QdlmLM(LM):
         out = self._generate_ids([prompt], gen_length=n, steps=n, block_length=n, temperature=0.0)[0]
         return out == answer
 
+    def _refuse_without_mask(self, requests) -> None:
+        if self.mask_token_id is None and requests:
+            names = sorted({getattr(r, "task_name", None) or "?" for r in requests})
+            raise likelihood_refusal(names, type(self.model).__name__)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self._refuse_without_mask(requests)
         results = []
         for req in tqdm(requests, desc="qdlm loglikelihood", disable=disable_tqdm):
             context, continuation = req.args[0], req.args[1]
@@ -268,6 +297,7 @@ class QdlmLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+        self._refuse_without_mask(requests)
         prefix = self.eos_token_id if self.eos_token_id is not None else self.mask_token_id
         results = []
         for req in tqdm(requests, desc="qdlm loglikelihood_rolling", disable=disable_tqdm):
@@ -289,6 +319,8 @@ class QdlmLM(LM):
     def _sampling(self, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         max_toks = int(gen_kwargs.get("max_gen_toks", gen_kwargs.get("max_new_tokens", 256)))
         gen_length = int(self.gen_length or max_toks)
+        if self.sampler == CANVAS_SAMPLER:  # everything else comes from the model's generation config
+            return {"gen_length": gen_length, "steps": None, "block_length": None, "temperature": None}
         temperature = self._temperature(gen_kwargs)
         if self.sampler == "llada2":  # the published sampler takes any lengths: nothing is rounded
             block_length = int(self.block_length or self.family_block_length or PUBLISHED_DEFAULTS["block_length"])
@@ -317,6 +349,11 @@ class QdlmLM(LM):
     def _generate_rows(self, prompts: list[list[int]], *, gen_length: int, steps: int, block_length: int,
                        temperature: float) -> list[tuple[list[int], int]]:
         """``(answer cut at the first EOS, tokens generated up to and including that EOS)`` per prompt."""
+        if self.sampler == CANVAS_SAMPLER:
+            ends = set(eos_ids(self.model))
+            rows = canvas_generate(self.model, prompts, max_new_tokens=gen_length, seed=self.seed)
+            cut = [next((i for i, t in enumerate(row) if t in ends), None) for row in rows]
+            return [(row, len(row)) if i is None else (row[:i], i + 1) for row, i in zip(rows, cut)]
         if self.sampler == "llada2":
             eos = self.eos_token_id if self.eos_token_id is not None else getattr(self.model.config, "eos_token_id", None)
             rows = block_generate(

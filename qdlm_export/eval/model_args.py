@@ -30,10 +30,17 @@ _RESERVED_MODEL_ARGS = {"self", "pretrained", "model", "tokenizer", "mc_num", "b
                         "trust_remote_code", "unused"}
 
 
-def check_model_args(model_args: dict[str, Any], *, block_diffusion: bool = False) -> None:
+# The -O keys that mean something to the canvas sampler (DiffusionGemma's own generate, which takes
+# everything else from the checkpoint's generation config): the answer length, the seed, batching.
+CANVAS_MODEL_ARGS = ("gen_length", "seed", "gen_batch_size", "max_length", "max_batch_size", "sampler")
+
+
+def check_model_args(model_args: dict[str, Any], *, block_diffusion: bool = False, canvas: bool = False) -> None:
     """Refuse ``-O`` keys the ``qdlm`` model does not take (lm-eval would only log them) and
     non-finite numbers, stating what is accepted. ``block_diffusion``: the model's family samples
-    with its own block sampler (LLaDA2), which takes any lengths."""
+    with its own block sampler (LLaDA2), which takes any lengths. ``canvas``: it samples with its own
+    canvas sampler (DiffusionGemma), configured by its generation config: only
+    :data:`CANVAS_MODEL_ARGS` apply."""
     import inspect
 
     from .lm_eval_model import QdlmLM
@@ -51,8 +58,22 @@ def check_model_args(model_args: dict[str, Any], *, block_diffusion: bool = Fals
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"-O {key}={value} is not a finite number", hint=f"give {key} a finite value")
         _check_model_arg_value(key, value, params[key].default is None)
+        if canvas and key not in CANVAS_MODEL_ARGS:
+            raise ConfigError(
+                f"-O {key}: does not apply to this model's own canvas sampler (DiffusionGemma's generate), which "
+                "takes its denoising steps, temperatures, thresholds and sampler from the checkpoint's "
+                "generation_config.json",
+                hint=f"for this model -O accepts: {', '.join(CANVAS_MODEL_ARGS)} (sampler: auto or canvas)",
+            )
     sizes = {k: model_args.get(k) for k in ("gen_length", "block_length", "steps")}
     sampler = model_args.get("sampler", "auto")
+    if sampler != "auto" and (sampler == "canvas") != canvas:
+        raise ConfigError(
+            f"-O sampler={sampler} does not fit this model: " + (
+                "it has no mask token to fill; it samples with its own canvas sampler" if canvas
+                else "the canvas sampler is the own generate() of uniform-noise models (DiffusionGemma)"),
+            hint="leave -O sampler unset: auto picks the family's sampler",
+        )
     # Dream's sampler has no blocks; LLaDA2's own sampler takes any gen_length, block_length and steps.
     llada_blocks = sampler == "llada" or (sampler == "auto" and not block_diffusion)
     if llada_blocks and isinstance(sizes["gen_length"], int) and isinstance(sizes["block_length"], int):
@@ -76,7 +97,8 @@ _MODEL_ARG_RULES: dict[str, tuple[str, Any]] = {
     "temperature": ("float", 0), "cfg_scale": ("float", 0), "alg_temp": ("float", 0), "minimal_topk": ("int", 1),
     "threshold": ("unit", "a number from 0 to 1"), "eos_early_stop": ("bool", None),
     "top_p": ("fraction", "a number in (0, 1]"), "eps": ("fraction", "a number in (0, 1)"),
-    "estimator": ("choice", ("auto", "llada", "dream")), "sampler": ("choice", ("auto", "llada", "dream", "llada2")),
+    "estimator": ("choice", ("auto", "llada", "dream")),
+    "sampler": ("choice", ("auto", "llada", "dream", "llada2", "canvas")),
     "remasking": ("choice", ("low_confidence", "random")),
     "alg": ("choice", ("entropy", "maskgit_plus", "topk_margin", "origin")),
     "check_greedy": ("bool", None),

@@ -25,6 +25,11 @@ Refused: online transforms (rotations/smoothing applied at run time: CT's ``tran
 dropped by transformers), quantized outputs (qkv_bits), activation schemes other than the W8A8
 preset (4-bit activations, clipped or asymmetric activations, static scales), and activation
 quantization with weights other than 8-bit symmetric per channel.
+
+Fused experts (DiffusionGemma: experts stored as 3-D parameters) are written one linear per expert,
+``MODULE.E.{gate,up,down}_proj.*``, which vLLM loads into its fused mixture-of-experts layers and no
+transformers loader reads into the 3-D parameters; so what vLLM cannot load is refused as well: weights
+other than 4/8-bit symmetric, and more than one scheme (docs/EXPORTS.md, "DiffusionGemma").
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from ..errors import ConfigError
 from .export_format import (
     ExportFormat,
     ExportInventory,
+    effective_scheme,
+    fused_experts_problems,
+    has_fused_experts,
     loading_class,
     not_converted_linears,
     online_transform_problem,
@@ -47,6 +55,10 @@ from .quantized_module import LinearTensors, QuantizedModule
 
 CT_LAYOUT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writes (checked against)
 PACK_BITS = (2, 3, 4, 8)
+# Fused (3-D) experts: no transformers loader reads per-expert tensors into them, so the export is for
+# vLLM, whose compressed-tensors mixture-of-experts methods take 4- and 8-bit symmetric pack-quantized
+# weights, one scheme per layer (docs/EXPORTS.md, "DiffusionGemma").
+VLLM_MOE_BITS = (4, 8)
 LM_HEADS = ("lm_head",)
 
 
@@ -87,6 +99,31 @@ def _weights_args(bits: int, group_size: int, symmetric: bool) -> dict[str, Any]
 W8A8_INPUT = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
 
 
+def _vllm_moe_problems(qconfig: dict[str, Any]) -> list[str]:
+    """What vLLM, the one loader of a fused-experts model's per-expert compressed-tensors tensors, cannot
+    load: weights other than 4/8-bit symmetric (its mixture-of-experts methods assert both), and more
+    than one scheme (only ``targets: ["Linear"]`` reaches every layer: per-module targets miss the fused
+    q/k/v of DiffusionGemma's full-attention layers, whose v_proj the checkpoint lacks, and depend on
+    vLLM's renaming of the experts, which differs between its releases)."""
+    names = list(qconfig.get("quantized_modules") or []) + list(qconfig.get("module_overrides") or {})
+    schemes = {effective_scheme(qconfig, n) for n in names} or {effective_scheme(qconfig, "")}
+    problems = []
+    bits = sorted({b for b, _, _ in schemes if b is not None and b not in VLLM_MOE_BITS})
+    if bits:
+        problems.append(f"{'/'.join(map(str, bits))}-bit weights: vLLM computes compressed-tensors experts "
+                        f"(pack-quantized) in {' and '.join(map(str, VLLM_MOE_BITS))} bits only")
+    if any(not symmetric for _, _, symmetric in schemes):
+        problems.append("asymmetric weights: vLLM's compressed-tensors mixture-of-experts methods take symmetric "
+                        "weights only; quantize with --symmetric")
+    if len(schemes) > 1:
+        odd = sorted(n for n in names if effective_scheme(qconfig, n) != effective_scheme(qconfig, ""))
+        problems.append(
+            f"{len(odd)} module(s) (e.g. {odd[0] if odd else '?'}) have another scheme than the rest (a group-size "
+            "fallback): vLLM's DiffusionGemma needs one scheme for the whole model (targets [\"Linear\"]). Pick a "
+            "group size that divides every linear's input size (64 for the published DiffusionGemma)")
+    return problems
+
+
 class CompressedTensorsFormat(ExportFormat):
     name = "compressed-tensors"
     title = "compressed-tensors"
@@ -124,6 +161,8 @@ class CompressedTensorsFormat(ExportFormat):
                     )
         elif weights.get("bits") is not None and weights["bits"] not in PACK_BITS:
             problems.append(f"{weights['bits']}-bit weights cannot be packed")
+        if has_fused_experts(qconfig):
+            problems += fused_experts_problems(qconfig, "compressed-tensors") + _vllm_moe_problems(qconfig)
         return problems
 
     def module_problems(self, m: QuantizedModule, qconfig: dict[str, Any]) -> list[str]:
@@ -190,6 +229,8 @@ class CompressedTensorsFormat(ExportFormat):
         }
 
     def how_to_load(self, folder_name: str, config: dict[str, Any]) -> str:
+        if _fused_experts_family(config):
+            return _how_to_serve_with_vllm(folder_name)
         remote = ", trust_remote_code=True" if config.get("auto_map") else ""
         cls = loading_class(config)
         groups = (config.get("quantization_config") or {}).get("config_groups") or {}
@@ -227,6 +268,32 @@ class CompressedTensorsFormat(ExportFormat):
             "native checkpoint (the dequantized weights are identical); `qdlm_report.json` keeps the native "
             "`quantization_config` under `export`.\n"
         )
+
+
+def _fused_experts_family(config: dict[str, Any]) -> bool:
+    """The model's family stores its experts as 3-D parameters (DiffusionGemma)."""
+    from ..errors import UnsupportedModelError
+    from ..families import family_for_config
+
+    try:
+        return family_for_config(config).fused_experts is not None
+    except UnsupportedModelError:
+        return False
+
+
+def _how_to_serve_with_vllm(folder_name: str) -> str:
+    return (
+        "## How to load\n\n"
+        "This folder is a compressed-tensors checkpoint laid out for vLLM, which reads its per-expert tensors "
+        "into its fused mixture-of-experts layers:\n\n"
+        f"```bash\npip install vllm\nvllm serve {folder_name}\n```\n\n"
+        "Stock transformers (5.24, compressed-tensors 0.20) cannot load it: its model keeps the experts as 3-D "
+        "parameters (`experts.gate_up_proj`, `experts.down_proj`) with no conversion that stacks per-expert "
+        "tensors into them, and compressed-tensors' layout breaks the tie between the causal encoder's and the "
+        "decoder's Linears. Registering that conversion and loading with "
+        "`CompressedTensorsConfig(dequantize=True)` gives transformers the dequantized (dense) model; the native "
+        "qdlm-export checkpoint of the same model loads quantized.\n"
+    )
 
 
 FORMAT = CompressedTensorsFormat()

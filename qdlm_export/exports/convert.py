@@ -116,11 +116,9 @@ def write_converted(
 
         writer = ShardedWriter(dst, max_shard_bytes)
         done: set[str] = set()
-        owner = {f"{m.name}.weight_packed": m for m in ckpt.modules}
-        with progress.step(f"converting to {to}: quantized linears", len(owner)) as converted:
+        with progress.step(f"converting to {to}: quantized linears", len(ckpt.modules)) as converted:
             for key in ckpt.keys():  # noqa: SIM118 - NativeCheckpoint.keys() is a method, not a dict view
-                if key in owner:
-                    m = owner[key]
+                for m in ckpt.modules_at(key):  # a stacked experts projection: each expert's slice
                     writer.add_all(m.name, target.module_tensors(m, ckpt.linear(m), ckpt.qconfig))
                     done.add(m.name)
                     converted.advance()

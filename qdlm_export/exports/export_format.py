@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..format.spec import FUSED_EXPERTS_KEY, fused_projections
 from .quantized_module import LinearTensors, QuantizedModule
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def not_converted_linears(inventory: ExportInventory) -> list[str]:
 
 def weight_only_problems(qconfig: dict[str, Any], target: str, lm_head_names: tuple[str, ...]) -> list[str]:
     """What a weight-only, float16-scale target (GPTQ, AWQ) refuses in any checkpoint: online transforms,
-    output or activation quantization, a quantized head, float32 scales."""
+    output or activation quantization, a quantized head, float32 scales, fused experts."""
     found = (
         online_transform_problem(qconfig, target),
         output_quant_problem(qconfig, target),
@@ -212,4 +213,77 @@ def weight_only_problems(qconfig: dict[str, Any], target: str, lm_head_names: tu
         lm_head_problem(qconfig, target, lm_head_names),
         scale_dtype_problem(qconfig, target),
     )
-    return [p for p in found if p]
+    return [p for p in found if p] + fused_experts_problems(qconfig, target) + _fused_experts_unchecked(qconfig, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused experts (experts stored as 3-D parameters: DiffusionGemma)
+# ---------------------------------------------------------------------------------------------
+
+
+def has_fused_experts(qconfig: dict[str, Any]) -> bool:
+    """The checkpoint's experts are 3-D parameters of one module (``quantization_config.fused_experts``):
+    an export stores them one linear per expert (``MODULE.E.PART``), the layout vLLM's loaders read."""
+    return bool(qconfig.get(FUSED_EXPERTS_KEY))
+
+
+def unfused_module_names(qconfig: dict[str, Any]) -> list[str]:
+    """``quantized_modules`` with each stacked experts projection (``MODULE.gate_up_proj``) replaced by
+    the per-expert linears it stacks, expert by expert (``MODULE.0.gate_proj``, ``MODULE.0.up_proj``,
+    ``MODULE.1.gate_proj``...): the modules an export writes."""
+    stacked = fused_projections(qconfig)
+    names: list[str] = []
+    for name in qconfig.get("quantized_modules") or []:
+        fp = stacked.get(name)
+        names += [name] if fp is None else [f"{fp.module}.{e}.{part}" for e in range(fp.experts) for part in fp.parts]
+    return names
+
+
+def fused_experts_problems(qconfig: dict[str, Any], target: str) -> list[str]:
+    """What no target can express for fused experts: activation quantization (the native format stores
+    them weight-only, and their grouped kernel is weight-only), and experts of one module quantized
+    with several schemes (a gate/up projection falling back to another group size than the down
+    projection: a serving engine's fused mixture-of-experts layer, vLLM's ``FusedMoE``, takes one
+    scheme for all its projections). Copes with the partial config of ``check_convertible`` (per-expert
+    names in ``quantized_modules`` and ``module_overrides``) as with a native checkpoint's (stacked)."""
+    if not has_fused_experts(qconfig):
+        return []
+    problems = []
+    if qconfig.get("activations"):
+        problems.append(
+            f"the checkpoint quantizes activations, and its experts are fused (3-D) parameters: the native format "
+            f"keeps such experts unstacked (per-expert, \"stacked\": false), and {target} stores fused experts "
+            "weight-only. Export a weight-only quantization of this family (--method rtn/gptq/awq)")
+    names = list(qconfig.get("quantized_modules") or []) + list(qconfig.get("module_overrides") or {})
+    for module in qconfig[FUSED_EXPERTS_KEY]:
+        schemes = {effective_scheme(qconfig, n) for n in names if n.startswith(f"{module}.")}
+        if len(schemes) > 1:
+            problems.append(
+                f"{module}: its experts' projections have different schemes ("
+                f"{', '.join(sorted(_describe_scheme(s) for s in schemes))}); a fused mixture-of-experts layer "
+                "(vLLM's FusedMoE) computes all its projections with one scheme. Pick a group size that divides "
+                "every expert's input size, so that no projection falls back to another")
+    return problems
+
+
+def _fused_experts_unchecked(qconfig: dict[str, Any], target: str) -> list[str]:
+    """GPTQ and AWQ of fused experts: transformers cannot load per-expert tensors into 3-D experts (no
+    conversion stacks them; docs/EXPORTS.md, "DiffusionGemma"), and no loader of these layouts was
+    checked for such a family, so the export would promise a model nobody was seen to load."""
+    if not has_fused_experts(qconfig):
+        return []
+    return [(f"the model's experts are fused (3-D) parameters (DiffusionGemma): transformers cannot load per-expert "
+             f"{target} tensors into them, and no {target} loader was checked for this family. Use --format "
+             "compressed-tensors (served by vLLM) or the native format (transformers)")]
+
+
+def effective_scheme(qconfig: dict[str, Any], name: str) -> tuple[int, int, bool]:
+    """``(bits, group_size, symmetric)`` of module ``name``: the checkpoint's weights with its override."""
+    weights = dict(qconfig.get("weights") or {}, **((qconfig.get("module_overrides") or {}).get(name) or {}))
+    return weights.get("bits"), weights.get("group_size"), bool(weights.get("symmetric", True))
+
+
+def _describe_scheme(scheme: tuple[int, int, bool]) -> str:
+    bits, group, symmetric = scheme
+    grouping = "per channel" if group == -1 else f"group {group}"
+    return f"{bits}-bit {grouping} {'symmetric' if symmetric else 'asymmetric'}"

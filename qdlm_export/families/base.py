@@ -35,6 +35,9 @@ class LinearGroup:
       shared expert); blocks without its first linear skip it.
     * ``row_split`` -- one fused linear whose output rows are these parts, in order (``("q", "k",
       "v")``: sizes from the attention shape, :meth:`FamilyAdapter.row_split_sizes`).
+    * ``optional_linears`` -- linears of this group some blocks lack (DiffusionGemma's full-attention
+      layers have no ``v_proj``: their keys are reused as values); the group is resolved per block
+      without them.
     """
 
     linears: tuple[str, ...]
@@ -47,6 +50,7 @@ class LinearGroup:
     row_split: tuple[str, ...] = ()
     expert: str | None = None
     expert_input: str | None = None
+    optional_linears: tuple[str, ...] = ()
 
     def for_expert(self, index: int, expert_input: str | None = None) -> "LinearGroup":
         """This expert template as the concrete group of expert ``index`` (names relative to the
@@ -57,7 +61,16 @@ class LinearGroup:
             prev_linear=f"{base}.{self.prev_linear}" if self.prev_linear else None,
             role=self.role, routed=True, row_split=self.row_split, expert=base,
             expert_input=expert_input or self.norm,
+            optional_linears=tuple(f"{base}.{name}" for name in self.optional_linears),
         )
+
+    def present(self, exists) -> "LinearGroup | None":
+        """This group as one block has it: without the optional linears ``exists(name)`` denies;
+        None when a required linear is missing."""
+        if not self.optional_linears:
+            return self
+        linears = tuple(n for n in self.linears if n not in self.optional_linears or exists(n))
+        return replace(self, linears=linears, optional_linears=())
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,62 @@ class ExpertDispatch:
     up: str = "up_proj"
     down: str = "down_proj"
     activation: str = "act_fn"
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """Routed experts stored as 3-D parameters of one module rather than a ``ModuleList`` of linears
+    (transformers' native mixture-of-experts layout: DiffusionGemma, Gemma 4, Qwen3-MoE in v5).
+
+    ``module`` (relative to a block) holds ``gate_up`` [experts, 2 * intermediate, hidden] (the gate
+    rows, then the up rows) and ``down`` [experts, hidden, intermediate]; its forward is
+    ``forward(hidden [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])`` and each
+    expert computes ``down(act(gate x) * up x)`` with the activation attribute ``activation``.
+
+    Quantization sees the unfused view: ``module`` replaced by a ``ModuleList``-like module whose
+    expert ``e`` has the linears ``gate``, ``up`` and ``down`` (``module.e.gate_proj`` ...), so the
+    expert templates of ``groups`` (``experts=module``) apply unchanged; the native format stores the
+    quantized experts stacked back into 3-D tensors under ``module.gate_up``/``module.down``."""
+
+    module: str = "experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    activation: str = "act_fn"
+    gate: str = "gate_proj"  # the unfused view's linear names
+    up: str = "up_proj"
+    down_linear: str = "down_proj"
+
+
+@dataclass(frozen=True)
+class SharedStack:
+    """A second stack of layers computing with the weights of ``blocks`` (tied; the checkpoint stores
+    them once, under ``blocks``): DiffusionGemma's causal encoder ``model.encoder.language_model`` over
+    the decoder's weights.
+
+    ``alias`` maps the second stack's names to the stored ones by prefix (``(alias prefix, stored
+    prefix)``): a tensor named under the alias prefix that the checkpoint lacks is the stored one
+    (layers, embeddings and final norm). Tensors the checkpoint does store under the alias (each
+    stack's own ``layer_scalar``) stay the stack's own. ``cache`` is the keyword through which the
+    shared stack's layer ``i`` writes the key/value cache that layer ``i`` of ``blocks`` reads."""
+
+    layers: str
+    alias: tuple[str, str]
+    cache: str = "cache"
+
+    def stored_name(self, name: str) -> str | None:
+        """The stored name ``name`` (under the alias prefix) stands for, else None."""
+        alias, stored = self.alias
+        return stored + name[len(alias):] if name.startswith(alias) else None
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """Layers of one type (``config.layer_types[i]``) whose attention is shaped by other config keys
+    (DiffusionGemma's full-attention layers: ``global_head_dim``, ``num_global_key_value_heads``)."""
+
+    layer_type: str
+    head_dim_keys: tuple[str, ...] = ()
+    num_kv_heads_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +214,26 @@ class FamilyAdapter:
     # Mixture of experts: how the loader runs a block's routed experts through the grouped expert GEMM
     # (None: the published per-expert loop).
     expert_dispatch: ExpertDispatch | None = None
+    # Mixture of experts stored as 3-D parameters (None: a ModuleList of per-expert linears).
+    fused_experts: FusedExperts | None = None
+    # False: the router reads its own input (DiffusionGemma normalises the residual itself), so a
+    # transform of the experts' norm must not be folded into it.
+    router_norm_shared: bool = True
+    # A second layer stack over the same stored weights (DiffusionGemma's causal encoder).
+    shared_stack: SharedStack | None = None
+    # The config section the text model's keys live in (multimodal configs: "text_config"); keys are
+    # looked up at the top level first, then there.
+    config_section: str | None = None
+    # Per-layer attention shapes (``layer_types_key`` names the per-layer type list).
+    attention_variants: tuple[AttentionVariant, ...] = ()
+    layer_types_key: str = "layer_types"
+    # Norms applied to what a block adds to the residual stream (Gemma's post-norms, with gains): an
+    # orthogonal rotation of the residual stream cannot pass through them, so rotation methods rotate
+    # each linear's input online instead of the stream (methods/quarot.py).
+    residual_post_norms: tuple[str, ...] = ()
+    # How the diffusion noises tokens: "mask" (a mask token, LLaDA/Dream) or "uniform" (uniformly
+    # random tokens, no mask token: DiffusionGemma).
+    noise: str = "mask"
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---- derived facts -------------------------------------------------------------------------
@@ -152,7 +241,8 @@ class FamilyAdapter:
     def linear_names(self) -> tuple[str, ...]:
         """The linears *every* block has (all of them for dense families; for mixtures of experts the
         experts and the optional groups are resolved per block: :meth:`block_groups`)."""
-        return tuple(name for group in self.groups if not (group.experts or group.optional) for name in group.linears)
+        return tuple(name for group in self.groups if not (group.experts or group.optional)
+                     for name in group.linears if name not in group.optional_linears)
 
     @property
     def has_experts(self) -> bool:
@@ -197,7 +287,7 @@ class FamilyAdapter:
                 groups += [group.for_expert(i, feeder) for i in experts_of(group.experts)
                            if exists(group.for_expert(i).linears[0])]
             elif not group.optional or exists(group.linears[0]):
-                groups.append(group)
+                groups.append(group.present(exists))
         return tuple(groups)
 
     def with_router_quantized(self) -> "FamilyAdapter":
@@ -216,9 +306,17 @@ class FamilyAdapter:
         """The norm read by the first template of the ``experts`` list: the input of every expert."""
         return next((g.norm for g in self.groups if g.experts == experts and g.norm), None)
 
-    def row_split_sizes(self, group: LinearGroup, config: Any) -> tuple[int, ...]:
+    def text_config(self, config: Any) -> Any:
+        """The section of ``config`` holding the text model's keys (the config itself by default)."""
+        if self.config_section is None:
+            return config
+        section = config.get(self.config_section) if isinstance(config, dict) else getattr(
+            config, self.config_section, None)
+        return config if section is None else section
+
+    def row_split_sizes(self, group: LinearGroup, config: Any, layer: int | None = None) -> tuple[int, ...]:
         """Output rows of each part of a fused linear (``row_split``), from the attention shape."""
-        shape = self.attention_shape(config)
+        shape = self.attention_shape(config, layer)
         sizes = {"q": shape.num_heads * shape.head_dim, "k": shape.num_kv_heads * shape.head_dim,
                  "v": shape.num_kv_heads * shape.head_dim}
         return tuple(sizes[part] for part in group.row_split)
@@ -236,18 +334,36 @@ class FamilyAdapter:
         """Full names of every linear the adapter lists, block by block, in forward order."""
         return [f"{self.block_prefix(i)}.{name}" for i in range(num_blocks) for name in self.linear_names]
 
-    def attention_shape(self, config: Any) -> AttentionShape:
+    def attention_shape(self, config: Any, layer: int | None = None) -> AttentionShape:
+        """The attention shape of layer ``layer`` (None: the default layers')."""
+        config = self.text_config(config)
         hidden = _first(config, self.hidden_size_keys)
         heads = _first(config, self.num_heads_keys)
-        kv_heads = _first(config, self.num_kv_heads_keys, default=None) or heads
-        head_dim = _first(config, self.head_dim_keys, default=None) or hidden // heads
+        head_dim_keys, kv_keys = self.head_dim_keys, self.num_kv_heads_keys
+        variant = self.attention_variant(config, layer)
+        if variant is not None:
+            head_dim_keys = variant.head_dim_keys + head_dim_keys
+            kv_keys = variant.num_kv_heads_keys + kv_keys
+        kv_heads = _first(config, kv_keys, default=None) or heads
+        head_dim = _first(config, head_dim_keys, default=None) or hidden // heads
         return AttentionShape(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden)
 
+    def layer_type(self, config: Any, layer: int) -> str | None:
+        types = _first(self.text_config(config), (self.layer_types_key,), default=None)
+        return types[layer] if isinstance(types, (list, tuple)) and layer < len(types) else None
+
+    def attention_variant(self, config: Any, layer: int | None) -> AttentionVariant | None:
+        if layer is None or not self.attention_variants:
+            return None
+        kind = self.layer_type(config, layer)
+        return next((v for v in self.attention_variants if v.layer_type == kind), None)
+
     def num_layers(self, config: Any) -> int:
-        return _first(config, self.num_layers_keys)
+        return _first(self.text_config(config), self.num_layers_keys)
 
     def max_context(self, config: Any) -> tuple[str, int] | None:
         """``(config key, value)`` of the model's maximum sequence length, or None when unknown."""
+        config = self.text_config(config)
         for key in self.max_context_keys:
             value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -255,6 +371,8 @@ class FamilyAdapter:
         return None
 
     def mask_token_id(self, config: Any) -> int | None:
+        if self.noise != "mask":
+            return None
         return _first(config, self.mask_token_id_keys, default=None) or self.default_mask_token_id
 
     def ties_embeddings(self, config: Any) -> bool:

@@ -8,7 +8,18 @@ from typing import Any
 
 from ..core.packing import SUPPORTED_BITS
 from ..errors import CheckpointError
-from .spec import DTYPES, FORMAT_NAME, FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS
+from .spec import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FUSED_EXPERTS_KEY,
+    FUSED_ROLES,
+    SHARED_STACK_KEY,
+    STACKED_KEY,
+    SUPPORTED_FORMAT_VERSIONS,
+    fused_projections,
+    shared_stack_prefixes,
+)
 from .tensor_headers import DAMAGED_HINT, MAKE_HINT
 
 
@@ -17,9 +28,21 @@ def build_quantization_config(
     family: str, mask_token_id: int | None, logits_shift: bool, quantized_modules: list[str],
     module_overrides: dict[str, dict[str, Any]], modules_not_converted: list[str],
     transforms: dict[str, Any], calibration: dict[str, Any] | None, provenance: dict[str, Any],
+    fused_experts: dict[str, Any] | None = None, shared_stack: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A checkpoint's ``quantization_config``, with its fields in the documented order."""
-    return {
+    """A checkpoint's ``quantization_config``, with its fields in the documented order.
+
+    ``fused_experts`` (``format/stacked_experts.py``: what the stacking sink wrote) lists the fused
+    experts modules: for those stored stacked, their per-expert names in ``quantized_modules``,
+    ``module_overrides`` and ``transforms.modules`` (the unfused view's ``MODULE.E.PART``) become the
+    stacked projections' (``MODULE.gate_up_proj``...); those stored unstacked (``"stacked": false``,
+    weight-activation experts) keep their per-expert names, each an ordinary quantized linear with its
+    own ops. ``shared_stack``: a second layer stack computing with the stored modules (``{"alias":
+    prefix, "stored": prefix}``). Both are left out when None."""
+    if fused_experts:
+        quantized_modules, module_overrides, transforms = _fold_expert_names(
+            fused_experts, quantized_modules, module_overrides, transforms)
+    config = {
         "quant_method": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "method": method,
@@ -35,6 +58,34 @@ def build_quantization_config(
         "calibration": calibration,
         "provenance": provenance,
     }
+    if fused_experts:
+        config[FUSED_EXPERTS_KEY] = fused_experts
+    if shared_stack:
+        config[SHARED_STACK_KEY] = dict(shared_stack)
+    return config
+
+
+def _fold_expert_names(fused: dict[str, Any], quantized: list[str], overrides: dict[str, dict[str, Any]],
+                       transforms: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The per-expert names of the unfused view of each stacked module replaced by their stacked
+    projections' names (in order of first appearance); unstacked modules' names are kept. The stacking
+    sink refused stacked experts of differing schemes, transforms or activations, so each stacked
+    projection takes its first expert's override and has no ops."""
+    stacked_of = {
+        f"{module}.{e}.{part}": f"{module}.{entry[role]['module']}"
+        for module, entry in fused.items() if entry.get(STACKED_KEY, True) for role in FUSED_ROLES
+        for e in range(entry["num_experts"]) for part in entry[role]["parts"]
+    }
+    names = list(dict.fromkeys(stacked_of.get(name, name) for name in quantized))
+    folded: dict[str, dict[str, Any]] = {}
+    for name, override in overrides.items():
+        folded.setdefault(stacked_of.get(name, name), dict(override))
+    ops = dict((transforms or {}).get("modules") or {})
+    if any(ops.get(name) for name in stacked_of):
+        raise ValueError("stacked experts have online input ops; the stacking sink should have refused them")
+    if transforms and "modules" in transforms:
+        transforms = dict(transforms, modules={k: v for k, v in ops.items() if k not in stacked_of})
+    return names, folded, transforms
 
 
 def check_format_version(qconfig: dict[str, Any]) -> None:
@@ -93,4 +144,13 @@ def parse_quantization_config(config: dict[str, Any], config_file: Path) -> dict
     if not all(isinstance(m, str) for m in qconfig["quantized_modules"]):
         raise CheckpointError(f"quantization_config.quantized_modules in {config_file} lists something that is not a "
                               "module name", hint=DAMAGED_HINT)
+    fused_projections(qconfig)  # the fused experts (stacked or not) and shared stack sections, field by field
+    prefixes = shared_stack_prefixes(qconfig)
+    if prefixes is not None:
+        copies = [m for m in qconfig["quantized_modules"] if m.startswith(prefixes[0])]
+        if copies:
+            raise CheckpointError(
+                f"quantization_config.quantized_modules in {config_file} lists {copies[0]}, under the shared stack's "
+                f"alias prefix {prefixes[0]!r}: the shared modules are stored once, under {prefixes[1]!r}",
+                hint=DAMAGED_HINT)
     return qconfig

@@ -20,7 +20,17 @@ from ..errors import CheckpointError, QdlmError
 from .config_schema import parse_quantization_config
 from .reader import CheckpointReader, check_folder, check_symlinks, read_config
 from .report import MANIFEST_KEY, check_manifest, read_manifest, read_report
-from .spec import FORMAT_NAME, ST_DTYPES, LinearSpec, module_spec
+from .spec import (
+    FORMAT_NAME,
+    FUSED_EXPERTS_KEY,
+    ST_DTYPES,
+    STACKED_KEY,
+    LinearSpec,
+    fused_projections,
+    module_spec,
+    shared_stack_prefixes,
+    unstacked_projections,
+)
 from .tensor_headers import DAMAGED_HINT, TensorEntry, check_module_tensors
 
 
@@ -45,11 +55,36 @@ class CheckpointInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] | None = None
     kernels: dict[str, str] = field(default_factory=dict)  # module -> the backends the loader would use
+    # fused experts module -> its quantization_config.fused_experts entry (expert count, row split)
+    fused_experts: dict[str, Any] = field(default_factory=dict)
+    # a second layer stack computing with the stored modules: {"alias", "stored", "modules": how many}
+    shared_stack: dict[str, Any] | None = None
     kernel_device: str = "cpu"
     kernel_tokens: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def layout_rows(self) -> list[tuple[str, str]]:
+        """``(label, text)`` rows describing fused experts (per module: its expert count and row split)
+        and the shared stack, for ``inspect``'s table; none for other checkpoints."""
+        rows = []
+        for i, (name, entry) in enumerate(self.fused_experts.items()):
+            gate_up, down = entry["gate_up"], entry["down"]
+            if entry.get(STACKED_KEY, True):
+                text = (f"{name}: {entry['num_experts']} experts stacked, {gate_up['module']} "
+                        f"{'+'.join(map(str, gate_up['rows']))} rows ({'/'.join(gate_up['parts'])}), "
+                        f"{down['module']} {'+'.join(map(str, down['rows']))} rows")
+            else:
+                text = (f"{name}: {entry['num_experts']} experts unstacked (weight-activation), one quantized "
+                        f"linear per expert: {', '.join(gate_up['parts'] + down['parts'])}")
+            rows.append(("fused experts" if i == 0 else "", text))
+        if self.shared_stack:
+            s = self.shared_stack
+            text = (f"{s['alias']}* computes with the {s['modules']} quantized modules stored once under "
+                    f"{s['stored']}* (both stacks use them)")
+            rows.append(("shared stack", text))
+        return rows
 
 
 @dataclass
@@ -80,7 +115,8 @@ def read_quantization_config(folder: Path) -> dict[str, Any]:
     return parse_quantization_config(read_config(folder), folder / "config.json")
 
 
-def _shape_of(name: str, reader: CheckpointReader, where: str) -> tuple[int, int]:
+def _shape_of(name: str, reader: CheckpointReader, where: str, experts: int = 0) -> tuple[int, int]:
+    """``(out, in)`` from ``NAME.weight_shape``; a stacked projection's ``[experts, 2]`` rows must agree."""
     key = f"{name}.weight_shape"
     entry = reader.entries.get(key)
     if entry is None:
@@ -88,12 +124,17 @@ def _shape_of(name: str, reader: CheckpointReader, where: str) -> tuple[int, int
             f"tensor {key} is missing from {where} (module {name} is listed as quantized in quantization_config)",
             hint=DAMAGED_HINT,
         )
-    if entry.dtype != "I64" or tuple(entry.shape) != (2,):
+    want = (experts, 2) if experts else (2,)
+    if entry.dtype != "I64" or tuple(entry.shape) != want:
         raise CheckpointError(
-            f"tensor {key} in {entry.file} has dtype {entry.dtype} and shape {list(entry.shape)}, expected I64 (int64) [2]",
+            f"tensor {key} in {entry.file} has dtype {entry.dtype} and shape {list(entry.shape)}, expected I64 (int64) "
+            f"{list(want)}" + (f" ({experts} experts, quantization_config.{FUSED_EXPERTS_KEY})" if experts else ""),
             hint=DAMAGED_HINT,
         )
-    out, inp = (int(v) for v in reader.get(key).tolist())
+    shapes = reader.get(key).reshape(-1, 2).tolist()
+    if any(row != shapes[0] for row in shapes):
+        raise CheckpointError(f"tensor {key} in {entry.file} gives the experts different shapes", hint=DAMAGED_HINT)
+    out, inp = (int(v) for v in shapes[0])
     if out <= 0 or inp <= 0:
         raise CheckpointError(f"tensor {key} in {entry.file} holds the shape [{out}, {inp}]", hint=DAMAGED_HINT)
     return out, inp
@@ -148,12 +189,19 @@ def validate_checkpoint(folder: str | Path, *, require_qdlm: bool = True) -> Val
 def _check_quantized_modules(result: ValidCheckpoint, reader: CheckpointReader, where: str) -> None:
     """Every module ``quantization_config`` lists has its tensors (``tensor_headers.check_module_tensors``)."""
     qconfig, tensors = result.qconfig, result.tensors
+    fused = fused_projections(qconfig)
     for name in qconfig["quantized_modules"]:
-        out, inp = _shape_of(name, reader, where)
+        stacked = fused.get(name)
+        experts = stacked.experts if stacked else 0
+        out, inp = _shape_of(name, reader, where, experts)
+        if stacked and out != stacked.out_features:
+            raise CheckpointError(
+                f"tensor {name}.weight_shape gives {out} rows per expert; quantization_config.{FUSED_EXPERTS_KEY} gives "
+                f"{list(stacked.rows)} ({stacked.out_features})", hint=DAMAGED_HINT)
         has_bias = f"{name}.bias" in tensors
         bias_dtype = ST_DTYPES.get(tensors[f"{name}.bias"].dtype, torch.float32) if has_bias else torch.float32
         try:
-            spec = module_spec(qconfig, name, inp, out, has_bias, bias_dtype)
+            spec = module_spec(qconfig, name, inp, out, has_bias, bias_dtype, experts=experts)
         except QdlmError:
             raise
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
@@ -162,9 +210,10 @@ def _check_quantized_modules(result: ValidCheckpoint, reader: CheckpointReader, 
                 hint=DAMAGED_HINT,
             ) from None
         check_module_tensors(name, spec, tensors, where)
-        if f"{name}.weight" in tensors:
+        dense = name if stacked else f"{name}.weight"  # a stacked projection's float tensor is the module's name
+        if dense in tensors:
             raise CheckpointError(
-                f"tensor {name}.weight is present although {name} is listed as quantized",
+                f"tensor {dense} is present although {name} is listed as quantized",
                 hint="the checkpoint mixes a full-precision and a quantized copy of the layer; " + DAMAGED_HINT,
             )
         result.specs[name] = spec
@@ -187,7 +236,7 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
     qconfig = checked.qconfig
     linear_params = linear_bytes = 0
     for spec in checked.specs.values():
-        linear_params += spec.out_features * spec.in_features
+        linear_params += spec.weight_count
         bias_bytes = spec.out_features * torch.empty((), dtype=spec.bias_dtype).element_size() if spec.has_bias else 0
         linear_bytes += spec.stored_bytes() - bias_bytes
 
@@ -216,4 +265,20 @@ def inspect_checkpoint(folder: str | Path, *, device: str | None = None, tokens:
         report=report,
         kernel_device=device,
         kernel_tokens=tokens,
+        fused_experts=dict(qconfig.get(FUSED_EXPERTS_KEY) or {}),
+        shared_stack=_shared_stack_info(qconfig),
     )
+
+
+def _shared_stack_info(qconfig: dict[str, Any]) -> dict[str, Any] | None:
+    """The shared stack (``quantization_config.shared_stack``) and how many of the stored quantized
+    modules (linears and fused experts, each listed once; an unstacked experts module once, not per
+    expert linear) the second stack computes with."""
+    prefixes = shared_stack_prefixes(qconfig)
+    if prefixes is None:
+        return None
+    alias, stored = prefixes
+    owner = {name: fp.module for name, fp in fused_projections(qconfig).items()}
+    owner.update({name: fp.module for fp in unstacked_projections(qconfig).values() for name in fp.expert_linears()})
+    modules = {owner.get(n, n) for n in qconfig["quantized_modules"] if n.startswith(stored)}
+    return {"alias": alias, "stored": stored, "modules": len(modules)}

@@ -13,6 +13,12 @@ checkpoint where a tensor the config promises is missing or has the wrong dtype 
 file is truncated; after loading it checks again that every quantized module's buffers were really
 loaded. A quantized module never computes on uninitialised memory. The checks use the standard
 library only (``format/tensor_headers.py``), so the self-contained copy (``loader/selfcontained.py``) carries them.
+
+Fused experts (``quantization_config.fused_experts``) become :class:`~.fused_experts.QdlmFusedExperts`
+over stacked packed tensors, or, stored unstacked (weight-activation experts), a
+:class:`~.fused_experts.QdlmUnstackedExperts` whose per-expert linears are ``QdlmLinear`` s; a shared
+layer stack (``quantization_config.shared_stack``: DiffusionGemma's encoder) gets the stored quantized
+modules themselves (``shared_stack.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,17 @@ from ..kernels import packed_int_linear, quantize_per_token, weight_only_linear
 # the module, not the package: the self-contained copy carries it (the package is a shim there)
 from ..kernels.weight_only import dequantize_packed
 from ..core.transforms import apply_input_transforms, transform_ops
+from .fused_experts import (
+    QdlmFusedExperts,
+    QdlmStackedLinear,
+    fused_modules,
+    replace_fused_experts,
+    replace_unstacked_experts,
+    stacked_names,
+    unstacked_linear_names,
+    unstacked_modules,
+)
+from .shared_stack import bind_aliases, detach_aliases, prune_tied_keys
 
 
 def uses_integer_input(spec: LinearSpec) -> bool:
@@ -185,7 +202,10 @@ def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list
     check_format_version(qconfig)
     replaced = []
     prefix = checkpoint_prefix(model, qconfig["quantized_modules"])
+    stacked = stacked_names(qconfig)  # fused experts' projections: replace_fused_experts
     for name in qconfig["quantized_modules"]:
+        if name in stacked:
+            continue
         local = _local_name(name, prefix)
         try:
             linear = model.get_submodule(local)
@@ -208,8 +228,9 @@ def replace_quantized_linears(model: nn.Module, qconfig: dict[str, Any]) -> list
     return replaced
 
 
-def quantized_modules(model: nn.Module) -> list[tuple[str, QdlmLinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QdlmLinear)]
+def quantized_modules(model: nn.Module) -> list[tuple[str, QdlmLinear | QdlmStackedLinear]]:
+    """Every module holding a checkpoint's packed tensors: quantized linears and stacked expert projections."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (QdlmLinear, QdlmStackedLinear))]
 
 
 def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | os.PathLike], prefix: str = "") -> None:
@@ -291,8 +312,17 @@ class QdlmHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         qconfig = self.quantization_config.to_dict()
         # AutoModel of a dense causal LM builds the base model: names lose the base_model_prefix
-        self._prefix = checkpoint_prefix(model, qconfig.get("quantized_modules") or [])
+        self._prefix = prefix = checkpoint_prefix(model, qconfig.get("quantized_modules") or [])
+        # a fused experts module is shared by the stacks as a whole, stacked or not
+        inside_fused = stacked_names(qconfig) | unstacked_linear_names(qconfig)
+        shared = [n for n in qconfig.get("quantized_modules") or [] if n not in inside_fused]
+        shared += [*fused_modules(qconfig), *unstacked_modules(qconfig)]
+        self._aliases = detach_aliases(model, qconfig, shared, lambda name: _local_name(name, prefix))
+        replace_fused_experts(model, qconfig, lambda name: _local_name(name, prefix))
+        # per-expert placeholder linears, which replace_quantized_linears then swaps like any listed linear
+        replace_unstacked_experts(model, qconfig, lambda name: _local_name(name, prefix))
         replace_quantized_linears(model, qconfig)
+        prune_tied_keys(model)  # ties of the replaced modules' weights would name tensors that no longer exist
         files = [f for f in (checkpoint_files or []) if f is not None]
         self._headers_checked = bool(files) and all(str(f).endswith(".safetensors") for f in files)
         if self._headers_checked:
@@ -302,6 +332,7 @@ class QdlmHfQuantizer(HfQuantizer):
         prefix = getattr(self, "_prefix", "")
         check_loaded_modules(model, getattr(self, "_headers_checked", False), prefix)
         check_all_tensors_loaded(model, prefix)
+        bind_aliases(model, getattr(self, "_aliases", []))  # the shared stack computes with the stored modules
         qconfig = self.quantization_config.to_dict()
         for hook in AFTER_LOAD_HOOKS:
             hook(model, qconfig, prefix)
@@ -309,13 +340,14 @@ class QdlmHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: each :class:`QdlmLinear` becomes an ``nn.Linear`` holding its
-        dequantized weight ``(q - z) * s`` in ``dtype`` (the model's). Weight-only checkpoints only: a
-        module with online input transforms or activation quantizers computes something no plain
-        Linear does, so such a model is refused before anything is replaced."""
+        dequantized weight ``(q - z) * s`` in ``dtype`` (the model's), each fused experts module its
+        original module with the dequantized 3-D weights; a module shared by two stacks stays shared.
+        Weight-only checkpoints only: a module with online input transforms or activation quantizers
+        computes something no plain Linear does, so such a model is refused before anything is replaced."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        modules = quantized_modules(model)
-        for name, module in modules:
-            if module._ops or module._act_in is not None or module._act_out is not None:
+        for name, module in quantized_modules(model):
+            if isinstance(module, QdlmLinear) and (module._ops or module._act_in is not None
+                                                    or module._act_out is not None):
                 raise CheckpointError(
                     f"cannot dequantize module {name!r}: it applies online input transforms or activation "
                     "quantization, which a plain Linear cannot hold",
@@ -324,19 +356,18 @@ class QdlmHfQuantizer(HfQuantizer):
             if any(t.is_meta for t in module.buffers()):
                 raise CheckpointError(f"cannot dequantize module {name!r}: its weights are offloaded (on meta)",
                                       hint="load the model without disk/CPU offload to dequantize it")
-        for name, module in modules:
-            s = module.spec
-            weight = dequantize_packed(module.weight_packed, module.weight_scale,
-                                       getattr(module, "weight_zero_point", None), s.bits, s.group_size,
-                                       s.in_features, dtype or module.weight_scale.dtype)
-            linear = nn.Linear(s.in_features, s.out_features, bias=module.bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
+        dense: dict[int, nn.Module] = {}  # id of a quantized module -> its replacement, shared like it
+        for name, module in list(model.named_modules(remove_duplicate=False)):
+            if not isinstance(module, (QdlmFusedExperts, QdlmLinear)):
+                continue
+            if id(module) not in dense:
+                if isinstance(module, QdlmFusedExperts):
+                    scale = getattr(module, module.gate_up_name).weight_scale
+                    dense[id(module)] = module.dequantized_module(dtype or scale.dtype)
+                else:
+                    dense[id(module)] = _dense_linear(module, dtype)
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense[id(module)])
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -348,6 +379,20 @@ class QdlmHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _dense_linear(module: QdlmLinear, dtype: torch.dtype | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``module``'s dequantized weight (and bias) in ``dtype``."""
+    s = module.spec
+    weight = dequantize_packed(module.weight_packed, module.weight_scale, getattr(module, "weight_zero_point", None),
+                               s.bits, s.group_size, s.in_features, dtype or module.weight_scale.dtype)
+    linear = nn.Linear(s.in_features, s.out_features, bias=module.bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
 
 
 def register_with_transformers() -> None:

@@ -1,5 +1,8 @@
 """Which kernel backends the loader would run a checkpoint's quantized linears on (``inspect``); for a
-routed expert, also whether its block computes through the grouped expert GEMM (``grouped_experts.py``)."""
+routed expert, also whether its block computes through the grouped expert GEMM (``grouped_experts.py``);
+a fused experts module's stacked projections always do (``fused_experts.py``), and the experts of one
+stored unstacked (weight-activation) run one by one, each on its own linear's kernels. Modules a second
+layer stack computes with too (``quantization_config.shared_stack``) say so."""
 
 from __future__ import annotations
 
@@ -7,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..format.spec import LinearSpec, checkpoint_dtype
+from ..format.spec import (
+    FusedProjection,
+    LinearSpec,
+    checkpoint_dtype,
+    fused_projections,
+    shared_stack_prefixes,
+    unstacked_projections,
+)
 from ..format.validation import validate_checkpoint
 from ..kernels import describe_backend
 from .grouped_experts import planned_paths, prefers_grouped
@@ -35,11 +45,37 @@ def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, 
     return "; ".join(parts)
 
 
+def describe_fused(spec: LinearSpec, projection: FusedProjection, device: torch.device | str, tokens: int,
+                   dtype: torch.dtype) -> str:
+    """A fused experts module's stacked projection: one grouped expert GEMM over its experts."""
+    shapes = {"M": tokens, "in_features": spec.in_features, "out_features": spec.out_features, "bits": spec.bits,
+              "group_size": spec.group_size, "symmetric": spec.symmetric, "dtype": dtype}
+    split = "+".join(map(str, projection.rows))
+    return (f"fused experts, {projection.experts} stacked ({'/'.join(projection.parts)} rows {split}): "
+            f"{describe_backend('grouped_expert_gemm', device, **shapes)}")
+
+
 def kernel_plans(folder: str | Path, *, device: torch.device | str, tokens: int) -> dict[str, str]:
-    """Module -> :func:`describe_kernels` for every quantized linear of the checkpoint ``folder``
-    (validated again: headers only), in the dtype the checkpoint loads in."""
+    """Module -> :func:`describe_kernels` (:func:`describe_fused` for stacked experts) for every quantized
+    module of the checkpoint ``folder`` (validated again: headers only), in the dtype the checkpoint
+    loads in."""
     checked = validate_checkpoint(folder)
+    qconfig = checked.qconfig or {}
     dtype = checkpoint_dtype(checked.config)
-    experts = planned_paths(checked.specs, (checked.qconfig or {}).get("family"))
-    return {name: describe_kernels(spec, device, tokens, dtype, experts.get(name))
-            for name, spec in checked.specs.items()}
+    experts = planned_paths(checked.specs, qconfig.get("family"))
+    fused = fused_projections(qconfig)
+    unstacked = {name: fp for fp in unstacked_projections(qconfig).values() for name in fp.expert_linears()}
+    shared = shared_stack_prefixes(qconfig)
+    plans = {}
+    for name, spec in checked.specs.items():
+        if name in fused:
+            plan = describe_fused(spec, fused[name], device, tokens, dtype)
+        elif name in unstacked:  # online ops and activation quantizers per expert: no grouped GEMM
+            plan = describe_kernels(spec, device, tokens, dtype,
+                                    f"fused experts {unstacked[name].module} stored unstacked: per-expert loop")
+        else:
+            plan = describe_kernels(spec, device, tokens, dtype, experts.get(name))
+        if shared is not None and name.startswith(shared[1]):
+            plan += f"; both stacks ({shared[1]}* and {shared[0]}*, stored once)"
+        plans[name] = plan
+    return plans

@@ -6,12 +6,14 @@ imported, would therefore become the dense model with its quantized linears rand
 So the native ``config.json`` of such a family does not keep the family's ``model_type``:
 
 * ``model_type`` becomes ``qdlm_<type>`` (``qdlm_qwen2``), which stock transformers does not know,
-  and ``architectures`` names the wrapper class (``QdlmQwen2ForCausalLM``). The originals are kept in
+  and ``architectures`` names the wrapper class (``QdlmQwen2ForCausalLM``; for a model whose head
+  class is an image-text-to-text one, DiffusionGemma, ``QdlmDiffusionGemmaForBlockDiffusion``). The originals are kept in
   ``quantization_config`` as ``base_model_type`` and ``base_architectures`` (and ``base_auto_map``
   when the source had one); :func:`unwrap_config` restores them (conversions to other formats do).
 * ``auto_map`` points at two small generated files in the folder: ``configuration_qdlm.py`` (the
   family's config class under the new model type) and ``modeling_qdlm.py`` (the family's
-  ``*Model`` and ``*ForCausalLM`` with that config class). They only subclass transformers' classes.
+  ``*Model`` and its head class, ``*ForCausalLM`` or the image-text-to-text class, with that config
+  class). They only subclass transformers' classes.
 * ``import qdlm_export`` registers the same classes (:func:`register_wrappers`), so where the package
   is imported the folder loads without ``trust_remote_code``.
 
@@ -66,9 +68,9 @@ class Qdlm{config}({config}):
     model_type = "{model_type}"
 '''
 
-_MODELING_TEMPLATE = '''{header}: transformers' {model} and {causal}, bound to the
+_MODELING_TEMPLATE = '''{header}: transformers' {model} and {head}, bound to the
 # config class of configuration_qdlm.py. Nothing else differs from transformers' classes.
-from transformers import {model}, {causal}
+from transformers import {model}, {head}
 
 from .{config_module} import Qdlm{config}
 
@@ -77,20 +79,28 @@ class Qdlm{model}({model}):
     config_class = Qdlm{config}
 
 
-class Qdlm{causal}({causal}):
+class Qdlm{head}({head}):
     config_class = Qdlm{config}
 '''
 
+# The Auto class of a native model's head, in order of preference: the first whose mapping knows the
+# model type (dense LMs: causal; DiffusionGemma, a multimodal encoder-decoder: image-text-to-text).
+HEAD_AUTO_CLASSES = (("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+                     ("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"))
+
 
 def _names(base: str) -> dict[str, str] | None:
-    """transformers' class names for ``base``; None when transformers does not build it natively."""
+    """transformers' class names for ``base`` (config, base model, head, and the head's Auto class);
+    None when transformers does not build it natively."""
+    from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     if not isinstance(base, str):
         return None
-    names = {"config": CONFIG_MAPPING_NAMES.get(base), "model": MODEL_MAPPING_NAMES.get(base),
-             "causal": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(base)}
+    head = next(((auto, getattr(modeling_auto, mapping).get(base)) for auto, mapping in HEAD_AUTO_CLASSES
+                 if isinstance(getattr(modeling_auto, mapping, {}).get(base), str)), (None, None))
+    names = {"config": CONFIG_MAPPING_NAMES.get(base), "model": modeling_auto.MODEL_MAPPING_NAMES.get(base),
+             "head": head[1], "auto": head[0]}
     return names if all(isinstance(v, str) for v in names.values()) else None
 
 
@@ -120,11 +130,11 @@ def wrap_config(config: dict[str, Any]) -> dict[str, Any]:
         qc[BASE_AUTO_MAP] = config["auto_map"]
     out = dict(config)
     out["model_type"] = wrapped_model_type(base)
-    out["architectures"] = [f"Qdlm{names['causal']}"]
+    out["architectures"] = [f"Qdlm{names['head']}"]
     out["auto_map"] = {
         "AutoConfig": f"{CONFIG_MODULE}.Qdlm{names['config']}",
         "AutoModel": f"{MODELING_MODULE}.Qdlm{names['model']}",
-        "AutoModelForCausalLM": f"{MODELING_MODULE}.Qdlm{names['causal']}",
+        names["auto"]: f"{MODELING_MODULE}.Qdlm{names['head']}",
     }
     out["quantization_config"] = qc
     return out
@@ -257,7 +267,7 @@ def _register_models(base: str) -> None:
 
     names = _names(base)
     config_cls = _CONFIG_CLASSES[base]
-    for auto, key in (("AutoModel", "model"), ("AutoModelForCausalLM", "causal")):
+    for auto, key in (("AutoModel", "model"), (names["auto"], "head")):
         parent = getattr(transformers, names[key])
         cls = type(f"Qdlm{names[key]}", (parent,), {"config_class": config_cls, "__module__": __name__})
         getattr(transformers, auto).register(config_cls, cls, exist_ok=True)

@@ -192,14 +192,19 @@ class DuQuant(WeightActivationMethod):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Fail before any calibration work when the block size cannot tile the residual stream (the
-        # other input sizes are checked per block, in plan_block).
+        # Fail before any calibration work when the block size cannot tile the residual stream or the
+        # MLP's width (every input size is checked again per block, in plan_block).
         hidden = self.adapter.attention_shape(self.model_config).hidden_size
-        if hidden % self.config.block_size:
-            raise ConfigError(
-                f"DuQuant block size {self.config.block_size} does not divide the model's hidden size {hidden}",
-                hint="pass -O block_size=N with N dividing every linear's input size (the study uses 128)",
-            )
+        text = self.adapter.text_config(self.model_config)
+        inter = next((v for k in self.adapter.intermediate_size_keys
+                      if isinstance(v := (text.get(k) if isinstance(text, dict) else getattr(text, k, None)), int)),
+                     None)
+        for size, what in ((hidden, "hidden size"), (inter, "intermediate (MLP) size")):
+            if size is not None and size % self.config.block_size:
+                raise ConfigError(
+                    f"DuQuant block size {self.config.block_size} does not divide the model's {what} {size}",
+                    hint="pass -O block_size=N with N dividing every linear's input size (the study uses 128)",
+                )
         self.rot = base_rotation(self.config.block_size, self.config.rotation_seed)
         self.online_smoothing: list[str] = []
 

@@ -24,6 +24,13 @@ Online (recorded per module, applied by the loader):
     being folded into ``up``): LLaDA's 12288 = 12 * 1024, Dream's 18944 = 148 * 128 and Llama-2's
     11008 = 172 * 64 use the non-power-of-two matrices of ``qdlm_export/hadamard.py``.
 
+Families whose blocks normalise what they add to the residual stream (Gemma's post-norms with gains,
+``FamilyAdapter.residual_post_norms``) cannot have the stream rotated: ``norm(o_proj(x) Q)`` is not
+``norm(o_proj(x)) Q`` once the norm has a per-channel gain. There every quantized linear's input is
+rotated online instead, ``x H(in) -> W H(in)``, the treatment the paper gives the down projection; the
+norms, the embeddings and the (tied) LM head are left as they are, and a per-head norm between a
+projection and attention (``q_norm``/``k_norm``, ``v_norm``) is never crossed by a rotation.
+
 Weights: GPTQ on the rotated weights with the rotated inputs' Hessians (the study), or RTN;
 activations per token, symmetric. QuaRot's extra Hadamard on queries and keys after RoPE only
 matters for a quantized K cache, which dLLMs do not have; ``qkv_bits`` instead quantizes the q/k/v
@@ -131,6 +138,11 @@ class QuaRot(WeightActivationMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.shape = self.adapter.attention_shape(self.model_config)
+        # Post-norms on the residual writers: every input rotated online, the stream left alone.
+        self.online_only = bool(self.adapter.residual_post_norms)
+        if self.online_only:
+            _require_hadamard(self.shape.hidden_size, "the model's hidden size")
+            return
         hidden, heads, head_dim = self.shape.hidden_size, self.shape.num_heads, self.shape.head_dim
         for size, what in ((hidden, "hidden size"), (heads, "number of attention heads"), (head_dim, "head dim")):
             _require_hadamard(size, f"the model's {what}")
@@ -143,6 +155,8 @@ class QuaRot(WeightActivationMethod):
 
     def prepare(self, model: nn.Module) -> None:
         """Embeddings, final norm and LM head: fold, (centre), rotate."""
+        if self.online_only:
+            return  # the residual stream is not rotated: embeddings, final norm and head stay as they are
         adapter = self.adapter
         embed = model.get_submodule(adapter.embeddings)
         head = model.get_submodule(adapter.lm_head)
@@ -164,6 +178,8 @@ class QuaRot(WeightActivationMethod):
     def plan_block(
         self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...], calib: BlockCalibration | None
     ) -> dict[str, LinearPlan]:
+        if self.online_only:
+            return self._plan_online(block, prefix, groups)
         heads, head_dim = self.shape.num_heads, self.shape.head_dim
         writers = residual_writers(groups)
         router = router_of(self.adapter, block, groups)
@@ -197,7 +213,20 @@ class QuaRot(WeightActivationMethod):
                     rotate_outputs(linear, self.signs)
         return plans
 
+    def _plan_online(self, block: nn.Module, prefix: str, groups: tuple[LinearGroup, ...]) -> dict[str, LinearPlan]:
+        """Every linear's input rotated online by H(in_features); nothing folded into the block."""
+        plans: dict[str, LinearPlan] = {}
+        for group in groups:
+            for name in group.linears:
+                linear = find_linear(block, name)
+                _require_hadamard(linear.in_features, f"{prefix}.{name}'s input size")
+                plans[name] = LinearPlan(ops=[{"op": "hadamard", "size": linear.in_features, "stride": 1}])
+        return plans
+
     def transform_metadata(self) -> dict[str, Any]:
+        if self.online_only:
+            return {"offline": {"kind": "quarot", "rotation": "online-hadamard", "residual_rotated": False,
+                                "why": "post-norms with gains on the residual writers (residual_post_norms)"}}
         return {
             "offline": {
                 "kind": "quarot",

@@ -55,8 +55,8 @@ def router_of(
     The router stays in full precision; what is folded into its input must be folded into its
     ``weight`` ``[experts, hidden]`` (an ``nn.Linear`` or, in LLaDA2, a module holding the weight)."""
     norm = next((g.expert_input for g in groups if g.routed and g.expert_input), None)
-    if adapter.router is None or norm is None:
-        return None
+    if adapter.router is None or norm is None or not adapter.router_norm_shared:
+        return None  # no router, or one reading its own input (nothing of the experts' norm to fold)
     router = block.get_submodule(adapter.router)
     weight = getattr(router, "weight", None)
     hidden = block.get_submodule(norm).weight.shape[0]

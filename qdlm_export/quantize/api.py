@@ -29,6 +29,7 @@ from ..errors import ArgumentTypeError, ConfigError, InputDataError, ModelNotFou
 from ..format.config_schema import build_quantization_config
 from ..format.report import build_report, public_command, public_name, record_local_source, write_report
 from ..format.spec import DTYPES, ST_FLOAT_DTYPES, dtype_name
+from ..format.stacked_experts import StackingSink, shared_stack_section
 from ..format.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, TeeSink
 from ..methods import build_method, make_config  # noqa: F401  (make_config: part of this API)
 from ..format.output import check_output
@@ -140,13 +141,20 @@ def quantize(
         planned = _check_layer_shapes(source, method)
         if export_qconfig is not None:  # the module list, overrides and shapes, before any heavy work
             export_qconfig.update(quantized_modules=[m.name for m in planned], module_overrides=dict(method.overrides))
+            fused_spec = source.adapter.fused_experts
+            if fused_spec is not None:  # the targets' refusals of fused experts, before any work
+                export_qconfig["fused_experts"] = {
+                    f"{source.adapter.block_prefix(i)}.{fused_spec.module}": {}
+                    for i in range(source.adapter.num_layers(source.config_dict))}
             check_convertible(export_qconfig, output_format, planned)
         if source.trust_remote_code and source.config_dict.get("auto_map"):
             from .preflight import run_first_block
 
             run_first_block(source, torch_device)  # the model's own code runs, finitely, before any work
         block_length = source.adapter.block_length
-        attention = calibration.resolved_attention(block_length)  # a pattern the family cannot take: refused
+        denoising = source.adapter.shared_stack is not None  # the encoder/decoder walk (quantize/paired_walk.py)
+        # a pattern the family cannot take: refused
+        attention = calibration.resolved_attention(block_length, denoising=denoising)
         if method.needs_calibration:
             check_calibration_fits(calibration, source.adapter, source.config_dict, device=torch_device, dtype=dtype)
         tokenizer = _tokenizer(source) if (method.needs_calibration or verify) else None
@@ -157,8 +165,11 @@ def quantize(
         if method.needs_calibration:
             logger.info("Tokenizing calibration text (%s): %d x %d tokens, %s attention", calibration.source,
                         calibration.nsamples, calibration.seqlen, attention)
-            calib_tokens = calibration_tokens(tokenizer, calibration, mask_id, block_length)
-            calib_mask = attention_mask(attention, calibration.seqlen, block_length, dtype=dtype)
+            if denoising:  # clean text windows; the pipeline noises their canvases the way the sampler does
+                calib_tokens = calibration_tokens(tokenizer, dataclasses.replace(calibration, attention="full"))
+            else:
+                calib_tokens = calibration_tokens(tokenizer, calibration, mask_id, block_length)
+                calib_mask = attention_mask(attention, calibration.seqlen, block_length, dtype=dtype)
         logger.info("Quantizing %d blocks with %s (%d-bit, group %d)", source.adapter.num_layers(source.config_dict),
                     config.method, config.bits, config.group_size)
 
@@ -168,22 +179,28 @@ def quantize(
             native = output_format == "native"
             tmp = stage if native else Path(tempfile.mkdtemp(prefix=".native-", dir=stage))
             writer = ShardedWriter(tmp, max_shard_bytes) if native or verify else None
+            # fused 3-D experts (DiffusionGemma): each block's per-expert results stacked back (docs/FORMAT.md)
+            stacking = (StackingSink.for_model(writer, source.adapter, source.config_dict)
+                        if writer is not None and source.adapter.fused_experts is not None else None)
             export = None
             if not native:
                 from ..exports.streaming import ConvertingSink
 
                 export = ConvertingSink(stage, output_format, export_qconfig, max_shard_bytes=max_shard_bytes)
             result = run_pipeline(
-                source, method, TeeSink(*(s for s in (writer, export) if s is not None)),
+                source, method, TeeSink(*(s for s in (stacking or writer, export) if s is not None)),
                 calib_tokens=calib_tokens, device=torch_device, compute_dtype=dtype, batch_size=batch_size,
                 on_block=on_block, calib_attention_mask=calib_mask,
+                denoising=(("encoder" if attention == "causal" else "denoising", calibration.seed)
+                           if denoising else None),
             )
+            fused = stacking.finish() if stacking is not None else None
             shards = writer.close() if writer is not None else []
             if export is not None:
                 shards = export.close()  # the folder's size is the export's
             for f in source.copyable_files():
                 shutil.copy2(f, tmp / f.name)
-            qconfig = _quantization_config(config, source, result, calibration, method, command)
+            qconfig = _quantization_config(config, source, result, calibration, method, command, fused)
             config_dict = dict(source.config_dict)
             config_dict["quantization_config"] = qconfig
             (tmp / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
@@ -389,7 +406,7 @@ def _calibration_record(calibration: CalibrationConfig, block_length: int | None
     return record
 
 
-def _quantization_config(config, source, result, calibration, method, command) -> dict[str, Any]:
+def _quantization_config(config, source, result, calibration, method, command, fused=None) -> dict[str, Any]:
     adapter = source.adapter
     transforms = method.transform_metadata()
     return build_quantization_config(
@@ -407,6 +424,7 @@ def _quantization_config(config, source, result, calibration, method, command) -
         transforms={"modules": result.module_transforms, **transforms} if (result.module_transforms or transforms) else {},
         calibration=(_calibration_record(calibration, source.adapter.block_length)
                      if method.needs_calibration else None),
+        fused_experts=fused, shared_stack=shared_stack_section(adapter),
         provenance={
             "source": public_name(source.model_id),  # never an absolute path: config.json is published
             "source_kind": "local" if Path(source.model_id).expanduser().exists() else "hub",

@@ -39,19 +39,23 @@ def reference_logits(source: SourceModel, tokens: torch.Tensor, device: torch.de
         source.materialize(model, prefix, device, torch.float32)
     handles = []
     blocks = adapter.block_list(model)
-    batches = -(-tokens.shape[0] // batch_size)
-    with progress.step("verifying: the original, block by block", len(blocks) * batches) as done:
-        for index, block in enumerate(blocks):
-            prefix = adapter.block_prefix(index)
+    # A second stack over the blocks' weights (DiffusionGemma's encoder) runs all its layers before the
+    # blocks: its layer i materialises block i's weights too, and releases them after.
+    stacks = [blocks] + ([model.get_submodule(adapter.shared_stack.layers)] if adapter.shared_stack else [])
+    batches = -(-len(tokens) // batch_size)
+    with progress.step("verifying: the original, block by block", len(stacks) * len(blocks) * batches) as done:
+        for layers in stacks:
+            for index, layer in enumerate(layers):
+                prefix = adapter.block_prefix(index)
 
-            def load(module: nn.Module, args, prefix=prefix):
-                source.materialize(model, prefix, device, torch.float32)
+                def load(module: nn.Module, args, kwargs=None, prefix=prefix):
+                    source.materialize(model, prefix, device, torch.float32)
 
-            def free(module: nn.Module, args, output, prefix=prefix):
-                source.release(model, prefix)
-                done.advance()
+                def free(module: nn.Module, args, output, prefix=prefix):
+                    source.release(model, prefix)
+                    done.advance()
 
-            handles += [block.register_forward_pre_hook(load), block.register_forward_hook(free)]
+                handles += [layer.register_forward_pre_hook(load), layer.register_forward_hook(free)]
         try:
             logits = _logits(model, tokens, device, batch_size)
         finally:
@@ -59,12 +63,18 @@ def reference_logits(source: SourceModel, tokens: torch.Tensor, device: torch.de
                 h.remove()
     from .preflight import check_finite_logits
 
-    check_finite_logits(source, logits, f"{tokens.shape[0]} verification samples")
+    check_finite_logits(source, logits, f"{len(tokens)} verification samples")
     return logits
 
 
-def _logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+def _logits(model: nn.Module, tokens, device: torch.device, batch_size: int) -> torch.Tensor:
+    """Logits per batch of ``tokens``: token windows ``[n, seqlen]``, or denoising windows
+    (``denoising_calibration.DenoisingWindows``: the model's canvas logits on its noised windows)."""
     outs = []
+    if not isinstance(tokens, torch.Tensor):
+        for batch in tokens.batches(batch_size):
+            outs.append(model(**batch.model_inputs(device)).logits.float().cpu())
+        return torch.cat(outs)
     for start in range(0, tokens.shape[0], batch_size):
         out = model(input_ids=tokens[start : start + batch_size].to(device))
         logits = out.logits if hasattr(out, "logits") else out[0]
@@ -72,11 +82,13 @@ def _logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_
     return torch.cat(outs)
 
 
-def _checkpoint_logits(model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
-    with progress.step("verifying: the quantized checkpoint (batches)", -(-tokens.shape[0] // batch_size)) as done:
+def _checkpoint_logits(model: nn.Module, tokens, device: torch.device, batch_size: int) -> torch.Tensor:
+    with progress.step("verifying: the quantized checkpoint (batches)", -(-len(tokens) // batch_size)) as done:
         outs = []
-        for start in range(0, tokens.shape[0], batch_size):
-            outs.append(_logits(model, tokens[start : start + batch_size], device, batch_size))
+        for start in range(0, len(tokens), batch_size):
+            part = tokens[start : start + batch_size] if isinstance(tokens, torch.Tensor) else \
+                tokens.select(slice(start, start + batch_size))
+            outs.append(_logits(model, part, device, batch_size))
             done.advance()
     return torch.cat(outs)
 
@@ -152,7 +164,13 @@ def check_buffers_match(source: SourceModel, model: nn.Module) -> None:
 def relative_output_error(
     source: SourceModel, folder: Path, tokens: torch.Tensor, device: torch.device
 ) -> float:
-    """``||logits_q - logits_ref||_F / ||logits_ref||_F`` over ``tokens``."""
+    """``||logits_q - logits_ref||_F / ||logits_ref||_F`` over ``tokens``. Families with an encoder stack
+    beside their decoder (DiffusionGemma) are compared on the decoder's canvas logits of noised windows
+    (clean context, noised canvas, self-conditioning: ``denoising_calibration.py``)."""
+    if source.adapter.shared_stack is not None:
+        from .denoising_calibration import denoising_windows
+
+        tokens = denoising_windows(tokens, source.config, seed=1)
     ref = reference_logits(source, tokens, device)
     model = load_quantized(folder, source.adapter.auto_class, source.trust_remote_code, device)
     check_buffers_match(source, model)

@@ -153,9 +153,15 @@ def run_pipeline(
     batch_size: int = 8,
     on_block: Callable[[int, int], None] | None = None,
     calib_attention_mask: torch.Tensor | None = None,
+    denoising: tuple[str, int] | None = None,
 ) -> PipelineResult:
     """``calib_attention_mask``: the additive mask calibration windows run with (block-diffusion
-    families: ``block_calibration.attention_mask``); None: the model's forward without one."""
+    families: ``block_calibration.attention_mask``); None: the model's forward without one.
+
+    ``denoising``: ``(mode, seed)`` for families with an encoder stack over the blocks' weights
+    (``FamilyAdapter.shared_stack``): the windows are noised the way the sampler sees them
+    (``denoising_calibration.py``, mode "denoising" or "encoder") and each step walks encoder layer ``i``
+    and decoder layer ``i`` together (``paired_walk.PairedLayer``); the decoder layer is what is written."""
     adapter = source.adapter
     model = source.skeleton()
     blocks = adapter.block_list(model)
@@ -171,7 +177,10 @@ def run_pipeline(
     if method.needs_calibration:
         if calib_tokens is None:
             raise ConfigError(f"method {method.name} needs calibration data")
-        calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device, calib_attention_mask)
+        if adapter.shared_stack is not None:
+            calib = _capture_denoising(source, model, calib_tokens, denoising or ("denoising", 0), batch_size, device)
+        else:
+            calib = capture_block_inputs(model, blocks, calib_tokens, batch_size, device, calib_attention_mask)
 
     with progress.step("quantizing blocks", len(blocks)) as blocks_done:
         for index in range(len(blocks)):
@@ -179,7 +188,8 @@ def run_pipeline(
             prefix = adapter.block_prefix(index)
             source.materialize(model, prefix, device, compute_dtype)
             block = blocks[index]
-            qweights = quantize_block(method, block, prefix, calib, propagate=index + 1 < len(blocks))
+            walked = _paired(model, adapter, index) if adapter.shared_stack is not None else block
+            qweights = quantize_block(method, walked, prefix, calib, propagate=index + 1 < len(blocks))
             _write_block(source, sink, block, prefix, qweights, result)
             source.release(model, prefix)
             result.seconds_per_block.append(time.perf_counter() - started)
@@ -188,9 +198,34 @@ def run_pipeline(
                 on_block(index + 1, len(blocks))
 
     head_calib = BlockCalibration(hidden=calib.hidden) if calib is not None else None
+    if calib is not None and adapter.shared_stack is not None:  # the head reads the canvas rows only
+        from .paired_walk import unpack
+
+        context = calib.call_kwargs[0]["context_length"]
+        head_calib = BlockCalibration(hidden=[unpack(h, context)[1] for h in calib.hidden])
     _write_non_block(source, sink, model, method, head_calib, result)
     result.module_overrides = dict(method.overrides)
     return result
+
+
+def _capture_denoising(source: SourceModel, model: nn.Module, tokens: torch.Tensor, denoising: tuple[str, int],
+                       batch_size: int, device: torch.device) -> BlockCalibration:
+    from .denoising_calibration import denoising_windows
+    from .paired_walk import capture_denoising_inputs
+
+    mode, seed = denoising
+    windows = denoising_windows(tokens, source.config, seed=seed, mode=mode)
+    return capture_denoising_inputs(model, windows, batch_size=batch_size, device=device)
+
+
+def _paired(model: nn.Module, adapter, index: int) -> nn.Module:
+    """Block ``index`` walked with layer ``index`` of the shared stack (their shared modules re-shared
+    before each forward: a method may have replaced some of the block's)."""
+    from .paired_walk import PairedLayer
+    from .shared_stack_view import share_modules
+
+    shared = model.get_submodule(adapter.shared_stack.layers)[index]
+    return PairedLayer(shared, adapter.block_list(model)[index], share=share_modules)
 
 
 def _record_linear(result: PipelineResult, source: SourceModel, name: str, qweight) -> None:

@@ -3,6 +3,9 @@ safetensors, materialised into a weightless skeleton one block at a time.
 
 This is what keeps peak memory near one block: the skeleton's parameters live on the ``meta``
 device until a block is needed, and go back there once it has been written.
+
+Fused experts are served unfused (:mod:`.fused_experts`: per-expert 2-D keys slicing the stored 3-D
+tensors, read whole through ``stored_*``); a shared stack comes with its blocks (:mod:`.shared_stack_view`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ..families import FamilyAdapter, family_for_config
 from ..format.model_files import COPIED_PATTERNS, copyable_model_files  # noqa: F401 (COPIED_PATTERNS: docs/FORMAT.md)
 from ..format.reader import INDEX_FILE, CheckpointReader, link_roots, stays_inside
 from ..format.tensor_headers import TensorEntry, read_safetensors_header
+from .fused_experts import ExpertSlice, expert_slices, unfuse_model
+from .shared_stack_view import in_shared_layers, share_counterpart, share_modules, shared_layer_prefix
 
 
 def resolve_model_path(model: str, *, revision: str | None = None) -> Path:
@@ -158,6 +163,8 @@ class SourceModel:
     # NaN/Inf in a source tensor is an error unless allowed (some checkpoints hold unused inf rows).
     allow_non_finite: bool = False
     _entries: dict[str, TensorEntry] = field(default_factory=dict)  # every tensor of the model, by name
+    _fused: dict[str, dict[str, ExpertSlice]] = field(default_factory=dict)  # stored 3-D name -> its expert keys
+    _views: dict[str, ExpertSlice] = field(default_factory=dict)  # those keys -> the slice they are
     _reader: CheckpointReader | None = None
     _config: Any = None
 
@@ -228,6 +235,8 @@ class SourceModel:
             for key in [k for k in self._entries if k not in index]:
                 del self._entries[key]  # in a listed file but not in the index: not part of the model
         self._reader = CheckpointReader(self.path, self._entries)
+        self._fused = expert_slices(self.adapter, {k: tuple(e.shape) for k, e in self._entries.items()})
+        self._views = {key: view for views in self._fused.values() for key, view in views.items()}
 
     def _read_index(self) -> dict[str, Path] | None:
         """The index file's weight_map as tensor -> file, with every entry checked to name a file
@@ -267,7 +276,8 @@ class SourceModel:
     def check_config_matches_weights(self) -> None:
         """Compare config.json's sizes with the tensor shapes in the safetensors headers, so a config
         that does not describe these weights is named here, before any work."""
-        adapter, config = self.adapter, self.config_dict
+        adapter = self.adapter  # multimodal configs keep the text sizes in a section; top-level keys first
+        config = {**adapter.text_config(self.config_dict), **self.config_dict}
         cfg = self.path / "config.json"
         blocks_prefix = adapter.blocks + "."
         present = sorted({int(k[len(blocks_prefix):].split(".", 1)[0]) for k in self._entries
@@ -319,21 +329,42 @@ class SourceModel:
                     check(hidden, f"{first}.{name}.weight", 0)
 
     # ---- tensors -------------------------------------------------------------------------------
+    # The model's tensors as quantization sees them: fused experts as per-expert 2-D keys.
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return [name for key in self._entries for name in self._fused.get(key, (key,))]
 
     def has(self, key: str) -> bool:
-        return key in self._entries
+        return key in self._views or (key in self._entries and key not in self._fused)
 
     def tensor(self, key: str) -> torch.Tensor:
+        """The tensor, memory-mapped; a per-expert key is a view of its stored 3-D tensor."""
+        view = self._served(key)
+        return view.take(self.stored_tensor(view.stored)) if view is not None else self.stored_tensor(key)
+
+    def tensor_meta(self, key: str) -> tuple[str, list[int]]:
+        view = self._served(key)
+        return (self._entries[view.stored].dtype, list(view.shape)) if view is not None else self.stored_meta(key)
+
+    def _served(self, key: str) -> ExpertSlice | None:
+        if key in self._fused:
+            raise KeyError(f"{key} is served as per-expert tensors (keys()); stored_tensor() reads it whole")
+        return self._views.get(key)
+
+    # The tensors as the checkpoint stores them.
+    def stored_keys(self) -> list[str]:
+        return list(self._entries)
+
+    def stored_tensor(self, key: str) -> torch.Tensor:
         try:
             return self._reader.get(key)
         except Exception as exc:  # SafetensorError: the data region changed or broke since the header
             raise _not_safetensors(Path(self._entries[key].path), f"tensor {key}: {exc}") from None
 
-    def tensor_meta(self, key: str) -> tuple[str, list[int]]:
-        entry = self._entries[key]
-        return entry.dtype, list(entry.shape)
+    def stored_meta(self, key: str) -> tuple[str, list[int]]:
+        return self._entries[key].dtype, list(self._entries[key].shape)
+
+    def _entry(self, key: str) -> TensorEntry:  # the stored tensor holding ``key`` (its file, for messages)
+        return self._entries[self._views[key].stored if key in self._views else key]
 
     def source_bytes(self) -> int:
         return sum(Path(f).stat().st_size for f in {e.path for e in self._entries.values()})
@@ -378,54 +409,75 @@ class SourceModel:
                 raise
             raise remote_code_error(self, exc, "building the model from its config") from None
         repair_rotary_buffers(model)
+        unfuse_model(model, self.adapter)
         model.eval()
         return model
 
     def materialize(self, model: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype) -> None:
-        """Load every parameter under ``prefix`` ('' for all) from the safetensors into ``model``."""
-        from accelerate.utils import set_module_tensor_to_device
+        """Load every parameter under ``prefix`` ('' for all) from the safetensors into ``model``.
 
+        With a shared stack: a block also brings its shared layer, which computes with the block's
+        modules (:func:`share_modules`) and loads the tensors stored as its own (a ``layer_scalar``);
+        a module of the shared stack outside its layers becomes the module it is stored as."""
         try:
-            for name, param in list(model.named_parameters(remove_duplicate=False)):
-                if prefix and not (name == prefix or name.startswith(prefix + ".")):
-                    continue
-                key = self._checkpoint_key(name)
-                value = self.tensor(key)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise InputDataError(
-                        f"tensor {key} in {self._entries[key].file} has shape {list(value.shape)}, but "
-                        f"config.json builds {name} with shape {list(param.shape)}",
-                        hint="config.json does not describe these weights; use the config they were saved with",
-                    )
-                if not self.allow_non_finite:
-                    check_finite(value, key, Path(self._entries[key].path))
-                # dtype= is needed: without it accelerate casts the value back to the skeleton's dtype
-                # (the checkpoint's, e.g. bf16), and blocks would not compute in the compute dtype.
-                set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
-            for name, buffer in list(model.named_buffers(remove_duplicate=False)):
-                if prefix and not name.startswith(prefix + "."):
-                    continue
-                if self.has(name):  # persistent buffers the checkpoint stores (a router's expert_bias)
-                    # a copy: a same-dtype .to() would be a view that keeps the whole shard mapped
-                    value = self.tensor(name).to(buffer.dtype, copy=True)
-                    set_module_tensor_to_device(model, name, device, value=value)
+            aliased = bool(prefix) and share_counterpart(model, self.adapter, prefix) is not None
+            self._load(model, prefix, device, dtype, aliased)
+            layer = shared_layer_prefix(self.adapter, prefix)
+            if layer is not None:
+                share_modules(model.get_submodule(prefix), model.get_submodule(layer))
+                self._load(model, layer, device, dtype, True)
         finally:
             # Unmap the files: mapped pages we touched would otherwise stay in this process's RSS
             # for the whole run, and peak memory would appear to grow with depth.
             self.close()
 
-    def release(self, model: nn.Module, prefix: str) -> None:
-        """Send the parameters under ``prefix`` back to ``meta`` to free their memory."""
+    def _load(self, model: nn.Module, prefix: str, device: torch.device, dtype: torch.dtype, only_meta: bool) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        for name, _ in list(model.named_parameters(remove_duplicate=False)):
-            if name.startswith(prefix + "."):
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
+            if prefix and not (name == prefix or name.startswith(prefix + ".")):
+                continue
+            if only_meta and param.device.type != "meta":
+                continue  # a module of the blocks', loaded with them
+            key = self._checkpoint_key(name)
+            value = self.tensor(key)
+            if tuple(value.shape) != tuple(param.shape):
+                raise InputDataError(
+                    f"tensor {key} in {self._entry(key).file} has shape {list(value.shape)}, but "
+                    f"config.json builds {name} with shape {list(param.shape)}",
+                    hint="config.json does not describe these weights; use the config they were saved with",
+                )
+            if not self.allow_non_finite:
+                check_finite(value, key, Path(self._entry(key).path))
+            # dtype= is needed: without it accelerate casts the value back to the skeleton's dtype
+            # (the checkpoint's, e.g. bf16), and blocks would not compute in the compute dtype.
+            set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+        for name, buffer in list(model.named_buffers(remove_duplicate=False)):
+            if prefix and not name.startswith(prefix + "."):
+                continue
+            if self.has(name):  # persistent buffers the checkpoint stores (a router's expert_bias)
+                # a copy: a same-dtype .to() would be a view that keeps the whole shard mapped
+                value = self.tensor(name).to(buffer.dtype, copy=True)
+                set_module_tensor_to_device(model, name, device, value=value)
+
+    def release(self, model: nn.Module, prefix: str) -> None:
+        """Send the parameters under ``prefix`` (and a block's shared layer) back to ``meta``."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        heads = tuple(p + "." for p in (prefix, shared_layer_prefix(self.adapter, prefix)) if p is not None)
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
+            if name.startswith(heads) and param.device.type != "meta":
                 set_module_tensor_to_device(model, name, "meta")
         return_freed_memory()
 
     def _checkpoint_key(self, param_name: str) -> str:
         if self.has(param_name):
             return param_name
+        # The shared stack's tensors are stored once, under the blocks' names (its own buffers aside).
+        stack = self.adapter.shared_stack
+        stored = stack.stored_name(param_name) if stack is not None else None
+        if stored is not None and self.has(stored):
+            return stored
         # Tied LM head: the checkpoint stores only the embedding matrix.
         if param_name == f"{self.adapter.lm_head}.weight" and self.adapter.ties_embeddings(self.config_dict):
             return f"{self.adapter.embeddings}.weight"
@@ -435,10 +487,12 @@ class SourceModel:
         )
 
     def non_block_prefixes(self, model: nn.Module) -> list[str]:
-        """Top-level parameter owners outside the decoder blocks (embeddings, final norm, head...)."""
+        """Top-level parameter owners outside the decoder blocks (embeddings, final norm, head...) and
+        outside the shared stack's layers (materialised with their blocks)."""
         blocks = self.adapter.blocks
         names = {name.rsplit(".", 1)[0] for name, _ in model.named_parameters(remove_duplicate=False)}
-        return sorted(n for n in names if not (n == blocks or n.startswith(blocks + ".")))
+        return sorted(n for n in names if not (n == blocks or n.startswith(blocks + "."))
+                      and not in_shared_layers(self.adapter, n))
 
     def copyable_files(self) -> list[Path]:
         """The source's own model files that belong in the quantized repo (:func:`copyable_model_files`)."""
