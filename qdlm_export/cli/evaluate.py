@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import QdlmError
 from .console import err, out
 from .options import (
     MAX_EVAL_SEED,
@@ -33,9 +34,10 @@ EXAMPLES = examples(
 def eval_command(
     checkpoint: Annotated[str, typer.Argument(metavar="FOLDER", help="A quantized checkpoint folder written by `qdlm-export quantize`, or its Hub id (owner/name).")],
     tasks: Annotated[
-        str,
-        typer.Option(help="Comma-separated lm-eval tasks. Bundled offline tasks: qdlm_stdlib_mc, qdlm_stdlib_gen (tag qdlm_offline)."),
-    ] = "qdlm_stdlib_mc",
+        Optional[str],
+        typer.Option(help="Comma-separated lm-eval tasks. Bundled offline tasks: qdlm_stdlib_mc, qdlm_stdlib_gen (tag qdlm_offline) "
+                     "[default: qdlm_stdlib_mc; qdlm_stdlib_gen for a model without a mask token (DiffusionGemma)]."),
+    ] = None,
     limit: Annotated[
         Optional[float], typer.Option(help="Examples per task (an int, or a fraction below 1) [default: all].", callback=limit_option)
     ] = None,
@@ -80,6 +82,8 @@ def eval_command(
     folder = local_checkpoint(checkpoint, revision=revision)
     write = write and folder == Path(checkpoint).expanduser()  # never into the shared Hub cache
 
+    if tasks is None:
+        tasks = default_tasks(folder)
     if limit is not None and limit >= 1:
         limit = int(limit)
     model_args = parse_model_args(option or [])
@@ -104,3 +108,18 @@ def eval_command(
     if write:
         where = {"regenerated": "qdlm_report.json and README.md", "kept": "qdlm_report.json (README.md was edited by hand: kept)"}
         out.print(f"wrote the table into {where.get(result['card'], 'qdlm_report.json')} of {folder}", highlight=False, soft_wrap=True)
+
+
+def default_tasks(folder: Path) -> str:
+    """The bundled task that applies to the checkpoint's model: multiple choice scored by masked
+    likelihood, or, for a model without a mask token (uniform noise: DiffusionGemma, where masked
+    likelihoods do not apply), generation through its own sampler."""
+    from ..eval.canvas_sampler import has_mask_token
+    from ..eval.tasks import GEN_TASK, MC_TASK
+    from ..format.reader import read_config
+
+    try:
+        config = read_config(folder)
+    except QdlmError:
+        return MC_TASK  # evaluate_checkpoint reports what is wrong with the folder
+    return MC_TASK if has_mask_token(config) else GEN_TASK

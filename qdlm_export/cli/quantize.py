@@ -173,7 +173,7 @@ def quantize(
     table.add_row("linear weights", f"{human_size(summary.linear_bytes_original)} -> {human_size(summary.linear_bytes_quantized)} ({ratio:.1%})")
     table.add_row("checkpoint", f"{human_size(summary.source_checkpoint_bytes)} -> {human_size(summary.checkpoint_bytes)}")
     if summary.relative_output_error is not None:
-        table.add_row("relative output error", f"{summary.relative_output_error:.4f} (logits vs original, 4 masked samples)")
+        table.add_row("relative output error", f"{summary.relative_output_error:.4f} (logits vs original, {summary.verification_inputs})")
     table.add_row("time", f"{summary.elapsed_s:.1f} s")
     out.print(table)
     for repair in summary.compat_repairs:  # the model's own code, repaired in memory (families/compat.py)

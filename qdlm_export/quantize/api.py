@@ -57,6 +57,7 @@ class QuantizeSummary:
     relative_output_error: float | None
     elapsed_s: float
     compat_repairs: list[str] = dataclasses.field(default_factory=list)  # families/compat.py, as applied
+    verification_inputs: str = ""  # what the verification logits were computed on, e.g. "4 masked samples"
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -211,7 +212,7 @@ def quantize(
 
                 wrap_native(tmp)  # a dense family's own model type: never random weights without the tool
 
-            error = None
+            error, verified_on = None, ""
             if verify:
                 verify_cfg = dataclasses.replace(  # the same data (source, column, split...), other windows
                     calibration, nsamples=4, seqlen=min(calibration.seqlen, 128),
@@ -223,6 +224,8 @@ def quantize(
                 logger.info("Verifying: reloading the checkpoint and comparing its logits with the original's")
                 tokens = calibration_tokens(tokenizer, verify_cfg, mask_id)
                 error = relative_output_error(source, tmp, tokens, torch_device)
+                verified_on = (f"{len(tokens)} noised canvases" if source.adapter.shared_stack is not None
+                               else f"{len(tokens)} {'masked ' if mask_id is not None else ''}samples")
 
             checkpoint_bytes = sum(f.stat().st_size for f in shards)
             bpw = 8 * result.linear_bytes_quantized / max(result.linear_params, 1)
@@ -263,7 +266,7 @@ def quantize(
         linear_bytes_original=result.linear_bytes_original, linear_bytes_quantized=result.linear_bytes_quantized,
         checkpoint_bytes=checkpoint_bytes, source_checkpoint_bytes=report["source_checkpoint_bytes"],
         relative_output_error=error, elapsed_s=time.perf_counter() - started,
-        compat_repairs=compat.applied_repairs(),
+        compat_repairs=compat.applied_repairs(), verification_inputs=verified_on,
     )
 
 

@@ -274,12 +274,16 @@ def test_eval_command(source, perturbed, expected_passes_per_token, tmp_path):
     env = dict(os.environ, QDLM_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     base = [str(exe), "eval", str(perturbed), "--original", str(source), "--device", "cpu", "--no-write"]
-    refused = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]  # the default task is multiple choice
+    refused = subprocess.run([*base, "--tasks", MC_TASK, "--json"], capture_output=True, text=True, timeout=300,
+                             env=env, check=False)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert f"{MC_TASK} scores answers by their likelihood" in refused.stderr
-    proc = subprocess.run([*base, "--tasks", GEN_TASK, "--limit", str(LIMIT), "--json"], capture_output=True,
+    # no --tasks: the bundled task that applies to a model without a mask token, generation
+    proc = subprocess.run([*base, "--limit", str(LIMIT), "--json"], capture_output=True,
                           text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    row = json.loads(proc.stdout)["table"][ROW]
+    table = json.loads(proc.stdout)["table"]
+    assert f"{GEN_TASK}/exact_match:first_three_words" in table and not any(k.startswith(MC_TASK) for k in table)
+    row = table[ROW]
     assert row["original"] == expected_passes_per_token["original"]
     assert row["quantized"] == expected_passes_per_token["quantized"]

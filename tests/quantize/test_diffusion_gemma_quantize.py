@@ -119,6 +119,7 @@ def test_the_installed_cli_quantizes_verifies_and_inspects(source, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert 0 < summary["relative_output_error"] < 1.5
+    assert summary["verification_inputs"] == "4 noised canvases"  # no mask token: no "masked samples"
     report = json.loads((out / "qdlm_report.json").read_text())
     assert report["relative_output_error"] == pytest.approx(summary["relative_output_error"])
     shown = subprocess.run([CONSOLE_SCRIPT, "inspect", str(out), "--json"], capture_output=True, text=True,
