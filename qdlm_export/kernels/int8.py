@@ -56,10 +56,32 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.floor(v.abs() + 0.5).copysign(v)
 
 
+# On the CPU, rows are quantized in chunks of about this many elements: the float32 temporaries of a
+# chunk (1 MiB) stay in cache and in malloc's heap. One pass over a [1024, 12288] activation
+# allocated ~50 MB per temporary, each mmapped and page-faulted anew: 266 ms against 27 ms chunked
+# (1 thread, docs/benchmarks.md). Rows are independent, so the codes are the same bit for bit.
+CPU_QUANT_CHUNK_ELEMENTS = 1 << 18
+
+
 def quantize_per_token_torch(
     x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of ``x [..., K]`` to int8 codes in ``[-qmax, qmax]``."""
+    qmax_for(bits)
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    chunk = max(1, CPU_QUANT_CHUNK_ELEMENTS // max(K, 1))
+    if x.device.type != "cpu" or rows <= chunk:
+        return _quantize_rows(x, bits, clip_ratio)
+    x2 = x.reshape(rows, K)
+    q = torch.empty(rows, K, dtype=torch.int8)
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        q[start : start + chunk], scale[start : start + chunk] = _quantize_rows(x2[start : start + chunk], bits, clip_ratio)
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+def _quantize_rows(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = qmax_for(bits)
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else xf.new_zeros(*x.shape[:-1], 1)

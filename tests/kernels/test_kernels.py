@@ -378,7 +378,8 @@ def test_quantize_per_token_matches_the_loaders_fake_quantizer(gen, bits):
     backends = ["torch"] + (["triton"] if HAS_TRITON else [])
     for clip in (1.0, 0.85):
         spec = ActivationSpec(bits=bits, granularity="token", symmetric=True, clip_ratio=clip)
-        x = (torch.randn(300, 96, generator=gen) * 2).to(torch.bfloat16)  # bf16: many exact ties
+        # bf16: many exact ties; 3000 rows span two CPU chunks (CPU_QUANT_CHUNK_ELEMENTS)
+        x = (torch.randn(3000, 96, generator=gen) * 2).to(torch.bfloat16)
         q_ref, s_ref, _ = activation_codes(x, spec)
         for backend in backends:
             q, s = kernels.quantize_per_token(x.to(DEV if backend == "triton" else "cpu"), bits, clip, backend=backend)
