@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._triton import triton_unavailable_reason
 from .registry import Problem, choose, on_cuda, register_backend, register_steps
-from .weight_only import dequantize_packed, unpack_codes
+from .weight_only import cpu_row_blocks, dequantize_packed, unpack_codes
 
 INT_ACT_BITS = (4, 8)
 
@@ -183,11 +183,14 @@ def packed_int_linear_torch(
         acc = int_mm(x2, w.t())
         y = _scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
     else:
-        w = dequantize_packed(
-            weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, torch.float32
-        )
         xf = x2.float().mul_(x_scale.reshape(-1, 1).float())
-        y = F.linear(xf, w, None if bias is None else bias.float()).to(out_dtype)
+        y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
+        for rows in cpu_row_blocks(n_out, in_features, x2.device):  # one block off the CPU
+            zp = None if weight_zero_point is None else weight_zero_point[rows]
+            w = dequantize_packed(
+                weight_packed[rows], weight_scale[rows], zp, bits, group_size, in_features, torch.float32
+            )
+            y[:, rows] = F.linear(xf, w, None if bias is None else bias[rows].float())
     return y.view(*lead, n_out)
 
 

@@ -109,9 +109,37 @@ def weight_only_linear_torch(
     in_features: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantize to ``x.dtype``, then ``F.linear``. ``x`` is ``[..., in]``; returns ``[..., out]``."""
-    w = dequantize_packed(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    """Dequantize to ``x.dtype``, then ``F.linear``. ``x`` is ``[..., in]``; returns ``[..., out]``.
+
+    On the CPU a large weight is dequantized and multiplied in blocks of output rows (see
+    :func:`cpu_row_blocks`); every output element is still one dot product over the whole input."""
+    b = None if bias is None else bias.to(x.dtype)
+    blocks = cpu_row_blocks(weight_packed.shape[0], in_features, x.device)
+    if len(blocks) == 1:
+        w = dequantize_packed(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, x.dtype)
+        return F.linear(x, w, b)
+    x2 = x.reshape(-1, in_features)
+    y = torch.empty(x2.shape[0], weight_packed.shape[0], dtype=x.dtype)
+    for rows in blocks:
+        zp = None if weight_zero_point is None else weight_zero_point[rows]
+        w = dequantize_packed(weight_packed[rows], weight_scale[rows], zp, bits, group_size, in_features, x.dtype)
+        y[:, rows] = F.linear(x2, w, None if b is None else b[rows])
+    return y.view(*x.shape[:-1], weight_packed.shape[0])
+
+
+# Dequantized weights are materialised at most this many elements at a time on the CPU (8 MiB in
+# float32). A whole 4096 x 12288 weight in float32 is 200 MB, above glibc's mmap threshold, so every
+# call mmapped fresh pages and faulted them in: slower, and its time swung with the machine's other
+# jobs (docs/benchmarks.md). Blocks this size are reused from the heap.
+CPU_DEQUANT_BLOCK_ELEMENTS = 1 << 21
+
+
+def cpu_row_blocks(out_features: int, in_features: int, device: torch.device) -> list[slice]:
+    """Slices of output rows to dequantize one at a time: one slice off the CPU or for small weights."""
+    if torch.device(device).type != "cpu" or out_features * in_features <= CPU_DEQUANT_BLOCK_ELEMENTS:
+        return [slice(0, out_features)]
+    rows = max(1, CPU_DEQUANT_BLOCK_ELEMENTS // max(in_features, 1))
+    return [slice(start, min(out_features, start + rows)) for start in range(0, out_features, rows)]
 
 
 # Limits of the Triton kernel (weight_only_triton.py), kept here so that checking them never imports

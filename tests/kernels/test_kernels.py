@@ -126,6 +126,29 @@ def test_weight_only_torch(gen, bits, symmetric, group, dtype):
         assert_close(y, *ref_linear(x, w64, bias), RTOL[dtype], f"torch {shape}")
 
 
+@pytest.mark.parametrize("bits", (3, 4))
+def test_torch_paths_dequantize_large_weights_in_row_blocks(gen, monkeypatch, bits):
+    """Weights above CPU_DEQUANT_BLOCK_ELEMENTS are dequantized a block of rows at a time (the last
+    block shorter); every row's zero points, scales and bias must still meet its own output column."""
+    from qdlm_export.kernels import weight_only
+
+    monkeypatch.setattr(weight_only, "CPU_DEQUANT_BLOCK_ELEMENTS", 64 * 256)  # 64 rows a block
+    k, n_out, group = 256, 200, 64  # 4 blocks: 64, 64, 64, 8 rows
+    assert [r.stop - r.start for r in weight_only.cpu_row_blocks(n_out, k, torch.device("cpu"))] == [64, 64, 64, 8]
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, False, torch.float32)
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    bias = torch.randn(n_out, generator=gen)
+    x = torch.randn(2, 5, k, generator=gen)
+    y = weight_only_linear_torch(x, packed, scale, zero, bits, group, k, bias)
+    assert y.shape == (2, 5, n_out)
+    assert_close(y, *ref_linear(x, w64, bias), RTOL[torch.float32], "blocked torch weight-only")
+    x_q = torch.randint(-7, 8, (9, k), generator=gen, dtype=torch.int8)
+    x_s = torch.rand(9, 1, generator=gen) * 0.1 + 0.01
+    y = packed_int_linear_torch(x_q, x_s, packed, scale, zero, bits, group, k, bias, torch.float32)
+    ref = ref_linear(x_q.double() * x_s.double(), w64, bias)
+    assert_close(y, *ref, RTOL[torch.float32], "blocked torch packed int")
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton weight-only GEMM (interpreter)
 # ---------------------------------------------------------------------------------------------
