@@ -35,6 +35,8 @@ Integer activations times *packed* weights (the W4A4 path; also W8A8 on 8-bit sy
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -149,6 +151,14 @@ def int_weight_codes(
     """Signed weight integers ``q - z`` as int8 ``[out, in]`` (only where they fit int8)."""
     if bits == 8 and weight_zero_point is not None:
         raise ValueError("asymmetric 8-bit weights give q - z outside int8")
+    if bits == 4 and weight_zero_point is None and in_features % 2 == 0 and sys.byteorder == "little":
+        # Symmetric 4-bit: byte j holds codes 2j (low nibble) and 2j + 1, so q - 8 is two byte ops
+        # whose uint8 wrap-around *is* the int8 two's complement (about 3x faster than widening).
+        b = weight_packed.contiguous().view(torch.uint8)[:, : in_features // 2]
+        w = torch.empty(b.shape[0], in_features // 2, 2, dtype=torch.uint8, device=b.device)
+        torch.bitwise_and(b, 15, out=w[..., 0])
+        torch.bitwise_right_shift(b, 4, out=w[..., 1])
+        return w.sub_(8).view(torch.int8).view(b.shape[0], in_features)
     codes = unpack_codes(weight_packed, bits, in_features).to(torch.int16)
     out = codes.shape[0]
     group = in_features if group_size == -1 else group_size
@@ -179,9 +189,13 @@ def packed_int_linear_torch(
     x2 = x_q.reshape(-1, in_features)
     per_channel = group_size == -1 or group_size == in_features
     if per_channel and not (bits == 8 and weight_zero_point is not None):
-        w = int_weight_codes(weight_packed, weight_zero_point, bits, group_size, in_features)
-        acc = int_mm(x2, w.t())
-        y = _scale_epilogue(acc, x_scale, weight_scale, bias, out_dtype)
+        y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
+        x_scale2 = x_scale.reshape(-1, 1)
+        for rows in cpu_row_blocks(n_out, in_features, x2.device):  # one block off the CPU
+            zp = None if weight_zero_point is None else weight_zero_point[rows]
+            w = int_weight_codes(weight_packed[rows], zp, bits, group_size, in_features)
+            b = None if bias is None else bias[rows]
+            y[:, rows] = _scale_epilogue(int_mm(x2, w.t()), x_scale2, weight_scale.reshape(-1)[rows], b, out_dtype)
     else:
         xf = x2.float().mul_(x_scale.reshape(-1, 1).float())
         y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
