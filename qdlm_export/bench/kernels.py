@@ -286,6 +286,9 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
             if "module" in peer:
                 fns[f"peer:{name}"] = functools.partial(peer["module"], x)
             peers[name] = peer
+    packed = qweights["weight_only"][0] if "weight_only" in qweights else None
+    if packed is not None:  # each token count starts without a CPU layout, so held bytes are its own
+        _cpu_layout_cache().pop(packed, None)
     times = interleaved_times(fns, dev, repetitions=repetitions, min_run_time=min_run_time, warmup=warmup, clock=clock)
     dense_names = [name for name in fns if name.startswith("dense:")]
     base = fastest(times, dense_names)
@@ -313,11 +316,26 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
             repetitions=stats["repetitions"],
             peak_mem_bytes=_peak_extra_memory(fn, dev),
             weight_bytes=wbytes,
+            # what the op holds once it has run at this M: the checkpoint layout plus any cached repack
+            held_weight_bytes=wbytes + _cached_layout_bytes(backend, packed),
         ))
         if progress:
             progress(f"  {op:12s} {backend:24s} {rows[-1]['time_ms']:9.2f} ms  x{format_ratio(**_three(stats))}")
     peer_rows = [_peer_row(name, peer, cases, times, base, x, w32, common) for name, peer in peers.items()]
     return rows, peer_rows
+
+
+def _cpu_layout_cache():
+    from ..kernels import cpu_packed
+
+    return cpu_packed._CACHE
+
+
+def _cached_layout_bytes(backend: str, packed: torch.Tensor | None) -> int:
+    if backend != "cpu_packed" or packed is None:
+        return 0
+    entry = _cpu_layout_cache().get(packed)
+    return 0 if entry is None else entry.nbytes
 
 
 def _dtype_of(name: str, weights: dict) -> torch.dtype:
@@ -364,18 +382,19 @@ def format_report(result: dict[str, Any]) -> str:
         f"dense {result['dense_dtype']}  ({result['seconds']} s; {result['repetitions']} interleaved repetitions, "
         f"ratio = median ± farthest repetition)",
         f"{'op':12s} {'backend':24s} {'K':>6s} {'N':>6s} {'M':>5s} {'ms':>9s} {'dense ms':>9s} {'dense':>8s} "
-        f"{'ratio':>12s} {'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s}",
+        f"{'ratio':>12s} {'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s} {'held MiB':>9s}",
     ]
     for r in result["results"]:
         ratio = format_ratio(r["ratio"], r.get("ratio_low", r["ratio"]), r.get("ratio_high", r["ratio"]))
         lines.append(
             f"{r['op']:12s} {r['backend'] + ('*' if r.get('auto') else ''):24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} "
             f"{r['time_ms']:9.2f} {r['dense_ms']:9.2f} {r.get('dense_dtype', ''):>8s} {ratio:>12s} "
-            f"{r['peak_mem_bytes'] * mb:9.1f} {r['dense_peak_mem_bytes'] * mb:9.1f} {r['weight_bytes'] * mb:10.1f}"
+            f"{r['peak_mem_bytes'] * mb:9.1f} {r['dense_peak_mem_bytes'] * mb:9.1f} {r['weight_bytes'] * mb:10.1f} "
+            f"{r.get('held_weight_bytes', r['weight_bytes']) * mb:9.1f}"
         )
     lines.append(
         f"peak memory: {result['peak_mem_method']}; ratio = time / fastest dense time (below 1 is faster); "
-        "* = the backend auto picks"
+        "held = weight plus any layout the backend cached at this M; * = the backend auto picks"
     )
     if "peers" in result:
         lines += format_peers(result)

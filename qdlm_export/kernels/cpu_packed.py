@@ -29,12 +29,16 @@ activations (a model run in bf16 already accepts bf16 rounding); float32 models 
 Repacking happens once per weight: :func:`prepare` (call it at load time, or let the first call do
 it) converts the packed tensor and caches the result keyed by the tensor object (weakly, so it
 goes away with the module) and validated by its data pointer and version counter, so an in-place
-change of the weight is noticed. The cache holds the CPU layout *beside* the checkpoint layout:
-4-bit weights then take 2 x 0.25 of their bf16 bytes while cached.
+change of the weight is noticed. The many-token path reads the checkpoint layout itself and caches
+only the kernel's bf16 scales; the CPU layout of the codes is made the first time the packed kernel
+runs. A model that only ever runs more than ``PACKED_MAX_M`` tokens a call (a dLLM denoising whole
+sequences) therefore stays at the checkpoint's size (0.26x the bf16 bytes at W4 g128); once a
+few-token call has run, the CPU layout sits *beside* the checkpoint layout (2 x 0.25 at 4 bits).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -109,13 +113,14 @@ class CpuPackedWeight:
     out_features: int
     group_size: int  # as in the checkpoint (-1 = per channel)
     kernel_group: int | None  # int4: the group passed to the kernel
-    weight: torch.Tensor  # int4: uint8 [N, K/2] (CPU layout); int8: int8 [N, K]
+    weight: torch.Tensor | None  # int4: uint8 [N, K/2] (CPU layout); int8: int8 [N, K]; None until needed
     scales: torch.Tensor  # int4: bf16 [K/kernel_group, N, 2] (scale, zero); int8: bf16 [N]
     key: tuple  # (data_ptr, version) of weight_packed, scale and zero point when made
 
     @property
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + self.scales.numel() * self.scales.element_size()
+        weight = 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+        return weight + self.scales.numel() * self.scales.element_size()
 
 
 def _key(*tensors: torch.Tensor | None) -> tuple:
@@ -131,8 +136,11 @@ def repack(
     bits: int,
     group_size: int,
     in_features: int,
+    *,
+    with_weight: bool = True,
 ) -> CpuPackedWeight:
-    """Convert one packed weight (core/packing.py layout) to the CPU kernels' layout."""
+    """Convert one packed weight (core/packing.py layout) to the CPU kernels' layout; without
+    ``with_weight`` only the kernel's scales (what the many-token path needs)."""
     n = weight_packed.shape[0]
     reason = unsupported_reason(
         bits=bits,
@@ -149,20 +157,27 @@ def repack(
     if tuple(weight_scale.shape) != (n, groups):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n, groups)}")
     key = _key(weight_packed, weight_scale, weight_zero_point)
-    codes = unpack_codes(weight_packed, bits, in_features)
     s = weight_scale.to(torch.float32)
     if bits == 8:
-        w = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        w = _cpu_weight(weight_packed, 8, in_features) if with_weight else None
         return CpuPackedWeight(8, in_features, n, group_size, None, w, s.reshape(n).to(torch.bfloat16), key)
     kg = int4_kernel_group(group_size, in_features)
     assert kg is not None
-    w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
+    w = _cpu_weight(weight_packed, 4, in_features) if with_weight else None
     zero = torch.zeros_like(s) if weight_zero_point is None else (8.0 - weight_zero_point.to(torch.float32)) * s
     sz = torch.stack([s, zero], dim=-1)  # [N, groups, 2]
     if group != kg:
         sz = sz.repeat_interleave(group // kg, dim=1)
     sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/kg, N, 2]
     return CpuPackedWeight(4, in_features, n, group_size, kg, w, sz, key)
+
+
+def _cpu_weight(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """The codes in the packed kernel's layout (uint8 int4-pack, or int8 ``q - 128``)."""
+    codes = unpack_codes(weight_packed, bits, in_features)
+    if bits == 8:
+        return (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
 
 
 _CACHE_LOCK = threading.Lock()
@@ -176,13 +191,20 @@ def prepare(
     bits: int,
     group_size: int,
     in_features: int,
+    *,
+    with_weight: bool = True,
 ) -> CpuPackedWeight:
-    """The cached CPU layout of ``weight_packed`` (repacked now if absent or if any input changed)."""
+    """The cached CPU layout of ``weight_packed`` (repacked now if absent or if any input changed);
+    without ``with_weight``, the cached scales suffice (the codes' CPU layout is not made)."""
     key = _key(weight_packed, weight_scale, weight_zero_point)
     hit = _CACHE.get(weight_packed)
     if hit is not None and hit.key == key and hit.bits == bits and hit.group_size == group_size:
-        return hit
-    packed = repack(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features)
+        if hit.weight is not None or not with_weight:
+            return hit
+        packed = dataclasses.replace(hit, weight=_cpu_weight(weight_packed, bits, in_features))
+    else:
+        packed = repack(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features,
+                        with_weight=with_weight)
     with _CACHE_LOCK:
         _CACHE[weight_packed] = packed
     return packed
@@ -222,12 +244,11 @@ def packed_matmul(x2: torch.Tensor, p: CpuPackedWeight) -> torch.Tensor:
     return torch.ops.aten._weight_int8pack_mm(x2, p.weight, p.scales)
 
 
-def dequantize_bf16(p: CpuPackedWeight, rows: slice) -> torch.Tensor:
-    """bf16 ``W_hat[rows]`` from the CPU layout's *checkpoint-independent* data (scales in bf16)."""
-    if p.bits == 8:
-        w = p.weight[rows].to(torch.bfloat16)
-        return w.mul_(p.scales[rows].unsqueeze(-1))
-    raise NotImplementedError  # int4 dequantizes from the checkpoint layout (see _dequant_int4_bf16)
+def _dequant_int8_bf16(weight_packed: torch.Tensor, p: CpuPackedWeight, start: int, stop: int) -> torch.Tensor:
+    """bf16 ``W_hat[start:stop]`` from the checkpoint's bytes (byte j = code j): ``(q - 128) * s``;
+    codes and ``q - 128`` are exact in bf16, so only the product rounds (as on the packed kernel)."""
+    b = weight_packed[start:stop].contiguous().view(torch.uint8)[:, : p.in_features]
+    return b.to(torch.bfloat16).sub_(128).mul_(p.scales[start:stop].unsqueeze(-1))
 
 
 def _dequant_int4_bf16(
@@ -256,7 +277,8 @@ def dequant_matmul(x2: torch.Tensor, weight_packed: torch.Tensor, p: CpuPackedWe
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     for start in range(0, n, DEQUANT_ROW_BLOCK):
         stop = min(n, start + DEQUANT_ROW_BLOCK)
-        w = _dequant_int4_bf16(weight_packed, p, start, stop) if p.bits == 4 else dequantize_bf16(p, slice(start, stop))
+        dequant = _dequant_int4_bf16 if p.bits == 4 else _dequant_int8_bf16
+        w = dequant(weight_packed, p, start, stop)
         torch.matmul(x2, w.T, out=out[:, start:stop])
     return out
 
@@ -280,20 +302,21 @@ def weight_only_linear_cpu(
 ) -> torch.Tensor:
     """``x [..., in] @ W_hat.T + bias`` in ``x.dtype``, computed in bf16 on the packed CPU kernels
     (few tokens) or a dequantized bf16 GEMM (many); ``path`` = ``"packed"`` / ``"dequant"`` forces one."""
-    p = prepare(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
     m = x2.shape[0]
     if path is None:
         path = "packed" if use_packed(bits, m) else "dequant"
+    if path not in ("packed", "dequant"):
+        raise ValueError(f"path must be 'packed' or 'dequant', got {path!r}")
+    p = prepare(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features,
+                with_weight=path == "packed")
     if m == 0:
         y = x2.new_zeros(0, p.out_features)
     elif path == "packed":
         y = packed_matmul(x2, p)
-    elif path == "dequant":
-        y = dequant_matmul(x2, weight_packed, p)
     else:
-        raise ValueError(f"path must be 'packed' or 'dequant', got {path!r}")
+        y = dequant_matmul(x2, weight_packed, p)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*lead, p.out_features)

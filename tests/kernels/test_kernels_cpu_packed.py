@@ -108,6 +108,30 @@ def test_repack_happens_once_and_follows_in_place_changes():
     _check(y, x, wp, scale, None, 4, 128, 256)
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (8, -1)])
+def test_many_token_calls_never_make_the_cpu_layout(bits, group_size):
+    """The dequantized path reads the checkpoint's words: only the kernel's scales are cached, so a
+    model that never runs few tokens holds no second copy of its codes; the first few-token call
+    adds the CPU layout to the same cache entry."""
+    gen = torch.Generator().manual_seed(19 + bits)
+    k, n = 256, 48
+    _, wp, scale, _ = random_packed_weight(gen, n, k, bits, group_size, True)
+    many = torch.randn(C.PACKED_MAX_M[bits] + 1, k, generator=gen).to(torch.bfloat16)
+    y = C.weight_only_linear_cpu(many, wp, scale, None, bits, group_size, k)
+    _check(y, many, wp, scale, None, bits, group_size, k)
+    cached = C._CACHE.get(wp)
+    assert cached is not None and cached.weight is None
+    assert cached.nbytes == cached.scales.numel() * 2  # bf16 scales only
+    few = many[:3]
+    y = C.weight_only_linear_cpu(few, wp, scale, None, bits, group_size, k)
+    _check(y, few, wp, scale, None, bits, group_size, k)
+    cached = C._CACHE.get(wp)
+    assert cached.weight is not None and cached.weight.numel() * cached.weight.element_size() == n * k * bits // 8
+    y = C.weight_only_linear_cpu(many, wp, scale, None, bits, group_size, k)  # reuses the entry
+    assert C._CACHE.get(wp) is cached
+    _check(y, many, wp, scale, None, bits, group_size, k)
+
+
 def test_rule_switches_path_by_token_count():
     for bits, limit in C.PACKED_MAX_M.items():
         assert C.use_packed(bits, 1) and C.use_packed(bits, limit) and not C.use_packed(bits, limit + 1)
