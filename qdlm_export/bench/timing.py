@@ -25,6 +25,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 BLOCK_S = 0.01  # a block of calls at least this long keeps timer overhead far below 1 %
+# A call slower than min_run_time would otherwise be timed once per repetition: a single sample of a
+# memory-bound op (dequantizing a 50 M-weight matrix) swung by 20-30 % between runs on a quiet
+# machine; the fastest of three did not (docs/benchmarks.md, stability).
+MIN_BLOCKS = 3
 DEFAULT_REPETITIONS = 5
 DEFAULT_MIN_RUN_TIME = 0.1
 
@@ -91,9 +95,10 @@ def _timed_block(fn: Callable[[], Any], device: torch.device, number: int, clock
 def _one_repetition(
     fn: Callable[[], Any], device: torch.device, number: int, min_run_time: float, clock: Callable[[], float]
 ) -> float:
-    """Fastest block's time per call (ms), blocks of ``number`` calls run until ``min_run_time`` passed."""
+    """Fastest block's time per call (ms), blocks of ``number`` calls run until ``min_run_time`` passed
+    and at least ``MIN_BLOCKS`` blocks ran."""
     per_call, total = [], 0.0
-    while total < min_run_time or not per_call:
+    while total < min_run_time or len(per_call) < MIN_BLOCKS:
         taken = _timed_block(fn, device, number, clock)
         total += taken
         per_call.append(taken / number * 1e3)
