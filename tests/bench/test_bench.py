@@ -53,6 +53,7 @@ def test_interleaved_times_alternate_and_the_ratio_is_per_repetition(monkeypatch
     from qdlm_export.bench import timing
 
     monkeypatch.setattr(timing, "BLOCK_S", 0.0)  # one call per block: the call order is the round order
+    monkeypatch.setattr(timing, "MIN_BLOCKS", 1)  # and one block per repetition
     order = []
 
     def sleeper(name, seconds):
@@ -72,6 +73,22 @@ def test_interleaved_times_alternate_and_the_ratio_is_per_repetition(monkeypatch
     assert 1.8 < stats["median"] < 4.5  # 3x by construction; sleeps overshoot on a busy machine
     # after the block sizing (one call each), every round times both, starting with each in turn
     assert order[2:] == ["base", "slow", "slow", "base", "base", "slow", "slow", "base"]
+
+
+def test_each_repetition_keeps_the_fastest_of_at_least_min_blocks(monkeypatch):
+    from qdlm_export.bench import timing
+
+    monkeypatch.setattr(timing, "BLOCK_S", 0.0)
+    durations = iter([0.030, 0.010, 0.020] * 2)  # a call slower than min_run_time: still three blocks
+    calls = []
+
+    def call():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    assert timing.MIN_BLOCKS == 3
+    ms = timing._one_repetition(call, torch.device("cpu"), 1, 0.0, time.perf_counter)
+    assert len(calls) == 3 and 9.5 <= ms < 20  # the 10 ms block, not the first (30 ms) one
 
 
 def test_ratio_stats_pair_each_round():
