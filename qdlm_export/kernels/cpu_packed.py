@@ -210,6 +210,18 @@ def prepare(
     return packed
 
 
+def cached_nbytes(weight_packed: torch.Tensor) -> int:
+    """Bytes this module holds for ``weight_packed`` beside it (scales, and the CPU layout once made)."""
+    entry = _CACHE.get(weight_packed)
+    return 0 if entry is None else entry.nbytes
+
+
+def forget(weight_packed: torch.Tensor) -> None:
+    """Drop what is cached for ``weight_packed`` (the next call repacks what it needs)."""
+    with _CACHE_LOCK:
+        _CACHE.pop(weight_packed, None)
+
+
 def prepare_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """Repack every weight-only ``QdlmLinear`` of ``module`` that the CPU kernels take, now (not
     at its first call); returns how many were repacked. Not called by the loader (repacking at the
@@ -247,8 +259,8 @@ def packed_matmul(x2: torch.Tensor, p: CpuPackedWeight) -> torch.Tensor:
 def _dequant_int8_bf16(weight_packed: torch.Tensor, p: CpuPackedWeight, start: int, stop: int) -> torch.Tensor:
     """bf16 ``W_hat[start:stop]`` from the checkpoint's bytes (byte j = code j): ``(q - 128) * s``;
     codes and ``q - 128`` are exact in bf16, so only the product rounds (as on the packed kernel)."""
-    b = weight_packed[start:stop].contiguous().view(torch.uint8)[:, : p.in_features]
-    return b.to(torch.bfloat16).sub_(128).mul_(p.scales[start:stop].unsqueeze(-1))
+    codes = unpack_codes(weight_packed[start:stop], 8, p.in_features)
+    return codes.to(torch.bfloat16).sub_(128).mul_(p.scales[start:stop].unsqueeze(-1))
 
 
 def _dequant_int4_bf16(

@@ -35,14 +35,12 @@ Integer activations times *packed* weights (the W4A4 path; also W8A8 on 8-bit sy
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
 from ._triton import triton_unavailable_reason
 from .registry import Problem, choose, on_cuda, register_backend, register_steps
-from .weight_only import cpu_row_blocks, dequantize_packed, unpack_codes
+from .weight_only import cpu_row_blocks, dequantize_packed, unpack_codes, weight_row_blocks
 
 INT_ACT_BITS = (4, 8)
 
@@ -69,7 +67,6 @@ def quantize_per_token_torch(
     x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of ``x [..., K]`` to int8 codes in ``[-qmax, qmax]``."""
-    qmax_for(bits)
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     chunk = max(1, CPU_QUANT_CHUNK_ELEMENTS // max(K, 1))
@@ -151,14 +148,10 @@ def int_weight_codes(
     """Signed weight integers ``q - z`` as int8 ``[out, in]`` (only where they fit int8)."""
     if bits == 8 and weight_zero_point is not None:
         raise ValueError("asymmetric 8-bit weights give q - z outside int8")
-    if bits == 4 and weight_zero_point is None and in_features % 2 == 0 and sys.byteorder == "little":
-        # Symmetric 4-bit: byte j holds codes 2j (low nibble) and 2j + 1, so q - 8 is two byte ops
-        # whose uint8 wrap-around *is* the int8 two's complement (about 3x faster than widening).
-        b = weight_packed.contiguous().view(torch.uint8)[:, : in_features // 2]
-        w = torch.empty(b.shape[0], in_features // 2, 2, dtype=torch.uint8, device=b.device)
-        torch.bitwise_and(b, 15, out=w[..., 0])
-        torch.bitwise_right_shift(b, 4, out=w[..., 1])
-        return w.sub_(8).view(torch.int8).view(b.shape[0], in_features)
+    if weight_zero_point is None:
+        # Symmetric: q - 2**(bits-1) in uint8, whose wrap-around *is* the int8 two's complement
+        # (no widening to int16 and back: about 3x faster at 4 bits).
+        return unpack_codes(weight_packed, bits, in_features).sub(1 << (bits - 1)).view(torch.int8)
     codes = unpack_codes(weight_packed, bits, in_features).to(torch.int16)
     out = codes.shape[0]
     group = in_features if group_size == -1 else group_size
@@ -190,20 +183,17 @@ def packed_int_linear_torch(
     per_channel = group_size == -1 or group_size == in_features
     if per_channel and not (bits == 8 and weight_zero_point is not None):
         y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
-        x_scale2 = x_scale.reshape(-1, 1)
-        for rows in cpu_row_blocks(n_out, in_features, x2.device):  # one block off the CPU
-            zp = None if weight_zero_point is None else weight_zero_point[rows]
-            w = int_weight_codes(weight_packed[rows], zp, bits, group_size, in_features)
+        blocks = cpu_row_blocks(n_out, in_features, x2.device)  # one block off the CPU
+        for rows, packed, scale, zero in weight_row_blocks(weight_packed, weight_scale, weight_zero_point, blocks):
+            w = int_weight_codes(packed, zero, bits, group_size, in_features)
             b = None if bias is None else bias[rows]
-            y[:, rows] = _scale_epilogue(int_mm(x2, w.t()), x_scale2, weight_scale.reshape(-1)[rows], b, out_dtype)
+            y[:, rows] = _scale_epilogue(int_mm(x2, w.t()), x_scale, scale, b, out_dtype)
     else:
         xf = x2.float().mul_(x_scale.reshape(-1, 1).float())
         y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
-        for rows in cpu_row_blocks(n_out, in_features, x2.device):  # one block off the CPU
-            zp = None if weight_zero_point is None else weight_zero_point[rows]
-            w = dequantize_packed(
-                weight_packed[rows], weight_scale[rows], zp, bits, group_size, in_features, torch.float32
-            )
+        blocks = cpu_row_blocks(n_out, in_features, x2.device)  # one block off the CPU
+        for rows, packed, scale, zero in weight_row_blocks(weight_packed, weight_scale, weight_zero_point, blocks):
+            w = dequantize_packed(packed, scale, zero, bits, group_size, in_features, torch.float32)
             y[:, rows] = F.linear(xf, w, None if bias is None else bias[rows].float())
     return y.view(*lead, n_out)
 

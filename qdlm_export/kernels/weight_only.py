@@ -20,6 +20,7 @@ float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 
 from __future__ import annotations
 
 import sys
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -120,9 +121,8 @@ def weight_only_linear_torch(
         return F.linear(x, w, b)
     x2 = x.reshape(-1, in_features)
     y = torch.empty(x2.shape[0], weight_packed.shape[0], dtype=x.dtype)
-    for rows in blocks:
-        zp = None if weight_zero_point is None else weight_zero_point[rows]
-        w = dequantize_packed(weight_packed[rows], weight_scale[rows], zp, bits, group_size, in_features, x.dtype)
+    for rows, packed, scale, zero in weight_row_blocks(weight_packed, weight_scale, weight_zero_point, blocks):
+        w = dequantize_packed(packed, scale, zero, bits, group_size, in_features, x.dtype)
         y[:, rows] = F.linear(x2, w, None if b is None else b[rows])
     return y.view(*x.shape[:-1], weight_packed.shape[0])
 
@@ -140,6 +140,15 @@ def cpu_row_blocks(out_features: int, in_features: int, device: torch.device) ->
         return [slice(0, out_features)]
     rows = max(1, CPU_DEQUANT_BLOCK_ELEMENTS // max(in_features, 1))
     return [slice(start, min(out_features, start + rows)) for start in range(0, out_features, rows)]
+
+
+def weight_row_blocks(
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None, blocks: list[slice]
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``(rows, packed, scale, zero point)`` of each block of output rows (from :func:`cpu_row_blocks`)."""
+    for rows in blocks:
+        zero = None if weight_zero_point is None else weight_zero_point[rows]
+        yield rows, weight_packed[rows], weight_scale[rows], zero
 
 
 # Limits of the Triton kernel (weight_only_triton.py), kept here so that checking them never imports

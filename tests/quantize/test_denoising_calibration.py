@@ -184,10 +184,12 @@ def test_paired_chain_reproduces_the_models_denoising_forward(folder, attn, seql
     gen = fresh_generator()
     vocab = model.config.text_config.vocab_size
     tokens = torch.randint(0, vocab, (5, seqlen), generator=gen)
-    while True:  # fresh draws until both kinds of window are present (each draw: 9 % has one kind only)
+    for _ in range(50):  # fresh draws until both kinds of window are present (each draw: 9 % has one kind only)
         windows = denoising_windows(tokens, model.config, seed=_seed(gen), first_step_fraction=0.4)
         if windows.self_conditioned.any() and not windows.self_conditioned.all():
             break
+    else:
+        pytest.fail("50 draws of 5 windows never mixed first-step and self-conditioned windows")
     packed = _walk(model, capture_denoising_inputs(model, windows, batch_size=2))
     context, canvas = unpack(packed, windows.context_length)
     with torch.no_grad():
