@@ -17,6 +17,8 @@ so calibration propagates through what ``from_pretrained`` computes) receives a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -27,6 +29,7 @@ from ..core.configs import WeightActivationConfig, WeightOnlyConfig
 from ..core.schemes import QuantizedWeight, WeightScheme, quantize_rtn
 from ..errors import ConfigError
 from ..families import FamilyAdapter, LinearGroup
+from .capture import LinearOutputMemo
 
 
 @dataclass
@@ -41,20 +44,48 @@ class BlockCalibration:
     hidden: list[torch.Tensor]
     call_args: list[tuple] = field(default_factory=list)
     call_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    # While the pipeline lets a method reuse linear outputs between passes over one block
+    # (``reusing_linear_outputs``): the memo every pass over ``hidden`` goes through.
+    memo: LinearOutputMemo | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.hidden)
+
+    def forward(self, block: nn.Module, index: int, hidden: torch.Tensor | None = None) -> Any:
+        """``block``'s output on batch ``index`` (its hidden states, or ``hidden`` with its other
+        arguments); every pass over the calibration batches runs through here."""
+        args = self.call_args[index] if self.call_args else ()
+        kwargs = self.call_kwargs[index] if self.call_kwargs else {}
+        if hidden is not None or self.memo is None:
+            return block(self.hidden[index] if hidden is None else hidden, *args, **kwargs)
+        with self.memo.batch(index):
+            return block(self.hidden[index], *args, **kwargs)
 
     @torch.no_grad()
     def run(self, block: nn.Module, hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run ``block`` on every batch; returns the output hidden states."""
         outputs = []
-        for i, h in enumerate(hidden if hidden is not None else self.hidden):
-            args = self.call_args[i] if self.call_args else ()
-            kwargs = self.call_kwargs[i] if self.call_kwargs else {}
-            out = block(h, *args, **kwargs)
+        for i in range(len(self) if hidden is None else len(hidden)):
+            out = self.forward(block, i, None if hidden is None else hidden[i])
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs
+
+    @contextmanager
+    def reusing_linear_outputs(self, block: nn.Module, budget_bytes: int | None = None) -> Iterator[LinearOutputMemo]:
+        """Passes over the batches inside the ``with`` body reuse the outputs of ``block``'s linears
+        that have not changed since the previous pass (:class:`~.capture.LinearOutputMemo`); the
+        caller reports changed linears with :meth:`linears_changed`."""
+        with LinearOutputMemo(block, budget_bytes) as memo:
+            self.memo = memo
+            try:
+                yield memo
+            finally:
+                self.memo = None
+
+    def linears_changed(self, modules: Iterable[nn.Module]) -> None:
+        """``modules`` now compute with new weights (a no-op when no memo is in use)."""
+        if self.memo is not None:
+            self.memo.changed(modules)
 
 
 # Why a routed expert's linear was quantized without calibration (``QuantMethod.calibration_fallbacks``).
@@ -113,6 +144,11 @@ class QuantMethod:
     # fold them into every reader of it: the router and every expert; the weight-activation methods
     # do, weight_activation.py). A method that cannot is refused before any work.
     supports_experts: ClassVar[bool | None] = None
+    # Whether the pipeline may let the method's passes over a block reuse the outputs of linears that
+    # did not change since the previous pass (``BlockCalibration.reusing_linear_outputs``), including
+    # the pass that carries the quantized outputs to the next block. Only for a method that changes
+    # nothing in a block but linear weights and reports each change with ``calib.linears_changed``.
+    reuses_linear_outputs: ClassVar[bool] = False
 
     def __init__(self, config: WeightOnlyConfig, adapter: FamilyAdapter, model_config: Any, *,
                  scale_dtype: torch.dtype = torch.float32,

@@ -7,10 +7,13 @@ the pipeline use.
 * :func:`feed_inputs` -- run a block on calibration batches and hand each named submodule's input to
   a consumer; each batch's forward stops once every named module has had its input, so collecting a
   group's inputs never runs the rest of the block (nor, for the LM head, the vocabulary projection).
+* :class:`LinearOutputMemo` -- the outputs of a block's linears per calibration batch, so that a
+  later pass over the same batch recomputes only from the first linear whose weight changed since.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Iterator
@@ -79,12 +82,10 @@ def feed_inputs(block: nn.Module, modules: dict[str, nn.Module], calib,
 
     handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in modules.items()]
     try:
-        for i, h in enumerate(calib.hidden):
+        for i in range(len(calib)):
             pending.update(modules)
-            args = calib.call_args[i] if calib.call_args else ()
-            kwargs = calib.call_kwargs[i] if calib.call_kwargs else {}
             try:
-                block(h, *args, **kwargs)
+                calib.forward(block, i)
             except ForwardStopped:
                 pass
     finally:
@@ -102,3 +103,117 @@ def require_inputs(seen: dict[str, int], may_be_silent: Collection[str] = ()) ->
             f"linear(s) {', '.join(silent)} saw no input while the block ran on the calibration data; "
             "the family adapter lists a linear the block's forward does not call"
         )
+
+
+# What a memo may hold by default: a small calibration set (16 x 128 tokens through a hidden-1024 block
+# needs ~70 MB, through an LLaDA-8B block ~0.4 GB) is kept whole; a larger one is kept for its first
+# batches, the others are recomputed as without a memo.
+MEMO_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class _RecordedOutput:
+    module: nn.Module
+    epoch: int  # the module's weight epoch when it computed ``output``
+    input_shape: torch.Size
+    output: torch.Tensor
+    version: int  # ``output._version`` when recorded: moved if the forward changed it in place
+
+    @property
+    def nbytes(self) -> int:
+        return self.output.numel() * self.output.element_size()
+
+
+class LinearOutputMemo:
+    """The outputs of a block's linears, recorded per calibration batch, so that a pass over the same
+    batch reuses them instead of recomputing them. True-sequential GPTQ runs a block once per group
+    of linears and once more to carry the quantized outputs on, and each of those passes repeats the
+    linears before the group just quantized: with the memo, each linear of the block runs about once.
+
+    Why a recorded output can be reused: a pass over batch ``i`` runs the same (deterministic) forward
+    on the same inputs as the previous pass over it, so it makes the same linear calls in the same
+    order, with the same inputs, up to the first call of a linear whose weight changed since
+    (:meth:`changed`). Up to that call, each call returns what it returned before; from that call on,
+    everything is computed and recorded afresh. A call that does not match what was recorded (another
+    module, another input shape), or whose recorded output the forward modified in place (its version
+    counter moved), ends the reuse for the rest of the pass the same way. Recording for a batch stops
+    once the memo holds ``budget_bytes``: the rest of that pass and later passes compute as without it.
+
+    Only a method whose passes change nothing in the block but linear weights, and which reports
+    every such change with :meth:`changed`, may use one (``QuantMethod.reuses_linear_outputs``).
+    Outside :meth:`batch`, the linears compute as usual."""
+
+    def __init__(self, block: nn.Module, budget_bytes: int | None = None):
+        self.linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        self.budget_bytes = MEMO_BUDGET_BYTES if budget_bytes is None else budget_bytes
+        self.held_bytes = 0
+        self.reused = self.computed = 0  # calls answered from the memo / by the linear, inside batches
+        self._epoch = {id(m): 0 for m in self.linears}
+        self._recorded: dict[int, list[_RecordedOutput]] = {}
+        self._batch: int | None = None
+        self._position = 0
+        self._reusing = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> LinearOutputMemo:
+        for module in self.linears:
+            self._saved[id(module)] = module.__dict__.get("forward")  # an instance-level forward to restore
+            module.forward = self._wrap(module, module.forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.linears:
+            saved = self._saved.pop(id(module), None)
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+        self._recorded.clear()
+        self.held_bytes = 0
+
+    def changed(self, modules: Iterable[nn.Module]) -> None:
+        """``modules`` now compute with other weights: outputs they recorded are stale."""
+        for module in modules:
+            if id(module) in self._epoch:
+                self._epoch[id(module)] += 1
+
+    @contextmanager
+    def batch(self, index: int) -> Iterator[None]:
+        """The block's linears, inside the ``with`` body, run a pass over calibration batch ``index``."""
+        self._batch, self._position, self._reusing = index, 0, True
+        try:
+            yield
+        finally:
+            self._batch = None
+
+    def _wrap(self, module: nn.Module, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def memoized(*args, **kwargs):
+            if self._batch is None:
+                return forward(*args, **kwargs)
+            return self._call(module, forward, args, kwargs)
+
+        return memoized
+
+    def _call(self, module: nn.Module, forward: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+        recorded = self._recorded.setdefault(self._batch, [])
+        position = self._position
+        self._position += 1
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if self._reusing and x is not None and position < len(recorded):
+            entry = recorded[position]
+            if (entry.module is module and entry.epoch == self._epoch[id(module)]
+                    and entry.input_shape == x.shape and entry.output._version == entry.version):
+                self.reused += 1
+                return entry.output
+        if self._reusing:  # from here on this pass differs from the recorded one
+            self._reusing = False
+            self.held_bytes -= sum(entry.nbytes for entry in recorded[position:])
+            del recorded[position:]
+        output = forward(*args, **kwargs)
+        self.computed += 1
+        if x is not None and len(recorded) == position and isinstance(output, torch.Tensor):
+            entry = _RecordedOutput(module, self._epoch[id(module)], x.shape, output, output._version)
+            if self.held_bytes + entry.nbytes <= self.budget_bytes:
+                recorded.append(entry)
+                self.held_bytes += entry.nbytes
+        return output

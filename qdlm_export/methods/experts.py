@@ -80,11 +80,9 @@ class AllTokenInputs:
 
             handle = self.block.get_submodule(norm).register_forward_hook(hook)
             try:
-                for i, h in enumerate(self.calib.hidden):
-                    args = self.calib.call_args[i] if self.calib.call_args else ()
-                    kwargs = self.calib.call_kwargs[i] if self.calib.call_kwargs else {}
+                for i in range(len(self.calib)):
                     try:
-                        self.block(h, *args, **kwargs)
+                        self.calib.forward(self.block, i)
                     except ForwardStopped:
                         pass
             finally:

@@ -65,6 +65,20 @@ def test_hessian_accumulator_is_the_running_average_of_2xxT():
     torch.testing.assert_close(acc.H, 2.0 / 700 * x.T @ x, rtol=1e-4, atol=1e-3)
 
 
+def test_hessian_accumulated_by_lower_block_columns_is_the_whole_symmetric_matrix():
+    """Widths that are not a multiple of the block, and a read between batches (which mirrors the
+    lower triangle) followed by more batches, against float64."""
+    width = 2 * HessianAccumulator.BLOCK + 37
+    x = torch.randn(300, width, dtype=torch.float64) @ torch.randn(width, width, dtype=torch.float64) / width**0.5
+    acc = HessianAccumulator(width)
+    acc.add_batch(x[:120].float())
+    torch.testing.assert_close(acc.H.double(), 2.0 / 120 * x[:120].T @ x[:120], rtol=1e-5, atol=1e-5)
+    acc.add_batch(x[120:].float())
+    H = acc.H.double()
+    torch.testing.assert_close(H, 2.0 / 300 * x.T @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(H, H.T)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_gptq_output_error_below_rtn(bits, symmetric):
