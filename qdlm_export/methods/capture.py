@@ -61,33 +61,69 @@ def record_calls(module: nn.Module, *, stop: bool = False) -> Iterator[RecordedC
         handle.remove()
 
 
+class _PlaceholderRead(Exception):
+    """A captured input was computed from a placeholder output: the pass must run again for real."""
+
+
 @torch.no_grad()
 def feed_inputs(block: nn.Module, modules: dict[str, nn.Module], calib,
                 consume: Callable[[str, torch.Tensor], None]) -> dict[str, int]:
     """Run ``block`` on every batch of ``calib`` (a :class:`~qdlm_export.methods.base.BlockCalibration`)
     and hand each named module's input to ``consume(name, x)``. Returns how many batches reached each
-    module (a module the forward never calls gets 0)."""
+    module (a module the forward never calls gets 0).
+
+    With a memo of linear outputs (``calib.memo``), a named linear whose input has been taken returns
+    a shape-only placeholder instead of computing its output (q and k need not run once the pass is
+    only waiting for v's input). A placeholder holds no values, so anything computed from one is a
+    placeholder too, or an error: a pass in which a taken input is a placeholder, or which fails, runs
+    again with every output computed. A batch's inputs are handed on once its pass has succeeded."""
     seen: dict[str, int] = {name: 0 for name in modules}
     pending: set[str] = set()
+    taken: list[tuple[str, torch.Tensor]] = []
 
     def pre_hook(name):
         def hook(module, args):
-            consume(name, args[0].detach())
-            seen[name] += 1
+            x = args[0].detach()
+            if x.is_meta:
+                raise _PlaceholderRead(name)
+            taken.append((name, x))
             pending.discard(name)
             if not pending:
                 raise ForwardStopped
 
         return hook
 
+    def run(index: int) -> bool:
+        """One pass over batch ``index``; whether it stopped once every module had its input."""
+        pending.update(modules)
+        taken.clear()
+        try:
+            calib.forward(block, index)
+        except ForwardStopped:
+            return True
+        return False
+
+    memo = getattr(calib, "memo", None)
     handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in modules.items()]
     try:
         for i in range(len(calib)):
-            pending.update(modules)
-            try:
-                calib.forward(block, i)
-            except ForwardStopped:
-                pass
+            if memo is None:
+                run(i)
+            else:
+                given = memo.placeholders_given
+                try:
+                    with memo.placeholders(modules.values()):
+                        # A pass that ran to its end may have skipped a module for a placeholder's sake
+                        # (a routed expert whose router read one): it too runs again for real.
+                        again = not run(i) and memo.placeholders_given > given
+                except Exception:  # a placeholder reached something that needs values
+                    again = True
+                if again:
+                    run(i)
+            for name, x in taken:
+                consume(name, x)
+                seen[name] += 1
+            taken.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -148,11 +184,13 @@ class LinearOutputMemo:
         self.budget_bytes = MEMO_BUDGET_BYTES if budget_bytes is None else budget_bytes
         self.held_bytes = 0
         self.reused = self.computed = 0  # calls answered from the memo / by the linear, inside batches
+        self.placeholders_given = 0
         self._epoch = {id(m): 0 for m in self.linears}
         self._recorded: dict[int, list[_RecordedOutput]] = {}
         self._batch: int | None = None
         self._position = 0
         self._reusing = False
+        self._placeholder_for: set[int] = set()
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> LinearOutputMemo:
@@ -186,6 +224,17 @@ class LinearOutputMemo:
         finally:
             self._batch = None
 
+    @contextmanager
+    def placeholders(self, modules: Iterable[nn.Module]) -> Iterator[None]:
+        """Inside the ``with`` body, a call of one of ``modules`` that the memo cannot answer returns
+        an uninitialised ``meta`` tensor of the output's shape instead of computing (``feed_inputs``:
+        the caller has taken the module's input and does not need its output)."""
+        self._placeholder_for = {id(m) for m in modules}
+        try:
+            yield
+        finally:
+            self._placeholder_for = set()
+
     def _wrap(self, module: nn.Module, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def memoized(*args, **kwargs):
             if self._batch is None:
@@ -209,6 +258,9 @@ class LinearOutputMemo:
             self._reusing = False
             self.held_bytes -= sum(entry.nbytes for entry in recorded[position:])
             del recorded[position:]
+        if x is not None and id(module) in self._placeholder_for and isinstance(module, nn.Linear):
+            self.placeholders_given += 1
+            return torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device="meta")
         output = forward(*args, **kwargs)
         self.computed += 1
         if x is not None and len(recorded) == position and isinstance(output, torch.Tensor):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,9 +128,9 @@ def check_finite(value: torch.Tensor, key: str, file: Path) -> None:
     """NaN or Inf in a source tensor is an error naming it (floating-point tensors only)."""
     if not value.is_floating_point():
         return
-    # In chunks: a whole-tensor mask of an 8B model's embedding would be a 500 MB temporary.
-    flat = value.reshape(-1)
-    if all(bool(torch.isfinite(chunk).all()) for chunk in flat.split(1 << 24)):
+    # min and max propagate NaN and show an Inf: one reduction, no mask (isfinite().all() was 40x
+    # slower on a CPU core and, whole, a 500 MB temporary for an 8B model's embedding).
+    if value.numel() == 0 or all(math.isfinite(v.item()) for v in torch.aminmax(value)):
         return
     nan = int(torch.isnan(value).sum())
     inf = int(torch.isinf(value).sum())

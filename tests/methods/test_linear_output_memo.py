@@ -104,6 +104,61 @@ def test_a_pass_stopped_early_after_a_change_drops_what_it_did_not_recompute():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+class _Bypass(nn.Module):
+    """``b`` reads ``a``'s output (``feed`` "tensor") or ``a``'s output meets a CPU tensor before ``b``
+    runs (``feed`` "mix"): either way a placeholder for ``a`` cannot stand in for its output."""
+
+    def __init__(self, feed: str, width: int = 16):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.feed = feed
+        self.register_buffer("shift", torch.randn(width))
+
+    def forward(self, x, scale=1.0):
+        y = self.a(x)
+        if self.feed == "tensor":
+            return self.b(torch.relu(y)) * scale
+        z = y * self.shift  # a meta tensor and a CPU tensor: an error
+        return (self.b(x) + z) * scale
+
+
+class _GateUp(nn.Module):
+    """Two linears reading one input, their product into a third (a gated MLP)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x, scale=1.0):
+        return self.down(torch.tanh(self.gate(x)) * self.up(x)) * scale
+
+
+@pytest.mark.parametrize("feed", ["tensor", "mix"])
+def test_a_capture_that_needs_a_placeholders_values_runs_again_for_real(feed):
+    block, calib = _Bypass(feed), _calib()
+    taken: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    with calib.reusing_linear_outputs(block) as memo:
+        seen = feed_inputs(block, {"a": block.a, "b": block.b}, calib, lambda name, x: taken[name].append(x))
+    assert seen == {"a": 3, "b": 3} and memo.computed >= 3
+    for i, h in enumerate(calib.hidden):
+        assert torch.equal(taken["a"][i], h)
+        expected_b = torch.relu(block.a(h)) if feed == "tensor" else h
+        torch.testing.assert_close(taken["b"][i], expected_b)
+        assert not taken["b"][i].is_meta
+
+
+def test_placeholders_stand_in_for_outputs_nobody_reads():
+    block, calib = _GateUp(), _calib()
+    taken: list[tuple[str, torch.Tensor]] = []
+    with calib.reusing_linear_outputs(block) as memo:
+        feed_inputs(block, {"gate": block.gate, "up": block.up}, calib, lambda name, x: None)
+        assert memo.computed == 0  # the pass stops at up's input; gate's output was never needed
+        feed_inputs(block, {"down": block.down}, calib, lambda name, x: taken.append(x))
+        assert memo.computed == 3 * 2
+    for x, h in zip(taken, calib.hidden):
+        torch.testing.assert_close(x, torch.tanh(block.gate(h)) * block.up(h))
+
+
 def test_over_budget_batches_compute_as_without_a_memo():
     block, calib = _Chain(), _calib(batches=4)
     one_batch = 3 * 2 * 5 * 16 * 4  # three outputs of [2, 5, 16] float32
@@ -172,8 +227,32 @@ def test_gptq_writes_the_same_checkpoint_with_and_without_the_memo(kind, tmp_pat
     assert not different, different
     assert len(memos) == 2 and all(memo.reused > 0 for memo in memos)
     if kind == "llada":
-        # Per batch (3 of them): each of the 7 linears once with its quantized weight, plus q, k and
-        # ff_proj once with their float weights (a stage's pass stops only when its last linear, v or
-        # up_proj, is reached). The last block's ff_out never runs: nothing reads that block's outputs.
+        # Per batch (3 of them) each of the 7 linears runs once, with its quantized weight (q and k,
+        # whose inputs are taken before v's, answer with placeholders while their stage is captured).
+        # The last block's ff_out never runs: nothing reads that block's outputs.
         assert len(memos[0].linears) == 7
-        assert memos[0].computed == 3 * (7 + 3) and memos[1].computed == 3 * (6 + 3)
+        assert memos[0].computed == 3 * 7 and memos[1].computed == 3 * 6
+
+
+class _Routed(nn.Module):
+    """A linear whose output decides (by value) whether the next one runs: with a placeholder the
+    forward would end without reaching it."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.router, self.expert = nn.Linear(width, 1), nn.Linear(width, width)
+
+    def forward(self, x, scale=1.0):
+        hit = torch.isfinite(self.router(x))  # real values: every token goes to the expert
+        if hit.is_meta or not bool(hit.any()):  # as if a placeholder had routed no token
+            return x
+        return self.expert(x) * scale
+
+
+def test_a_pass_that_ends_without_its_inputs_after_a_placeholder_runs_again():
+    block, calib = _Routed(), _calib()
+    taken: list[str] = []
+    with calib.reusing_linear_outputs(block):
+        seen = feed_inputs(block, {"router": block.router, "expert": block.expert}, calib,
+                           lambda name, x: taken.append(name))
+    assert seen == {"router": 3, "expert": 3} and taken == ["router", "expert"] * 3

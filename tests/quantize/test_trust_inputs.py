@@ -435,3 +435,20 @@ def test_python_api_accepts_pathlike(tiny_llada, tmp_path):
 
     summary = quantize(Path(tiny_llada), tmp_path / "out", make_config("rtn"), trust_remote_code=True, verify=False)
     assert summary.out == (tmp_path / "out").resolve() and (tmp_path / "out" / WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value_anywhere(dtype, bad):
+    """One reduction (min and max) must see a single NaN or Inf wherever it sits, in every float dtype."""
+    from qdlm_export.errors import InputDataError
+    from qdlm_export.quantize.source import check_finite
+
+    value = torch.randn(333, 517).to(dtype)
+    check_finite(value, "w", Path("model.safetensors"))  # finite: no error
+    for _ in range(4):
+        spoiled = value.clone()
+        where = [int(torch.randint(0, n, ())) for n in value.shape]
+        spoiled[where[0], where[1]] = bad
+        with pytest.raises(InputDataError, match=rf"\[{where[0]}, {where[1]}\]"):
+            check_finite(spoiled, "w", Path("model.safetensors"))
