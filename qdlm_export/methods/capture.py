@@ -141,9 +141,8 @@ def require_inputs(seen: dict[str, int], may_be_silent: Collection[str] = ()) ->
         )
 
 
-# What a memo may hold by default: a small calibration set (16 x 128 tokens through a hidden-1024 block
-# needs ~70 MB, through an LLaDA-8B block ~0.4 GB) is kept whole; a larger one is kept for its first
-# batches, the others are recomputed as without a memo.
+# What a memo may hold when its user names no budget (the pipeline gives a quarter of the memory
+# available: ``quantize.pipeline.memo_budget``). Beyond the budget, batches compute as without a memo.
 MEMO_BUDGET_BYTES = 1 << 30
 
 

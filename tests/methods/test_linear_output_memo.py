@@ -256,3 +256,14 @@ def test_a_pass_that_ends_without_its_inputs_after_a_placeholder_runs_again():
         seen = feed_inputs(block, {"router": block.router, "expert": block.expert}, calib,
                            lambda name, x: taken.append(name))
     assert seen == {"router": 3, "expert": 3} and taken == ["router", "expert"] * 3
+
+
+def test_the_pipeline_gives_the_memo_a_quarter_of_the_available_memory(monkeypatch):
+    from qdlm_export.methods.capture import MEMO_BUDGET_BYTES
+    from qdlm_export.quantize import pipeline
+
+    block = _Chain()
+    for available, budget in [(4 << 30, 1 << 30), (100 << 30, 8 << 30), (10 << 20, (10 << 20) // 4),
+                              (None, MEMO_BUDGET_BYTES)]:
+        monkeypatch.setattr(pipeline, "available_memory", lambda device, available=available: available)
+        assert pipeline.memo_budget(block) == budget
