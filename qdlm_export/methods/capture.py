@@ -147,45 +147,74 @@ MEMO_BUDGET_BYTES = 1 << 30
 
 
 @dataclass
-class _RecordedOutput:
+class _RecordedCall:
     module: nn.Module
-    epoch: int  # the module's weight epoch when it computed ``output``
-    input_shape: torch.Size
-    output: torch.Tensor
-    version: int  # ``output._version`` when recorded: moved if the forward changed it in place
+    epoch: int  # the sum of the weight epochs of the linears in ``module`` when it was called
+    input_shape: tuple | None  # of the call's first tensor argument
+    output: Any = None  # what the call returned, when kept
+    versions: tuple[int, ...] = ()  # the output tensors' version counters when kept
+    span: int | None = None  # memoised calls made inside this one; None until it returned
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return self.output.numel() * self.output.element_size()
+
+def _output_tensors(output: Any) -> list[torch.Tensor] | None:
+    """The tensors of a module's output when it is a tensor or a tuple/list of tensors and Nones (what
+    the memo can hand back again); None for anything else."""
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    if not all(item is None or isinstance(item, torch.Tensor) for item in items):
+        return None
+    return [item for item in items if item is not None]
+
+
+def _first_tensor_shape(args: tuple, kwargs: dict) -> tuple | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+    return None
 
 
 class LinearOutputMemo:
-    """The outputs of a block's linears, recorded per calibration batch, so that a pass over the same
-    batch reuses them instead of recomputing them. True-sequential GPTQ runs a block once per group
-    of linears and once more to carry the quantized outputs on, and each of those passes repeats the
-    linears before the group just quantized: with the memo, each linear of the block runs about once.
+    """The outputs of a block's linears, and of the submodules holding them (attention, MLP), recorded
+    per calibration batch, so that a pass over the same batch reuses them instead of recomputing them.
+    True-sequential GPTQ runs a block once per group of linears and once more to carry the quantized
+    outputs on, and each of those passes repeats everything before the group just quantized: with the
+    memo, each linear of the block runs once per batch, and an attention whose linears are all
+    quantized runs once more, not once per later pass.
 
     Why a recorded output can be reused: a pass over batch ``i`` runs the same (deterministic) forward
-    on the same inputs as the previous pass over it, so it makes the same linear calls in the same
-    order, with the same inputs, up to the first call of a linear whose weight changed since
-    (:meth:`changed`). Up to that call, each call returns what it returned before; from that call on,
-    everything is computed and recorded afresh. A call that does not match what was recorded (another
-    module, another input shape), or whose recorded output the forward modified in place (its version
-    counter moved), ends the reuse for the rest of the pass the same way. Recording for a batch stops
-    once the memo holds ``budget_bytes``: the rest of that pass and later passes compute as without it.
+    on the same inputs as the previous pass over it, so it makes the same calls in the same order, with
+    the same inputs, up to the first call of a linear whose weight changed since (:meth:`changed`). Up
+    to that call, each call returns what it returned before; from that call on, everything is computed
+    and recorded afresh. A submodule that holds a changed linear, or whose output was not kept, runs
+    again, its own calls still reused up to the changed linear. A submodule with hooks inside (a
+    capture waiting for an input there) runs too, so that the hooks fire. A call that does not match
+    what was recorded (another module, another input shape), or whose recorded output the forward
+    modified in place (a version counter moved), ends the reuse for the rest of the pass. Outputs are
+    kept while the memo holds at most ``budget_bytes``; beyond, passes compute as without it.
 
     Only a method whose passes change nothing in the block but linear weights, and which reports
     every such change with :meth:`changed`, may use one (``QuantMethod.reuses_linear_outputs``).
-    Outside :meth:`batch`, the linears compute as usual."""
+    Outside :meth:`batch`, the modules compute as usual."""
 
     def __init__(self, block: nn.Module, budget_bytes: int | None = None):
         self.linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        self._linears_in: dict[int, list[int]] = {id(m): [id(m)] for m in self.linears}
+        self._subtree: dict[int, list[nn.Module]] = {}
+        self.modules: list[nn.Module] = list(self.linears)
+        for module in block.modules():
+            if module is block or isinstance(module, nn.Linear):
+                continue
+            inner = [m for m in module.modules() if isinstance(m, nn.Linear)]
+            if inner:  # a submodule holding linears: attention, MLP, an expert
+                self.modules.append(module)
+                self._linears_in[id(module)] = [id(m) for m in inner]
+                self._subtree[id(module)] = list(module.modules())
         self.budget_bytes = MEMO_BUDGET_BYTES if budget_bytes is None else budget_bytes
         self.held_bytes = 0
-        self.reused = self.computed = 0  # calls answered from the memo / by the linear, inside batches
+        self.reused = self.computed = 0  # linear calls answered from the memo / by the linear, in batches
         self.placeholders_given = 0
         self._epoch = {id(m): 0 for m in self.linears}
-        self._recorded: dict[int, list[_RecordedOutput]] = {}
+        self._recorded: dict[int, list[_RecordedCall]] = {}
         self._batch: int | None = None
         self._position = 0
         self._reusing = False
@@ -193,13 +222,13 @@ class LinearOutputMemo:
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> LinearOutputMemo:
-        for module in self.linears:
+        for module in self.modules:
             self._saved[id(module)] = module.__dict__.get("forward")  # an instance-level forward to restore
             module.forward = self._wrap(module, module.forward)
         return self
 
     def __exit__(self, *exc) -> None:
-        for module in self.linears:
+        for module in self.modules:
             saved = self._saved.pop(id(module), None)
             if saved is None:
                 module.__dict__.pop("forward", None)
@@ -216,7 +245,7 @@ class LinearOutputMemo:
 
     @contextmanager
     def batch(self, index: int) -> Iterator[None]:
-        """The block's linears, inside the ``with`` body, run a pass over calibration batch ``index``."""
+        """The block's modules, inside the ``with`` body, run a pass over calibration batch ``index``."""
         self._batch, self._position, self._reusing = index, 0, True
         try:
             yield
@@ -225,16 +254,16 @@ class LinearOutputMemo:
 
     @contextmanager
     def placeholders(self, modules: Iterable[nn.Module]) -> Iterator[None]:
-        """Inside the ``with`` body, a call of one of ``modules`` that the memo cannot answer returns
-        an uninitialised ``meta`` tensor of the output's shape instead of computing (``feed_inputs``:
-        the caller has taken the module's input and does not need its output)."""
+        """Inside the ``with`` body, a call of one of ``modules`` (linears) that the memo cannot answer
+        returns an uninitialised ``meta`` tensor of the output's shape instead of computing
+        (``feed_inputs``: the caller has taken the module's input and does not need its output)."""
         self._placeholder_for = {id(m) for m in modules}
         try:
             yield
         finally:
             self._placeholder_for = set()
 
-    def _wrap(self, module: nn.Module, forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def _wrap(self, module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
         def memoized(*args, **kwargs):
             if self._batch is None:
                 return forward(*args, **kwargs)
@@ -242,29 +271,63 @@ class LinearOutputMemo:
 
         return memoized
 
-    def _call(self, module: nn.Module, forward: Callable[..., torch.Tensor], args: tuple, kwargs: dict) -> torch.Tensor:
+    def _call(self, module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         recorded = self._recorded.setdefault(self._batch, [])
         position = self._position
         self._position += 1
-        x = args[0] if len(args) == 1 and not kwargs else None
-        if self._reusing and x is not None and position < len(recorded):
+        shape = _first_tensor_shape(args, kwargs)
+        epoch = sum(self._epoch[i] for i in self._linears_in[id(module)])
+        holder = id(module) in self._subtree
+        if self._reusing and position < len(recorded):
             entry = recorded[position]
-            if (entry.module is module and entry.epoch == self._epoch[id(module)]
-                    and entry.input_shape == x.shape and entry.output._version == entry.version):
-                self.reused += 1
-                return entry.output
+            if entry.module is module and entry.input_shape == shape and shape is not None:
+                if self._reusable(entry, epoch, module):
+                    self._position += entry.span
+                    self.reused += 0 if holder else 1
+                    return entry.output
+                if holder:  # run it again; the calls inside may still be answered
+                    self._forget(entry)
+                    entry.epoch = epoch
+                    return self._run(module, forward, args, kwargs, recorded, position, entry)
         if self._reusing:  # from here on this pass differs from the recorded one
             self._reusing = False
-            self.held_bytes -= sum(entry.nbytes for entry in recorded[position:])
+            for entry in recorded[position:]:
+                self._forget(entry)
             del recorded[position:]
-        if x is not None and id(module) in self._placeholder_for and isinstance(module, nn.Linear):
+        if (not holder and id(module) in self._placeholder_for and len(args) == 1 and not kwargs
+                and isinstance(module, nn.Linear)):
             self.placeholders_given += 1
+            x = args[0]
             return torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device="meta")
+        entry = None
+        if shape is not None and len(recorded) == position:
+            entry = _RecordedCall(module, epoch, shape)
+            recorded.append(entry)
+        return self._run(module, forward, args, kwargs, recorded, position, entry)
+
+    def _reusable(self, entry: _RecordedCall, epoch: int, module: nn.Module) -> bool:
+        if entry.span is None or entry.epoch != epoch or entry.output is None:
+            return False
+        if tuple(t._version for t in _output_tensors(entry.output) or ()) != entry.versions:
+            return False
+        # A capture's hooks inside must fire: run the submodule rather than answer for it.
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._subtree.get(id(module), (module,)))
+
+    def _forget(self, entry: _RecordedCall) -> None:
+        self.held_bytes -= entry.nbytes
+        entry.output, entry.versions, entry.span, entry.nbytes = None, (), None, 0
+
+    def _run(self, module, forward, args, kwargs, recorded, position, entry) -> Any:
         output = forward(*args, **kwargs)
-        self.computed += 1
-        if x is not None and len(recorded) == position and isinstance(output, torch.Tensor):
-            entry = _RecordedOutput(module, self._epoch[id(module)], x.shape, output, output._version)
-            if self.held_bytes + entry.nbytes <= self.budget_bytes:
-                recorded.append(entry)
-                self.held_bytes += entry.nbytes
+        if isinstance(module, nn.Linear):
+            self.computed += 1
+        if entry is None or position >= len(recorded) or recorded[position] is not entry:
+            return output
+        entry.span = self._position - position - 1
+        tensors = _output_tensors(output)
+        if tensors is not None and tensors and not any(t.is_meta for t in tensors):
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            if self.held_bytes + nbytes <= self.budget_bytes:
+                entry.output, entry.versions, entry.nbytes = output, tuple(t._version for t in tensors), nbytes
+                self.held_bytes += nbytes
         return output

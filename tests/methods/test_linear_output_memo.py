@@ -267,3 +267,66 @@ def test_the_pipeline_gives_the_memo_a_quarter_of_the_available_memory(monkeypat
                               (None, MEMO_BUDGET_BYTES)]:
         monkeypatch.setattr(pipeline, "available_memory", lambda device, available=available: available)
         assert pipeline.memo_budget(block) == budget
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.q, self.k, self.o = (nn.Linear(width, width) for _ in range(3))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        return self.o(torch.softmax(scores, dim=-1) @ x)
+
+
+class _Layer(nn.Module):
+    """A decoder layer in miniature: an attention and a gated MLP, each a submodule holding linears."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.attn, self.mlp = _Attention(width), _GateUp(width)
+
+    def forward(self, x, scale=1.0):
+        h = x + self.attn(x)
+        return (h + self.mlp(h)) * scale
+
+
+def _layer_reference(layer: _Layer, calib: BlockCalibration) -> list[torch.Tensor]:
+    """float64, from the weights alone."""
+    W = {k: v.double() for k, v in layer.state_dict().items()}
+    lin = lambda x, name: x @ W[f"{name}.weight"].T + W[f"{name}.bias"]  # noqa: E731
+    outs = []
+    for h, (scale,) in zip(calib.hidden, calib.call_args):
+        x = h.double()
+        probs = torch.softmax(lin(x, "attn.q") @ lin(x, "attn.k").transpose(-1, -2) / x.shape[-1] ** 0.5, dim=-1)
+        h1 = x + lin(probs @ x, "attn.o")
+        outs.append((h1 + lin(torch.tanh(lin(h1, "mlp.gate")) * lin(h1, "mlp.up"), "mlp.down")) * scale)
+    return outs
+
+
+def test_a_submodule_whose_linears_are_unchanged_is_answered_whole_unless_a_capture_waits_inside():
+    layer, calib = _Layer(), _calib()
+    with calib.reusing_linear_outputs(layer) as memo:
+        calib.run(layer)
+        assert layer.attn.calls == 3
+        _requantize(layer.mlp.down)
+        calib.linears_changed([layer.mlp.down])
+        outputs = calib.run(layer)
+        assert layer.attn.calls == 3  # attention, softmax and all, answered from the memo
+        assert memo.computed == 3 * 6 + 3  # only the down projection ran again
+        for got, want in zip(outputs, _layer_reference(layer, calib)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        taken: list[torch.Tensor] = []
+        seen = feed_inputs(layer, {"attn.o": layer.attn.o}, calib, lambda name, x: taken.append(x))
+        assert seen == {"attn.o": 3} and layer.attn.calls == 6  # the capture's hook inside made it run
+        for x, h in zip(taken, calib.hidden):
+            probs = torch.softmax(layer.attn.q(h) @ layer.attn.k(h).transpose(-1, -2) / 4.0, dim=-1)
+            torch.testing.assert_close(x, probs @ h)
+        _requantize(layer.attn.q)
+        calib.linears_changed([layer.attn.q])
+        outputs = calib.run(layer)
+        assert layer.attn.calls == 9  # q changed: every batch runs the attention again
+    for got, want in zip(outputs, _layer_reference(layer, calib)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
