@@ -199,7 +199,7 @@ class LinearOutputMemo:
     def __init__(self, block: nn.Module, budget_bytes: int | None = None):
         self.linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
         self._linears_in: dict[int, list[int]] = {id(m): [id(m)] for m in self.linears}
-        self._subtree: dict[int, list[nn.Module]] = {}
+        self._inside: dict[int, list[nn.Module]] = {}  # the submodules of each holder of linears
         self.modules: list[nn.Module] = list(self.linears)
         for module in block.modules():
             if module is block or isinstance(module, nn.Linear):
@@ -208,7 +208,8 @@ class LinearOutputMemo:
             if inner:  # a submodule holding linears: attention, MLP, an expert
                 self.modules.append(module)
                 self._linears_in[id(module)] = [id(m) for m in inner]
-                self._subtree[id(module)] = list(module.modules())
+                # (its own hooks run whether or not the memo answers: only those inside matter)
+                self._inside[id(module)] = [m for m in module.modules() if m is not module]
         self.budget_bytes = MEMO_BUDGET_BYTES if budget_bytes is None else budget_bytes
         self.held_bytes = 0
         self.reused = self.computed = 0  # linear calls answered from the memo / by the linear, in batches
@@ -277,13 +278,14 @@ class LinearOutputMemo:
         self._position += 1
         shape = _first_tensor_shape(args, kwargs)
         epoch = sum(self._epoch[i] for i in self._linears_in[id(module)])
-        holder = id(module) in self._subtree
+        holder = id(module) in self._inside
         if self._reusing and position < len(recorded):
             entry = recorded[position]
             if entry.module is module and entry.input_shape == shape and shape is not None:
                 if self._reusable(entry, epoch, module):
                     self._position += entry.span
-                    self.reused += 0 if holder else 1
+                    if not holder:
+                        self.reused += 1
                     return entry.output
                 if holder:  # run it again; the calls inside may still be answered
                     self._forget(entry)
@@ -311,7 +313,7 @@ class LinearOutputMemo:
         if tuple(t._version for t in _output_tensors(entry.output) or ()) != entry.versions:
             return False
         # A capture's hooks inside must fire: run the submodule rather than answer for it.
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._subtree.get(id(module), (module,)))
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._inside.get(id(module), ()))
 
     def _forget(self, entry: _RecordedCall) -> None:
         self.held_bytes -= entry.nbytes

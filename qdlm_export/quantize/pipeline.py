@@ -146,7 +146,6 @@ def quantize_block(
     """One step of the walk: the method quantizes ``block`` (every listed linear, or an error), then
     ``calib`` moves on to the quantized block's outputs -- the next block's inputs, or after the last
     block the head's when the head is quantized (``propagate`` False)."""
-    carry_on = calib is not None and (propagate or method.config.include_lm_head)
     # A method that only changes linear weights lets every pass over the block, the carrying one
     # included, reuse the outputs of the linears it has not changed since the previous pass.
     reuse = calib is not None and method.reuses_linear_outputs
@@ -155,9 +154,8 @@ def quantize_block(
         missing = [f"{prefix}.{n}" for n in method.adapter.linear_names if f"{prefix}.{n}" not in qweights]
         if missing:
             raise RuntimeError(f"method {method.name} did not quantize {', '.join(missing)}")
-        outputs = calib.run(block) if carry_on else None
-    if carry_on:
-        calib.hidden = outputs
+        if calib is not None and (propagate or method.config.include_lm_head):
+            calib.hidden = calib.run(block)  # the last pass the memo serves
     return qweights
 
 

@@ -128,8 +128,8 @@ def check_finite(value: torch.Tensor, key: str, file: Path) -> None:
     """NaN or Inf in a source tensor is an error naming it (floating-point tensors only)."""
     if not value.is_floating_point():
         return
-    # min and max propagate NaN and show an Inf: one reduction, no mask (isfinite().all() was 40x
-    # slower on a CPU core and, whole, a 500 MB temporary for an 8B model's embedding).
+    value = value.to(torch.float16) if value.element_size() == 1 else value  # float8: no min/max kernel
+    # min and max propagate NaN and show an Inf: one reduction, no mask (40x faster than isfinite()).
     if value.numel() == 0 or all(math.isfinite(v.item()) for v in torch.aminmax(value)):
         return
     nan = int(torch.isnan(value).sum())

@@ -437,7 +437,7 @@ def test_python_api_accepts_pathlike(tiny_llada, tmp_path):
     assert summary.out == (tmp_path / "out").resolve() and (tmp_path / "out" / WEIGHTS).is_file()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_check_finite_finds_one_bad_value_anywhere(dtype, bad):
     """One reduction (min and max) must see a single NaN or Inf wherever it sits, in every float dtype."""
