@@ -41,7 +41,7 @@ import torch
 from ..core.packing import pack_rows
 from ..core.schemes import WeightScheme, quantize_rtn
 from .. import kernels as D
-from ..kernels import cpu_packed
+from ..kernels import cpu_native, cpu_packed
 from ..kernels._triton import fast_hadamard_transform_available, triton_version
 from .timing import (
     DEFAULT_MIN_RUN_TIME,
@@ -290,6 +290,7 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
     packed = qweights["weight_only"][0] if "weight_only" in qweights else None
     if packed is not None:  # each token count starts without a CPU layout, so held bytes are its own
         cpu_packed.forget(packed)
+        cpu_native.forget(packed)
     times = interleaved_times(fns, dev, repetitions=repetitions, min_run_time=min_run_time, warmup=warmup, clock=clock)
     dense_names = [name for name in fns if name.startswith("dense:")]
     base = fastest(times, dense_names)
@@ -318,12 +319,20 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
             peak_mem_bytes=_peak_extra_memory(fn, dev),
             weight_bytes=wbytes,
             # what the op holds once it has run at this M: the checkpoint layout plus any cached repack
-            held_weight_bytes=wbytes + (cpu_packed.cached_nbytes(packed) if backend == "cpu_packed" else 0),
+            held_weight_bytes=wbytes + _cached_nbytes(backend, packed),
         ))
         if progress:
             progress(f"  {op:12s} {backend:24s} {rows[-1]['time_ms']:9.2f} ms  x{format_ratio(**_three(stats))}")
     peer_rows = [_peer_row(name, peer, cases, times, base, x, w32, common) for name, peer in peers.items()]
     return rows, peer_rows
+
+
+def _cached_nbytes(backend: str, packed: torch.Tensor | None) -> int:
+    """What a CPU weight-only backend keeps beside the checkpoint's tensors once it has run."""
+    if packed is None:
+        return 0
+    cached = {"cpu_packed": cpu_packed.cached_nbytes, "cpu_native": cpu_native.cached_nbytes}.get(backend)
+    return 0 if cached is None else cached(packed)
 
 
 def _dtype_of(name: str, weights: dict) -> torch.dtype:

@@ -6,7 +6,8 @@ the registration of every backend; Triton kernels sit beside it:
 ===================  ======================  ============================  ==============================
 op                   module                  Triton                        other backends
 ===================  ======================  ============================  ==============================
-weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_packed.py`` (torch CPU)
+weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_native.py`` (C, AVX512-BF16),
+                                                                           ``cpu_packed.py`` (torch CPU)
 grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
 int8 activations     ``int8.py``             ``int8_triton.py``            ``torch._int_mm``
 Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform

@@ -55,6 +55,11 @@ def refresh_backend_setting() -> None:
     configured_backend.cache_clear()
 
 
+def forget_selections() -> None:
+    """Choose every backend afresh at the next call (after a backend's availability changed)."""
+    _SELECTIONS.clear()
+
+
 @dataclass(frozen=True)
 class Problem:
     """What a predicate sees: the device and the shape facts of one call (``M`` may be unknown)."""

@@ -8,7 +8,8 @@
 symmetric weights (then ``z = 2**(bits-1)``). ``group_size == -1`` means one group per row.
 
 :func:`weight_only_linear` is the op; its backends are registered at the end of this module: the
-Triton kernel (``weight_only_triton.py``), torch's packed CPU kernels (``cpu_packed.py``) and the
+Triton kernel (``weight_only_triton.py``), the native AVX512-BF16 int4 kernel (``cpu_native.py``),
+torch's packed CPU kernels (``cpu_packed.py``) and the
 torch backend here, the fallback on every device for shapes the others do not take. It is
 dequantize-then-matmul done with as few passes as eager torch allows: codes are read from the bytes
 of the packed words (no index gathers, no int64 intermediates), the affine map runs in place on one
@@ -185,8 +186,10 @@ def triton_unsupported_reason(
 
 # ---------------------------------------------------------------------------------------------
 # The op and its backends (highest priority first; `auto` takes the first that can run):
-#   triton (CUDA) > cpu_packed (CPU, bf16/fp16 activations) > torch (dequantize + matmul)
-# Triton and cpu_packed are imported on first use (see _triton.py; cpu_packed imports this module).
+#   triton (CUDA) > cpu_native (CPU with AVX512-BF16, 4 bits) > cpu_packed (CPU, bf16/fp16 activations)
+#   > torch (dequantize + matmul)
+# Triton, cpu_native and cpu_packed are imported on first use (see _triton.py; cpu_packed imports this
+# module).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -224,6 +227,24 @@ def _weight_only_linear_cpu_packed(*args: object, **kwargs: object) -> torch.Ten
 register_backend(
     "weight_only_linear", "triton", _weight_only_linear_triton, family="triton", priority=20,
     unsupported=triton_problem_unsupported, auto=on_cuda, summary="fused unpack + grouped dequant-GEMM",
+)
+def _cpu_native_unsupported(p: Problem) -> str | None:
+    from .cpu_native import unsupported_reason
+
+    return unsupported_reason(bits=p.bits, group_size=p.group_size, in_features=p.K, out_features=p.N, device=p.device)
+
+
+def _weight_only_linear_cpu_native(*args: object, **kwargs: object) -> torch.Tensor:
+    from .cpu_native import weight_only_linear_native
+
+    return weight_only_linear_native(*args, **kwargs)
+
+
+register_backend(
+    "weight_only_linear", "cpu_native", _weight_only_linear_cpu_native, family="cpu_native", priority=15,
+    unsupported=_cpu_native_unsupported, auto=_cpu_packed_auto,
+    summary="4-bit: AVX512-BF16 kernel on the checkpoint's bytes (few tokens) or fused dequantize + bf16 GEMM "
+    "(many); built from C on first use",
 )
 register_backend(
     "weight_only_linear", "cpu_packed", _weight_only_linear_cpu_packed, family="cpu_packed", priority=10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qdlm_export.kernels import ENV_VAR, refresh_backend_setting
+from qdlm_export.kernels.registry import forget_selections
 from tests.kernel_inputs import fresh_generator
 
 
@@ -30,3 +31,19 @@ def force_backend(monkeypatch):
         refresh_backend_setting()
 
     return force
+
+
+@pytest.fixture
+def native_off(monkeypatch):
+    """The native int4 kernels (kernels/cpu_native.py) unavailable for this test, so the backends
+    beneath them run; the process's build state comes back afterwards."""
+    from qdlm_export.kernels import cpu_native
+
+    saved = dict(cpu_native._STATE)
+    cpu_native._STATE.clear()
+    cpu_native._STATE.update(lib=None, reason="turned off for this test")
+    forget_selections()
+    yield
+    cpu_native._STATE.clear()
+    cpu_native._STATE.update(saved)
+    forget_selections()

@@ -17,7 +17,7 @@ from qdlm_export.core import transforms
 from qdlm_export.core.activations import ActivationSpec, activation_codes
 from qdlm_export.core.packing import pack_rows, unpack_rows
 from qdlm_export.core.schemes import WeightScheme, dequantize
-from qdlm_export.kernels import registry
+from qdlm_export.kernels import cpu_native, registry
 from qdlm_export.kernels.int8 import (
     int8_gemm_torch,
     packed_int_linear_torch,
@@ -217,7 +217,8 @@ def test_weight_only_triton_rejects_group_not_multiple_of_16():
 def test_auto_uses_torch_on_cpu_even_with_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     b = kernels.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=4, group_size=128, dtype=torch.bfloat16)
-    assert b.name == "cpu_packed"  # torch's packed CPU kernels (kernels/cpu_packed.py), never the interpreter
+    # the native int4 kernel where it runs, else torch's packed CPU kernels; never the interpreter
+    assert b.name == ("cpu_packed" if cpu_native.unavailable_reason() else "cpu_native")
     b = kernels.select_backend("weight_only_linear", "cpu", K=4096, N=4096, bits=3, group_size=128, dtype=torch.bfloat16)
     assert b.name == "torch"
     assert kernels.describe_backend(

@@ -20,7 +20,11 @@ from qdlm_export.kernels import cpu_packed as C
 from qdlm_export.kernels.weight_only import dequantize_packed, weight_only_linear_torch
 from tests.kernel_inputs import random_packed_weight
 
-pytestmark = pytest.mark.skipif(C.unsupported_reason() is not None, reason=str(C.unsupported_reason()))
+pytestmark = [
+    pytest.mark.skipif(C.unsupported_reason() is not None, reason=str(C.unsupported_reason())),
+    # torch's kernels themselves: the native int4 kernels (test_kernels_cpu_native.py) rank above them
+    pytest.mark.usefixtures("native_off"),
+]
 
 
 def _check(y, x, wp, scale, zp, bits, group_size, k, bias=None):

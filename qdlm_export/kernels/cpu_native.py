@@ -1,0 +1,401 @@
+"""Native int4 weight-only kernels for x86 CPUs with AVX512-BF16, built from ``native/*.c`` on first use.
+
+    y = x @ W_hat.T,   W_hat[n, k] = q[n, k] * s[g, n] - zs[g, n]   (zs = z * s, g = k // group)
+
+Two C functions do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` and
+:func:`reference_dequant` are their plain torch statements):
+
+* ``gemm`` (few tokens): codes are widened to exact bf16 integers in registers and multiplied with
+  the activations by AVX512-BF16 dot products, float32 sums, each group's scale applied once. It reads
+  the checkpoint's packed bytes directly, so a model holds no second layout of its codes.
+* ``dequant_rows`` (many tokens): bf16 ``W_hat`` rows in one fused pass, into a scratch buffer reused
+  across calls (a fresh 32 MB tensor costs ~20 ms of page faults, ten times the pass itself), then
+  torch's bf16 GEMM.
+
+Why native code: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) multiplies in float32
+FMAs, slower than the bf16 GEMM from ~12 tokens on, and eager dequantization makes several passes over
+memory; neither torch nor torchao ships an int4 kernel built on ``vdpbf16ps`` for CPUs without AMX.
+Measured in docs/benchmarks.md ("A native int4 kernel").
+
+Building: the C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``)
+into ``$QDLM_EXPORT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/qdlm-export`` or ``~/.cache/qdlm-export``),
+named by a hash of the source, flags and compiler, staged and moved into place; about 2 s. Without a
+compiler, on another CPU, or with ``QDLM_EXPORT_NATIVE_KERNELS=0``, :func:`unavailable_reason`
+says why and ``cpu_packed`` uses torch's kernels instead. The library is loaded with ``ctypes``;
+``ctypes`` releases the GIL during a call, so the work is split across ``torch.get_num_threads()``
+Python threads (tiles of 16 outputs, or rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .registry import forget_selections
+
+SOURCE = Path(__file__).with_name("native") / "int4_avx512bf16.c"
+FLAGS = ("-O3", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared")
+SWITCH = "QDLM_EXPORT_NATIVE_KERNELS"  # "0" turns the native kernels off
+CACHE_ENV = "QDLM_EXPORT_CACHE_DIR"
+BUILD_TIMEOUT_S = 120
+TILE_N = 16  # outputs per tile (one AVX-512 register of float32)
+TILE_M = 16  # tokens per pass over a tile (the C file's TILE_M)
+CHUNK_K = 128  # codes of a row read at a time
+# Up to this many tokens the fused kernel beats dequantize + bf16 GEMM (measured on the Zen 4 EPYC,
+# docs/benchmarks.md: at 4096 x 4096, 1.12x vs 0.7x dense at M = 32, 0.91x vs 0.80x at 64, 0.80x vs
+# 0.93x at 128; at 12288 x 4096 1.00x vs 0.80x at 64).
+NATIVE_MAX_M = 96
+# Rows of W_hat dequantized per bf16 GEMM on the many-token path, into one scratch per calling thread
+# (reused across calls and layers: 8 MB at K = 4096, 24 MB at K = 12288). Fewer rows make narrower
+# GEMMs: at 12288 x 4096, M = 256, 1024 rows ran within noise of the dense GEMM, 336 rows 10 % slower.
+DEQUANT_ROWS = 1024
+MIN_ROWS_PER_THREAD = 64  # below this a thread's share is not worth the hand-off
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+_POOL: dict[int, ThreadPoolExecutor] = {}
+_SCRATCH = threading.local()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qdlm-export" / "kernels"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"turned off by {SWITCH}={os.environ[SWITCH]}"
+    if not SOURCE.is_file():  # e.g. this module as copied into a self-contained checkpoint: no C source
+        return None, f"the native kernel's C source {SOURCE.name} is not installed beside {Path(__file__).name}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the native int4 kernel is for x86-64 CPUs with AVX512-BF16 (this is {platform.machine()})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc) to build the native int4 kernel"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"the C compiler {cc} does not run ({exc})"
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{SOURCE.stem}-{digest}.so"
+    if not target.is_file():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder = target.parent
+        except OSError:
+            folder = Path(tempfile.mkdtemp(prefix="qdlm-kernels-"))  # unwritable cache: build for this process
+            target = folder / target.name
+        # staged under a temporary name and moved into place: a concurrent build or a crash never
+        # leaves a half-written library under the final name
+        fd, staged = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, "-o", staged, str(SOURCE)], capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S)
+            if done.returncode != 0:
+                first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+                return None, f"building the native int4 kernel with {cc} failed: {first}"
+            os.replace(staged, target)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"building the native int4 kernel with {cc} failed: {exc}"
+        finally:
+            if os.path.exists(staged):
+                os.unlink(staged)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, f"loading the native int4 kernel failed: {exc}"
+    if not lib.qdlm_cpu_supported():
+        return None, "this CPU lacks AVX512-BF16 (the native int4 kernel needs avx512f/bw/vl and avx512_bf16)"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.qdlm_int4_prepare_x.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+    lib.qdlm_int4_gemm_tiles.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64]
+    lib.qdlm_int4_dequant_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr]
+    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_int4_dequant_rows):
+        fn.restype = None
+    return lib, None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, built on the first call; None where it cannot run (see
+    :func:`unavailable_reason`)."""
+    if "lib" not in _STATE:
+        with _LOCK:
+            if "lib" not in _STATE:
+                lib, reason = _build()
+                _STATE["reason"] = reason
+                _STATE["lib"] = lib
+    return _STATE["lib"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    """None when the native kernels run on this machine, else why not (builds them if needed)."""
+    library()
+    return _STATE["reason"]  # type: ignore[return-value]
+
+
+def forget_library() -> None:
+    """Forget the build outcome, so that the next call builds or reloads (for tests)."""
+    with _LOCK:
+        _STATE.clear()
+    forget_selections()  # the registry's cached choices assumed the old outcome
+
+
+def shape_unsupported_reason(*, in_features: int, out_features: int, group_size: int) -> str | None:
+    """None when the native kernels take this weight's shape, else why not."""
+    group = in_features if group_size == -1 else group_size
+    if out_features % TILE_N:
+        return f"out_features {out_features} is not a multiple of {TILE_N}"
+    if in_features % CHUNK_K:
+        return f"in_features {in_features} is not a multiple of {CHUNK_K}"
+    if group % 32 or not (CHUNK_K % group == 0 or group % CHUNK_K == 0):
+        return f"group_size {group_size}: the native kernel takes 32, 64, or multiples of 128"
+    return None
+
+
+def native_scales(weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``[2, G, N]``: the scales ``s`` and ``zs = z * s`` per group and output, from the
+    checkpoint's ``[N, G]`` scale and integer zero point (8 for symmetric 4-bit weights), the layout
+    the C functions read."""
+    s = weight_scale.to(torch.float32)
+    z = torch.full_like(s, 8.0) if weight_zero_point is None else weight_zero_point.to(torch.float32)
+    zs = z * s
+    return torch.stack([s.T, zs.T]).contiguous()
+
+
+def _threads(units: int, min_units: int) -> int:
+    return max(1, min(torch.get_num_threads(), units // max(min_units, 1)))
+
+
+def _run_split(fn, total: int, threads: int) -> None:
+    """fn(start, stop) over [0, total), in ``threads`` contiguous shares (ctypes drops the GIL)."""
+    if threads <= 1:
+        fn(0, total)
+        return
+    pool = _POOL.get(threads)
+    if pool is None:
+        with _LOCK:
+            pool = _POOL.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="qdlm-native"))
+    bounds = [total * i // threads for i in range(threads + 1)]
+    for f in [pool.submit(fn, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
+        f.result()
+
+
+def _check(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[int, int, int]:
+    m, k = x2.shape
+    n = codes.shape[0]
+    if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+        raise ValueError("x must be a contiguous bf16 [M, K] tensor")
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.stride(1) != 1 or codes.shape[1] < k // 2:
+        raise ValueError(f"codes must be uint8 [N, >= K/2] with unit column stride, got {tuple(codes.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (2, k // group, n) or not scales.is_contiguous():
+        raise ValueError(f"scales must be contiguous float32 {(2, k // group, n)}, got {tuple(scales.shape)}")
+    reason = shape_unsupported_reason(in_features=k, out_features=n, group_size=group)
+    if reason:
+        raise ValueError(reason)
+    return m, k, n
+
+
+def gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x2 [M, K]`` bf16 times ``W_hat.T`` by the fused kernel; bf16 ``[M, N]``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    m, k, n = _check(x2, codes, scales, group)
+    blocks = -(-m // TILE_M)
+    xpairs = torch.empty(blocks * (k // 2) * TILE_M, dtype=torch.int32)
+    xsum = torch.empty(m * (k // group), dtype=torch.float32)
+    lib.qdlm_int4_prepare_x(x2.data_ptr(), m, k, group, xpairs.data_ptr(), xsum.data_ptr())
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    args = (xpairs.data_ptr(), xsum.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), n,
+            scales[0].data_ptr(), scales[1].data_ptr(), group, y.data_ptr())
+    tiles = n // TILE_N
+    _run_split(lambda a, b: lib.qdlm_int4_gemm_tiles(*args, a, b), tiles, _threads(tiles, 4))
+    return y
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf[:numel]
+
+
+def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, in_features: int,
+                 start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (bf16 ``[stop - start, K]``, contiguous) = ``W_hat[start:stop]``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    k, n = in_features, codes.shape[0]
+    if out.dtype != torch.bfloat16 or tuple(out.shape) != (stop - start, k) or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous bf16 {(stop - start, k)}")
+    args = (codes.data_ptr(), codes.stride(0), k, n, scales[0].data_ptr(), scales[1].data_ptr(), group)
+    base = out.data_ptr()
+
+    def rows(a: int, b: int) -> None:
+        lib.qdlm_int4_dequant_rows(*args, start + a, start + b, base + a * k * 2)
+
+    _run_split(rows, stop - start, _threads(stop - start, MIN_ROWS_PER_THREAD))
+    return out
+
+
+def dequant_matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x2 [M, K]`` bf16 times ``W_hat.T``: rows of ``W_hat`` dequantized into a reused scratch, a bf16
+    GEMM per block of rows; bf16 ``[M, N]``."""
+    m, k, n = _check(x2, codes, scales, group)
+    block = min(n, DEQUANT_ROWS)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        w = dequant_rows(codes, scales, group, k, start, stop, _scratch((stop - start) * k).view(stop - start, k))
+        torch.matmul(x2, w.T, out=out[:, start:stop])
+    return out
+
+
+def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, fused: bool | None = None) -> torch.Tensor:
+    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, dequantize + GEMM above."""
+    if fused is None:
+        fused = x2.shape[0] <= NATIVE_MAX_M
+    return gemm(x2, codes, scales, group) if fused else dequant_matmul(x2, codes, scales, group)
+
+
+# -- the weight-only backend: scales prepared once per weight --------------------------------------
+
+
+@dataclass
+class NativeWeight:
+    """What the native kernels keep beside a checkpoint weight: only its scales in their layout."""
+
+    group: int
+    scales: torch.Tensor  # float32 [2, G, N]: s and z * s
+    key: tuple  # (data_ptr, version, shape) of weight_packed, scale and zero point when made
+
+    @property
+    def nbytes(self) -> int:
+        return self.scales.numel() * self.scales.element_size()
+
+
+_CACHE: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _key(*tensors: torch.Tensor | None) -> tuple:
+    # Inference tensors track no version counter (and cannot change in place): 0 stands for them.
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
+                 for t in tensors)
+
+
+def unsupported_reason(
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    device: torch.device | None = None,
+    **_: object,
+) -> str | None:
+    """None when :func:`weight_only_linear_native` takes this problem, else why not."""
+    if device is not None and torch.device(device).type != "cpu":
+        return "the native kernels need CPU tensors"
+    if bits not in (None, 4):
+        return f"{bits}-bit weights: the native kernel takes 4 bits"
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if None not in (group_size, in_features, out_features):
+        return shape_unsupported_reason(in_features=in_features, out_features=out_features, group_size=group_size)
+    return None
+
+
+def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
+            group_size: int, in_features: int) -> NativeWeight:
+    """The cached scales of ``weight_packed`` (made again if any input changed in place)."""
+    key = _key(weight_packed, weight_scale, weight_zero_point)
+    hit = _CACHE.get(weight_packed)
+    if hit is not None and hit.key == key:
+        return hit
+    n = weight_packed.shape[0]
+    group = in_features if group_size == -1 else group_size
+    if tuple(weight_scale.shape) != (n, in_features // group):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n, in_features // group)}")
+    entry = NativeWeight(group, native_scales(weight_scale, weight_zero_point), key)
+    with _LOCK:
+        _CACHE[weight_packed] = entry
+    return entry
+
+
+def cached_nbytes(weight_packed: torch.Tensor) -> int:
+    """Bytes held for ``weight_packed`` beside it (its scales in the kernels' layout)."""
+    entry = _CACHE.get(weight_packed)
+    return 0 if entry is None else entry.nbytes
+
+
+def forget(weight_packed: torch.Tensor) -> None:
+    with _LOCK:
+        _CACHE.pop(weight_packed, None)
+
+
+def weight_only_linear_native(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """``x [..., in] @ W_hat.T + bias`` in ``x.dtype``, computed from bf16 activations with float32
+    sums; ``fused`` forces the fused kernel (True) or dequantize + GEMM (False)."""
+    reason = unsupported_reason(bits=bits, group_size=group_size, in_features=in_features,
+                                out_features=weight_packed.shape[0], device=weight_packed.device)
+    if reason:
+        raise ValueError(reason)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
+    w = prepare(weight_packed, weight_scale, weight_zero_point, group_size, in_features)
+    n = weight_packed.shape[0]
+    if x2.shape[0] == 0:
+        y = x2.new_zeros(0, n)
+    else:
+        # the checkpoint's int32 words read as bytes: byte j of a row = codes 2j | 2j+1 << 4
+        y = linear(x2, weight_packed.contiguous().view(torch.uint8), w.scales, w.group, fused=fused)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+# -- plain torch statements of the two C functions (float64), for tests and for reading ------------
+
+
+def reference_dequant(codes: torch.Tensor, scales: torch.Tensor, group: int, in_features: int) -> torch.Tensor:
+    """float64 ``W_hat [N, K]`` from the checkpoint bytes and :func:`native_scales`."""
+    b = codes[:, : in_features // 2].to(torch.int64)
+    q = torch.stack([b & 15, b >> 4], dim=-1).reshape(codes.shape[0], in_features).to(torch.float64)
+    s, zs = (t.T.to(torch.float64).repeat_interleave(group, dim=1) for t in scales)
+    return q * s - zs
+
+
+def reference_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """float64 ``x2 @ W_hat.T``."""
+    return x2.to(torch.float64) @ reference_dequant(codes, scales, group, x2.shape[1]).T

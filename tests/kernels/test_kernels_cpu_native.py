@@ -1,0 +1,225 @@
+"""The native AVX512-BF16 int4 kernels (kernels/cpu_native.py, native/int4_avx512bf16.c) against the
+float64 dequantized reference of the project's torch backend (``dequantize_packed``).
+
+Tolerances. The fused kernel takes the bf16 activations as they are, the codes exactly (small
+integers are exact in bf16), sums in float32 and applies float32 scales, then rounds the output to
+bf16 (<= 2**-9 |y|): its error bound is 2**-8 |y| plus float32 summation noise, far below 2**-12 of
+sum_k |x_k||w_k|. The many-token path also rounds W_hat to bf16 (<= 2**-9 each), so its bound is
+2**-8 of that sum. A wrong code, pair order, zero point, group or transpose gives errors of the order
+of |y| itself.
+
+The build, its cache and its refusals are tested on any machine; the arithmetic only where the
+kernels run (a CPU with AVX512-BF16 and a C compiler).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from qdlm_export import kernels
+from qdlm_export.kernels import cpu_native as N
+from qdlm_export.kernels.registry import forget_selections
+from qdlm_export.kernels.weight_only import dequantize_packed
+from tests.kernel_inputs import random_packed_weight
+
+needs_native = pytest.mark.skipif(N.unavailable_reason() is not None, reason=str(N.unavailable_reason()))
+
+
+def _reference(x, wp, scale, zp, group_size, k):
+    w = dequantize_packed(wp, scale, zp, 4, group_size, k, torch.float64)
+    return x.double().reshape(-1, k) @ w.T, x.double().abs().reshape(-1, k) @ w.abs().T
+
+
+def _check(y, x, wp, scale, zp, group_size, k, *, fused, bias=None):
+    ref, magnitude = _reference(x, wp, scale, zp, group_size, k)
+    size = ref.abs()
+    if bias is not None:  # the bias is added in bf16: one more rounding of it and of the sum
+        ref = ref + bias.double()
+        size = size + ref.abs() + bias.double().abs()
+    err = (y.double().reshape(ref.shape) - ref).abs()
+    bound = 2**-8 * size + 2**-12 * magnitude if fused else 2**-8 * (size + magnitude)
+    assert torch.all(err <= bound + 1e-7), f"max excess {(err - bound).max().item()}"
+
+
+CASES = [
+    # K, N, group, symmetric
+    (128, 16, 32, True),
+    (256, 48, 64, False),
+    (384, 32, 128, False),
+    (512, 80, 256, True),
+    (384, 32, -1, False),  # per channel, 3 chunks of 128
+    (1024, 64, 512, False),  # a group spanning several chunks
+]
+
+
+@needs_native
+@pytest.mark.parametrize("k,n,group_size,symmetric", CASES)
+@pytest.mark.parametrize("fused", [True, False])
+def test_native_matches_float64_reference(gen, k, n, group_size, symmetric, fused):
+    _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group_size, symmetric)
+    bias = torch.randn(n, generator=gen)
+    for m in (1, 3, 16, 17, 40):  # one partial token block, a full one, and full + partial ones
+        x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
+        y = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, fused=fused)
+        assert y.dtype == torch.bfloat16 and y.shape == (2, m, n)
+        _check(y, x, wp, scale, zp, group_size, k, fused=fused)
+        with_bias = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, bias, fused=fused)
+        _check(with_bias, x, wp, scale, zp, group_size, k, fused=fused, bias=bias)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_native_other_activation_dtypes_come_back_in_their_dtype(gen, dtype):
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, False, scale_dtype=torch.bfloat16)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16).to(dtype)  # bf16-representable values
+    y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
+    assert y.dtype == dtype
+    _check(y, x, wp, scale, zp, 128, 256, fused=True)
+
+
+@needs_native
+def test_dequant_rows_round_the_reference_to_bf16(gen):
+    """The many-token path's W_hat rows are the float64 W_hat rounded to bf16 (one ulp at most where
+    the float32 product already rounded), for a slice of rows and a row stride wider than K/2."""
+    k, n, group = 256, 48, 64
+    _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
+    codes = wp.view(torch.uint8)
+    wide = torch.randint(0, 256, (n, k // 2 + 64), generator=gen, dtype=torch.uint8)
+    wide[:, : k // 2] = codes  # same codes, rows 64 bytes apart more
+    scales = N.native_scales(scale, zp)
+    ref = dequantize_packed(wp, scale, zp, 4, group, k, torch.float64)
+    assert torch.allclose(N.reference_dequant(codes, scales, group, k), ref, rtol=1e-6, atol=1e-9)
+    for source in (codes, wide):
+        out = torch.empty(20, k, dtype=torch.bfloat16)
+        N.dequant_rows(source, scales, group, k, 16, 36, out)
+        want = ref[16:36].to(torch.bfloat16)
+        ulps = (out.view(torch.int16).to(torch.int32) - want.view(torch.int16).to(torch.int32)).abs()
+        assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+
+
+@needs_native
+def test_fused_kernel_reads_a_wider_row_stride(gen):
+    k, n = 256, 32
+    codes = torch.randint(0, 256, (n, k // 2 + 16), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(2, k // 128, n, generator=gen)
+    x = torch.randn(7, k, generator=gen).to(torch.bfloat16)
+    y = N.gemm(x, codes, scales, 128)
+    ref = N.reference_gemm(x, codes, scales, 128)
+    assert torch.all((y.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-4 * (x.double().abs().sum(1, keepdim=True)))
+
+
+@needs_native
+def test_threads_split_work_without_changing_a_bit(gen):
+    _, wp, scale, zp = random_packed_weight(gen, 256, 512, 4, 128, False)
+    x = torch.randn(40, 512, generator=gen).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, fused=f) for f in (True, False)]
+        torch.set_num_threads(2)
+        two = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, fused=f) for f in (True, False)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@needs_native
+def test_scales_are_cached_once_and_follow_in_place_changes(gen):
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, False)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
+    first = N.prepare(wp, scale, zp, 128, 256)
+    assert N.prepare(wp, scale, zp, 128, 256) is first
+    assert N.cached_nbytes(wp) == 2 * 2 * 32 * 4  # float32 s and z*s, 2 groups x 32 outputs
+    scale.mul_(2)  # in place: same tensor, new version
+    y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
+    assert N.prepare(wp, scale, zp, 128, 256) is not first
+    _check(y, x, wp, scale, zp, 128, 256, fused=True)
+
+
+@needs_native
+def test_dispatch_picks_cpu_native_for_bf16_4bit_and_falls_back_for_the_rest(gen):
+    pick = lambda **kw: kernels.select_backend("weight_only_linear", "cpu", **kw).name  # noqa: E731
+    base = dict(K=4096, N=4096, bits=4, group_size=128, symmetric=True, dtype=torch.bfloat16)
+    assert pick(**base) == "cpu_native"
+    assert pick(**{**base, "dtype": torch.float32}) == "torch"  # float32 models keep the exact path
+    assert pick(**{**base, "bits": 8, "group_size": -1}) == "cpu_packed"
+    assert pick(**{**base, "K": 320, "group_size": 32}) == "cpu_packed"  # K not a multiple of 128
+    text = kernels.describe_backend("weight_only_linear", "cpu", "cpu_native", in_features=320, out_features=64,
+                                    bits=4, group_size=32)
+    assert "multiple of 128" in text
+    _, wp, scale, zp = random_packed_weight(gen, 48, 256, 4, 64, False)
+    x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
+    y = kernels.weight_only_linear(x, wp, scale, zp, 4, 64, 256)
+    _check(y, x, wp, scale, zp, 64, 256, fused=True)
+    assert N.cached_nbytes(wp) > 0  # the call went through the native backend
+
+
+def test_shape_rules_say_what_is_missing():
+    assert N.shape_unsupported_reason(in_features=4096, out_features=4096, group_size=128) is None
+    assert "multiple of 16" in N.shape_unsupported_reason(in_features=4096, out_features=40, group_size=128)
+    assert "multiple of 128" in N.shape_unsupported_reason(in_features=4160, out_features=64, group_size=64)
+    assert "group_size 96" in N.shape_unsupported_reason(in_features=4224, out_features=64, group_size=96)
+    assert N.unsupported_reason(bits=3).startswith("3-bit")
+
+
+@pytest.fixture
+def rebuild(monkeypatch, tmp_path):
+    """A fresh build state, with the cache in tmp_path; the process's state comes back afterwards."""
+    saved = dict(N._STATE)
+    monkeypatch.setenv(N.CACHE_ENV, str(tmp_path / "cache"))
+    N.forget_library()
+    yield tmp_path
+    N._STATE.clear()
+    N._STATE.update(saved)
+    forget_selections()
+
+
+def test_switch_turns_the_native_kernels_off(rebuild, monkeypatch):
+    monkeypatch.setenv(N.SWITCH, "0")
+    assert N.library() is None
+    assert N.SWITCH in N.unavailable_reason()
+    assert "cpu_native" not in [b.name for b in kernels.backends_for("weight_only_linear")
+                                if b.unsupported(kernels.Problem("weight_only_linear", torch.device("cpu"),
+                                                                 dict(bits=4, K=4096, N=4096, group_size=128))) is None]
+
+
+def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(rebuild, monkeypatch):
+    fake = rebuild / "fakecc"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fakecc 1.0; exit 0; fi\n"
+                    "echo 'int4.c:1: error: no AVX-512 here' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    assert N.library() is None
+    reason = N.unavailable_reason()
+    assert "failed" in reason and "error: no AVX-512 here" in reason
+    assert os.listdir(rebuild / "cache" / "kernels") == []  # the staged file is gone
+
+
+def test_missing_compiler_is_reported(rebuild, monkeypatch):
+    monkeypatch.setattr(N, "_compiler", lambda: None)
+    assert N.library() is None
+    assert "no C compiler" in N.unavailable_reason()
+
+
+@needs_native
+def test_build_is_cached_under_a_content_name(rebuild):
+    assert N.library() is not None
+    built = list((rebuild / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith(N.SOURCE.stem + "-") and built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
+    N.forget_library()
+    assert N.library() is not None  # loaded again, not rebuilt
+    assert list((rebuild / "cache" / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_without_its_c_source_the_module_builds_nothing(rebuild, monkeypatch):
+    """As copied into a self-contained checkpoint (no C file beside it): unavailable, no compiler run."""
+    monkeypatch.setattr(N, "SOURCE", rebuild / "absent" / N.SOURCE.name)
+    monkeypatch.setattr(N, "_compiler", lambda: pytest.fail("no compiler may run without the source"))
+    assert N.library() is None
+    assert "not installed" in N.unavailable_reason()
