@@ -243,8 +243,9 @@ def test_inspect_reports_the_kernel_backend_of_every_layer(monkeypatch, capsys, 
     code, out, _ = run_cli(monkeypatch, capsys, "inspect", str(w4), "--json", "--device", "cpu")
     info = json.loads(out)
     assert set(info["kernels"]) == set(info["quantized_modules"]) and info["kernel_device"] == "cpu"
-    # bf16 checkpoints run on torch's packed CPU kernels (kernels/cpu_packed.py), else dequantize + matmul
-    assert all(plan.startswith(("cpu_packed (", "torch (dequantize")) for plan in info["kernels"].values())
+    # bf16 checkpoints run on the native int4 kernel (kernels/cpu_native.py) or torch's packed CPU
+    # kernels (kernels/cpu_packed.py), else dequantize + matmul
+    assert all(plan.startswith(("cpu_native (", "cpu_packed (", "torch (dequantize")) for plan in info["kernels"].values())
     info = json.loads(run_cli(monkeypatch, capsys, "inspect", str(w4a4), "--json", "--device", "cpu")[1])
     plans = info["kernels"]
     assert all("per-token" in plan and "_int_mm" in plan for plan in plans.values())
