@@ -53,11 +53,14 @@ class HessianFactor:
     damp: float  # the dampening actually used (raised if the requested one was not enough)
 
 
-def _reverse_cholesky(Hr: torch.Tensor, diag_mean: float, damp: float, max_tries: int = 8) -> tuple[torch.Tensor, float]:
+def _reverse_cholesky(handed: list[torch.Tensor], diag_mean: float, damp: float, max_tries: int = 8
+                      ) -> tuple[torch.Tensor, float]:
     """``R`` upper-triangular with ``R R^T = H + damp*diag_mean*I``, and the damp used, from
-    ``Hr = J H J`` (rows and columns reversed; float32, overwritten): ``R = J chol(Hr) J``. If the
-    dampened ``H`` is not positive definite (numerically), the dampening is raised tenfold at a time,
-    with a warning."""
+    ``Hr = J H J`` (rows and columns reversed; float32, overwritten), handed over as the one item of
+    ``handed`` so that it is freed as soon as its factor exists: ``R = J chol(Hr) J``, reversed in
+    place. If the dampened ``H`` is not positive definite (numerically), the dampening is raised
+    tenfold at a time, with a warning."""
+    Hr = handed.pop()
     if not math.isfinite(diag_mean):
         raise ValueError("the Hessian has non-finite entries (NaN/inf in the calibration activations?)")
     current, added = damp, 0.0
@@ -67,7 +70,7 @@ def _reverse_cholesky(Hr: torch.Tensor, diag_mean: float, damp: float, max_tries
         L, info = torch.linalg.cholesky_ex(Hr)
         if info.item() == 0:
             del Hr
-            R = L.flip(0, 1)
+            R = _half_turn_(L)
             if not torch.isfinite(R).all():
                 raise RuntimeError("GPTQ: the Hessian factor has non-finite entries")
             if current != damp:
@@ -77,30 +80,56 @@ def _reverse_cholesky(Hr: torch.Tensor, diag_mean: float, damp: float, max_tries
                     stacklevel=4,
                 )
             return R, current
+        del L
         current = current * 10 if current > 0 else 1e-4
     raise RuntimeError(f"GPTQ: the Hessian stays singular even with damp={current / 10:g}")
 
 
-@torch.no_grad()
+def _half_turn_(M: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``M.flip(0, 1)`` in place (``M[i, j] <- M[n-1-i, n-1-j]``), a block of ``rows`` at a time:
+    a second n x n copy is 600 MB at n = 12288."""
+    n = M.shape[0]
+    for a in range(0, n // 2, rows):
+        b = min(a + rows, n // 2)
+        top = M[a:b].flip(0, 1)
+        M[a:b] = M[n - b:n - a].flip(0, 1)
+        M[n - b:n - a] = top
+    if n % 2:
+        M[n // 2] = M[n // 2].flip(0)
+    return M
+
+
 def factor_hessian(H: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
-    """Factor ``H [in, in]`` for :func:`gptq_quantize` (``H`` itself is not modified)."""
-    H = H.detach()
-    diag = torch.diag(H).to(torch.float32)
-    # Inputs that were always zero carry no information: H_ii = 1 keeps H invertible (their weight
-    # columns are zeroed by the solve: they multiply zeros on the calibration data anyway).
-    dead = diag == 0
-    diag[dead] = 1
-    perm = torch.argsort(diag, descending=True) if act_order else None
-    # One copy, already in the reversed (and act-order) arrangement the factorization wants.
-    if perm is None:
-        Hr = H.flip(0, 1).to(torch.float32)
-        Hr.diagonal()[dead.flip(0)] = 1
-    else:
-        order = perm.flip(0)
-        Hr = H.index_select(0, order).to(torch.float32).index_select(1, order)
-        Hr.diagonal()[dead[order]] = 1
-    R, used = _reverse_cholesky(Hr, torch.mean(diag).item(), damp)
-    return HessianFactor(R=R, dead=dead, perm=perm, damp=used)
+    """Factor ``H [in, in]`` for :func:`gptq_quantize` (``H`` itself is not modified).
+
+    Memory: a caller that hands over its only reference to ``H`` (as GPTQ's stages do, through
+    :meth:`HessianAccumulator.release`) lets it be freed once its reversed copy exists, and that copy
+    once its factor exists, so at most two ``in x in`` float32 matrices are alive at a time (five were,
+    3 GB at LLaDA-8B's 12288-wide down projection). Hence no ``@torch.no_grad()`` decorator here: its
+    wrapper would hold the argument for the whole call."""
+    with torch.no_grad():
+        H = H.detach()
+        diag = torch.diag(H).to(torch.float32)
+        # Inputs that were always zero carry no information: H_ii = 1 keeps H invertible (their weight
+        # columns are zeroed by the solve: they multiply zeros on the calibration data anyway).
+        dead = diag == 0
+        diag[dead] = 1
+        perm = torch.argsort(diag, descending=True) if act_order else None
+        # One copy, already in the reversed (and act-order) arrangement the factorization wants.
+        if perm is None:
+            Hr = H.flip(0, 1).to(torch.float32)
+            del H
+            Hr.diagonal()[dead.flip(0)] = 1
+        else:
+            order = perm.flip(0)
+            Hr = H.index_select(0, order).to(torch.float32)
+            del H
+            Hr = Hr.index_select(1, order)
+            Hr.diagonal()[dead[order]] = 1
+        handed = [Hr]
+        del Hr
+        R, used = _reverse_cholesky(handed, torch.mean(diag).item(), damp)
+        return HessianFactor(R=R, dead=dead, perm=perm, damp=used)
 
 
 def _qparams(

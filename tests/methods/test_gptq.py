@@ -463,3 +463,40 @@ def test_block_results_equal_one_linear_at_a_time():
             got = results[f"{PREFIX}.{name}"]
             assert (got.codes == alone.codes).float().mean().item() >= 0.999, name
             linear.weight.data = got.dequantize()  # the next group sees what the method's did
+
+
+def test_half_turn_in_place_is_the_double_flip():
+    from qdlm_export.methods.gptq_solver import _half_turn_
+
+    gen = torch.Generator().manual_seed(13)
+    for n, rows in ((1, 256), (7, 2), (8, 3), (300, 256), (513, 64)):
+        m = torch.randn(n, n, generator=gen)
+        want = m.flip(0, 1)
+        assert torch.equal(_half_turn_(m, rows), want)
+
+
+def test_factoring_a_released_hessian_frees_it_and_keeps_the_factor():
+    """GPTQ hands its Hessian over (HessianAccumulator.release): the accumulator keeps nothing, and
+    once the factorization returns nothing else holds the Hessian either; the factor equals the one
+    made from a Hessian the caller keeps."""
+    import weakref
+
+    from qdlm_export.methods.gptq import HessianAccumulator, factor_hessian
+
+    gen = torch.Generator().manual_seed(17)
+    acc = HessianAccumulator(96)
+    acc.add_batch(torch.randn(200, 96, generator=gen))
+    kept = acc.H.clone()
+    for act_order in (False, True):
+        h = acc.H.clone()
+        ref = weakref.ref(h)
+        factor = factor_hessian(h, 0.01, act_order)
+        assert ref() is not None  # the caller's own reference is left alone
+        assert torch.equal(h, kept)
+    released = acc.release()
+    assert acc.H.numel() == 0
+    ref = weakref.ref(released)
+    factor_released = factor_hessian(released, 0.01, True)
+    del released
+    assert ref() is None
+    assert torch.equal(factor_released.R, factor.R) and torch.equal(factor_released.perm, factor.perm)
