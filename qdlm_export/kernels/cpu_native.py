@@ -79,6 +79,49 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _cpu_lacks_bf16() -> bool:
+    """True when /proc/cpuinfo (Linux) lists CPU flags without avx512_bf16; False when unknown (the
+    library's own check then decides after the build)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return flags is not None and "avx512_bf16" not in flags.split()
+
+
+def _trusted(path: Path) -> bool:
+    """A file or folder we may load from: ours, and writable by nobody else (a library planted in a
+    shared cache folder would run with our rights)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _compile(cc: str, folder: Path, target: Path) -> str | None:
+    """Compile SOURCE into ``target`` (in ``folder``): staged under a temporary name and moved into
+    place, so a concurrent build or a crash never leaves a half-written library under the final name.
+    None, or why it failed."""
+    staged = None
+    try:
+        fd, staged = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=folder)
+        os.close(fd)
+        done = subprocess.run([cc, *FLAGS, "-o", staged, str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            return f"building the native int4 kernel with {cc} failed: {first}"
+        os.replace(staged, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"building the native int4 kernel with {cc} failed: {exc}"
+    finally:
+        if staged is not None and os.path.exists(staged):
+            os.unlink(staged)
+
+
 def _build() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None, f"turned off by {SWITCH}={os.environ[SWITCH]}"
@@ -86,6 +129,8 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"the native kernel's C source {SOURCE.name} is not installed beside {Path(__file__).name}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the native int4 kernel is for x86-64 CPUs with AVX512-BF16 (this is {platform.machine()})"
+    if _cpu_lacks_bf16():  # before any compiler runs
+        return None, "this CPU lacks AVX512-BF16 (the native int4 kernel needs avx512f/bw/vl and avx512_bf16)"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc) to build the native int4 kernel"
@@ -93,36 +138,33 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"the C compiler {cc} does not run ({exc})"
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{SOURCE.stem}-{digest}.so"
-    if not target.is_file():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folder = target.parent
-        except OSError:
-            folder = Path(tempfile.mkdtemp(prefix="qdlm-kernels-"))  # unwritable cache: build for this process
-            target = folder / target.name
-        # staged under a temporary name and moved into place: a concurrent build or a crash never
-        # leaves a half-written library under the final name
-        fd, staged = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, "-o", staged, str(SOURCE)], capture_output=True, text=True,
-                                  timeout=BUILD_TIMEOUT_S)
-            if done.returncode != 0:
-                first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-                return None, f"building the native int4 kernel with {cc} failed: {first}"
-            os.replace(staged, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"building the native int4 kernel with {cc} failed: {exc}"
-        finally:
-            if os.path.exists(staged):
-                os.unlink(staged)
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
+    name = f"{SOURCE.stem}-{digest}.so"
+    folder = _cache_dir()
     try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        return None, f"loading the native int4 kernel failed: {exc}"
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    private = None
+    if not (_trusted(folder) and os.access(folder, os.W_OK)):
+        # a cache we cannot write or should not trust: build for this process in a private folder
+        try:
+            folder = private = Path(tempfile.mkdtemp(prefix="qdlm-kernels-"))
+        except OSError as exc:
+            return None, f"no folder to build the native int4 kernel in ({exc})"
+    target = folder / name
+    try:
+        if not (target.is_file() and _trusted(target)):
+            reason = _compile(cc, folder, target)
+            if reason:
+                return None, reason
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            return None, f"loading the native int4 kernel {target.name} failed: {exc}"
+    finally:
+        if private is not None:  # loaded (or failed): the mapping outlives the file
+            shutil.rmtree(private, ignore_errors=True)
     if not lib.qdlm_cpu_supported():
         return None, "this CPU lacks AVX512-BF16 (the native int4 kernel needs avx512f/bw/vl and avx512_bf16)"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -162,6 +204,8 @@ def forget_library() -> None:
 def shape_unsupported_reason(*, in_features: int, out_features: int, group_size: int) -> str | None:
     """None when the native kernels take this weight's shape, else why not."""
     group = in_features if group_size == -1 else group_size
+    if group <= 0 or in_features % group:
+        return f"group_size {group_size} does not divide in_features {in_features} (-1 means per channel)"
     if out_features % TILE_N:
         return f"out_features {out_features} is not a multiple of {TILE_N}"
     if in_features % CHUNK_K:
@@ -202,6 +246,8 @@ def _run_split(fn, total: int, threads: int) -> None:
 def _check(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[int, int, int]:
     m, k = x2.shape
     n = codes.shape[0]
+    if any(t.device.type != "cpu" for t in (x2, codes, scales)):
+        raise ValueError("the native kernels take CPU tensors only (x, codes and scales)")
     if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
         raise ValueError("x must be a contiguous bf16 [M, K] tensor")
     if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.stride(1) != 1 or codes.shape[1] < k // 2:
@@ -246,8 +292,12 @@ def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, in_featu
     if lib is None:
         raise RuntimeError(unavailable_reason())
     k, n = in_features, codes.shape[0]
-    if out.dtype != torch.bfloat16 or tuple(out.shape) != (stop - start, k) or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous bf16 {(stop - start, k)}")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"rows {start}:{stop} out of range for {n} rows")
+    _check(torch.empty(0, k, dtype=torch.bfloat16), codes, scales, group)
+    if out.device.type != "cpu" or out.dtype != torch.bfloat16 or tuple(out.shape) != (stop - start, k) \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous bf16 CPU tensor {(stop - start, k)}")
     args = (codes.data_ptr(), codes.stride(0), k, n, scales[0].data_ptr(), scales[1].data_ptr(), group)
     base = out.data_ptr()
 
@@ -262,7 +312,7 @@ def dequant_matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, 
     """``x2 [M, K]`` bf16 times ``W_hat.T``: rows of ``W_hat`` dequantized into a reused scratch, a bf16
     GEMM per block of rows; bf16 ``[M, N]``."""
     m, k, n = _check(x2, codes, scales, group)
-    block = min(n, DEQUANT_ROWS)
+    block = max(1, min(n, DEQUANT_ROWS))
     out = torch.empty(m, n, dtype=torch.bfloat16)
     for start in range(0, n, block):
         stop = min(n, start + block)
@@ -317,12 +367,11 @@ def unsupported_reason(
         return "the native kernels need CPU tensors"
     if bits not in (None, 4):
         return f"{bits}-bit weights: the native kernel takes 4 bits"
-    reason = unavailable_reason()
-    if reason:
-        return reason
-    if None not in (group_size, in_features, out_features):
-        return shape_unsupported_reason(in_features=in_features, out_features=out_features, group_size=group_size)
-    return None
+    if None not in (group_size, in_features, out_features):  # before the availability check, which builds
+        reason = shape_unsupported_reason(in_features=in_features, out_features=out_features, group_size=group_size)
+        if reason:
+            return reason
+    return unavailable_reason()
 
 
 def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
@@ -334,6 +383,8 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero
         return hit
     n = weight_packed.shape[0]
     group = in_features if group_size == -1 else group_size
+    if any(t is not None and t.device.type != "cpu" for t in (weight_packed, weight_scale, weight_zero_point)):
+        raise ValueError("the native kernels take CPU tensors only (weight, scale and zero point)")
     if tuple(weight_scale.shape) != (n, in_features // group):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n, in_features // group)}")
     entry = NativeWeight(group, native_scales(weight_scale, weight_zero_point), key)
@@ -380,9 +431,10 @@ def weight_only_linear_native(
     else:
         # the checkpoint's int32 words read as bytes: byte j of a row = codes 2j | 2j+1 << 4
         y = linear(x2, weight_packed.contiguous().view(torch.uint8), w.scales, w.group, fused=fused)
-    if bias is not None:
+    y = y.to(x.dtype)
+    if bias is not None:  # in the caller's dtype (a float32 model's bias is not rounded to bf16)
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*lead, n)
+    return y.reshape(*lead, n)
 
 
 # -- plain torch statements of the two C functions (float64), for tests and for reading ------------

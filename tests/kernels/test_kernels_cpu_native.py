@@ -161,6 +161,8 @@ def test_dispatch_picks_cpu_native_for_bf16_4bit_and_falls_back_for_the_rest(gen
 
 def test_shape_rules_say_what_is_missing():
     assert N.shape_unsupported_reason(in_features=4096, out_features=4096, group_size=128) is None
+    for group in (384, 0, -128):  # 384 does not divide 640; 0 and -128 are no group sizes
+        assert "does not divide" in N.shape_unsupported_reason(in_features=640, out_features=64, group_size=group)
     assert "multiple of 16" in N.shape_unsupported_reason(in_features=4096, out_features=40, group_size=128)
     assert "multiple of 128" in N.shape_unsupported_reason(in_features=4160, out_features=64, group_size=64)
     assert "group_size 96" in N.shape_unsupported_reason(in_features=4224, out_features=64, group_size=96)
@@ -223,3 +225,38 @@ def test_without_its_c_source_the_module_builds_nothing(rebuild, monkeypatch):
     monkeypatch.setattr(N, "_compiler", lambda: pytest.fail("no compiler may run without the source"))
     assert N.library() is None
     assert "not installed" in N.unavailable_reason()
+
+
+def test_a_cache_others_can_write_is_not_used(rebuild):
+    """A cache folder writable by others (who could plant a library under the predictable name) is
+    neither loaded from nor written: the library is built in a private temporary folder for this
+    process, or the failure is reported, never raised."""
+    cache = rebuild / "cache" / "kernels"
+    cache.mkdir(parents=True)
+    cache.chmod(0o777)
+    lib = N.library()
+    assert (lib is not None) == (N.unavailable_reason() is None)
+    assert list(cache.iterdir()) == []
+
+
+@needs_native
+def test_tensors_off_the_cpu_are_refused_not_read(gen):
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, False)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        N.weight_only_linear_native(x, wp, scale.to("meta"), zp, 4, 128, 256)
+    with pytest.raises(ValueError, match="CPU tensors"):
+        N.gemm(x.to("meta"), wp.view(torch.uint8), N.native_scales(scale, zp), 128)
+    with pytest.raises(ValueError, match="out of range"):
+        N.dequant_rows(wp.view(torch.uint8), N.native_scales(scale, zp), 128, 256, 16, 48,
+                       torch.empty(32, 256, dtype=torch.bfloat16))
+
+
+@needs_native
+def test_float32_bias_is_added_in_float32(gen):
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, True)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16).float()
+    bias = torch.randn(32, generator=gen) * 1000 + 0.123456
+    y0 = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
+    y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256, bias)
+    assert torch.equal(y, y0 + bias)
