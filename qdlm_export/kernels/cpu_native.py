@@ -56,10 +56,13 @@ CHUNK_K = 128  # codes of a row read at a time
 # docs/benchmarks.md: at 4096 x 4096, 1.12x vs 0.7x dense at M = 32, 0.91x vs 0.80x at 64, 0.80x vs
 # 0.93x at 128; at 12288 x 4096 1.00x vs 0.80x at 64).
 NATIVE_MAX_M = 96
-# Rows of W_hat dequantized per bf16 GEMM on the many-token path, into one scratch per calling thread
-# (reused across calls and layers: 8 MB at K = 4096, 24 MB at K = 12288). Fewer rows make narrower
-# GEMMs: at 12288 x 4096, M = 256, 1024 rows ran within noise of the dense GEMM, 336 rows 10 % slower.
-DEQUANT_ROWS = 1024
+# W_hat rows dequantized per bf16 GEMM on the many-token path, at most this many bytes of them, into
+# one scratch per calling thread, reused across calls and layers (so its pages are faulted in once).
+# Every LLaDA-8B shape fits whole (12288 x 4096 x 2 bytes = 96 MiB): one GEMM per call. Measured on
+# the Zen 4 EPYC: with 1 thread, 1024-row blocks and the whole weight ran alike; with 2 threads
+# the whole weight ran 5-10 % faster at M = 256 (each block's GEMM is one more OpenMP region, whose
+# spinning workers then compete with the next block's dequantization).
+DEQUANT_SCRATCH_BYTES = 96 << 20
 MIN_ROWS_PER_THREAD = 64  # below this a thread's share is not worth the hand-off
 
 _LOCK = threading.Lock()
@@ -230,17 +233,24 @@ def _threads(units: int, min_units: int) -> int:
 
 
 def _run_split(fn, total: int, threads: int) -> None:
-    """fn(start, stop) over [0, total), in ``threads`` contiguous shares (ctypes drops the GIL)."""
-    if threads <= 1:
+    """fn(start, stop) over [0, total) in ``threads`` contiguous shares: the calling thread runs the
+    first, pool threads the others (ctypes drops the GIL during the C calls)."""
+    bounds = [total * i // threads for i in range(threads + 1)]
+    shares = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    if len(shares) <= 1:
         fn(0, total)
         return
-    pool = _POOL.get(threads)
+    helpers = len(shares) - 1
+    pool = _POOL.get(helpers)
     if pool is None:
         with _LOCK:
-            pool = _POOL.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="qdlm-native"))
-    bounds = [total * i // threads for i in range(threads + 1)]
-    for f in [pool.submit(fn, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]:
-        f.result()
+            pool = _POOL.setdefault(helpers, ThreadPoolExecutor(helpers, thread_name_prefix="qdlm-native"))
+    futures = [pool.submit(fn, a, b) for a, b in shares[1:]]
+    try:
+        fn(*shares[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _check(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[int, int, int]:
@@ -312,7 +322,7 @@ def dequant_matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, 
     """``x2 [M, K]`` bf16 times ``W_hat.T``: rows of ``W_hat`` dequantized into a reused scratch, a bf16
     GEMM per block of rows; bf16 ``[M, N]``."""
     m, k, n = _check(x2, codes, scales, group)
-    block = max(1, min(n, DEQUANT_ROWS))
+    block = max(1, min(n, DEQUANT_SCRATCH_BYTES // (2 * k)))
     out = torch.empty(m, n, dtype=torch.bfloat16)
     for start in range(0, n, block):
         stop = min(n, start + block)
