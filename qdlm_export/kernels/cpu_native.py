@@ -67,7 +67,7 @@ MIN_ROWS_PER_THREAD = 64  # below this a thread's share is not worth the hand-of
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
-_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _SCRATCH = threading.local()
 
 
@@ -241,10 +241,12 @@ def _run_split(fn, total: int, threads: int) -> None:
         fn(0, total)
         return
     helpers = len(shares) - 1
-    pool = _POOL.get(helpers)
+    # keyed by process too: a forked child inherits the pool object but not its threads
+    key = (os.getpid(), helpers)
+    pool = _POOL.get(key)
     if pool is None:
         with _LOCK:
-            pool = _POOL.setdefault(helpers, ThreadPoolExecutor(helpers, thread_name_prefix="qdlm-native"))
+            pool = _POOL.setdefault(key, ThreadPoolExecutor(helpers, thread_name_prefix="qdlm-native"))
     futures = [pool.submit(fn, a, b) for a, b in shares[1:]]
     try:
         fn(*shares[0])

@@ -260,3 +260,28 @@ def test_float32_bias_is_added_in_float32(gen):
     y0 = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
     y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256, bias)
     assert torch.equal(y, y0 + bias)
+
+
+@needs_native
+def test_a_forked_child_computes_with_threads(gen):
+    """The helper threads do not survive a fork: the child makes its own pool instead of waiting
+    forever on the parent's."""
+    import multiprocessing
+
+    _, wp, scale, zp = random_packed_weight(gen, 256, 512, 4, 128, False)
+    x = torch.randn(4, 512, generator=gen).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512)  # the parent's pool exists now
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_child_linear, (x, wp, scale, zp)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)
+
+
+def _child_linear(x, wp, scale, zp):
+    torch.set_num_threads(2)
+    return N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512)
