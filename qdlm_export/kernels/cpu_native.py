@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .registry import forget_selections
+from .weight_only import tensors_key
 
 SOURCE = Path(__file__).with_name("native") / "int4_avx512bf16.c"
 FLAGS = ("-O3", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared")
@@ -255,21 +256,29 @@ def _run_split(fn, total: int, threads: int) -> None:
             f.result()
 
 
-def _check(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[int, int, int]:
-    m, k = x2.shape
+def _check_weight(codes: torch.Tensor, scales: torch.Tensor, group: int, k: int) -> int:
+    """The weight side of a call (codes, scales, shape rules); returns N."""
     n = codes.shape[0]
-    if any(t.device.type != "cpu" for t in (x2, codes, scales)):
+    if codes.device.type != "cpu" or scales.device.type != "cpu":
         raise ValueError("the native kernels take CPU tensors only (x, codes and scales)")
-    if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
-        raise ValueError("x must be a contiguous bf16 [M, K] tensor")
     if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.stride(1) != 1 or codes.shape[1] < k // 2:
         raise ValueError(f"codes must be uint8 [N, >= K/2] with unit column stride, got {tuple(codes.shape)}")
-    if scales.dtype != torch.float32 or tuple(scales.shape) != (2, k // group, n) or not scales.is_contiguous():
-        raise ValueError(f"scales must be contiguous float32 {(2, k // group, n)}, got {tuple(scales.shape)}")
     reason = shape_unsupported_reason(in_features=k, out_features=n, group_size=group)
     if reason:
         raise ValueError(reason)
-    return m, k, n
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (2, k // group, n) or not scales.is_contiguous():
+        raise ValueError(f"scales must be contiguous float32 {(2, k // group, n)}, got {tuple(scales.shape)}")
+    return n
+
+
+def _check(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[int, int, int]:
+    """A whole call: the activations, then the weight; returns (M, K, N)."""
+    m, k = x2.shape
+    if x2.device.type != "cpu":
+        raise ValueError("the native kernels take CPU tensors only (x, codes and scales)")
+    if x2.dtype != torch.bfloat16 or not x2.is_contiguous():
+        raise ValueError("x must be a contiguous bf16 [M, K] tensor")
+    return m, k, _check_weight(codes, scales, group, k)
 
 
 def gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
@@ -306,11 +315,17 @@ def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, in_featu
     k, n = in_features, codes.shape[0]
     if not 0 <= start <= stop <= n:
         raise ValueError(f"rows {start}:{stop} out of range for {n} rows")
-    _check(torch.empty(0, k, dtype=torch.bfloat16), codes, scales, group)
+    _check_weight(codes, scales, group, k)
     if out.device.type != "cpu" or out.dtype != torch.bfloat16 or tuple(out.shape) != (stop - start, k) \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous bf16 CPU tensor {(stop - start, k)}")
-    args = (codes.data_ptr(), codes.stride(0), k, n, scales[0].data_ptr(), scales[1].data_ptr(), group)
+    return _dequant_into(lib, codes, scales, group, k, start, stop, out)
+
+
+def _dequant_into(lib: ctypes.CDLL, codes: torch.Tensor, scales: torch.Tensor, group: int, k: int,
+                  start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequant_rows` once its arguments are checked."""
+    args = (codes.data_ptr(), codes.stride(0), k, codes.shape[0], scales[0].data_ptr(), scales[1].data_ptr(), group)
     base = out.data_ptr()
 
     def rows(a: int, b: int) -> None:
@@ -323,12 +338,15 @@ def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, in_featu
 def dequant_matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """``x2 [M, K]`` bf16 times ``W_hat.T``: rows of ``W_hat`` dequantized into a reused scratch, a bf16
     GEMM per block of rows; bf16 ``[M, N]``."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
     m, k, n = _check(x2, codes, scales, group)
     block = max(1, min(n, DEQUANT_SCRATCH_BYTES // (2 * k)))
     out = torch.empty(m, n, dtype=torch.bfloat16)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        w = dequant_rows(codes, scales, group, k, start, stop, _scratch((stop - start) * k).view(stop - start, k))
+        w = _dequant_into(lib, codes, scales, group, k, start, stop, _scratch((stop - start) * k).view(stop - start, k))
         torch.matmul(x2, w.T, out=out[:, start:stop])
     return out
 
@@ -359,12 +377,6 @@ class NativeWeight:
 _CACHE: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def _key(*tensors: torch.Tensor | None) -> tuple:
-    # Inference tensors track no version counter (and cannot change in place): 0 stands for them.
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
-                 for t in tensors)
-
-
 def unsupported_reason(
     *,
     bits: int | None = None,
@@ -389,7 +401,7 @@ def unsupported_reason(
 def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
             group_size: int, in_features: int) -> NativeWeight:
     """The cached scales of ``weight_packed`` (made again if any input changed in place)."""
-    key = _key(weight_packed, weight_scale, weight_zero_point)
+    key = tensors_key(weight_packed, weight_scale, weight_zero_point)
     hit = _CACHE.get(weight_packed)
     if hit is not None and hit.key == key:
         return hit

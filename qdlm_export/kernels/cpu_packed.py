@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weight_only import unpack_codes
+from .weight_only import tensors_key, unpack_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes, largest first
 INNER_K_TILES = 2  # accepted by the CPU converter (2, 4, 8 give the same CPU layout)
@@ -123,12 +123,6 @@ class CpuPackedWeight:
         return weight + self.scales.numel() * self.scales.element_size()
 
 
-def _key(*tensors: torch.Tensor | None) -> tuple:
-    # Inference tensors track no version counter (and cannot change in place): 0 stands for them.
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
-                 for t in tensors)
-
-
 def repack(
     weight_packed: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -156,7 +150,7 @@ def repack(
     groups = in_features // group
     if tuple(weight_scale.shape) != (n, groups):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n, groups)}")
-    key = _key(weight_packed, weight_scale, weight_zero_point)
+    key = tensors_key(weight_packed, weight_scale, weight_zero_point)
     s = weight_scale.to(torch.float32)
     if bits == 8:
         w = _cpu_weight(weight_packed, 8, in_features) if with_weight else None
@@ -196,7 +190,7 @@ def prepare(
 ) -> CpuPackedWeight:
     """The cached CPU layout of ``weight_packed`` (repacked now if absent or if any input changed);
     without ``with_weight``, the cached scales suffice (the codes' CPU layout is not made)."""
-    key = _key(weight_packed, weight_scale, weight_zero_point)
+    key = tensors_key(weight_packed, weight_scale, weight_zero_point)
     hit = _CACHE.get(weight_packed)
     if hit is not None and hit.key == key and hit.bits == bits and hit.group_size == group_size:
         if hit.weight is not None or not with_weight:

@@ -31,6 +31,14 @@ from ._triton import triton_unavailable_reason
 from .registry import Problem, choose, on_cuda, register_backend
 
 
+def tensors_key(*tensors: torch.Tensor | None) -> tuple:
+    """What identifies the current contents of ``tensors`` for a cache of layouts made from them:
+    data pointer, version counter and shape each (inference tensors track no version counter and
+    cannot change in place: 0 stands for them)."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
+                 for t in tensors)
+
+
 def unpack_codes(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """int32 ``[out, words]`` -> uint8 codes ``[out, in_features]`` (the values of ``unpack_rows``).
 

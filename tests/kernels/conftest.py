@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from qdlm_export.kernels import ENV_VAR, refresh_backend_setting
@@ -33,17 +35,37 @@ def force_backend(monkeypatch):
     return force
 
 
-@pytest.fixture
-def native_off(monkeypatch):
-    """The native int4 kernels (kernels/cpu_native.py) unavailable for this test, so the backends
-    beneath them run; the process's build state comes back afterwards."""
+@contextlib.contextmanager
+def native_build_state(**state):
+    """Run the body with the native kernels' build state (kernels/cpu_native.py) replaced by ``state``
+    (empty: built or loaded afresh at the next use); the process's state comes back afterwards, and
+    the registry chooses again both times."""
     from qdlm_export.kernels import cpu_native
 
     saved = dict(cpu_native._STATE)
     cpu_native._STATE.clear()
-    cpu_native._STATE.update(lib=None, reason="turned off for this test")
+    cpu_native._STATE.update(state)
     forget_selections()
-    yield
-    cpu_native._STATE.clear()
-    cpu_native._STATE.update(saved)
-    forget_selections()
+    try:
+        yield
+    finally:
+        cpu_native._STATE.clear()
+        cpu_native._STATE.update(saved)
+        forget_selections()
+
+
+@pytest.fixture
+def native_off():
+    """The native int4 kernels unavailable for this test, so the backends beneath them run."""
+    with native_build_state(lib=None, reason="turned off for this test"):
+        yield
+
+
+@pytest.fixture
+def rebuild(monkeypatch, tmp_path):
+    """The native kernels built or loaded afresh at their next use, with the cache in tmp_path."""
+    from qdlm_export.kernels import cpu_native
+
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path / "cache"))
+    with native_build_state():
+        yield tmp_path

@@ -22,7 +22,6 @@ import torch
 
 from qdlm_export import kernels
 from qdlm_export.kernels import cpu_native as N
-from qdlm_export.kernels.registry import forget_selections
 from qdlm_export.kernels.weight_only import dequantize_packed
 from tests.kernel_inputs import random_packed_weight
 
@@ -167,18 +166,6 @@ def test_shape_rules_say_what_is_missing():
     assert "multiple of 128" in N.shape_unsupported_reason(in_features=4160, out_features=64, group_size=64)
     assert "group_size 96" in N.shape_unsupported_reason(in_features=4224, out_features=64, group_size=96)
     assert N.unsupported_reason(bits=3).startswith("3-bit")
-
-
-@pytest.fixture
-def rebuild(monkeypatch, tmp_path):
-    """A fresh build state, with the cache in tmp_path; the process's state comes back afterwards."""
-    saved = dict(N._STATE)
-    monkeypatch.setenv(N.CACHE_ENV, str(tmp_path / "cache"))
-    N.forget_library()
-    yield tmp_path
-    N._STATE.clear()
-    N._STATE.update(saved)
-    forget_selections()
 
 
 def test_switch_turns_the_native_kernels_off(rebuild, monkeypatch):
