@@ -2,15 +2,15 @@
 
     y = x @ W_hat.T,   W_hat[n, k] = q[n, k] * s[g, n] - zs[g, n]   (zs = z * s, g = k // group)
 
-Two C functions do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` and
+Two C kernels do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` and
 :func:`reference_dequant` are their plain torch statements):
 
 * ``gemm`` (few tokens): codes are widened to exact bf16 integers in registers and multiplied with
   the activations by AVX512-BF16 dot products, float32 sums, each group's scale applied once. It reads
   the checkpoint's packed bytes directly, so a model holds no second layout of its codes.
-* ``dequant_rows`` (many tokens): bf16 ``W_hat`` rows in one fused pass, into a scratch buffer reused
-  across calls (a fresh 32 MB tensor costs ~20 ms of page faults, ten times the pass itself), then
-  torch's bf16 GEMM.
+* ``blocked_gemm`` (more tokens): a cache-blocked GEMM. Each weight element is dequantized to bf16
+  once per call, into panels small enough to stay in cache while every block of tokens runs over
+  them, with the same dot products. Its scratch is about 256 KiB plus 1 KiB per token per thread.
 
 Why native code: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) multiplies in float32
 FMAs, slower than the bf16 GEMM from ~12 tokens on, and eager dequantization makes several passes over
@@ -23,7 +23,7 @@ named by a hash of the source, flags and compiler, staged and moved into place; 
 compiler, on another CPU, or with ``QDLM_EXPORT_NATIVE_KERNELS=0``, :func:`unavailable_reason`
 says why and ``cpu_packed`` uses torch's kernels instead. The library is loaded with ``ctypes``;
 ``ctypes`` releases the GIL during a call, so the work is split across ``torch.get_num_threads()``
-Python threads (tiles of 16 outputs, or rows).
+Python threads (tiles of 16 outputs, or panels of 32).
 """
 
 from __future__ import annotations
@@ -53,23 +53,19 @@ BUILD_TIMEOUT_S = 120
 TILE_N = 16  # outputs per tile (one AVX-512 register of float32)
 TILE_M = 16  # tokens per pass over a tile (the C file's TILE_M)
 CHUNK_K = 128  # codes of a row read at a time
-# Up to this many tokens the fused kernel beats dequantize + bf16 GEMM (measured on the Zen 4 EPYC,
-# docs/benchmarks.md: at 4096 x 4096, 1.12x vs 0.7x dense at M = 32, 0.91x vs 0.80x at 64, 0.80x vs
-# 0.93x at 128; at 12288 x 4096 1.00x vs 0.80x at 64).
-NATIVE_MAX_M = 96
-# W_hat rows dequantized per bf16 GEMM on the many-token path, at most this many bytes of them, into
-# one scratch per calling thread, reused across calls and layers (so its pages are faulted in once).
-# Every LLaDA-8B shape fits whole (12288 x 4096 x 2 bytes = 96 MiB): one GEMM per call. Measured on
-# the Zen 4 EPYC: with 1 thread, 1024-row blocks and the whole weight ran alike; with 2 threads
-# the whole weight ran 5-10 % faster at M = 256 (each block's GEMM is one more OpenMP region, whose
-# spinning workers then compete with the next block's dequantization).
-DEQUANT_SCRATCH_BYTES = 96 << 20
-MIN_ROWS_PER_THREAD = 64  # below this a thread's share is not worth the hand-off
+# Up to this many tokens the fused kernel beats the blocked one (measured on the Zen 4 EPYC, 1 thread,
+# time / dense bf16, docs/benchmarks.md: at 4096 x 4096 0.91 vs 0.97 at M = 32, 0.93 vs 0.95 at 48,
+# 1.08 vs 0.99 at 64; at 12288 x 4096 0.86 vs 0.98 at 32, 1.03 vs 0.97 at 48).
+NATIVE_MAX_M = 40
+BLOCKED_PANEL_N = 32  # outputs per panel of the blocked kernel (the C file's PANEL_N)
+# Tokens per call of the blocked kernel: its float32 sums take 1 KiB per token and thread, so a long
+# prompt runs in chunks (each dequantizes the weight again: ~1 % of a 4096-token chunk's time).
+BLOCKED_MAX_M = 4096
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
-_SCRATCH = threading.local()
+_SCRATCH = threading.local()  # per-thread scratch of the blocked kernel
 
 
 def _cache_dir() -> Path:
@@ -174,8 +170,13 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.qdlm_int4_prepare_x.argtypes = [ptr, i64, i64, i64, ptr, ptr]
     lib.qdlm_int4_gemm_tiles.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64]
-    lib.qdlm_int4_dequant_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, i64, i64, ptr]
-    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_int4_dequant_rows):
+    lib.qdlm_bf16_pairs.argtypes = [ptr, i64, i64, ptr]
+    lib.qdlm_int4_gemm_blocked.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr]
+    lib.qdlm_int4_blocked_mr.argtypes = []
+    lib.qdlm_int4_blocked_mr.restype = i64
+    lib.qdlm_int4_blocked_scratch.argtypes = [i64]
+    lib.qdlm_int4_blocked_scratch.restype = i64
+    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_bf16_pairs, lib.qdlm_int4_gemm_blocked):
         fn.restype = None
     return lib, None
 
@@ -299,63 +300,47 @@ def gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int
     return y
 
 
-def _scratch(numel: int) -> torch.Tensor:
+def _scratch_bytes(nbytes: int) -> torch.Tensor:
+    """This thread's scratch of at least ``nbytes``, 64-byte aligned, kept for the next call (its pages
+    are faulted in once, not per call)."""
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.bfloat16)
-    return buf[:numel]
+    if buf is None or buf.numel() < nbytes + 64:
+        buf = _SCRATCH.buf = torch.empty(nbytes + 64, dtype=torch.uint8)
+    return buf[-buf.data_ptr() % 64 :]
 
 
-def dequant_rows(codes: torch.Tensor, scales: torch.Tensor, group: int, in_features: int,
-                 start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (bf16 ``[stop - start, K]``, contiguous) = ``W_hat[start:stop]``."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(unavailable_reason())
-    k, n = in_features, codes.shape[0]
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"rows {start}:{stop} out of range for {n} rows")
-    _check_weight(codes, scales, group, k)
-    if out.device.type != "cpu" or out.dtype != torch.bfloat16 or tuple(out.shape) != (stop - start, k) \
-            or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous bf16 CPU tensor {(stop - start, k)}")
-    return _dequant_into(lib, codes, scales, group, k, start, stop, out)
-
-
-def _dequant_into(lib: ctypes.CDLL, codes: torch.Tensor, scales: torch.Tensor, group: int, k: int,
-                  start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """:func:`dequant_rows` once its arguments are checked."""
-    args = (codes.data_ptr(), codes.stride(0), k, codes.shape[0], scales[0].data_ptr(), scales[1].data_ptr(), group)
-    base = out.data_ptr()
-
-    def rows(a: int, b: int) -> None:
-        lib.qdlm_int4_dequant_rows(*args, start + a, start + b, base + a * k * 2)
-
-    _run_split(rows, stop - start, _threads(stop - start, MIN_ROWS_PER_THREAD))
-    return out
-
-
-def dequant_matmul(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """``x2 [M, K]`` bf16 times ``W_hat.T``: rows of ``W_hat`` dequantized into a reused scratch, a bf16
-    GEMM per block of rows; bf16 ``[M, N]``."""
+def blocked_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x2 [M, K]`` bf16 times ``W_hat.T`` by the blocked kernel (each weight element dequantized once
+    per call into cache-sized panels, every token block run over them); bf16 ``[M, N]``."""
     lib = library()
     if lib is None:
         raise RuntimeError(unavailable_reason())
     m, k, n = _check(x2, codes, scales, group)
-    block = max(1, min(n, DEQUANT_SCRATCH_BYTES // (2 * k)))
-    out = torch.empty(m, n, dtype=torch.bfloat16)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        w = _dequant_into(lib, codes, scales, group, k, start, stop, _scratch((stop - start) * k).view(stop - start, k))
-        torch.matmul(x2, w.T, out=out[:, start:stop])
-    return out
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    unit = BLOCKED_PANEL_N if n % BLOCKED_PANEL_N == 0 else TILE_N  # shares of whole panels
+    units = n // unit
+    mr = lib.qdlm_int4_blocked_mr()
+    for m0 in range(0, m, BLOCKED_MAX_M):
+        chunk = x2[m0 : m0 + BLOCKED_MAX_M]
+        rows = chunk.shape[0]
+        xpairs = torch.empty(-(-rows // mr) * (k // 2) * mr, dtype=torch.int32)
+        lib.qdlm_bf16_pairs(chunk.data_ptr(), rows, k, xpairs.data_ptr())
+        args = (xpairs.data_ptr(), rows, k, codes.data_ptr(), codes.stride(0), n, scales[0].data_ptr(),
+                scales[1].data_ptr(), group, y[m0].data_ptr())
+        scratch_bytes = lib.qdlm_int4_blocked_scratch(rows)
+
+        def share(a: int, b: int) -> None:
+            lib.qdlm_int4_gemm_blocked(*args, a * unit, b * unit, _scratch_bytes(scratch_bytes).data_ptr())
+
+        _run_split(share, units, _threads(units, 2))
+    return y
 
 
 def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, fused: bool | None = None) -> torch.Tensor:
-    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, dequantize + GEMM above."""
+    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above."""
     if fused is None:
         fused = x2.shape[0] <= NATIVE_MAX_M
-    return gemm(x2, codes, scales, group) if fused else dequant_matmul(x2, codes, scales, group)
+    return gemm(x2, codes, scales, group) if fused else blocked_gemm(x2, codes, scales, group)
 
 
 # -- the weight-only backend: scales prepared once per weight --------------------------------------
@@ -441,7 +426,7 @@ def weight_only_linear_native(
     fused: bool | None = None,
 ) -> torch.Tensor:
     """``x [..., in] @ W_hat.T + bias`` in ``x.dtype``, computed from bf16 activations with float32
-    sums; ``fused`` forces the fused kernel (True) or dequantize + GEMM (False)."""
+    sums; ``fused`` forces the fused kernel (True) or the blocked one (False)."""
     reason = unsupported_reason(bits=bits, group_size=group_size, in_features=in_features,
                                 out_features=weight_packed.shape[0], device=weight_packed.device)
     if reason:

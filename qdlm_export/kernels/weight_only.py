@@ -251,8 +251,8 @@ def _weight_only_linear_cpu_native(*args: object, **kwargs: object) -> torch.Ten
 register_backend(
     "weight_only_linear", "cpu_native", _weight_only_linear_cpu_native, family="cpu_native", priority=15,
     unsupported=_cpu_native_unsupported, auto=_cpu_packed_auto,
-    summary="4-bit: AVX512-BF16 kernel on the checkpoint's bytes (few tokens) or fused dequantize + bf16 GEMM "
-    "(many); built from C on first use",
+    summary="4-bit: AVX512-BF16 kernels on the checkpoint's bytes (fused for few tokens, cache-blocked "
+    "for many); built from C on first use",
 )
 register_backend(
     "weight_only_linear", "cpu_packed", _weight_only_linear_cpu_packed, family="cpu_packed", priority=10,

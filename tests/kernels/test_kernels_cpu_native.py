@@ -4,8 +4,8 @@ float64 dequantized reference of the project's torch backend (``dequantize_packe
 Tolerances. The fused kernel takes the bf16 activations as they are, the codes exactly (small
 integers are exact in bf16), sums in float32 and applies float32 scales, then rounds the output to
 bf16 (<= 2**-9 |y|): its error bound is 2**-8 |y| plus float32 summation noise, far below 2**-12 of
-sum_k |x_k||w_k|. The many-token path also rounds W_hat to bf16 (<= 2**-9 each), so its bound is
-2**-8 of that sum. A wrong code, pair order, zero point, group or transpose gives errors of the order
+sum_k |x_k||w_k|. The blocked (many-token) kernel also rounds W_hat to bf16 (<= 2**-9 each), so its
+bound is 2**-8 of that sum; against x @ bf16(W_hat).T it is float32 summation noise alone. A wrong code, pair order, zero point, group or transpose gives errors of the order
 of |y| itself.
 
 The build, its cache and its refusals are tested on any machine; the arithmetic only where the
@@ -80,24 +80,48 @@ def test_native_other_activation_dtypes_come_back_in_their_dtype(gen, dtype):
     _check(y, x, wp, scale, zp, 128, 256, fused=True)
 
 
+def _bf16_w_hat(codes, scales, group, k):
+    """W_hat as the blocked kernel holds it: the float32 ``q * s - zs`` (exact in float64, then one
+    rounding, as a fused multiply-subtract gives), rounded to nearest-even bf16."""
+    return N.reference_dequant(codes, scales, group, k).to(torch.float32).to(torch.bfloat16).to(torch.float64)
+
+
 @needs_native
-def test_dequant_rows_round_the_reference_to_bf16(gen):
-    """The many-token path's W_hat rows are the float64 W_hat rounded to bf16 (one ulp at most where
-    the float32 product already rounded), for a slice of rows and a row stride wider than K/2."""
-    k, n, group = 256, 48, 64
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_kernel_is_x_times_bf16_w_hat(gen, threads):
+    """Against float64 x @ bf16(W_hat).T the blocked kernel differs by float32 summation and the output
+    rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 272 (a
+    256-output block, then a one-tile panel), M up to 200 (more than one chunk of token blocks, blocks
+    of unequal size), and rows 64 bytes wider than K/2."""
+    k, n, group = 1152, 272, 128
     _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
-    codes = wp.view(torch.uint8)
     wide = torch.randint(0, 256, (n, k // 2 + 64), generator=gen, dtype=torch.uint8)
-    wide[:, : k // 2] = codes  # same codes, rows 64 bytes apart more
+    wide[:, : k // 2] = wp.view(torch.uint8)
     scales = N.native_scales(scale, zp)
-    ref = dequantize_packed(wp, scale, zp, 4, group, k, torch.float64)
-    assert torch.allclose(N.reference_dequant(codes, scales, group, k), ref, rtol=1e-6, atol=1e-9)
-    for source in (codes, wide):
-        out = torch.empty(20, k, dtype=torch.bfloat16)
-        N.dequant_rows(source, scales, group, k, 16, 36, out)
-        want = ref[16:36].to(torch.bfloat16)
-        ulps = (out.view(torch.int16).to(torch.int32) - want.view(torch.int16).to(torch.int32)).abs()
-        assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+    ref_w = dequantize_packed(wp, scale, zp, 4, group, k, torch.float64)
+    assert torch.allclose(N.reference_dequant(wide, scales, group, k), ref_w, rtol=1e-6, atol=1e-9)
+    w16 = _bf16_w_hat(wide, scales, group, k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, 15, 200):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            y = N.blocked_gemm(x, wide, scales, group).double()
+            want = x.double() @ w16.T
+            bound = 2**-8 * want.abs() + 2**-14 * (x.double().abs() @ w16.abs().T)
+            assert torch.all((y - want).abs() <= bound), f"M={m}: max excess {((y - want).abs() - bound).max()}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_long_prompts_run_in_chunks_with_the_same_result(gen, monkeypatch):
+    _, wp, scale, zp = random_packed_weight(gen, 64, 256, 4, 128, True)
+    codes, scales = wp.view(torch.uint8), N.native_scales(scale, zp)
+    x = torch.randn(100, 256, generator=gen).to(torch.bfloat16)
+    whole = N.blocked_gemm(x, codes, scales, 128)
+    monkeypatch.setattr(N, "BLOCKED_MAX_M", 28)  # chunks of 28, 28, 28, 16 tokens
+    assert torch.equal(N.blocked_gemm(x, codes, scales, 128), whole)
 
 
 @needs_native
@@ -234,9 +258,8 @@ def test_tensors_off_the_cpu_are_refused_not_read(gen):
         N.weight_only_linear_native(x, wp, scale.to("meta"), zp, 4, 128, 256)
     with pytest.raises(ValueError, match="CPU tensors"):
         N.gemm(x.to("meta"), wp.view(torch.uint8), N.native_scales(scale, zp), 128)
-    with pytest.raises(ValueError, match="out of range"):
-        N.dequant_rows(wp.view(torch.uint8), N.native_scales(scale, zp), 128, 256, 16, 48,
-                       torch.empty(32, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="CPU tensors"):
+        N.blocked_gemm(x, wp.view(torch.uint8).to("meta"), N.native_scales(scale, zp), 128)
 
 
 @needs_native

@@ -13,10 +13,10 @@
  * AVX512-BF16 dot products (two multiply-adds per lane and instruction), so beyond a dozen tokens the
  * dense GEMM wins although it reads four times the bytes. Here codes become exact bf16 integers in
  * registers and meet the activations in the same dot-product instruction (vdpbf16ps); each group's
- * scale is applied once to the float32 partial sums. For many tokens, dequant_rows writes bf16 W_hat
- * rows in one fused pass and the GEMM is left to torch.
+ * scale is applied once to the float32 partial sums. For many tokens, qdlm_int4_gemm_blocked widens
+ * each code once per call into cache-resident bf16 panels and runs every token block over them.
  *
- * No threads here: the caller splits tiles (or rows) across its threads.
+ * No threads here: the caller splits tiles (or panels) across its threads.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -162,26 +162,170 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
     }
 }
 
-/* out (bf16 [stop - start, K]) = W_hat[start:stop]; needs K % 32 == 0 and group % 32 == 0. */
-void qdlm_int4_dequant_rows(const uint8_t *codes, int64_t row_stride, int64_t K, int64_t N, const float *s,
-                            const float *zs, int64_t group, int64_t start, int64_t stop, uint16_t *out) {
-    const int64_t G = K / group;
-    for (int64_t n = start; n < stop; n++) {
-        const uint8_t *row = codes + n * row_stride;
-        uint16_t *dst = out + (n - start) * K;
-        for (int64_t g = 0; g < G; g++) {
-            const __m512 sv = _mm512_set1_ps(s[g * N + n]);
-            const __m512 zv = _mm512_set1_ps(zs[g * N + n]);
-            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
-                /* 32 codes in k order as 16-bit words: low nibble = code k, high nibble = code k + 1 */
-                const __m512i words = _mm512_or_si512(
-                    _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)),
-                    _mm512_and_si512(_mm512_slli_epi32(bytes, 12), _mm512_set1_epi32(0x000F0000)));
-                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)));
-                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)));
-                const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmsub_ps(q1, sv, zv), _mm512_fmsub_ps(q0, sv, zv));
-                _mm512_storeu_si512(dst + k, (__m512i)v);
+/* ---- many tokens: a blocked GEMM over dequantized panels ------------------------------------------
+ *
+ * The fused kernel above widens every code once per block of TILE_M tokens; with hundreds of tokens
+ * that repeated unpacking, not the dot products, sets its speed. Here each weight element is
+ * dequantized once per call, into a panel that stays in cache while every token block runs over it
+ * (the loop order of a Goto-style GEMM):
+ *
+ *   for each block of NC outputs (the caller's share, NC at a time):
+ *     for each slab of KC inputs:
+ *       panels = bf16 W_hat[outputs, slab] as [panel][KC/2][32 dwords]        (L2: NC * KC * 2 bytes)
+ *       for each chunk of MC_BLOCKS token blocks:                             (L2: 168 * KC * 2 bytes of x)
+ *         for each panel of PANEL_N = 32 outputs:                             (L1/L2: KC * 64 bytes)
+ *           for each block of <= MR tokens:  acc[MR][2] (+)= x[tokens, slab] . panel     (registers)
+ *
+ * Float32 sums carry across slabs in `cbuf` ([M][NC]); the last slab writes bf16 y. W_hat is rounded
+ * to bf16 once (the float32 q * s - zs, rounded to nearest even), so this path equals x @ bf16(W_hat).T
+ * up to the order of float32 additions. x comes from qdlm_bf16_pairs (blocks of up to MR tokens). */
+
+#define MR 14        /* tokens per micro-tile: 14 x 2 accumulators + 2 panel registers of 32 */
+#define PANEL_N 32   /* outputs per panel: two zmm of float32 lanes */
+#ifndef KC
+#define KC 512       /* inputs per slab: a 32-output panel is 32 KiB, a block of x 14 KiB */
+#endif
+#ifndef NC
+#define NC 256       /* outputs per block: 256 KiB of panels per slab, in L2 */
+#endif
+#ifndef MC_BLOCKS
+#define MC_BLOCKS 12 /* token blocks run over all of a slab's panels in turn: 168 x KC bf16 of x, in L2 */
+#endif
+
+/* The blocked kernel's sizes, asked for by the caller rather than copied: tokens per block of
+ * qdlm_bf16_pairs, and the scratch bytes of one thread (cbuf, then wbuf). */
+int64_t qdlm_int4_blocked_mr(void) { return MR; }
+int64_t qdlm_int4_blocked_scratch(int64_t M) { return M * NC * 4 + NC * KC * 2; }
+
+/* Token block b of the blocked kernel: tokens [block_start(b), block_start(b + 1)) of
+ * ceil(M / MR) blocks whose sizes differ by at most one (256 tokens: 13 and 14, not 18 x 14 + 4). */
+static inline int64_t block_start(int64_t b, int64_t M) {
+    const int64_t blocks = (M + MR - 1) / MR;
+    return b * M / blocks;
+}
+
+/* xpairs[b][p][t] = the bf16 pair x[block_start(b) + t, 2p .. 2p + 1] as one dword (t < MR; zero
+ * past the block's end). */
+void qdlm_bf16_pairs(const uint16_t *x, int64_t M, int64_t K, int32_t *xpairs) {
+    const int64_t pairs = K / 2, blocks = (M + MR - 1) / MR, tm = MR;
+    for (int64_t b = 0; b < blocks; b++) {
+        int32_t *dst = xpairs + b * pairs * tm;
+        const int64_t end = block_start(b + 1, M);
+        for (int64_t t = 0; t < tm; t++) {
+            const int64_t m = block_start(b, M) + t;
+            if (m < end) {
+                const int32_t *row = (const int32_t *)(x + m * K);
+                for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = row[p];
+            } else {
+                for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = 0;
+            }
+        }
+    }
+}
+
+/* Panels of W_hat[n0 : n0 + 16 * tiles, k0 : k0 + kc] as bf16 pairs: panel[(p * 2 + j) * 16 + lane] is
+ * (W_hat[n, k0 + 2p], W_hat[n, k0 + 2p + 1]) for n = n0 + 16 j + lane (j = 0, 1 within a panel of 32). */
+static void dequant_panels(const uint8_t *codes, int64_t row_stride, int64_t N, const float *s, const float *zs,
+                           int64_t group, int64_t n0, int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
+    /* interleave two 16-word halves: word i of the result is lo[i / 2] for even i, hi[i / 2] for odd */
+    uint16_t idx[32];
+    for (int i = 0; i < 32; i++) idx[i] = (uint16_t)((i & 1) * 16 + i / 2);
+    const __m512i interleave = _mm512_loadu_si512(idx);
+    const __m512i nib = _mm512_set1_epi32(0x0F);
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t n = n0 + tile * 16;
+        int32_t *panel = panels + (tile / 2) * kc * PANEL_N / 2 + (tile % 2) * 16;
+        const int64_t width = (tile / 2) * 2 + 2 <= tiles ? 2 : 1; /* tiles in this panel */
+        for (int64_t kk = 0; kk < kc; kk += CHUNK_K) {
+            __m512i chunk[16];
+            for (int j = 0; j < 16; j++) chunk[j] = _mm512_loadu_si512(codes + (n + j) * row_stride + (k0 + kk) / 2);
+            transpose16(chunk); /* chunk[c]: codes k0 + kk + 8c .. + 7 of the 16 rows */
+            for (int c = 0; c < 16; c++) {
+                const int64_t g = (k0 + kk + 8 * c) / group;
+                const __m512 sv = _mm512_loadu_ps(s + g * N + n), zv = _mm512_loadu_ps(zs + g * N + n);
+                for (int b = 0; b < 4; b++) {
+                    const __m512i sh = _mm512_srli_epi32(chunk[c], 8 * b);
+                    const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(sh, nib));
+                    const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(sh, 4), nib));
+                    const __m512i words = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmsub_ps(q1, sv, zv), _mm512_fmsub_ps(q0, sv, zv));
+                    const int64_t p = (kk + 8 * c + 2 * b) / 2;
+                    _mm512_storeu_si512(panel + p * 16 * width, _mm512_permutexvar_epi16(interleave, words));
+                }
+            }
+        }
+    }
+}
+
+/* acc[t][j] (+)= x[t, slab] . panel tile j, for t < mr tokens and j < nt tiles; then to cbuf or y. */
+static inline __attribute__((always_inline)) void micro_tile(
+    const int32_t *xp, const int32_t *panel, int64_t kc, float *c, int64_t ldc, int first, uint16_t *y, int64_t ldy,
+    const int mr, const int nt) {
+    __m512 acc[MR][2];
+    for (int t = 0; t < mr; t++)
+        for (int j = 0; j < nt; j++) acc[t][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + t * ldc + 16 * j);
+    for (int64_t p = 0; p < kc / 2; p++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + p * 16 * nt);
+        const __m512bh w1 = nt == 2 ? (__m512bh)_mm512_loadu_si512(panel + p * 32 + 16) : w0;
+        for (int t = 0; t < mr; t++) {
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[p * MR + t]);
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], xv, w0);
+            if (nt == 2) acc[t][1] = _mm512_dpbf16_ps(acc[t][1], xv, w1);
+        }
+    }
+    for (int t = 0; t < mr; t++)
+        for (int j = 0; j < nt; j++) {
+            if (y) _mm256_storeu_si256((__m256i *)(y + t * ldy + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[t][j]));
+            else _mm512_storeu_ps(c + t * ldc + 16 * j, acc[t][j]);
+        }
+}
+
+#define MICRO_CASE(T) \
+    case T: if (nt == 2) micro_tile(xp, panel, kc, c, ldc, first, yt, N, T, 2); \
+            else micro_tile(xp, panel, kc, c, ldc, first, yt, N, T, 1); break;
+
+/* y[:, n_start : n_stop] of y = x @ W_hat.T (bf16 [M, N]), x from qdlm_bf16_pairs.
+ * scratch: qdlm_int4_blocked_scratch(M) bytes, 64-byte aligned, per thread. Needs N, n_start and
+ * n_stop multiples of 16, K % 128 == 0, group % 8 == 0 and group dividing 128 or a multiple
+ * of it (as the fused kernel). */
+void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
+                            int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y,
+                            int64_t n_start, int64_t n_stop, void *scratch) {
+    const int64_t nc = NC;
+    float *cbuf = (float *)scratch;
+    int32_t *wbuf = (int32_t *)((char *)scratch + M * nc * 4);
+    for (int64_t nb = n_start; nb < n_stop; nb += nc) {
+        const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = K - k0 < KC ? K - k0 : KC;
+            const int first = k0 == 0, last = k0 + kc == K;
+            dequant_panels(codes, row_stride, N, s, zs, group, nb, tiles, k0, kc, wbuf);
+            /* the next slab's codes (KC / 128 lines per row, rows 2 KiB and more apart) are fetched
+             * into L2 while the token blocks run; read on demand they cost more than the widening */
+            const int64_t next_k = k0 + KC < K ? k0 + KC : 0, next_nb = k0 + KC < K ? nb : nb + nc;
+            const int64_t next_rows = next_nb >= n_stop ? 0 : (n_stop - next_nb < nc ? n_stop - next_nb : nc);
+            const int64_t next_bytes = (K - next_k < KC ? K - next_k : KC) / 2;
+            for (int64_t r = 0; r < next_rows; r++) {
+                const char *row = (const char *)codes + (next_nb + r) * row_stride + next_k / 2;
+                for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+            }
+            const int64_t blocks = (M + MR - 1) / MR;
+            for (int64_t b0 = 0; b0 < blocks; b0 += MC_BLOCKS)
+            for (int64_t pn = 0; pn < width; pn += PANEL_N) {
+                const int nt = width - pn >= PANEL_N ? 2 : 1;
+                const int32_t *panel = wbuf + (pn / PANEL_N) * kc * PANEL_N / 2;
+                for (int64_t b = b0; b < blocks && b < b0 + MC_BLOCKS; b++) {
+                    const int64_t m0 = block_start(b, M);
+                    const int mr = (int)(block_start(b + 1, M) - m0);
+                    const int32_t *xp = xpairs + b * (K / 2) * MR + (k0 / 2) * MR;
+                    float *c = cbuf + m0 * nc + pn;
+                    const int64_t ldc = nc;
+                    uint16_t *yt = last ? y + m0 * N + nb + pn : 0;
+                    switch (mr) {
+                        MICRO_CASE(1) MICRO_CASE(2) MICRO_CASE(3) MICRO_CASE(4) MICRO_CASE(5) MICRO_CASE(6)
+                        MICRO_CASE(7) MICRO_CASE(8) MICRO_CASE(9) MICRO_CASE(10) MICRO_CASE(11) MICRO_CASE(12)
+                        MICRO_CASE(13) MICRO_CASE(14)
+                    }
+                }
             }
         }
     }
