@@ -143,8 +143,14 @@ def test_create_pr_through_the_cli(monkeypatch, capsys, ckpt, fake_hub):
     assert FAKE_TOKEN not in out + err
 
 
-def test_hub_errors_still_map_with_new_options(fake_hub, ckpt):
+def test_hub_errors_still_map_with_new_options(fake_hub, ckpt, monkeypatch):
     fake_hub.fail("tree", 500)
+    # huggingface_hub retries a failed GET 5 times with growing waits (~23 s); the retries still run
+    from huggingface_hub.utils import _http
+
+    waits = []
+    monkeypatch.setattr(_http.time, "sleep", waits.append)
     with pytest.raises(HubError, match="listing the files"):
         push_checkpoint(ckpt, REPO, endpoint=fake_hub.endpoint)
+    assert waits, "the listing was not retried"
     assert not fake_hub.commits
