@@ -5,7 +5,8 @@ Tolerances. The fused kernel takes the bf16 activations as they are, the codes e
 integers are exact in bf16), sums in float32 and applies float32 scales, then rounds the output to
 bf16 (<= 2**-9 |y|): its error bound is 2**-8 |y| plus float32 summation noise, far below 2**-12 of
 sum_k |x_k||w_k|. The blocked (many-token) kernel also rounds W_hat to bf16 (<= 2**-9 each), so its
-bound is 2**-8 of that sum; against x @ bf16(W_hat).T it is float32 summation noise alone. A wrong code, pair order, zero point, group or transpose gives errors of the order
+bound is 2**-8 of that sum; against x @ bf16(W_hat).T only float32 summation and the output's bf16
+rounding remain. A wrong code, pair order, zero point, group or transpose gives errors of the order
 of |y| itself.
 
 The build, its cache and its refusals are tested on any machine; the arithmetic only where the
@@ -88,12 +89,13 @@ def _bf16_w_hat(codes, scales, group, k):
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2])
-def test_blocked_kernel_is_x_times_bf16_w_hat(gen, threads):
+@pytest.mark.parametrize("k,n,group", [(1152, 272, 128), (1536, 48, 1536)])
+def test_blocked_kernel_is_x_times_bf16_w_hat(gen, threads, k, n, group):
     """Against float64 x @ bf16(W_hat).T the blocked kernel differs by float32 summation and the output
-    rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 272 (a
-    256-output block, then a one-tile panel), M up to 200 (more than one chunk of token blocks, blocks
-    of unequal size), and rows 64 bytes wider than K/2."""
-    k, n, group = 1152, 272, 128
+    rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 272 (one
+    thread: a 256-output block, then a one-tile panel; two: shares of 128 and 144 outputs), one group
+    spanning three slabs (per channel, K = 1536), M up to 200 (more than one chunk of token blocks,
+    blocks of unequal size), and rows 64 bytes wider than K/2."""
     _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
     wide = torch.randint(0, 256, (n, k // 2 + 64), generator=gen, dtype=torch.uint8)
     wide[:, : k // 2] = wp.view(torch.uint8)
