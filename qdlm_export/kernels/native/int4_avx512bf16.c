@@ -37,24 +37,32 @@ static inline float bf16_to_float(uint16_t h) {
     return v.f;
 }
 
-/* The activations in the layout the tile loop reads: token blocks of TILE_M, each [K/2][TILE_M]
- * dwords (the bf16 pair x[m, 2p], x[m, 2p+1]), zero-padded; xsum[m, g] = sum of x[m, k] over group g.
- * Rows of x are 2K bytes apart and would all fall in one L1 set; interleaved, the TILE_M broadcasts
- * of one pair read one cache line. */
+/* One token block of activations in the layout the tile loops read: dst[p * tm + t] = the bf16 pair
+ * x[first + t, 2p], x[first + t, 2p + 1] as one dword, zero for t >= rows. Rows of x are 2K bytes apart
+ * and would all fall in one L1 set; interleaved, the broadcasts of one pair for the block's tokens
+ * read one cache line. Shared by the fused kernel (blocks of TILE_M) and the blocked one (<= MR). */
+static void pair_block(const uint16_t *x, int64_t K, int64_t first, int64_t rows, int64_t tm, int32_t *dst) {
+    const int64_t pairs = K / 2;
+    for (int64_t t = 0; t < rows; t++) {
+        const int32_t *row = (const int32_t *)(x + (first + t) * K);
+        for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = row[p];
+    }
+    for (int64_t t = rows; t < tm; t++)
+        for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = 0;
+}
+
+/* The fused kernel's activations: token blocks of TILE_M (pair_block), and xsum[m, g] = sum of
+ * x[m, k] over group g. */
 void qdlm_int4_prepare_x(const uint16_t *x, int64_t M, int64_t K, int64_t group, int32_t *xpairs, float *xsum) {
     const int64_t G = K / group, pairs = K / 2;
-    const int64_t blocks = (M + TILE_M - 1) / TILE_M;
-    for (int64_t i = 0; i < blocks * pairs * TILE_M; i++) xpairs[i] = 0;
-    for (int64_t m = 0; m < M; m++) {
-        const int32_t *row = (const int32_t *)(x + m * K);
-        int32_t *dst = xpairs + (m / TILE_M) * pairs * TILE_M + m % TILE_M;
-        for (int64_t p = 0; p < pairs; p++) dst[p * TILE_M] = row[p];
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_M)
+        pair_block(x, K, m0, M - m0 < TILE_M ? M - m0 : TILE_M, TILE_M, xpairs + (m0 / TILE_M) * pairs * TILE_M);
+    for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float acc = 0.0f;
             for (int64_t k = g * group; k < (g + 1) * group; k++) acc += bf16_to_float(x[m * K + k]);
             xsum[m * G + g] = acc;
         }
-    }
 }
 
 /* 16 lanes of 4 code bytes -> each lane's bf16 code pair (k, k+1) of byte `b`, as one dword. */
@@ -197,30 +205,16 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
 int64_t qdlm_int4_blocked_mr(void) { return MR; }
 int64_t qdlm_int4_blocked_scratch(int64_t M) { return M * NC * 4 + NC * KC * 2; }
 
-/* Token block b of the blocked kernel: tokens [block_start(b), block_start(b + 1)) of
- * ceil(M / MR) blocks whose sizes differ by at most one (256 tokens: 13 and 14, not 18 x 14 + 4). */
-static inline int64_t block_start(int64_t b, int64_t M) {
-    const int64_t blocks = (M + MR - 1) / MR;
-    return b * M / blocks;
-}
+/* The blocked kernel's token blocks: ceil(M / MR) of them, block b holding tokens
+ * [block_start(b), block_start(b + 1)), sizes differing by at most one (256 tokens: 13s and 14s, not
+ * 18 x 14 + 4). */
+static inline int64_t token_blocks(int64_t M) { return (M + MR - 1) / MR; }
+static inline int64_t block_start(int64_t b, int64_t M) { return b * M / token_blocks(M); }
 
-/* xpairs[b][p][t] = the bf16 pair x[block_start(b) + t, 2p .. 2p + 1] as one dword (t < MR; zero
- * past the block's end). */
+/* The blocked kernel's activations: xpairs[b] = pair_block of token block b (MR slots). */
 void qdlm_bf16_pairs(const uint16_t *x, int64_t M, int64_t K, int32_t *xpairs) {
-    const int64_t pairs = K / 2, blocks = (M + MR - 1) / MR, tm = MR;
-    for (int64_t b = 0; b < blocks; b++) {
-        int32_t *dst = xpairs + b * pairs * tm;
-        const int64_t end = block_start(b + 1, M);
-        for (int64_t t = 0; t < tm; t++) {
-            const int64_t m = block_start(b, M) + t;
-            if (m < end) {
-                const int32_t *row = (const int32_t *)(x + m * K);
-                for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = row[p];
-            } else {
-                for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = 0;
-            }
-        }
-    }
+    for (int64_t b = 0; b < token_blocks(M); b++)
+        pair_block(x, K, block_start(b, M), block_start(b + 1, M) - block_start(b, M), MR, xpairs + b * (K / 2) * MR);
 }
 
 /* Panels of W_hat[n0 : n0 + 16 * tiles, k0 : k0 + kc] as bf16 pairs: panel[(p * 2 + j) * 16 + lane] is
@@ -280,8 +274,8 @@ static inline __attribute__((always_inline)) void micro_tile(
 }
 
 #define MICRO_CASE(T) \
-    case T: if (nt == 2) micro_tile(xp, panel, kc, c, ldc, first, yt, N, T, 2); \
-            else micro_tile(xp, panel, kc, c, ldc, first, yt, N, T, 1); break;
+    case T: if (nt == 2) micro_tile(xp, panel, kc, c, nc, first, yt, N, T, 2); \
+            else micro_tile(xp, panel, kc, c, nc, first, yt, N, T, 1); break;
 
 /* y[:, n_start : n_stop] of y = x @ W_hat.T (bf16 [M, N]), x from qdlm_bf16_pairs.
  * scratch: qdlm_int4_blocked_scratch(M) bytes, 64-byte aligned, per thread. Needs N, n_start and
@@ -308,7 +302,7 @@ void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const u
                 const char *row = (const char *)codes + (next_nb + r) * row_stride + next_k / 2;
                 for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
             }
-            const int64_t blocks = (M + MR - 1) / MR;
+            const int64_t blocks = token_blocks(M);
             for (int64_t b0 = 0; b0 < blocks; b0 += MC_BLOCKS)
             for (int64_t pn = 0; pn < width; pn += PANEL_N) {
                 const int nt = width - pn >= PANEL_N ? 2 : 1;
@@ -318,7 +312,6 @@ void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const u
                     const int mr = (int)(block_start(b + 1, M) - m0);
                     const int32_t *xp = xpairs + b * (K / 2) * MR + (k0 / 2) * MR;
                     float *c = cbuf + m0 * nc + pn;
-                    const int64_t ldc = nc;
                     uint16_t *yt = last ? y + m0 * N + nb + pn : 0;
                     switch (mr) {
                         MICRO_CASE(1) MICRO_CASE(2) MICRO_CASE(3) MICRO_CASE(4) MICRO_CASE(5) MICRO_CASE(6)
