@@ -25,9 +25,8 @@ user's files) so that they construct, load and run as their authors intended:
                                    with a plain ``GenerationConfig()``): it is built from the model
                                    config's values as transformers 4 did.
 ``attn-mask-utils-module``         ``transformers.modeling_attn_mask_utils`` (LLaDA2's modeling file
-                                   imports its 4-D mask helpers) is gone from 5.0-5.24: a stand-in
-                                   module with transformers 4's semantics is served when the import
-                                   would fail (5.25 ships the module again, deprecated: then its own).
+                                   imports its 4-D mask helpers) is gone in 5.0-5.24 (5.25 has it
+                                   again): a stand-in with transformers 4's semantics is served then.
 ``torch-fx-available``             ``transformers.utils.import_utils.is_torch_fx_available`` is gone:
                                    provided (torch.fx is always available with torch >= 2).
 =================================  =============================================================
