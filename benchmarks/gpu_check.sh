@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 16, item 6): in at most ~8 minutes on one H100/H200
 #
-#   1. install   pip install -e ".[dev]" with the machine's own torch (torch only if none is importable)
+#   1. install   none when the machine's packages import (this tree in place); else pip install -e ".[dev]"
 #   2. tests     the kernel tests, compiled natively on the GPU (TRITON_INTERPRET=0)
 #   3. bench     qdlm-export bench --full --json
 #   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
@@ -34,6 +34,8 @@ done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
+# this tree's qdlm_export comes first on the path, installed or not (benchmarks/ scripts and their children)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 REPORT_RESERVE_S=15
@@ -77,6 +79,8 @@ QDLM=("$PY" -c "import sys; from qdlm_export.cli.app import main; sys.argv[0] = 
 KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_kernels_cpu_packed.py)
 TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
            "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
+# kernel compilation is most of the tests' time: spread it over processes where pytest-xdist is installed
+"$PY" -c 'import xdist' 2>/dev/null && TESTS_CMD+=(-n 8)
 BENCH_CMD=("${QDLM[@]}" bench --full --json)
 STEPS_CMD=("$PY" benchmarks/bench_block_step.py --device cuda --batch 4 --seqlen 1024 --repeat 10 --json)
 GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
@@ -118,7 +122,8 @@ report() {  # report DOC
 # ------------------------------------------------------------------------------------------- dry run
 if (( DRY_RUN )); then
   echo "gpu_check.sh --dry-run: outputs would go to $R (budget ${BUDGET_S} s); the plan:"
-  echo "  1. install  $PY -m pip install -e \".[dev]\" (torch first only if 'import torch' fails)"
+  echo "  1. install  none when this machine's packages import (qdlm_export in place, PYTHONPATH=$ROOT); else"
+  echo "              $PY -m pip install -e \".[dev]\" (from .whl/ when present; torch first only if 'import torch' fails)"
   echo "  2. tests    ${TESTS_CMD[*]}"
   echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
   echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
@@ -154,22 +159,30 @@ fi
 GPU_NAME="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
 nvidia-smi >"$R/nvidia-smi.txt" 2>&1
 
-# 1. install (the machine's torch is kept: pip is told to keep exactly that version)
+# 1. install. GPU machines here reach no package registry, and their image already holds torch, triton,
+# transformers and the rest: when those import, this tree is used in place (PYTHONPATH, exported above)
+# and pip never runs. Otherwise pip installs, from wheels in .whl/ when that folder exists.
 install() {
+  if "$PY" -c 'import torch, triton, transformers, safetensors, huggingface_hub, accelerate, typer, rich, pytest
+import qdlm_export' 2>>"$R/install.log"; then
+    echo "using this machine's packages and qdlm_export in place from $ROOT (no pip)"; return 0
+  fi
+  local -a src=(--retries 1 --timeout 15)
+  [ -d "$ROOT/.whl" ] && src=(--no-index --find-links "$ROOT/.whl")
   if ! "$PY" -c 'import torch' 2>/dev/null; then
-    "$PY" -m pip install torch || return 1
+    "$PY" -m pip install "${src[@]}" torch || return 1
   fi
   local tv
   tv="$("$PY" -c 'import torch; print(torch.__version__)')" || return 1
   echo "torch==$tv" >"$R/constraints.txt"
-  "$PY" -m pip install -e ".[dev]" -c "$R/constraints.txt" && return 0
+  "$PY" -m pip install "${src[@]}" -e ".[dev]" -c "$R/constraints.txt" && return 0
   echo "pip install -e .[dev] failed; trying without build isolation" >&2
-  "$PY" -m pip install --no-build-isolation -e ".[dev]" -c "$R/constraints.txt"
+  "$PY" -m pip install "${src[@]}" --no-build-isolation -e ".[dev]" -c "$R/constraints.txt"
 }
 if [ "${QDLM_SKIP_INSTALL:-0}" = 1 ]; then
   ORDER+=(install); STATUS[install]="skipped (QDLM_SKIP_INSTALL=1)"
 else
-  run_step install 150 - bash -c "$(declare -f install); R='$R'; PY='$PY'; install"
+  run_step install 150 - bash -c "$(declare -f install); R='$R'; PY='$PY'; ROOT='$ROOT'; install"
 fi
 GPU_NAME_TORCH="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)"
 GPU_NAME="${GPU_NAME_TORCH:-${GPU_NAME:-unknown GPU}}"
@@ -180,7 +193,7 @@ fi
 log "GPU: $GPU_NAME"
 unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 
-run_step tests 120 - "${TESTS_CMD[@]}"
+run_step tests 110 - "${TESTS_CMD[@]}"
 run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
 run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
 run_step gptq 150 "$R/pipeline.json" "${GPTQ_CMD[@]}"

@@ -202,7 +202,7 @@ def render_section(
         lines += [
             f"Speed-up against the dense {dense} `x @ W.T` timed in the same run (above 1 is faster); each op's "
             f"fastest backend, named. Weight-only: {_scheme(kernels.get('weight_only_scheme'))}; "
-            f"median of {kernels.get('repeat')} (spread in the JSON where the bench records it).",
+            f"median of {kernels.get('repetitions')} interleaved repetitions (their spread is in the JSON).",
             "",
             "| K × N | M | dense ms | W4A16 | W8A8 | W4A4 |",
             "|---|---:|---:|---|---|---|",
@@ -220,6 +220,16 @@ def render_section(
                 f"{c.get('w8a8', '—')} | {c.get('w4a4', '—')} |"
             )
         lines.append("")
+        failed = [r for r in kernels.get("results", []) if "error" in r]
+        if failed:
+            lines += [f"Backends that failed here ({len(failed)} rows, not timed):", ""]
+            seen = set()
+            for r in failed:
+                if (r["op"], r["backend"], r["error"]) not in seen:
+                    seen.add((r["op"], r["backend"], r["error"]))
+                    lines.append(f"- {r['op']} on {r['backend']} (first at {r['K']} × {r['N']}, M={r['M']}): "
+                                 f"`{r['error'][:200]}`")
+            lines.append("")
     if step:
         lines += [
             f"Denoising step of the embedded tiny LLaDA (RTN W4 g128, {step.get('tokens')} tokens): "

@@ -287,6 +287,7 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
             if "module" in peer:
                 fns[f"peer:{name}"] = functools.partial(peer["module"], x)
             peers[name] = peer
+    failures = _drop_failing(fns, cases, m, k, n)
     packed = qweights["weight_only"][0] if "weight_only" in qweights else None
     if packed is not None:  # each token count starts without a CPU layout, so held bytes are its own
         cpu_packed.forget(packed)
@@ -324,7 +325,21 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
         if progress:
             progress(f"  {op:12s} {backend:24s} {rows[-1]['time_ms']:9.2f} ms  x{format_ratio(**_three(stats))}")
     peer_rows = [_peer_row(name, peer, cases, times, base, x, w32, common) for name, peer in peers.items()]
-    return rows, peer_rows
+    return rows + failures, peer_rows
+
+
+def _drop_failing(fns: dict, cases: dict, m: int, k: int, n: int) -> list[dict[str, Any]]:
+    """Call each quantized candidate once; one that raises (a kernel that does not compile on this
+    device, say) leaves the timing and becomes a row with its ``error``, so the rest are still measured."""
+    failures = []
+    for key in list(cases):
+        try:
+            fns[key]()
+        except Exception as exc:  # noqa: BLE001 - any failure of one backend is reported, not fatal
+            op, backend = cases.pop(key)[:2]
+            del fns[key]
+            failures.append(dict(op=op, backend=backend, M=m, K=k, N=n, error=f"{type(exc).__name__}: {exc}"[:500]))
+    return failures
 
 
 def _cached_nbytes(backend: str, packed: torch.Tensor | None) -> int:
@@ -382,6 +397,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'ratio':>12s} {'peak MiB':>9s} {'dense MiB':>9s} {'weight MiB':>10s} {'held MiB':>9s}",
     ]
     for r in result["results"]:
+        if "error" in r:
+            lines.append(f"{r['op']:12s} {r['backend']:24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} failed: {r['error']}")
+            continue
         ratio = format_ratio(r["ratio"], r.get("ratio_low", r["ratio"]), r.get("ratio_high", r["ratio"]))
         lines.append(
             f"{r['op']:12s} {r['backend'] + ('*' if r.get('auto') else ''):24s} {r['K']:6d} {r['N']:6d} {r['M']:5d} "

@@ -36,6 +36,27 @@ def test_kernel_benchmarks_cover_every_op_against_dense():
     assert "peers" not in result  # only on request
 
 
+def test_a_backend_that_fails_is_reported_and_the_rest_still_timed(monkeypatch):
+    """A kernel that does not compile on a device (first native run on a new GPU, say) costs its own
+    rows only: they carry its error, and every other op is still measured against dense."""
+    from qdlm_export import kernels
+    from qdlm_export.bench.kernels import format_report
+
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed (stand-in)")
+
+    monkeypatch.setattr(kernels, "w4a4_linear", no_compile)
+    result = run_kernel_benchmarks(device="cpu", m_values=[3], shapes=[(256, 128)], repeat=1, warmup=0,
+                                   min_run_time=0.005)
+    failed = [r for r in result["results"] if "error" in r]
+    assert failed and {r["op"] for r in failed} == {"w4a4"}
+    assert all("PassManager::run failed" in r["error"] and (r["K"], r["N"], r["M"]) == (256, 128, 3) for r in failed)
+    timed = [r for r in result["results"] if "error" not in r]
+    assert {r["op"] for r in timed} == {"weight_only", "w8a8"} and all(r["time_ms"] > 0 for r in timed)
+    report = format_report(result)
+    assert "w4a4" in report and "failed: RuntimeError: PassManager::run failed" in report
+
+
 def test_kernel_rows_carry_the_fastest_dense_baseline_and_the_spread():
     result = run_kernel_benchmarks(device="cpu", m_values=[2, 5], shapes=[(256, 128)], repeat=3, min_run_time=0.005)
     assert result["repetitions"] == 3 and result["threads"] == 1

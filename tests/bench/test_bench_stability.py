@@ -21,6 +21,8 @@ def _console_script() -> str:
 
 
 def _ratios(result: dict) -> dict[str, float]:
+    failed = [f"{r['op']}:{r['backend']}: {r['error']}" for r in result["kernels"]["results"] if "error" in r]
+    assert not failed, failed
     ratios = {
         f"{r['op']}:{r['backend']} K={r['K']} N={r['N']} M={r['M']}": r["ratio"] for r in result["kernels"]["results"]
     }
