@@ -6,8 +6,9 @@
 #   3. bench     qdlm-export bench --full --json
 #   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
 #                (the online-Hadamard share)                       benchmarks/bench_block_step.py
-#   5. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
-#   6. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
+#   5. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
+#   6. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
+#   7. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
 #
 # Usage:  bash benchmarks/gpu_check.sh            (on a CUDA machine, from any folder)
 #         bash benchmarks/gpu_check.sh --dry-run  (any machine: prints the plan, writes a report from a
@@ -76,13 +77,15 @@ run_step() {
 }
 
 QDLM=("$PY" -c "import sys; from qdlm_export.cli.app import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
-KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_kernels_cpu_packed.py)
+KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_grouped_experts.py
+              tests/kernels/test_kernels_cpu_packed.py)
 TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
            "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
 # kernel compilation is most of the tests' time: spread it over processes where pytest-xdist is installed
 "$PY" -c 'import xdist' 2>/dev/null && TESTS_CMD+=(-n 8)
 BENCH_CMD=("${QDLM[@]}" bench --full --json)
 STEPS_CMD=("$PY" benchmarks/bench_block_step.py --device cuda --batch 4 --seqlen 1024 --repeat 10 --json)
+SWEEP_CMD=("$PY" benchmarks/triton_sweep.py --shapes 4096x4096 4096x12288 --rep 20 --json)
 GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
 
 write_meta() {  # write_meta DRY(0/1) GPU_NAME
@@ -115,7 +118,7 @@ EOF
 
 report() {  # report DOC
   "$PY" benchmarks/gpu_report.py --bench "$R/bench.json" --pipeline "$R/pipeline.json" --steps "$R/steps.json" \
-    --tests "$R/kernel_tests.xml" --meta "$R/meta.json" --doc "$1" --section-out "$R/gpu_section.md" \
+    --sweep "$R/sweep.json" --tests "$R/kernel_tests.xml" --meta "$R/meta.json" --doc "$1" --section-out "$R/gpu_section.md" \
     --targets-out "$R/targets.json"
 }
 
@@ -127,10 +130,12 @@ if (( DRY_RUN )); then
   echo "  2. tests    ${TESTS_CMD[*]}"
   echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
   echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
-  echo "  5. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
-  echo "  6. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
+  echo "  5. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
+  echo "  6. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
+  echo "  7. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
   missing=0
   for f in "${KERNEL_TESTS[@]}" benchmarks/bench_block_step.py benchmarks/bench_pipeline.py benchmarks/gpu_report.py \
+           benchmarks/triton_sweep.py \
            docs/benchmarks.md pyproject.toml; do
     [ -f "$f" ] || { echo "missing: $f" >&2; missing=1; }
   done
@@ -193,9 +198,10 @@ fi
 log "GPU: $GPU_NAME"
 unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 
-run_step tests 110 - "${TESTS_CMD[@]}"
+run_step tests 150 - "${TESTS_CMD[@]}"
 run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
 run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
+run_step sweep 110 "$R/sweep.json" "${SWEEP_CMD[@]}"
 run_step gptq 150 "$R/pipeline.json" "${GPTQ_CMD[@]}"
 
 write_meta 0 "$GPU_NAME"

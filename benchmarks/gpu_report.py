@@ -162,6 +162,8 @@ def render_section(
     steps_err: str | None,
     tests: str,
     meta: dict[str, Any],
+    sweep: Any = None,
+    sweep_err: str | None = None,
 ) -> tuple[str, str]:
     """(device name, markdown section)."""
     kernels = (bench.get("kernels", bench) if isinstance(bench, dict) else None) or None
@@ -258,6 +260,7 @@ def render_section(
             )
         lines.append("")
 
+    lines += sweep_lines(sweep, sweep_err)
     lines += ["### GPTQ on a 4-block LLaDA-8B-shaped model (`benchmarks/bench_pipeline.py`)", ""]
     if not pipeline:
         lines += [f"Not measured: {pipeline_err}.", ""]
@@ -276,6 +279,34 @@ def render_section(
             )
         lines.append("")
     return device, "\n".join(lines).rstrip() + "\n"
+
+
+def sweep_lines(sweep: Any, sweep_err: str | None) -> list[str]:
+    """The tile-configuration sweep: per op, shape and M, the heuristic's and the best candidate's
+    speed-up against dense bf16, both in GPU time (CUDA graphs: no launch overhead)."""
+    lines = ["### Triton tile configurations (`benchmarks/triton_sweep.py`)", ""]
+    if not sweep:
+        return lines + [f"Not measured: {sweep_err}.", ""]
+    lines += [
+        "GPU time from CUDA-graph replays (`do_bench_cudagraph`, median), so launch overhead is left out; "
+        "speed-up = dense bf16 time / kernel time. Eager = the heuristic's time with Python launches.",
+        "",
+        "| op | K × N | M | dense ms | torch backend | heuristic | heuristic eager | best candidate | best |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in sweep.get("rows", []):
+        heur = next((c for c in r.get("candidates", []) if c.get("name") == "heuristic"), {})
+        torch_x = "—" if not r.get("torch_graph_ms") else _fmt_x(r["dense_graph_ms"] / r["torch_graph_ms"])
+        eager_x = "—" if not heur.get("eager_ms") else _fmt_x(r["dense_eager_ms"] / heur["eager_ms"])
+        lines.append(
+            f"| {r['op']} | {r['K']} × {r['N']} | {r['M']} | {r['dense_graph_ms']:.4f} | {torch_x} | "
+            f"{_fmt_x(heur.get('vs_dense'))} | {eager_x} | {r.get('best', '—')} | {_fmt_x(r.get('best_vs_dense'))} |"
+        )
+    failed = sorted({(r["op"], c["name"], c["error"][:120]) for r in sweep.get("rows", [])
+                     for c in r.get("candidates", []) if "error" in c})
+    if failed:
+        lines += ["", "Candidates that did not run: " + "; ".join(f"{op} {name}: `{err}`" for op, name, err in failed[:8])]
+    return lines + [""]
 
 
 def _markers(device: str) -> tuple[str, str]:
@@ -298,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", required=True)
     parser.add_argument("--pipeline")
     parser.add_argument("--steps")
+    parser.add_argument("--sweep")
     parser.add_argument("--tests")
     parser.add_argument("--meta")
     parser.add_argument("--doc", help="markdown file to update in place (its section for this device)")
@@ -309,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline, pipeline_err = _load_json(args.pipeline)
     steps, steps_err = _load_json(args.steps)
     meta, _ = _load_json(args.meta)
+    sweep, sweep_err = _load_json(args.sweep)
     device, section = render_section(
         bench=bench,
         bench_err=bench_err,
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_err=steps_err,
         tests=_tests_summary(args.tests),
         meta=meta or {},
+        sweep=sweep,
+        sweep_err=sweep_err,
     )
     if args.section_out:
         Path(args.section_out).write_text(section)

@@ -21,7 +21,7 @@ import triton.language as tl
 from ._triton import dot_upcast
 from .grouped_experts import check_grouped_arguments
 from .weight_only import triton_block_k, triton_unsupported_reason
-from .weight_only_triton import unpack_codes_tile
+from .weight_only_triton import unpack_code_rows
 
 
 @triton.jit
@@ -77,21 +77,21 @@ def _grouped_gemm_kernel(
             mask=m_ok[:, None] & (k[None, :] < K),
             other=0.0,
         )
-        q = unpack_codes_tile(wp, stride_wn, k, offs_n, K, N, BITS)
+        q = unpack_code_rows(wp, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
         if HAS_ZERO:
             z = tl.load(zp + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)
-            w = q - z[None, :]
+            w = q - z[:, None]
         else:
             w = q - (1 << (BITS - 1))
         if UPCAST:
             x = x.to(tl.float32)
-        w = w.to(x.dtype)  # small integers: exact in every float dtype
         if PER_CHANNEL:
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        else:
+            w = w.to(x.dtype)  # small integers: exact in every float dtype
+        else:  # the group's scale in the tile, as in weight_only_triton
             s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
+            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if PER_CHANNEL:
         s = tl.load(sp + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]

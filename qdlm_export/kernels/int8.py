@@ -219,7 +219,8 @@ def triton_packed_unsupported_reason(
 # ---------------------------------------------------------------------------------------------
 # The ops and their backends (highest priority first; `auto` takes the first that can run):
 #   quantize_per_token  triton (CUDA) > torch
-#   int8_gemm           torch._int_mm (where it applies natively) > triton (CUDA) > torch (padded/float64)
+#   int8_gemm           torch._int_mm (where it applies natively; on CUDA auto only without Triton)
+#                       > triton (CUDA) > torch (padded/float64)
 #   packed_int_linear   triton (CUDA) > torch
 # The Triton module is imported on first use (see _triton.py).
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +247,13 @@ def _int_mm_native_unsupported(p: Problem) -> str | None:
     if p.M is not None and p.M <= 16:
         return "torch._int_mm on CUDA needs more than 16 rows"
     return None
+
+
+def _int_mm_auto(p: Problem) -> bool:
+    """On CUDA, auto leaves torch._int_mm to machines without Triton: on an H200 (2026-12-04, bench
+    --full) the Triton int8 GEMM ran 2.5-3.5x faster than torch._int_mm at M = 256..4096 on all four
+    dLLM shapes. On CPU, torch._int_mm is the integer path there is."""
+    return p.device.type != "cuda" or triton_unavailable_reason(p.device) is not None
 
 
 def _int8_gemm_triton(*args: object, **kwargs: object) -> torch.Tensor:
@@ -276,7 +284,7 @@ register_backend(
 )
 register_backend(
     "int8_gemm", "torch._int_mm", int8_gemm_torch, family="torch", priority=30,
-    unsupported=_int_mm_native_unsupported, summary="torch._int_mm, then scales",
+    unsupported=_int_mm_native_unsupported, auto=_int_mm_auto, summary="torch._int_mm, then scales",
 )
 register_backend(
     "int8_gemm", "triton", _int8_gemm_triton, family="triton", priority=20,

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .int8 import qmax_for, triton_packed_unsupported_reason
 from .weight_only import triton_block_k
-from .weight_only_triton import tile_offsets, unpack_codes_tile
+from .weight_only_triton import tile_offsets, unpack_code_rows
 
 
 @triton.jit
@@ -179,6 +179,7 @@ def int8_gemm_triton(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """``(a_q @ b_q.T) * a_scale * b_scale.T + bias``; shapes as in ``int8.int8_gemm_torch``."""
     if a_q.dtype != torch.int8 or b_q.dtype != torch.int8:
@@ -194,7 +195,7 @@ def int8_gemm_triton(
         return y
     a_s = a_scale.reshape(-1).contiguous()
     b_s = b_scale.reshape(-1).contiguous()
-    cfg = _gemm_config(M, N)
+    cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
         a2,
@@ -257,13 +258,13 @@ def _packed_int_gemm_kernel(
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & (k[None, :] < K), other=0
         )
-        q = unpack_codes_tile(wp_ptr, stride_wn, k, offs_n, K, N, BITS)
+        q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size
         if HAS_ZERO:
-            w = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)[None, :]
+            w = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)[:, None]
         else:
             w = q - (1 << (BITS - 1))
-        w = w.to(tl.int8)  # |q - z| <= 15 for 4 bits; 8 bits only symmetric: [-128, 127]
+        w = tl.trans(w.to(tl.int8))  # |q - z| <= 15 for 4 bits; 8 bits only symmetric: [-128, 127]
         if PER_CHANNEL:
             acc_i = tl.dot(x, w, acc_i, out_dtype=tl.int32)
         else:
@@ -295,6 +296,7 @@ def packed_int_linear_triton(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """int8 activations x packed weight; arguments as in ``int8.packed_int_linear_torch``."""
     reason = triton_packed_unsupported_reason(
@@ -319,7 +321,7 @@ def packed_int_linear_triton(
     wp = weight_packed.contiguous()
     scale = weight_scale.contiguous()
     zero = weight_zero_point.contiguous() if weight_zero_point is not None else None
-    cfg = _gemm_config(M, N)
+    cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"])
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _packed_int_gemm_kernel[grid](

@@ -12,13 +12,15 @@ any float dtype.
 How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``):
 
 * ``BLOCK_K`` divides ``group_size``, so each K step lies inside one quantization group: the step
-  multiplies ``x`` by the *integer* matrix ``q - z`` (exact in fp16/bf16 since ``|q - z| <= 255``),
-  accumulates in fp32 and applies the group's scale to the ``[BLOCK_M, BLOCK_N]`` partial sum.
-  Per-channel weights (one group) skip that and scale the accumulator once at the end.
+  dequantizes its ``[BLOCK_N, BLOCK_K]`` weight tile with that group's scale into the activation
+  dtype (as the torch backend's dequantized weight) and accumulates ``x @ tile.T`` in fp32, in place.
+  Per-channel weights (one group) multiply ``x`` by the *integer* matrix ``q - z`` (exact in
+  fp16/bf16 since ``|q - z| <= 255``) and scale the accumulator once at the end.
 * Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
-  ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word. For 3 bits the codes at
-  shifts 30 and 31 continue at bit 0 of the next word: we also load that word and OR in its low
-  bits shifted up by ``32 - shift``. Words are read as uint32 so that ``>>`` is a logical shift.
+  ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word, and a tile is read as whole
+  words along each row, then split. For 3 bits the codes at shifts 30 and 31 continue at bit 0 of
+  the next word: we also load that word and OR in its low bits shifted up by ``32 - shift``. Words
+  are read as uint32 so that ``>>`` is a logical shift.
 """
 
 from __future__ import annotations
@@ -32,21 +34,39 @@ from .weight_only import triton_block_k, triton_unsupported_reason
 
 
 @triton.jit
-def unpack_codes_tile(wp_ptr, stride_wn, offs_k, offs_n, K, N, BITS: tl.constexpr):
-    """Codes ``q[k, n]`` (int32, ``[BLOCK_K, BLOCK_N]``) of the packed rows ``offs_n``; 0 outside."""
-    bit = offs_k * BITS  # stream position of code k inside its row
-    word = bit // 32
-    shift = (bit % 32).to(tl.uint32)
-    inside = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    ptrs = wp_ptr + offs_n[None, :] * stride_wn + word[:, None]
-    q = tl.load(ptrs, mask=inside, other=0).to(tl.uint32, bitcast=True) >> shift[:, None]
-    if BITS == 3:
+def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes ``q[n, k0 + j]`` (int32, ``[BLOCK_N, BLOCK_K]``) of the packed rows ``offs_n``; 0 outside.
+
+    2/4/8 bits: each thread reads whole words along a row (``BLOCK_K * BITS / 32`` per row, adjacent in
+    memory) and splits every word into its ``32 / BITS`` codes; ``k0`` is a multiple of ``BLOCK_K``,
+    itself a multiple of the codes per word, so the tile starts on a word. Reading code by code
+    instead (one load per code, ``32 / BITS`` of them hitting the same word) made the kernel 10-40x
+    slower than dense on an H200. 3 bits (codes straddle words) keep the per-code gather.
+    """
+    if 32 % BITS == 0:
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        widx = k0 // PER_WORD + tl.arange(0, WORDS)
+        ok = (offs_n[:, None] < N) & (widx[None, :] < tl.cdiv(K, PER_WORD))
+        words = tl.load(wp_ptr + offs_n[:, None] * stride_wn + widx[None, :], mask=ok, other=0)
+        words = words.to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+        q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        return tl.reshape(q, (offs_n.shape[0], BLOCK_K)).to(tl.int32)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        bit = offs_k * BITS  # stream position of code k inside its row
+        word = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        ptrs = wp_ptr + offs_n[:, None] * stride_wn + word[None, :]
+        q = tl.load(ptrs, mask=inside, other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
         # A code at shift 30 or 31 straddles: its high bits are the low bits of the next word.
         straddles = (shift + BITS) > 32
-        nxt = tl.load(ptrs + 1, mask=inside & straddles[:, None], other=0).to(tl.uint32, bitcast=True)
+        nxt = tl.load(ptrs + 1, mask=inside & straddles[None, :], other=0).to(tl.uint32, bitcast=True)
         # (32 - shift) % 32 keeps the shift amount legal; nxt is 0 wherever the code does not straddle.
-        q = q | (nxt << ((32 - shift) % 32)[:, None])
-    return (q & ((1 << BITS) - 1)).to(tl.int32)
+        q = q | (nxt << ((32 - shift) % 32)[None, :])
+        return (q & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -108,21 +128,23 @@ def _wo_gemm_kernel(
             mask=(offs_m[:, None] < M) & (k[None, :] < K),
             other=0.0,
         )
-        q = unpack_codes_tile(wp_ptr, stride_wn, k, offs_n, K, N, BITS)
+        q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
         if HAS_ZERO:
             z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)
-            w = q - z[None, :]
+            w = q - z[:, None]
         else:
             w = q - (1 << (BITS - 1))
         if UPCAST:
             x = x.to(tl.float32)
-        w = w.to(x.dtype)  # small integers: exact in every float dtype
         if PER_CHANNEL:
-            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            w = w.to(x.dtype)  # small integers: exact in every float dtype; scaled once at the end
         else:
+            # The group's scale goes into the weight tile, rounded to the activation dtype as the
+            # torch backend's dequantized weight is, so the MMA accumulates in place.
             s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            acc += tl.dot(x, w, input_precision=PRECISION) * s[None, :]
+            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if PER_CHANNEL:
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
@@ -164,6 +186,7 @@ def weight_only_linear_triton(
     in_features: int,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Triton dequantize-GEMM. ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype`` (or into ``out``)."""
     reason = triton_unsupported_reason(bits=bits, group_size=group_size, in_features=in_features, dtype=x.dtype)
@@ -189,7 +212,7 @@ def weight_only_linear_triton(
     zero = None
     if weight_zero_point is not None:
         zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
-    cfg = pick_config(M, n_out, group_size, in_features)
+    cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _wo_gemm_kernel[grid](
         x2,

@@ -78,3 +78,22 @@ def test_report_section_replaces_only_its_own_device():
     doc = gpu_report.insert_section(doc, "NVIDIA H200", "## GPU check: NVIDIA H200 (d2)\nnew\n")
     assert doc.startswith("# Benchmarks\n\nintro\n")
     assert "old" not in doc and doc.count("## GPU check: NVIDIA H200") == 1 and "new" in doc and "other" in doc
+
+
+def test_triton_sweep_runs_every_candidate_and_checks_it_against_torch():
+    """The sweep gpu_check.sh runs, on the CPU in Triton's interpreter (--smoke): every candidate tile
+    configuration computes what the torch backend computes, and the report renders its rows."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sweep.py"), "--smoke", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    sweep = json.loads(done.stdout)
+    assert {(r["op"], r["M"]) for r in sweep["rows"]} == {(op, m) for op in ("weight_only", "int8", "w4a4") for m in (3, 40)}
+    for r in sweep["rows"]:
+        assert r["candidates"][0]["name"] == "heuristic" and len(r["candidates"]) >= 4
+        for c in r["candidates"]:
+            assert "error" not in c, c
+            assert c["rel_err_vs_torch"] < 0.02  # bf16 outputs of the same products
+    text = "\n".join(gpu_report.sweep_lines(sweep, None))
+    assert text.count("| weight_only |") == 2 and "best candidate" in text

@@ -266,6 +266,9 @@ def test_describe_backend_for_cuda_and_int8_ops():
     assert text.startswith("triton" if HAS_TRITON else "torch")
     assert kernels.describe_backend("int8_gemm", "cpu", M=4, K=100, N=30).startswith("torch._int_mm")
     assert "more than 16 rows" in kernels.describe_backend("int8_gemm", "cuda", M=4, K=4096, N=4096)
+    # on CUDA torch._int_mm can run M = 1024, but auto takes the (measured faster) Triton GEMM where it exists
+    large = kernels.describe_backend("int8_gemm", "cuda", M=1024, K=4096, N=4096)
+    assert large.startswith("triton (") if HAS_TRITON else large.startswith("torch._int_mm")
     two_steps = kernels.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
     assert "then" in two_steps
     assert set(kernels.backend_table()) == {

@@ -245,8 +245,10 @@ def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_p
 
     quantize(str(src), out, make_config("quarot", bits=8, act_bits=8, weight_method="rtn"), trust_remote_code=True,
              verify=False, calibration=CalibrationConfig(nsamples=2, seqlen=32))
-    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    # on DEV: a forced Triton backend runs compiled on a GPU machine, in the interpreter on a CPU one
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval().to(DEV)
     ids = torch.randint(3, 2048, (2, 24), generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
+    ids = ids.to(DEV)
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     import qdlm_export.kernels.hadamard as kernel_hadamard

@@ -1,0 +1,171 @@
+"""Tile configurations of the Triton GEMMs on this GPU: each candidate timed beside the dense matmul.
+
+    python benchmarks/triton_sweep.py [--ops weight_only int8 w4a4] [--m 16 256 1024 4096] [--json]
+
+For each op, shape ``K x N`` and token count ``M``: the heuristic's own pick (``pick_config`` /
+``_gemm_config``) and a few candidate tile sizes, the torch fallback, and dense ``x @ W.T`` in
+bfloat16, all on the same weights and inputs. Times are medians of ``triton.testing.do_bench_cudagraph``
+(GPU time: the launch overhead of eager Python is left out) and, for the heuristic and dense,
+also eager ``do_bench``. Every candidate's output is checked against the torch backend's (relative
+error); a candidate that does not compile (shared memory, say) is reported with its error.
+
+CUDA (gpu_check.sh runs it); results decide the heuristic tables in the kernel modules. ``--smoke``
+runs it on the CPU in Triton's interpreter (TRITON_INTERPRET=1), on tiny shapes, untimed: a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+WO = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M class
+    "small": [(16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 2, 4)],
+    "mid": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 128, 4, 3)],
+    "large": [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3),
+              (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)],
+}
+INT8 = {
+    "small": [(16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 32, 256, 4, 4)],
+    "mid": [(64, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (128, 128, 64, 8, 3)],
+    "large": [(128, 128, 64, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+              (128, 256, 64, 8, 4)],
+}
+SHAPES = ((4096, 4096), (4096, 12288), (12288, 4096))
+
+
+def m_class(m: int) -> str:
+    return "small" if m <= 16 else "mid" if m <= 256 else "large"
+
+
+def as_config(c: tuple) -> dict:
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4], GROUP_M=8)
+
+
+def rel_err(y, ref) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", default=["weight_only", "int8", "w4a4"],
+                        choices=["weight_only", "int8", "w4a4"])
+    parser.add_argument("--m", nargs="+", type=int, default=[16, 256, 1024, 4096])
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    parser.add_argument("--rep", type=int, default=25, help="do_bench rep (ms)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, 256x128 and M 3/40: a test")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+        args.shapes, args.m = ["256x128"], [3, 40]
+
+    import torch
+    import triton.testing as tt
+
+    from qdlm_export.bench.kernels import quantized_weights
+    from qdlm_export.kernels import int8 as int8_torch
+    from qdlm_export.kernels import int8_triton, weight_only, weight_only_triton
+
+    if not torch.cuda.is_available() and not args.smoke:
+        print("triton_sweep.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    gen = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+
+    def once_ms(fn) -> float:  # --smoke: one call, wall clock (the interpreter's time means nothing)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def graph_ms(fn) -> float:
+        return once_ms(fn) if args.smoke else float(tt.do_bench_cudagraph(fn, rep=args.rep, return_mode="median"))
+
+    def eager_ms(fn) -> float:
+        return once_ms(fn) if args.smoke else float(tt.do_bench(fn, warmup=5, rep=args.rep, return_mode="median"))
+
+    rows = []
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        w32 = torch.randn(n, k, generator=gen) * 0.02
+        w16 = w32.to(dev, torch.bfloat16)
+        q = quantized_weights(w32, 4, 128, dev)
+        wp, ws = q["weight_only"]
+        w8, w8s = q["w8a8"]
+        w4p, w4s = q["w4a4"]
+        for m in args.m:
+            x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+            dense = lambda: x @ w16.T  # noqa: E731
+            base = dict(K=k, N=n, M=m, dense_graph_ms=round(graph_ms(dense), 5), dense_eager_ms=round(eager_ms(dense), 5))
+            xq, xs = int8_triton.quantize_per_token_triton(x, 8)
+            x4q, x4s = int8_triton.quantize_per_token_triton(x, 4)
+            cases = {}
+            if "weight_only" in args.ops:
+                ref = weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k)
+                cases["weight_only"] = (
+                    ref,
+                    lambda cfg: (lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, None, 4, 128, k, config=cfg)),
+                    lambda: weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k),
+                    WO[m_class(m)],
+                    weight_only_triton.pick_config(m, n, 128, k),
+                )
+            if "int8" in args.ops:
+                ref = int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16)
+                cases["int8"] = (
+                    ref,
+                    lambda cfg: (lambda: int8_triton.int8_gemm_triton(xq, xs, w8, w8s, None, torch.bfloat16, config=cfg)),
+                    lambda: int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16),
+                    INT8[m_class(m)],
+                    int8_triton._gemm_config(m, n),
+                )
+            if "w4a4" in args.ops:
+                ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)
+                cases["w4a4"] = (
+                    ref,
+                    lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
+                        x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16, config=cfg)),
+                    lambda: int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16),
+                    INT8[m_class(m)],
+                    int8_triton._gemm_config(m, n),
+                )
+            for op, (ref, make, torch_fn, candidates, heuristic) in cases.items():
+                row = dict(op=op, **base, torch_graph_ms=None, candidates=[])
+                try:
+                    row["torch_graph_ms"] = round(graph_ms(torch_fn), 5)
+                except Exception as exc:  # noqa: BLE001 - reported
+                    row["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                configs = [("heuristic", dict(heuristic))] + [(str(c), as_config(c)) for c in candidates]
+                for name, cfg in configs:
+                    entry = dict(name=name, config={kk: v for kk, v in cfg.items() if kk != "GROUP_M"})
+                    try:
+                        fn = make(cfg)
+                        entry["rel_err_vs_torch"] = round(rel_err(fn(), ref), 6)
+                        entry["graph_ms"] = round(graph_ms(fn), 5)
+                        if name == "heuristic":
+                            entry["eager_ms"] = round(eager_ms(fn), 5)
+                        entry["vs_dense"] = round(base["dense_graph_ms"] / entry["graph_ms"], 3)
+                    except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
+                        entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    row["candidates"].append(entry)
+                timed = [c for c in row["candidates"] if "graph_ms" in c]
+                if timed:
+                    best = min(timed, key=lambda c: c["graph_ms"])
+                    row["best"] = best["name"]
+                    row["best_vs_dense"] = best["vs_dense"]
+                rows.append(row)
+                print(f"{op:12s} {k}x{n} M={m}: dense {base['dense_graph_ms']:.4f} ms (eager {base['dense_eager_ms']:.4f}); "
+                      f"best {row.get('best')} {row.get('best_vs_dense')}x dense; heuristic "
+                      f"{next((c.get('vs_dense') for c in row['candidates'] if c['name'] == 'heuristic'), None)}x",
+                      file=sys.stderr)
+    result = dict(device="cpu (interpreter smoke run)" if args.smoke else torch.cuda.get_device_name(dev), torch=torch.__version__,
+                  seconds=round(time.perf_counter() - started, 1), rows=rows)
+    print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
