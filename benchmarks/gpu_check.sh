@@ -6,8 +6,8 @@
 #   3. bench     qdlm-export bench --full --json
 #   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
 #                (the online-Hadamard share)                       benchmarks/bench_block_step.py
-#   5. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
-#   6. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
+#   5. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
+#   6. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
 #   7. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
 #
 # Usage:  bash benchmarks/gpu_check.sh            (on a CUDA machine, from any folder)
@@ -130,8 +130,8 @@ if (( DRY_RUN )); then
   echo "  2. tests    ${TESTS_CMD[*]}"
   echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
   echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
-  echo "  5. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
-  echo "  6. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
+  echo "  5. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
+  echo "  6. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
   echo "  7. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
   missing=0
   for f in "${KERNEL_TESTS[@]}" benchmarks/bench_block_step.py benchmarks/bench_pipeline.py benchmarks/gpu_report.py \
@@ -201,8 +201,8 @@ unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 run_step tests 150 - "${TESTS_CMD[@]}"
 run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
 run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
-run_step sweep 110 "$R/sweep.json" "${SWEEP_CMD[@]}"
-run_step gptq 150 "$R/pipeline.json" "${GPTQ_CMD[@]}"
+run_step gptq 120 "$R/pipeline.json" "${GPTQ_CMD[@]}"
+run_step sweep 110 "$R/sweep.json" "${SWEEP_CMD[@]}"  # last: it takes what time is left
 
 write_meta 0 "$GPU_NAME"
 if report docs/benchmarks.md; then

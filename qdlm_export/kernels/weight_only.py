@@ -232,9 +232,19 @@ def _weight_only_linear_cpu_packed(*args: object, **kwargs: object) -> torch.Ten
     return weight_only_linear_cpu(*args, **kwargs)
 
 
+# Above this many tokens auto runs dequantize + cuBLAS on CUDA: on an H200 (2026-12-04, bench --full)
+# that took 0.43-0.46x dense time at M = 4096 on all four dLLM shapes, the fused kernel 0.23-0.30x;
+# at M = 1024 the fused kernel was ahead (0.22-0.30x against 0.17-0.21x).
+CUDA_FUSED_MAX_M = 2048
+
+
+def _triton_auto(p: Problem) -> bool:
+    return on_cuda(p) and (p.M is None or p.M <= CUDA_FUSED_MAX_M)
+
+
 register_backend(
     "weight_only_linear", "triton", _weight_only_linear_triton, family="triton", priority=20,
-    unsupported=triton_problem_unsupported, auto=on_cuda, summary="fused unpack + grouped dequant-GEMM",
+    unsupported=triton_problem_unsupported, auto=_triton_auto, summary="fused unpack + grouped dequant-GEMM",
 )
 def _cpu_native_unsupported(p: Problem) -> str | None:
     from .cpu_native import unsupported_reason

@@ -140,6 +140,7 @@ def test_backend_choice():
     """auto runs torch on the CPU; Triton is refused for a group size it cannot tile, with the reason."""
     assert select_backend("grouped_expert_gemm", "cpu", K=64, N=32, bits=4, group_size=32,
                           dtype=torch.float32).name == "torch"
+    # on DEV: on a GPU machine, CPU tensors would be refused first (Triton needs CUDA there)
     with pytest.raises(KernelBackendError, match="group_size 24"):
-        select_backend("grouped_expert_gemm", "cpu", backend="triton", K=96, N=32, bits=4, group_size=24,
+        select_backend("grouped_expert_gemm", DEV, backend="triton", K=96, N=32, bits=4, group_size=24,
                        dtype=torch.float32)

@@ -267,6 +267,13 @@ def test_describe_backend_for_cuda_and_int8_ops():
     assert kernels.describe_backend("int8_gemm", "cpu", M=4, K=100, N=30).startswith("torch._int_mm")
     assert "more than 16 rows" in kernels.describe_backend("int8_gemm", "cuda", M=4, K=4096, N=4096)
     # on CUDA torch._int_mm can run M = 1024, but auto takes the (measured faster) Triton GEMM where it exists
+    # weight-only: the fused kernel up to CUDA_FUSED_MAX_M tokens, dequantize + cuBLAS above (measured)
+    from qdlm_export.kernels.weight_only import CUDA_FUSED_MAX_M
+
+    facts = dict(in_features=4096, out_features=4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    few = kernels.describe_backend("weight_only_linear", "cuda", M=CUDA_FUSED_MAX_M, **facts)
+    many = kernels.describe_backend("weight_only_linear", "cuda", M=CUDA_FUSED_MAX_M + 1, **facts)
+    assert few.startswith("triton (" if HAS_TRITON else "torch (") and many.startswith("torch (")
     large = kernels.describe_backend("int8_gemm", "cuda", M=1024, K=4096, N=4096)
     assert large.startswith("triton (") if HAS_TRITON else large.startswith("torch._int_mm")
     two_steps = kernels.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
