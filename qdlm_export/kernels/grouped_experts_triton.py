@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import dot_upcast
+from ._triton import cdiv, dot_upcast
 from .grouped_experts import check_grouped_arguments
 from .weight_only import triton_block_k, triton_unsupported_reason
 from .weight_only_triton import unpack_code_rows
@@ -124,7 +124,7 @@ def tile_map(offsets: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tens
     counts = offsets[1:] - offsets[:-1]
     tiles = (counts + block_m - 1) // block_m
     last_tile = tiles.cumsum(0)  # tiles of experts 0..e
-    index = torch.arange(triton.cdiv(rows, block_m) + experts, device=offsets.device)
+    index = torch.arange(cdiv(rows, block_m) + experts, device=offsets.device)
     expert = torch.searchsorted(last_tile, index, right=True)  # the first expert whose tiles reach past it
     used = expert < experts
     expert = expert.clamp_(max=experts - 1)
@@ -165,7 +165,7 @@ def grouped_expert_gemm_triton(
         zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
     cfg = pick_config(rows, experts, n_out, group_size)
     tile_expert, tile_row, tile_end = tile_map(offsets.to(x.device), rows, cfg["BLOCK_M"])
-    grid = (tile_expert.shape[0], triton.cdiv(n_out, cfg["BLOCK_N"]))
+    grid = (tile_expert.shape[0], cdiv(n_out, cfg["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
         x,
         wp,

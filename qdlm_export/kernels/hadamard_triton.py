@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton import cdiv
+
 from .hadamard import triton_fwht_unsupported_reason
 
 
@@ -85,7 +87,7 @@ def fwht_triton(x: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = 
     m = n.bit_length() - 1
     if n <= 128:
         a, b, block_r = 1, n, 16
-        grid = (triton.cdiv(R, block_r),)
+        grid = (cdiv(R, block_r),)
     else:
         a, b, block_r = 1 << (m // 2), 1 << (m - m // 2), 1
         grid = (R,)

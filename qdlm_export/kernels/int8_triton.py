@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton import cdiv, next_power_of_2
+
 from .int8 import qmax_for, triton_packed_unsupported_reason
 from .weight_only import triton_block_k
 from .weight_only_triton import tile_offsets, unpack_code_rows
@@ -88,9 +90,9 @@ def quantize_per_token_triton(
     if K == 0:
         s.zero_()
         return q, s
-    block_k = min(1024, triton.next_power_of_2(K))
+    block_k = min(1024, next_power_of_2(K))
     block_m = max(1, min(16, 4096 // block_k))
-    _quantize_rows_kernel[(triton.cdiv(M, block_m),)](
+    _quantize_rows_kernel[(cdiv(M, block_m),)](
         x2,
         q2,
         s.view(-1),
@@ -221,7 +223,7 @@ def int8_gemm_triton(
     a_s = a_scale.reshape(-1).contiguous()
     b_s = b_scale.reshape(-1).contiguous()
     cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
         a2,
         b_q,
@@ -348,7 +350,7 @@ def packed_int_linear_triton(
     zero = weight_zero_point.contiguous() if weight_zero_point is not None else None
     cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"])
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _packed_int_gemm_kernel[grid](
         x2,
         xs,

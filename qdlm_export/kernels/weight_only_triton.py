@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import dot_upcast
+from ._triton import cdiv, dot_upcast
 from .weight_only import triton_block_k, triton_unsupported_reason
 
 
@@ -216,7 +216,7 @@ def weight_only_linear_triton(
     if weight_zero_point is not None:
         zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cfg["BLOCK_N"]),)
     _wo_gemm_kernel[grid](
         x2,
         wp,
