@@ -3,8 +3,9 @@
     python benchmarks/triton_sweep.py [--ops weight_only int8 w4a4] [--m 16 256 1024 4096] [--json]
 
 For each op, shape ``K x N`` and token count ``M``: the heuristic's own pick (``pick_config`` /
-``_gemm_config``) and a few candidate tile sizes, the torch fallback, and dense ``x @ W.T`` in
-bfloat16, all on the same weights and inputs. Times are medians of ``triton.testing.do_bench_cudagraph``
+``_gemm_config``) and a few candidate tile sizes (for weight-only also the one-pass dequantization
+followed by cuBLAS), the torch fallback, and dense ``x @ W.T`` in bfloat16, all on the same weights
+and inputs. Times are medians of ``triton.testing.do_bench_cudagraph``
 (GPU time: the launch overhead of eager Python is left out) and, for the heuristic and dense,
 also eager ``do_bench``. Every candidate's output is checked against the torch backend's (relative
 error); a candidate that does not compile (shared memory, say) is reported with its error.
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k),
                     WO[m_class(m)],
                     weight_only_triton.pick_config(m, n, 128, k),
+                    {"dequant+cuBLAS": lambda: weight_only_triton.weight_only_linear_triton_dequant(
+                        x, wp, ws, None, 4, 128, k)},
                 )
             if "int8" in args.ops:
                 ref = int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16)
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16),
                     INT8[m_class(m)],
                     int8_triton._gemm_config(m, n),
+                    {},
                 )
             if "w4a4" in args.ops:
                 ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)
@@ -131,18 +135,20 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16),
                     INT8[m_class(m)],
                     int8_triton._gemm_config(m, n),
+                    {},
                 )
-            for op, (ref, make, torch_fn, candidates, heuristic) in cases.items():
+            for op, (ref, make, torch_fn, candidates, heuristic, others) in cases.items():
                 row = dict(op=op, **base, torch_graph_ms=None, candidates=[])
                 try:
                     row["torch_graph_ms"] = round(graph_ms(torch_fn), 5)
                 except Exception as exc:  # noqa: BLE001 - reported
                     row["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 configs = [("heuristic", dict(heuristic))] + [(str(c), as_config(c)) for c in candidates]
+                configs += [(name, None) for name in others]  # other strategies, timed the same way
                 for name, cfg in configs:
-                    entry = dict(name=name, config={kk: v for kk, v in cfg.items() if kk != "GROUP_M"})
+                    entry = dict(name=name, config={kk: v for kk, v in (cfg or {}).items() if kk != "GROUP_M"})
                     try:
-                        fn = make(cfg)
+                        fn = make(cfg) if cfg is not None else others[name]
                         entry["rel_err_vs_torch"] = round(rel_err(fn(), ref), 6)
                         entry["graph_ms"] = round(graph_ms(fn), 5)
                         if name == "heuristic":

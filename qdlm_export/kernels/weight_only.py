@@ -194,7 +194,8 @@ def triton_unsupported_reason(
 
 # ---------------------------------------------------------------------------------------------
 # The op and its backends (highest priority first; `auto` takes the first that can run):
-#   triton (CUDA) > cpu_native (CPU with AVX512-BF16, 4 bits) > cpu_packed (CPU, bf16/fp16 activations)
+#   triton (CUDA; fused, up to CUDA_FUSED_MAX_M tokens) > triton_dequant (CUDA; above)
+#   > cpu_native (CPU with AVX512-BF16, 4 bits) > cpu_packed (CPU, bf16/fp16 activations)
 #   > torch (dequantize + matmul)
 # Triton, cpu_native and cpu_packed are imported on first use (see _triton.py; cpu_packed imports this
 # module).
@@ -232,19 +233,37 @@ def _weight_only_linear_cpu_packed(*args: object, **kwargs: object) -> torch.Ten
     return weight_only_linear_cpu(*args, **kwargs)
 
 
-# Above this many tokens auto runs dequantize + cuBLAS on CUDA: on an H200 (2026-12-04, bench --full)
-# that took 0.43-0.46x dense time at M = 4096 on all four dLLM shapes, the fused kernel 0.23-0.30x;
-# at M = 1024 the fused kernel was ahead (0.22-0.30x against 0.17-0.21x).
+# Above this many tokens auto dequantizes the weight once and runs cuBLAS on CUDA: on an H200
+# (2026-12-04, bench --full) dequantize + cuBLAS, with the dequantization in torch ops, took
+# 0.43-0.46x dense time at M = 4096 on all four dLLM shapes, the fused kernel 0.23-0.30x; at
+# M = 1024 the fused kernel was ahead (0.22-0.30x against 0.17-0.21x). The Triton dequantization
+# (one pass instead of a chain of torch element-wise ops) runs that strategy now; bench times both
+# Triton backends at every M, so the next GPU check can move this threshold.
 CUDA_FUSED_MAX_M = 2048
 
 
-def _triton_auto(p: Problem) -> bool:
+def _fused_auto(p: Problem) -> bool:
     return on_cuda(p) and (p.M is None or p.M <= CUDA_FUSED_MAX_M)
+
+
+def _dequant_auto(p: Problem) -> bool:
+    return on_cuda(p) and p.M is not None and p.M > CUDA_FUSED_MAX_M
+
+
+def _weight_only_linear_triton_dequant(*args: object, **kwargs: object) -> torch.Tensor:
+    from .weight_only_triton import weight_only_linear_triton_dequant
+
+    return weight_only_linear_triton_dequant(*args, **kwargs)
 
 
 register_backend(
     "weight_only_linear", "triton", _weight_only_linear_triton, family="triton", priority=20,
-    unsupported=triton_problem_unsupported, auto=_triton_auto, summary="fused unpack + grouped dequant-GEMM",
+    unsupported=triton_problem_unsupported, auto=_fused_auto, summary="fused unpack + grouped dequant-GEMM",
+)
+register_backend(
+    "weight_only_linear", "triton_dequant", _weight_only_linear_triton_dequant, family="triton", priority=19,
+    unsupported=triton_problem_unsupported, auto=_dequant_auto,
+    summary="one-pass Triton dequantization to the activation dtype, then the dense GEMM (many tokens)",
 )
 def _cpu_native_unsupported(p: Problem) -> str | None:
     from .cpu_native import unsupported_reason

@@ -176,6 +176,40 @@ def test_weight_only_triton(gen, bits, symmetric, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_triton_matches_the_float64_weight(gen, bits, symmetric, group):
+    """The one-pass Triton dequantization (the many-token CUDA path) against (q - z) * s in float64:
+    exact in float32 (one rounding of a small integer times a float32 scale), one rounding in bf16."""
+    from qdlm_export.kernels.weight_only_triton import dequantize_packed_triton
+
+    k = 100 if group == -1 else 3 * group  # K = 100: a masked tail in the last K tile
+    n_out = 72  # not a multiple of the 32-row tiles
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, SCALE_DTYPES[(bits + group) % 3])
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    out = nan_buffer((n_out, k), torch.float32)
+    w = dequantize_packed_triton(*on_dev(packed, scale, zero), bits, group, k, torch.float32, out=out)
+    assert w is out and torch.equal(w.cpu(), w64.float())
+    w16 = dequantize_packed_triton(*on_dev(packed, scale, zero), bits, group, k, torch.bfloat16).cpu()
+    # within one bf16 ulp: GPUs round to nearest, Triton's interpreter truncates
+    assert w16.dtype == torch.bfloat16 and ((w16.double() - w64).abs() <= w64.abs() * 2**-7).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", (3, 4))
+def test_triton_dequant_backend_through_dispatch(gen, bits):
+    k, n_out, group = 256, 40, 64
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, False, torch.float16)
+    x = torch.randn(3, 50, k, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    y = kernels.weight_only_linear(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias),
+                                   backend="triton_dequant").cpu()
+    assert y.shape == (3, 50, n_out) and y.dtype == torch.float32
+    assert_close(y, *ref_linear(x, ref_weight(codes, scale, zero, bits, group), bias), RTOL[torch.float32], "dequant")
+
+
+@needs_triton
 def test_weight_only_triton_configs_are_valid():
     """Every tile config the heuristic can pick: K steps inside one group, MMA-sized tiles."""
     from qdlm_export.kernels.weight_only_triton import pick_config
@@ -273,7 +307,8 @@ def test_describe_backend_for_cuda_and_int8_ops():
     facts = dict(in_features=4096, out_features=4096, bits=4, group_size=128, dtype=torch.bfloat16)
     few = kernels.describe_backend("weight_only_linear", "cuda", M=CUDA_FUSED_MAX_M, **facts)
     many = kernels.describe_backend("weight_only_linear", "cuda", M=CUDA_FUSED_MAX_M + 1, **facts)
-    assert few.startswith("triton (" if HAS_TRITON else "torch (") and many.startswith("torch (")
+    assert few.startswith("triton (" if HAS_TRITON else "torch (")
+    assert many.startswith("triton_dequant (" if HAS_TRITON else "torch (")
     large = kernels.describe_backend("int8_gemm", "cuda", M=1024, K=4096, N=4096)
     assert large.startswith("triton (") if HAS_TRITON else large.startswith("torch._int_mm")
     two_steps = kernels.describe_backend("w4a4_linear", "cpu", in_features=4096, out_features=4096, bits=4, group_size=-1)
