@@ -21,8 +21,9 @@ import json
 import sys
 import time
 
-WO = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M class
-    "small": [(16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 2, 4)],
+WO = {  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]) per M class
+    "small": [(16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 2, 4),
+              (16, 32, 128, 4, 3, 4), (16, 64, 128, 4, 3, 4), (16, 32, 128, 4, 3, 8)],
     "mid": [(64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 128, 4, 3)],
     "large": [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (64, 256, 128, 8, 3),
               (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)],
@@ -41,7 +42,10 @@ def m_class(m: int) -> str:
 
 
 def as_config(c: tuple) -> dict:
-    return dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4], GROUP_M=8)
+    cfg = dict(BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], num_warps=c[3], num_stages=c[4], GROUP_M=8)
+    if len(c) > 5:
+        cfg["SPLIT_K"] = c[5]
+    return cfg
 
 
 def rel_err(y, ref) -> float:

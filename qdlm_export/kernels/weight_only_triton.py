@@ -106,6 +106,7 @@ def _wo_gemm_kernel(
     stride_zn,
     stride_ym,
     stride_yn,
+    stride_ys,
     BITS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -116,12 +117,14 @@ def _wo_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
+    split = tl.program_id(1)  # SPLIT_K > 1: this program sums every SPLIT_K-th K step into its own slice
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
@@ -149,9 +152,12 @@ def _wo_gemm_kernel(
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(split == 0, bias, 0.0)  # added by one slice only
+        acc += bias[None, :]
     tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
         mask=(offs_m[:, None] < M) & n_ok[None, :],
     )
@@ -176,6 +182,7 @@ def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
     cfg["GROUP_M"] = 8
+    cfg["SPLIT_K"] = 1  # > 1 only from the tile sweep so far (benchmarks/triton_sweep.py)
     return cfg
 
 
@@ -216,14 +223,19 @@ def weight_only_linear_triton(
     if weight_zero_point is not None:
         zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cfg["BLOCK_N"]),)
+    cfg.setdefault("SPLIT_K", 1)
+    split_k = cfg["SPLIT_K"]
+    # Split K: each of the SPLIT_K programs of a tile writes a float32 partial sum, summed after
+    # (more programs for few tokens, where one per output tile leaves most of the GPU idle).
+    target = y2 if split_k == 1 else torch.empty(split_k, M, n_out, dtype=torch.float32, device=x.device)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cfg["BLOCK_N"]), split_k)
     _wo_gemm_kernel[grid](
         x2,
         wp,
         scale,
         zero if zero is not None else scale,
         bias if bias is not None else scale,
-        y2,
+        target,
         M,
         n_out,
         in_features,
@@ -233,8 +245,9 @@ def weight_only_linear_triton(
         wp.stride(0),
         scale.stride(0),
         zero.stride(0) if zero is not None else 0,
-        y2.stride(0),
-        y2.stride(1),
+        target.stride(-2),
+        target.stride(-1),
+        target.stride(0) if split_k > 1 else 0,
         BITS=bits,
         HAS_ZERO=zero is not None,
         HAS_BIAS=bias is not None,
@@ -243,6 +256,8 @@ def weight_only_linear_triton(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         **cfg,
     )
+    if split_k > 1:
+        y2.copy_(target.sum(dim=0))
     return y
 
 

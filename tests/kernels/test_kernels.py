@@ -210,6 +210,27 @@ def test_triton_dequant_backend_through_dispatch(gen, bits):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,group", [(4, 64), (3, -1), (8, 32)])
+def test_weight_only_triton_split_k(gen, bits, group):
+    """Split K (a tile's K steps shared by SPLIT_K programs, their float32 partials summed after):
+    the same product, and the bias counted once."""
+    from qdlm_export.kernels.weight_only_triton import pick_config, weight_only_linear_triton
+
+    k = 100 if group == -1 else 5 * group  # 5 K steps over 2 or 4 splits: some splits get fewer
+    n_out = 48
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, bits == 3, torch.float16)
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    x = torch.randn(5, k, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    for split in (2, 4):
+        cfg = {**pick_config(5, n_out, group, k), "BLOCK_K": 16 if group == -1 else min(group, 32), "SPLIT_K": split}
+        out = nan_buffer((5, n_out), torch.float32)
+        y = weight_only_linear_triton(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), out=out, config=cfg)
+        assert y is out
+        assert_close(y.cpu(), *ref_linear(x, w64, bias), RTOL[torch.float32], f"split {split}")
+
+
+@needs_triton
 def test_weight_only_triton_configs_are_valid():
     """Every tile config the heuristic can pick: K steps inside one group, MMA-sized tiles."""
     from qdlm_export.kernels.weight_only_triton import pick_config
