@@ -302,6 +302,8 @@ def sweep_lines(sweep: Any, sweep_err: str | None) -> list[str]:
             f"| {r['op']} | {r['K']} × {r['N']} | {r['M']} | {r['dense_graph_ms']:.4f} | {torch_x} | "
             f"{_fmt_x(heur.get('vs_dense'))} | {eager_x} | {r.get('best', '—')} | {_fmt_x(r.get('best_vs_dense'))} |"
         )
+    if sweep.get("cut_short"):
+        lines += ["", "*The sweep ran out of its time budget: shapes and token counts missing above were not measured.*"]
     failed = sorted({(r["op"], c["name"], c["error"][:120]) for r in sweep.get("rows", [])
                      for c in r.get("candidates", []) if "error" in c})
     if failed:

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     parser.add_argument("--rep", type=int, default=25, help="do_bench rep (ms)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new shape/M after this many seconds (the result says it was cut short)")
     parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, 256x128 and M 3/40: a test")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -94,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return once_ms(fn) if args.smoke else float(tt.do_bench(fn, warmup=5, rep=args.rep, return_mode="median"))
 
     rows = []
+    cut_short = False
     for shape in args.shapes:
+        if cut_short:
+            break
         k, n = (int(v) for v in shape.split("x"))
         w32 = torch.randn(n, k, generator=gen) * 0.02
         w16 = w32.to(dev, torch.bfloat16)
@@ -103,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         w8, w8s = q["w8a8"]
         w4p, w4s = q["w4a4"]
         for m in args.m:
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                cut_short = True
+                print(f"time budget of {args.budget_s:.0f} s spent: stopping before {k}x{n} M={m}", file=sys.stderr)
+                break
             x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
             dense = lambda: x @ w16.T  # noqa: E731
             base = dict(K=k, N=n, M=m, dense_graph_ms=round(graph_ms(dense), 5), dense_eager_ms=round(eager_ms(dense), 5))
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{next((c.get('vs_dense') for c in row['candidates'] if c['name'] == 'heuristic'), None)}x",
                       file=sys.stderr)
     result = dict(device="cpu (interpreter smoke run)" if args.smoke else torch.cuda.get_device_name(dev), torch=torch.__version__,
-                  seconds=round(time.perf_counter() - started, 1), rows=rows)
+                  seconds=round(time.perf_counter() - started, 1), cut_short=cut_short, rows=rows)
     print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))
     return 0
 

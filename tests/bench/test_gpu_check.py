@@ -97,3 +97,14 @@ def test_triton_sweep_runs_every_candidate_and_checks_it_against_torch():
             assert c["rel_err_vs_torch"] < 0.02  # bf16 outputs of the same products
     text = "\n".join(gpu_report.sweep_lines(sweep, None))
     assert text.count("| weight_only |") == 2 and "best candidate" in text
+
+
+def test_triton_sweep_stops_at_its_time_budget_and_says_so():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sweep.py"), "--smoke", "--json",
+                           "--budget-s", "0"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    sweep = json.loads(done.stdout)
+    assert sweep["cut_short"] is True and sweep["rows"] == []
+    assert "ran out of its time budget" in "\n".join(gpu_report.sweep_lines(sweep, None))
