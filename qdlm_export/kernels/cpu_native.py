@@ -11,6 +11,9 @@ Two C kernels do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` 
 * ``blocked_gemm`` (more tokens): a cache-blocked GEMM. Each weight element is dequantized to bf16
   once per call, into panels small enough to stay in cache while every block of tokens runs over
   them, with the same dot products. Its scratch is about 256 KiB plus 1 KiB per token per thread.
+  On CPUs with AMX (Intel Xeon since Sapphire Rapids) the panels go to the tile unit instead
+  (``qdlm_int4_gemm_amx``), for every token count: there the dense bf16 GEMM runs on AMX too, and
+  the AVX-512 loops are 2.5-10x slower than it (``QDLM_EXPORT_AMX=0`` keeps them).
 
 Why native code: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) multiplies in float32
 FMAs, slower than the bf16 GEMM from ~12 tokens on, and eager dequantization makes several passes over
@@ -48,6 +51,7 @@ from .weight_only import tensors_key
 SOURCE = Path(__file__).with_name("native") / "int4_avx512bf16.c"
 FLAGS = ("-O3", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared")
 SWITCH = "QDLM_EXPORT_NATIVE_KERNELS"  # "0" turns the native kernels off
+AMX_SWITCH = "QDLM_EXPORT_AMX"  # "0" keeps the blocked kernel on AVX-512 where AMX exists
 CACHE_ENV = "QDLM_EXPORT_CACHE_DIR"
 BUILD_TIMEOUT_S = 120
 TILE_N = 16  # outputs per tile (one AVX-512 register of float32)
@@ -176,9 +180,28 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qdlm_int4_blocked_mr.restype = i64
     lib.qdlm_int4_blocked_scratch.argtypes = [i64]
     lib.qdlm_int4_blocked_scratch.restype = i64
-    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_bf16_pairs, lib.qdlm_int4_gemm_blocked):
+    lib.qdlm_amx_ready.argtypes, lib.qdlm_amx_ready.restype = [], ctypes.c_int
+    lib.qdlm_int4_amx_scratch.argtypes, lib.qdlm_int4_amx_scratch.restype = [i64, i64], i64
+    lib.qdlm_int4_gemm_amx.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr]
+    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_bf16_pairs, lib.qdlm_int4_gemm_blocked,
+               lib.qdlm_int4_gemm_amx):
         fn.restype = None
     return lib, None
+
+
+def amx_available() -> bool:
+    """Whether the blocked kernel runs on AMX tiles here: the CPU has AMX-BF16, Linux granted the
+    tile registers, and ``QDLM_EXPORT_AMX`` is not "0"."""
+    if os.environ.get(AMX_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    if "amx" not in _STATE:
+        with _LOCK:
+            if "amx" not in _STATE:
+                _STATE["amx"] = bool(lib.qdlm_amx_ready())
+    return bool(_STATE["amx"])
 
 
 def library() -> ctypes.CDLL | None:
@@ -320,9 +343,17 @@ def blocked_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gr
     unit = BLOCKED_PANEL_N if n % BLOCKED_PANEL_N == 0 else TILE_N  # shares of whole panels
     units = n // unit
     mr = lib.qdlm_int4_blocked_mr()
+    amx = amx_available()
     for m0 in range(0, m, BLOCKED_MAX_M):
         chunk = x2[m0 : m0 + BLOCKED_MAX_M]
         rows = chunk.shape[0]
+        if amx:  # the tile unit reads x itself
+            args = (chunk.data_ptr(), rows, k, codes.data_ptr(), codes.stride(0), n, scales[0].data_ptr(),
+                    scales[1].data_ptr(), group, y[m0].data_ptr())
+            nbytes = lib.qdlm_int4_amx_scratch(rows, k)
+            _run_split(lambda a, b: lib.qdlm_int4_gemm_amx(*args, a * unit, b * unit, _scratch_bytes(nbytes).data_ptr()),
+                       units, _threads(units, 2))
+            continue
         xpairs = torch.empty(-(-rows // mr) * (k // 2) * mr, dtype=torch.int32)
         lib.qdlm_bf16_pairs(chunk.data_ptr(), rows, k, xpairs.data_ptr())
         args = (xpairs.data_ptr(), rows, k, codes.data_ptr(), codes.stride(0), n, scales[0].data_ptr(),
@@ -337,9 +368,11 @@ def blocked_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gr
 
 
 def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, fused: bool | None = None) -> torch.Tensor:
-    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above."""
+    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above; with
+    AMX the blocked one always (on a Xeon with AMX the fused AVX-512 kernel took 2.4-4.6x the time
+    of the AMX blocked one at M = 16..64, docs/benchmarks.md)."""
     if fused is None:
-        fused = x2.shape[0] <= NATIVE_MAX_M
+        fused = x2.shape[0] <= NATIVE_MAX_M and not amx_available()
     return gemm(x2, codes, scales, group) if fused else blocked_gemm(x2, codes, scales, group)
 
 

@@ -45,6 +45,11 @@ def _check(y, x, wp, scale, zp, group_size, k, *, fused, bias=None):
     assert torch.all(err <= bound + 1e-7), f"max excess {(err - bound).max().item()}"
 
 
+def _auto_fused(m: int) -> bool:
+    """Whether the backend's own rule (no ``fused=`` given) runs the fused kernel for ``m`` tokens."""
+    return m <= N.NATIVE_MAX_M and not N.amx_available()
+
+
 CASES = [
     # K, N, group, symmetric
     (128, 16, 32, True),
@@ -78,7 +83,7 @@ def test_native_other_activation_dtypes_come_back_in_their_dtype(gen, dtype):
     x = torch.randn(5, 256, generator=gen).to(torch.bfloat16).to(dtype)  # bf16-representable values
     y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
     assert y.dtype == dtype
-    _check(y, x, wp, scale, zp, 128, 256, fused=True)
+    _check(y, x, wp, scale, zp, 128, 256, fused=_auto_fused(5))
 
 
 def _bf16_w_hat(codes, scales, group, k):
@@ -88,14 +93,20 @@ def _bf16_w_hat(codes, scales, group, k):
 
 
 @needs_native
+@pytest.mark.parametrize("unit", ["avx512", "amx"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("k,n,group", [(1152, 272, 128), (1536, 48, 1536)])
-def test_blocked_kernel_is_x_times_bf16_w_hat(gen, threads, k, n, group):
+def test_blocked_kernel_is_x_times_bf16_w_hat(gen, monkeypatch, unit, threads, k, n, group):
     """Against float64 x @ bf16(W_hat).T the blocked kernel differs by float32 summation and the output
     rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 272 (one
     thread: a 256-output block, then a one-tile panel; two: shares of 128 and 144 outputs), one group
     spanning three slabs (per channel, K = 1536), M up to 200 (more than one chunk of token blocks,
-    blocks of unequal size), and rows 64 bytes wider than K/2."""
+    blocks of unequal size), and rows 64 bytes wider than K/2. On the AVX-512 loop and, where the CPU
+    has it, on AMX tiles (M = 15 and 200: a zero-padded last block of 32 tokens)."""
+    if unit == "amx" and not N.amx_available():
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles")
+    if unit == "avx512":
+        monkeypatch.setenv(N.AMX_SWITCH, "0")
     _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
     wide = torch.randint(0, 256, (n, k // 2 + 64), generator=gen, dtype=torch.uint8)
     wide[:, : k // 2] = wp.view(torch.uint8)
@@ -163,7 +174,7 @@ def test_scales_are_cached_once_and_follow_in_place_changes(gen):
     scale.mul_(2)  # in place: same tensor, new version
     y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
     assert N.prepare(wp, scale, zp, 128, 256) is not first
-    _check(y, x, wp, scale, zp, 128, 256, fused=True)
+    _check(y, x, wp, scale, zp, 128, 256, fused=_auto_fused(3))
 
 
 @needs_native
@@ -180,7 +191,7 @@ def test_dispatch_picks_cpu_native_for_bf16_4bit_and_falls_back_for_the_rest(gen
     _, wp, scale, zp = random_packed_weight(gen, 48, 256, 4, 64, False)
     x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
     y = kernels.weight_only_linear(x, wp, scale, zp, 4, 64, 256)
-    _check(y, x, wp, scale, zp, 64, 256, fused=True)
+    _check(y, x, wp, scale, zp, 64, 256, fused=_auto_fused(6))
     assert N.cached_nbytes(wp) > 0  # the call went through the native backend
 
 
@@ -297,3 +308,21 @@ def test_a_forked_child_computes_with_threads(gen):
 def _child_linear(x, wp, scale, zp):
     torch.set_num_threads(2)
     return N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512)
+
+
+@needs_native
+def test_the_rule_runs_amx_for_every_token_count_where_the_cpu_has_it(gen, monkeypatch):
+    """Without AMX: the fused kernel up to NATIVE_MAX_M tokens, the blocked one above; with AMX the
+    blocked one (on AMX tiles) for every M, the fused AVX-512 loop being slower there at any M."""
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, True)
+    codes, scales = wp.view(torch.uint8), N.native_scales(scale, zp)
+    calls = []
+    monkeypatch.setattr(N, "gemm", lambda *a: calls.append("fused") or torch.zeros(a[0].shape[0], 32))
+    monkeypatch.setattr(N, "blocked_gemm", lambda *a: calls.append("blocked") or torch.zeros(a[0].shape[0], 32))
+    for m in (1, N.NATIVE_MAX_M, N.NATIVE_MAX_M + 1):
+        N.linear(torch.zeros(m, 256, dtype=torch.bfloat16), codes, scales, 128)
+    assert calls == (["blocked"] * 3 if N.amx_available() else ["fused", "fused", "blocked"])
+    monkeypatch.setenv(N.AMX_SWITCH, "0")
+    calls.clear()
+    N.linear(torch.zeros(1, 256, dtype=torch.bfloat16), codes, scales, 128)
+    assert calls == ["fused"]

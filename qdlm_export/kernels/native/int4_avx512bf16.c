@@ -14,7 +14,8 @@
  * dense GEMM wins although it reads four times the bytes. Here codes become exact bf16 integers in
  * registers and meet the activations in the same dot-product instruction (vdpbf16ps); each group's
  * scale is applied once to the float32 partial sums. For many tokens, qdlm_int4_gemm_blocked widens
- * each code once per call into cache-resident bf16 panels and runs every token block over them.
+ * each code once per call into cache-resident bf16 panels and runs every token block over them;
+ * qdlm_int4_gemm_amx (end of file) runs the same panels on AMX tiles where the CPU has them.
  *
  * No threads here: the caller splits tiles (or panels) across its threads.
  */
@@ -273,6 +274,19 @@ static inline __attribute__((always_inline)) void micro_tile(
         }
 }
 
+/* The next slab's codes (KC / 128 lines per row, rows 2 KiB and more apart) are fetched into L2 while
+ * the token blocks run over this one; read on demand they cost more than the widening. */
+static inline void prefetch_next_slab(const uint8_t *codes, int64_t row_stride, int64_t K, int64_t nb, int64_t k0,
+                                      int64_t n_stop, int64_t nc) {
+    const int64_t next_k = k0 + KC < K ? k0 + KC : 0, next_nb = k0 + KC < K ? nb : nb + nc;
+    const int64_t next_rows = next_nb >= n_stop ? 0 : (n_stop - next_nb < nc ? n_stop - next_nb : nc);
+    const int64_t next_bytes = (K - next_k < KC ? K - next_k : KC) / 2;
+    for (int64_t r = 0; r < next_rows; r++) {
+        const char *row = (const char *)codes + (next_nb + r) * row_stride + next_k / 2;
+        for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+    }
+}
+
 #define MICRO_CASE(T) \
     case T: if (nt == 2) micro_tile(xp, panel, kc, c, nc, first, yt, N, T, 2); \
             else micro_tile(xp, panel, kc, c, nc, first, yt, N, T, 1); break;
@@ -293,15 +307,7 @@ void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const u
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
             const int first = k0 == 0, last = k0 + kc == K;
             dequant_panels(codes, row_stride, N, s, zs, group, nb, tiles, k0, kc, wbuf);
-            /* the next slab's codes (KC / 128 lines per row, rows 2 KiB and more apart) are fetched
-             * into L2 while the token blocks run; read on demand they cost more than the widening */
-            const int64_t next_k = k0 + KC < K ? k0 + KC : 0, next_nb = k0 + KC < K ? nb : nb + nc;
-            const int64_t next_rows = next_nb >= n_stop ? 0 : (n_stop - next_nb < nc ? n_stop - next_nb : nc);
-            const int64_t next_bytes = (K - next_k < KC ? K - next_k : KC) / 2;
-            for (int64_t r = 0; r < next_rows; r++) {
-                const char *row = (const char *)codes + (next_nb + r) * row_stride + next_k / 2;
-                for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
-            }
+            prefetch_next_slab(codes, row_stride, K, nb, k0, n_stop, nc);
             const int64_t blocks = token_blocks(M);
             for (int64_t b0 = 0; b0 < blocks; b0 += MC_BLOCKS)
             for (int64_t pn = 0; pn < width; pn += PANEL_N) {
@@ -323,3 +329,123 @@ void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const u
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The blocked GEMM on AMX (Intel Xeon since Sapphire Rapids): the same bf16 panels, multiplied by the
+ * tile unit (TDPBF16PS: a 16 x 32 bf16 block of x times a 32 x 16 block of W_hat.T per instruction)
+ * instead of vdpbf16ps. On such CPUs the dense bf16 GEMM (oneDNN) runs on AMX, 3-8 times faster than
+ * the AVX-512 loop above, so only AMX can keep an int4 GEMM near it. A panel is already the tile
+ * unit's B layout: row p holds the pairs (W_hat[n, 2p], W_hat[n, 2p + 1]) of 16 outputs n.
+ *
+ * Tiles: 0-3 the float32 sums of 32 tokens x 32 outputs, 4-5 two 16-token blocks of x, 6-7 two
+ * 16-output blocks of the panel. Linux hands out the tile registers per process on request
+ * (arch_prctl), which qdlm_amx_ready makes.
+ * ------------------------------------------------------------------------------------------- */
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
+#include <cpuid.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_MB 32 /* tokens per block: two tiles of 16 rows */
+#ifndef AMX_MC
+#define AMX_MC 128 /* tokens run over a slab's panels in turn (Xeon, 1 thread: 256 and 512 were 1.2-1.4x slower at M = 1024) */
+#endif
+
+int qdlm_amx_ready(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return 0; /* AMX-BF16, AMX-TILE */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+int64_t qdlm_int4_amx_scratch(int64_t M, int64_t K) {
+    const int64_t mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
+    return mpad * NC * 4 + NC * KC * 2 + AMX_MB * K * 2;
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_config(void) {
+    unsigned char cfg[64];
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1; /* palette 1 */
+    for (int t = 0; t < 8; t++) {
+        ((uint16_t *)(cfg + 16))[t] = 64; /* every tile: 16 rows of 64 bytes */
+        cfg[48 + t] = 16;
+    }
+    _tile_loadconfig(cfg);
+}
+
+/* sums[0:32, 0:32] (+)= x block . panel over kc inputs; nt panel tiles (1 or 2), x rows ldx apart */
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_block(
+    const uint16_t *xb, int64_t ldx, const int32_t *panel, int64_t kc, int nt, float *c, int64_t ldc, int first) {
+    const int64_t ldb = 64 * nt; /* bytes between panel rows */
+    if (first) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, ldc * 4); _tile_loadd(2, c + 16 * ldc, ldc * 4);
+        if (nt == 2) { _tile_loadd(1, c + 16, ldc * 4); _tile_loadd(3, c + 16 * ldc + 16, ldc * 4); }
+    }
+    for (int64_t kk = 0; kk < kc; kk += 32) {
+        _tile_loadd(4, xb + kk, ldx * 2);
+        _tile_loadd(5, xb + 16 * ldx + kk, ldx * 2);
+        _tile_loadd(6, panel + (kk / 2) * 16 * nt, ldb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (nt == 2) {
+            _tile_loadd(7, panel + (kk / 2) * 16 * nt + 16, ldb);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, ldc * 4); _tile_stored(2, c + 16 * ldc, ldc * 4);
+    if (nt == 2) { _tile_stored(1, c + 16, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4); }
+}
+
+/* As qdlm_int4_gemm_blocked, on AMX: x is the bf16 [M, K] activations themselves (row-major), y bf16
+ * [M, N]; scratch: qdlm_int4_amx_scratch(M, K) bytes, per thread. Same shape rules, and K % 32 == 0. */
+__attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amx(
+    const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, int64_t N, const float *s,
+    const float *zs, int64_t group, uint16_t *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    const int64_t nc = NC, mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB, full = M / AMX_MB * AMX_MB;
+    float *cbuf = (float *)scratch;
+    int32_t *wbuf = (int32_t *)((char *)scratch + mpad * nc * 4);
+    uint16_t *xtail = (uint16_t *)((char *)wbuf + nc * KC * 2); /* the last partial block, zero-padded */
+    if (full < M) {
+        memset(xtail, 0, AMX_MB * K * 2);
+        memcpy(xtail, x + full * K, (M - full) * K * 2);
+    }
+    amx_config();
+    for (int64_t nb = n_start; nb < n_stop; nb += nc) {
+        const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t kc = K - k0 < KC ? K - k0 : KC;
+            dequant_panels(codes, row_stride, N, s, zs, group, nb, tiles, k0, kc, wbuf);
+            prefetch_next_slab(codes, row_stride, K, nb, k0, n_stop, nc);
+            /* AMX_MC tokens at a time over all panels: their slab of x (AMX_MC x KC bf16) and sums stay in L2 */
+            for (int64_t mc = 0; mc < mpad; mc += AMX_MC)
+            for (int64_t pn = 0; pn < width; pn += PANEL_N) {
+                const int nt = width - pn >= PANEL_N ? 2 : 1;
+                const int32_t *panel = wbuf + (pn / PANEL_N) * kc * PANEL_N / 2;
+                for (int64_t m0 = mc; m0 < mpad && m0 < mc + AMX_MC; m0 += AMX_MB) {
+                    const uint16_t *xb = m0 < full ? x + m0 * K + k0 : xtail + k0;
+                    amx_block(xb, K, panel, kc, nt, cbuf + m0 * nc + pn, nc, k0 == 0);
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) /* float32 sums to bf16 (round to nearest even) */
+            for (int64_t j = 0; j < width; j += 16)
+                _mm256_storeu_si256((__m256i *)(y + m * N + nb + j),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(cbuf + m * nc + j)));
+    }
+    _tile_release();
+}
+#else
+int qdlm_amx_ready(void) { return 0; }
+int64_t qdlm_int4_amx_scratch(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
+void qdlm_int4_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
+                        int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y, int64_t n_start,
+                        int64_t n_stop, void *scratch) {
+    (void)x; (void)M; (void)K; (void)codes; (void)row_stride; (void)N; (void)s; (void)zs; (void)group;
+    (void)y; (void)n_start; (void)n_stop; (void)scratch;
+}
+#endif
