@@ -183,8 +183,11 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     lib.qdlm_amx_ready.argtypes, lib.qdlm_amx_ready.restype = [], ctypes.c_int
     lib.qdlm_int4_amx_scratch.argtypes, lib.qdlm_int4_amx_scratch.restype = [i64, i64], i64
     lib.qdlm_int4_gemm_amx.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr]
+    lib.qdlm_amx_int8_ready.argtypes, lib.qdlm_amx_int8_ready.restype = [], ctypes.c_int  # cpu_int8.py
+    lib.qdlm_int8_amx_scratch.argtypes, lib.qdlm_int8_amx_scratch.restype = [i64, i64], i64
+    lib.qdlm_int8_gemm_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ptr]
     for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_bf16_pairs, lib.qdlm_int4_gemm_blocked,
-               lib.qdlm_int4_gemm_amx):
+               lib.qdlm_int4_gemm_amx, lib.qdlm_int8_gemm_amx):
         fn.restype = None
     return lib, None
 

@@ -439,7 +439,116 @@ __attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amx(
     }
     _tile_release();
 }
+
+/* ---- W8A8 on AMX: int8 activations x int8 weights (TDPBSSD), int32 sums, then the two scales ----
+ * y[m, n] = (sum_k a[m, k] b[n, k]) * a_scale[m] * b_scale[n]  as float32. Each call lays a slab of
+ * b out for the tile unit (row p of a panel: the 4 bytes b[n, k0 + 4p .. + 3] of 16 outputs n, by a
+ * 16 x 16 dword transpose), as the int4 kernel dequantizes its panels. */
+#define I8_KC 1024 /* inputs per slab: a 32-output panel is 32 KiB */
+
+int qdlm_amx_int8_ready(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 25)) && qdlm_amx_ready(); /* AMX-INT8 */
+}
+
+int64_t qdlm_int8_amx_scratch(int64_t M, int64_t K) {
+    const int64_t mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
+    return mpad * NC * 4 + NC * I8_KC + AMX_MB * K;
+}
+
+static void int8_panels(const int8_t *b, int64_t K, int64_t n0, int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        int32_t *panel = panels + (tile / 2) * (kc / 4) * PANEL_N + (tile % 2) * 16;
+        const int64_t width = (tile / 2) * 2 + 2 <= tiles ? 2 : 1;
+        for (int64_t kk = 0; kk < kc; kk += 64) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512(b + (n0 + tile * 16 + j) * K + k0 + kk);
+            transpose16(r); /* r[c]: bytes kk + 4c .. + 3 of the 16 rows */
+            for (int c = 0; c < 16; c++) _mm512_storeu_si512(panel + (kk / 4 + c) * 16 * width, r[c]);
+        }
+    }
+}
+
+__attribute__((target("amx-tile,amx-int8"))) static void amx_int8_block(
+    const int8_t *ab, int64_t lda, const int32_t *panel, int64_t kc, int nt, int32_t *c, int64_t ldc, int first) {
+    const int64_t ldb = 64 * nt;
+    if (first) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, ldc * 4); _tile_loadd(2, c + 16 * ldc, ldc * 4);
+        if (nt == 2) { _tile_loadd(1, c + 16, ldc * 4); _tile_loadd(3, c + 16 * ldc + 16, ldc * 4); }
+    }
+    for (int64_t kk = 0; kk < kc; kk += 64) {
+        _tile_loadd(4, ab + kk, lda);
+        _tile_loadd(5, ab + 16 * lda + kk, lda);
+        _tile_loadd(6, panel + (kk / 4) * 16 * nt, ldb);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(2, 5, 6);
+        if (nt == 2) {
+            _tile_loadd(7, panel + (kk / 4) * 16 * nt + 16, ldb);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, ldc * 4); _tile_stored(2, c + 16 * ldc, ldc * 4);
+    if (nt == 2) { _tile_stored(1, c + 16, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4); }
+}
+
+/* y[:, n_start : n_stop] (float32 [M, N]) of the W8A8 product; a int8 [M, K], b int8 [N, K], both
+ * row-major; K % 64 == 0, N, n_start and n_stop multiples of 16; scratch qdlm_int8_amx_scratch(M, K)
+ * bytes per thread. */
+__attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
+    const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale, const float *b_scale,
+    float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    const int64_t nc = NC, mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB, full = M / AMX_MB * AMX_MB;
+    int32_t *cbuf = (int32_t *)scratch;
+    int32_t *wbuf = (int32_t *)((char *)scratch + mpad * nc * 4);
+    int8_t *atail = (int8_t *)wbuf + nc * I8_KC;
+    if (full < M) {
+        memset(atail, 0, AMX_MB * K);
+        memcpy(atail, a + full * K, (M - full) * K);
+    }
+    unsigned char cfg[64];
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1;
+    for (int t = 0; t < 8; t++) {
+        ((uint16_t *)(cfg + 16))[t] = 64;
+        cfg[48 + t] = 16;
+    }
+    _tile_loadconfig(cfg);
+    for (int64_t nb = n_start; nb < n_stop; nb += nc) {
+        const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
+        for (int64_t k0 = 0; k0 < K; k0 += I8_KC) {
+            const int64_t kc = K - k0 < I8_KC ? K - k0 : I8_KC;
+            int8_panels(b, K, nb, tiles, k0, kc, wbuf);
+            for (int64_t mc = 0; mc < mpad; mc += AMX_MC)
+            for (int64_t pn = 0; pn < width; pn += PANEL_N) {
+                const int nt = width - pn >= PANEL_N ? 2 : 1;
+                const int32_t *panel = wbuf + (pn / PANEL_N) * (kc / 4) * PANEL_N;
+                for (int64_t m0 = mc; m0 < mpad && m0 < mc + AMX_MC; m0 += AMX_MB) {
+                    const int8_t *ab = m0 < full ? a + m0 * K + k0 : atail + k0;
+                    amx_int8_block(ab, K, panel, kc, nt, cbuf + m0 * nc + pn, nc, k0 == 0);
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const __m512 as = _mm512_set1_ps(a_scale[m]);
+            for (int64_t j = 0; j < width; j += 16) {
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(cbuf + m * nc + j));
+                _mm512_storeu_ps(y + m * N + nb + j, _mm512_mul_ps(_mm512_mul_ps(v, as), _mm512_loadu_ps(b_scale + nb + j)));
+            }
+        }
+    }
+    _tile_release();
+}
 #else
+int qdlm_amx_int8_ready(void) { return 0; }
+int64_t qdlm_int8_amx_scratch(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
+void qdlm_int8_gemm_amx(const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale,
+                        const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    (void)a; (void)M; (void)K; (void)b; (void)N; (void)a_scale; (void)b_scale; (void)y; (void)n_start;
+    (void)n_stop; (void)scratch;
+}
 int qdlm_amx_ready(void) { return 0; }
 int64_t qdlm_int4_amx_scratch(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
 void qdlm_int4_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,

@@ -1,0 +1,79 @@
+"""W8A8 on Intel AMX: the int8 GEMM of ``int8_gemm`` on the CPU's tile unit (``TDPBSSD``).
+
+    y = (a_q @ b_q.T) * a_scale * b_scale.T + bias      (int32 sums, exact; scales in float32)
+
+``torch._int_mm`` on the CPU does not reach AMX: on a Xeon with AMX it ran at about the speed of
+the dense bf16 GEMM (which does run on AMX), so W8A8 gained nothing from its integer weights. The C
+function (``native/int4_avx512bf16.c``, ``qdlm_int8_gemm_amx``; built and loaded with the int4
+kernels by ``cpu_native``) lays each slab of the weight out for the tile unit per call, as the int4
+kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. Numbers in
+docs/benchmarks.md ("AMX").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_native
+
+TILE_N = 16  # outputs per tile
+TILE_K = 64  # int8 inputs per tile row
+
+
+def unavailable_reason() -> str | None:
+    """None when the AMX int8 GEMM runs here, else why not."""
+    reason = cpu_native.unavailable_reason()
+    if reason:
+        return reason
+    if not cpu_native.amx_available():
+        return f"no AMX tiles here (the CPU lacks AMX, Linux refused them, or {cpu_native.AMX_SWITCH}=0)"
+    if not cpu_native.library().qdlm_amx_int8_ready():
+        return "this CPU's AMX lacks the int8 unit (AMX-INT8)"
+    return None
+
+
+def unsupported_reason(*, M: int | None = None, K: int | None = None, N: int | None = None, device=None, **_: object) -> str | None:
+    if device is not None and torch.device(device).type != "cpu":
+        return "the AMX int8 GEMM needs CPU tensors"
+    if K is not None and K % TILE_K:
+        return f"in_features {K} is not a multiple of {TILE_K}"
+    if N is not None and N % TILE_N:
+        return f"out_features {N} is not a multiple of {TILE_N}"
+    return unavailable_reason()
+
+
+def int8_gemm_amx(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_q: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Arguments as ``int8.int8_gemm_torch``: ``a_q [..., K]`` int8 with ``a_scale [..., 1]``, ``b_q [N, K]``
+    int8 with ``b_scale [N]`` (or ``[N, 1]``)."""
+    if a_q.dtype != torch.int8 or b_q.dtype != torch.int8:
+        raise ValueError(f"int8_gemm expects int8 operands, got {a_q.dtype} and {b_q.dtype}")
+    k, n = a_q.shape[-1], b_q.shape[0]
+    reason = unsupported_reason(K=k, N=n, device=a_q.device)
+    if reason:
+        raise ValueError(reason)
+    lead = a_q.shape[:-1]
+    a2 = a_q.reshape(-1, k).contiguous()
+    m = a2.shape[0]
+    b = b_q.contiguous()
+    a_s = a_scale.reshape(-1).to(torch.float32).contiguous()
+    b_s = b_scale.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        lib = cpu_native.library()
+        nbytes = lib.qdlm_int8_amx_scratch(m, k)
+        args = (a2.data_ptr(), m, k, b.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
+        unit = 32 if n % 32 == 0 else TILE_N
+        cpu_native._run_split(
+            lambda lo, hi: lib.qdlm_int8_gemm_amx(*args, lo * unit, hi * unit, cpu_native._scratch_bytes(nbytes).data_ptr()),
+            n // unit, cpu_native._threads(n // unit, 2),
+        )
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype).view(*lead, n)

@@ -1,0 +1,61 @@
+"""The W8A8 GEMM on Intel AMX tiles (kernels/cpu_int8.py, ``qdlm_int8_gemm_amx``) against the exact
+integer product: int32 sums are exact, so the only error is float32 rounding of the two scales'
+products (and bf16 rounding of the output when asked for bf16). Runs where the CPU has AMX-INT8;
+the refusals are tested everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qdlm_export import kernels
+from qdlm_export.kernels import cpu_int8
+from qdlm_export.kernels.int8 import CPU_AMX_MIN_M
+
+needs_amx_int8 = pytest.mark.skipif(cpu_int8.unavailable_reason() is not None,
+                                    reason=str(cpu_int8.unavailable_reason()))
+
+
+def _operands(gen, m, k, n):
+    a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    return a, torch.rand(m, 1, generator=gen) + 0.05, b, torch.rand(n, generator=gen) + 0.05
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_int8_gemm_is_the_exact_integer_product(gen, threads):
+    """K = 1088: a slab of 1024 inputs and one of 64; N = 272: shares of whole 32-output panels and a
+    last 16-output one; M = 1, 15, 33, 200: zero-padded last blocks of 32 tokens."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, k, n in [(1, 64, 16), (15, 1088, 272), (33, 192, 48), (200, 1088, 272)]:
+            a, a_s, b, b_s = _operands(gen, m, k, n)
+            exact = (a.double() @ b.double().T) * a_s.double() * b_s.double()
+            y = cpu_int8.int8_gemm_amx(a, a_s, b, b_s, None, torch.float32)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert torch.all((y.double() - exact).abs() <= 2**-22 * exact.abs() + 1e-30), (m, k, n)
+            bias = torch.randn(n, generator=gen)
+            y16 = cpu_int8.int8_gemm_amx(a.view(1, m, k), a_s.view(1, m, 1), b, b_s, bias, torch.bfloat16)
+            want = (exact + bias.double()).view(1, m, n)
+            assert y16.dtype == torch.bfloat16 and torch.all((y16.double() - want).abs() <= 2**-8 * want.abs() + 1e-6)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx_int8
+def test_auto_runs_amx_above_16_tokens_and_torch_int_mm_below(gen):
+    pick = lambda m: kernels.select_backend("int8_gemm", "cpu", M=m, K=4096, N=4096).name  # noqa: E731
+    assert pick(CPU_AMX_MIN_M) == "cpu_amx" and pick(CPU_AMX_MIN_M - 1) == "torch._int_mm"
+    a, a_s, b, b_s = _operands(gen, 40, 128, 32)
+    got = kernels.int8_gemm(a, a_s, b, b_s, None, torch.float32)
+    exact = (a.double() @ b.double().T) * a_s.double() * b_s.double()
+    assert torch.allclose(got.double(), exact, rtol=2**-22, atol=0)
+
+
+def test_shapes_it_cannot_tile_are_refused_with_the_reason():
+    assert "multiple of 64" in cpu_int8.unsupported_reason(K=100, N=32)
+    assert "multiple of 16" in cpu_int8.unsupported_reason(K=128, N=40)
+    assert "CPU tensors" in cpu_int8.unsupported_reason(K=128, N=32, device="meta")
+    assert kernels.describe_backend("int8_gemm", "cpu", M=256, K=100, N=32).startswith("torch._int_mm")
