@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_native
+# the int4 kernels' library, thread split and per-thread scratch (one library, one pool)
+from .cpu_native import AMX_SWITCH, _run_split, _scratch_bytes, _threads, amx_available, library
+from .cpu_native import unavailable_reason as native_unavailable_reason
 
 TILE_N = 16  # outputs per tile
 TILE_K = 64  # int8 inputs per tile row
@@ -22,12 +24,12 @@ TILE_K = 64  # int8 inputs per tile row
 
 def unavailable_reason() -> str | None:
     """None when the AMX int8 GEMM runs here, else why not."""
-    reason = cpu_native.unavailable_reason()
+    reason = native_unavailable_reason()
     if reason:
         return reason
-    if not cpu_native.amx_available():
-        return f"no AMX tiles here (the CPU lacks AMX, Linux refused them, or {cpu_native.AMX_SWITCH}=0)"
-    if not cpu_native.library().qdlm_amx_int8_ready():
+    if not amx_available():
+        return f"no AMX tiles here (the CPU lacks AMX, Linux refused them, or {AMX_SWITCH}=0)"
+    if not library().qdlm_amx_int8_ready():
         return "this CPU's AMX lacks the int8 unit (AMX-INT8)"
     return None
 
@@ -66,14 +68,12 @@ def int8_gemm_amx(
     b_s = b_scale.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
-        lib = cpu_native.library()
+        lib = library()
         nbytes = lib.qdlm_int8_amx_scratch(m, k)
         args = (a2.data_ptr(), m, k, b.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         unit = 32 if n % 32 == 0 else TILE_N
-        cpu_native._run_split(
-            lambda lo, hi: lib.qdlm_int8_gemm_amx(*args, lo * unit, hi * unit, cpu_native._scratch_bytes(nbytes).data_ptr()),
-            n // unit, cpu_native._threads(n // unit, 2),
-        )
+        _run_split(lambda lo, hi: lib.qdlm_int8_gemm_amx(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
+                   n // unit, _threads(n // unit, 2))
     if bias is not None:
         y.add_(bias.float())
     return y.to(out_dtype).view(*lead, n)
