@@ -1,4 +1,5 @@
-"""W8A8 on Intel AMX: the int8 GEMM of ``int8_gemm`` on the CPU's tile unit (``TDPBSSD``).
+"""Integer-activation kernels in C for the CPU: the int8 GEMM of ``int8_gemm`` on Intel AMX tiles
+(``TDPBSSD``), and the per-token quantization of bf16 activations (AVX-512).
 
     y = (a_q @ b_q.T) * a_scale * b_scale.T + bias      (int32 sums, exact; scales in float32)
 
@@ -7,10 +8,13 @@ the dense bf16 GEMM (which does run on AMX), so W8A8 gained nothing from its int
 function (``native/int4_avx512bf16.c``, ``qdlm_int8_gemm_amx``; built and loaded with the int4
 kernels by ``cpu_native``) lays each slab of the weight out for the tile unit per call, as the int4
 kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. Numbers in
-docs/benchmarks.md ("AMX").
+docs/benchmarks.md ("AMX"). ``quantize_rows`` is ``int8.quantize_per_token_torch`` in one read per
+pass instead of several float32 temporaries, bit for bit the same codes and scales.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -77,3 +81,33 @@ def int8_gemm_amx(
     if bias is not None:
         y.add_(bias.float())
     return y.to(out_dtype).view(*lead, n)
+
+
+def quantize_unsupported_reason(*, dtype: torch.dtype | None = None, device=None, **_: object) -> str | None:
+    if device is not None and torch.device(device).type != "cpu":
+        return "the native quantizer needs CPU tensors"
+    if dtype is not None and dtype != torch.bfloat16:
+        return f"the native quantizer reads bf16 activations, not {dtype}"
+    return native_unavailable_reason()
+
+
+def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_q int8 [..., K], x_scale float32 [..., 1])`` of bf16 ``x``, as ``quantize_per_token_torch``."""
+    from .int8 import qmax_for
+
+    reason = quantize_unsupported_reason(dtype=x.dtype, device=x.device)
+    if reason:
+        raise ValueError(reason)
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    q = torch.empty(x2.shape, dtype=torch.int8)
+    scale = torch.empty(x2.shape[0], 1, dtype=torch.float32)
+    fn = library().qdlm_quantize_rows_bf16
+    if fn.argtypes is None:
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        fn.argtypes, fn.restype = [ptr, i64, i64, f32, f32, ptr, ptr], None
+    if k and x2.shape[0]:
+        fn(x2.data_ptr(), x2.shape[0], k, float(clip_ratio), float(qmax_for(bits)), q.data_ptr(), scale.data_ptr())
+    elif x2.shape[0]:
+        scale.zero_()
+    return q.view(x.shape), scale.view(*x.shape[:-1], 1)

@@ -218,7 +218,7 @@ def triton_packed_unsupported_reason(
 
 # ---------------------------------------------------------------------------------------------
 # The ops and their backends (highest priority first; `auto` takes the first that can run):
-#   quantize_per_token  triton (CUDA) > torch
+#   quantize_per_token  triton (CUDA) > cpu_native (CPU, bf16 rows) > torch
 #   int8_gemm           cpu_amx (CPU with AMX, > 16 tokens) > torch._int_mm (where it applies natively;
 #                       on CUDA auto only without Triton)
 #                       > triton (CUDA) > torch (padded/float64)
@@ -278,6 +278,22 @@ def _packed_int_linear_triton(*args: object, **kwargs: object) -> torch.Tensor:
 register_backend(
     "quantize_per_token", "triton", _quantize_per_token_triton, family="triton", priority=20,
     unsupported=_quantize_triton_unsupported, auto=on_cuda, summary="fused per-token absmax + round",
+)
+def _quantize_cpu_native_unsupported(p: Problem) -> str | None:
+    from .cpu_int8 import quantize_unsupported_reason
+
+    return quantize_unsupported_reason(dtype=p.dtype, device=p.device)
+
+
+def _quantize_per_token_cpu_native(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    from .cpu_int8 import quantize_rows
+
+    return quantize_rows(*args, **kwargs)
+
+
+register_backend(
+    "quantize_per_token", "cpu_native", _quantize_per_token_cpu_native, family="cpu_native", priority=10,
+    unsupported=_quantize_cpu_native_unsupported, summary="per-token absmax + round of bf16 rows (C, AVX-512)",
 )
 register_backend(
     "quantize_per_token", "torch", quantize_per_token_torch, family="torch", priority=0,

@@ -59,3 +59,30 @@ def test_shapes_it_cannot_tile_are_refused_with_the_reason():
     assert "multiple of 16" in cpu_int8.unsupported_reason(K=128, N=40)
     assert "CPU tensors" in cpu_int8.unsupported_reason(K=128, N=32, device="meta")
     assert kernels.describe_backend("int8_gemm", "cpu", M=256, K=100, N=32).startswith("torch._int_mm")
+
+
+needs_native = pytest.mark.skipif(cpu_int8.quantize_unsupported_reason() is not None,
+                                  reason=str(cpu_int8.quantize_unsupported_reason()))
+
+
+@needs_native
+@pytest.mark.parametrize("bits,clip", [(8, 1.0), (8, 0.9), (4, 0.85)])
+def test_native_quantizer_gives_the_torch_backends_codes_bit_for_bit(gen, bits, clip):
+    """Rows with K tails (100, 17), an all-zero row, a 3-D batch, and values across magnitudes."""
+    from qdlm_export.kernels.int8 import quantize_per_token_torch
+
+    for shape in [(3, 100), (2, 5, 4096), (7, 17)]:
+        x = (torch.randn(*shape, generator=gen) * (torch.rand(*shape[:-1], 1, generator=gen) * 8)).to(torch.bfloat16)
+        x.view(-1, shape[-1])[1] = 0
+        q, s = cpu_int8.quantize_rows(x, bits, clip)
+        q_ref, s_ref = quantize_per_token_torch(x, bits, clip)
+        assert q.shape == q_ref.shape and s.shape == s_ref.shape
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref), shape
+        assert int(q.abs().max()) == (127 if bits == 8 else 7) or clip < 1  # codes reach the end of the range
+
+
+@needs_native
+def test_auto_quantizes_bf16_rows_natively_and_other_dtypes_in_torch():
+    pick = lambda dtype: kernels.select_backend("quantize_per_token", "cpu", M=4, K=64, bits=8, dtype=dtype).name  # noqa: E731
+    assert pick(torch.bfloat16) == "cpu_native" and pick(torch.float32) == "torch"
+    assert "bf16" in cpu_int8.quantize_unsupported_reason(dtype=torch.float16)

@@ -330,6 +330,40 @@ void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const u
     }
 }
 
+/* Per-token symmetric quantization of bf16 rows (the activations of W8A8 / W4A4), in the float32
+ * operations of the torch backend (kernels/int8.py, _quantize_rows) and in its order, so the codes are
+ * the same bit for bit: scale = (amax * clip) / qmax, inv = 1 / scale (0 for an all-zero row),
+ * q = clamp(copysign(floor(|x * inv| + 0.5), x * inv), -qmax, qmax). One read for the maximum, one for
+ * the codes; torch's version makes several passes with float32 temporaries. */
+static inline __m512 bf16x16_to_ps(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+void qdlm_quantize_rows_bf16(const uint16_t *x, int64_t M, int64_t K, float clip, float qmax, int8_t *q, float *scale) {
+    const __m512 half = _mm512_set1_ps(0.5f), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * K;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(bf16x16_to_ps(row + k, mk)));
+        }
+        const float s = (_mm512_reduce_max_ps(amax) * clip) / qmax;
+        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+        scale[m] = s;
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            const __m512 v = _mm512_mul_ps(bf16x16_to_ps(row + k, mk), iv);
+            __m512 r = _mm512_roundscale_ps(_mm512_add_ps(_mm512_abs_ps(v), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(v), sign)));
+            r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+            _mm_mask_storeu_epi8(q + m * K + k, mk, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The blocked GEMM on AMX (Intel Xeon since Sapphire Rapids): the same bf16 panels, multiplied by the
  * tile unit (TDPBF16PS: a 16 x 32 bf16 block of x times a 32 x 16 block of W_hat.T per instruction)
