@@ -146,8 +146,8 @@ def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int,
         w_q, w_s = weights[op]
         auto = D.select_backend("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype)
         for b in _backends("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype):
-            # the activation quantizer runs on the GEMM's family (triton with triton, else torch)
-            q_name = "triton" if b.name == "triton" else "torch"
+            # the activation quantizer: Triton's with the Triton GEMM, else the one auto runs (as w8a8_linear)
+            q_name = "triton" if b.name == "triton" else None
 
             def run(name=b.name, q_name=q_name):
                 x_q, x_s = D.quantize_per_token(x, 8, backend=q_name)

@@ -61,6 +61,7 @@ CHUNK_K = 128  # codes of a row read at a time
 # time / dense bf16, docs/benchmarks.md: at 4096 x 4096 0.91 vs 0.97 at M = 32, 0.93 vs 0.95 at 48,
 # 1.08 vs 0.99 at 64; at 12288 x 4096 0.86 vs 0.98 at 32, 1.03 vs 0.97 at 48).
 NATIVE_MAX_M = 40
+AMX_FUSED_MAX_M = 3  # with AMX (Xeon, 1 thread, 4096 x 4096): fused 0.66 / 0.77 / 1.01 of dense at M = 1 / 2 / 4, AMX 0.97 / 1.07 / 1.05
 BLOCKED_PANEL_N = 32  # outputs per panel of the blocked kernel (the C file's PANEL_N)
 # Tokens per call of the blocked kernel: its float32 sums take 1 KiB per token and thread, so a long
 # prompt runs in chunks (each dequantizes the weight again: ~1 % of a 4096-token chunk's time).
@@ -372,10 +373,10 @@ def blocked_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gr
 
 def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, fused: bool | None = None) -> torch.Tensor:
     """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above; with
-    AMX the blocked one always (on a Xeon with AMX the fused AVX-512 kernel took 2.4-4.6x the time
-    of the AMX blocked one at M = 16..64, docs/benchmarks.md)."""
+    AMX, up to ``AMX_FUSED_MAX_M`` (the fused AVX-512 kernel took 1.7-4.6x the AMX one's time at
+    M = 8..64 on a Xeon, docs/benchmarks.md)."""
     if fused is None:
-        fused = x2.shape[0] <= NATIVE_MAX_M and not amx_available()
+        fused = x2.shape[0] <= (AMX_FUSED_MAX_M if amx_available() else NATIVE_MAX_M)
     return gemm(x2, codes, scales, group) if fused else blocked_gemm(x2, codes, scales, group)
 
 

@@ -47,7 +47,7 @@ def _check(y, x, wp, scale, zp, group_size, k, *, fused, bias=None):
 
 def _auto_fused(m: int) -> bool:
     """Whether the backend's own rule (no ``fused=`` given) runs the fused kernel for ``m`` tokens."""
-    return m <= N.NATIVE_MAX_M and not N.amx_available()
+    return m <= (N.AMX_FUSED_MAX_M if N.amx_available() else N.NATIVE_MAX_M)
 
 
 CASES = [
@@ -311,17 +311,17 @@ def _child_linear(x, wp, scale, zp):
 
 
 @needs_native
-def test_the_rule_runs_amx_for_every_token_count_where_the_cpu_has_it(gen, monkeypatch):
+def test_the_rule_runs_amx_above_a_few_tokens_where_the_cpu_has_it(gen, monkeypatch):
     """Without AMX: the fused kernel up to NATIVE_MAX_M tokens, the blocked one above; with AMX the
-    blocked one (on AMX tiles) for every M, the fused AVX-512 loop being slower there at any M."""
+    fused one up to AMX_FUSED_MAX_M tokens only, the blocked one (on AMX tiles) above."""
     _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, True)
     codes, scales = wp.view(torch.uint8), N.native_scales(scale, zp)
     calls = []
     monkeypatch.setattr(N, "gemm", lambda *a: calls.append("fused") or torch.zeros(a[0].shape[0], 32))
     monkeypatch.setattr(N, "blocked_gemm", lambda *a: calls.append("blocked") or torch.zeros(a[0].shape[0], 32))
-    for m in (1, N.NATIVE_MAX_M, N.NATIVE_MAX_M + 1):
+    for m in (1, N.AMX_FUSED_MAX_M + 1, N.NATIVE_MAX_M, N.NATIVE_MAX_M + 1):
         N.linear(torch.zeros(m, 256, dtype=torch.bfloat16), codes, scales, 128)
-    assert calls == (["blocked"] * 3 if N.amx_available() else ["fused", "fused", "blocked"])
+    assert calls == (["fused"] + ["blocked"] * 3 if N.amx_available() else ["fused"] * 3 + ["blocked"])
     monkeypatch.setenv(N.AMX_SWITCH, "0")
     calls.clear()
     N.linear(torch.zeros(1, 256, dtype=torch.bfloat16), codes, scales, 128)

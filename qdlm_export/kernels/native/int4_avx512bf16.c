@@ -409,30 +409,39 @@ __attribute__((target("amx-tile,amx-bf16"))) static void amx_config(void) {
     _tile_loadconfig(cfg);
 }
 
-/* sums[0:32, 0:32] (+)= x block . panel over kc inputs; nt panel tiles (1 or 2), x rows ldx apart */
+/* sums[0:16 * mt, 0:16 * nt] (+)= x block . panel over kc inputs: mt token tiles of 16 (1 when the
+ * block holds no more than 16 real tokens: a few-token call then does half the tile products), nt
+ * panel tiles (1 or 2), x rows ldx apart */
 __attribute__((target("amx-tile,amx-bf16"))) static void amx_block(
-    const uint16_t *xb, int64_t ldx, const int32_t *panel, int64_t kc, int nt, float *c, int64_t ldc, int first) {
+    const uint16_t *xb, int64_t ldx, const int32_t *panel, int64_t kc, int mt, int nt, float *c, int64_t ldc,
+    int first) {
     const int64_t ldb = 64 * nt; /* bytes between panel rows */
     if (first) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     } else {
-        _tile_loadd(0, c, ldc * 4); _tile_loadd(2, c + 16 * ldc, ldc * 4);
-        if (nt == 2) { _tile_loadd(1, c + 16, ldc * 4); _tile_loadd(3, c + 16 * ldc + 16, ldc * 4); }
+        _tile_loadd(0, c, ldc * 4);
+        if (mt == 2) _tile_loadd(2, c + 16 * ldc, ldc * 4);
+        if (nt == 2) _tile_loadd(1, c + 16, ldc * 4);
+        if (nt == 2 && mt == 2) _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
     }
     for (int64_t kk = 0; kk < kc; kk += 32) {
         _tile_loadd(4, xb + kk, ldx * 2);
-        _tile_loadd(5, xb + 16 * ldx + kk, ldx * 2);
         _tile_loadd(6, panel + (kk / 2) * 16 * nt, ldb);
         _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
+        if (mt == 2) {
+            _tile_loadd(5, xb + 16 * ldx + kk, ldx * 2);
+            _tile_dpbf16ps(2, 5, 6);
+        }
         if (nt == 2) {
             _tile_loadd(7, panel + (kk / 2) * 16 * nt + 16, ldb);
             _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(3, 5, 7);
+            if (mt == 2) _tile_dpbf16ps(3, 5, 7);
         }
     }
-    _tile_stored(0, c, ldc * 4); _tile_stored(2, c + 16 * ldc, ldc * 4);
-    if (nt == 2) { _tile_stored(1, c + 16, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4); }
+    _tile_stored(0, c, ldc * 4);
+    if (mt == 2) _tile_stored(2, c + 16 * ldc, ldc * 4);
+    if (nt == 2) _tile_stored(1, c + 16, ldc * 4);
+    if (nt == 2 && mt == 2) _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
 }
 
 /* As qdlm_int4_gemm_blocked, on AMX: x is the bf16 [M, K] activations themselves (row-major), y bf16
@@ -462,7 +471,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amx(
                 const int32_t *panel = wbuf + (pn / PANEL_N) * kc * PANEL_N / 2;
                 for (int64_t m0 = mc; m0 < mpad && m0 < mc + AMX_MC; m0 += AMX_MB) {
                     const uint16_t *xb = m0 < full ? x + m0 * K + k0 : xtail + k0;
-                    amx_block(xb, K, panel, kc, nt, cbuf + m0 * nc + pn, nc, k0 == 0);
+                    amx_block(xb, K, panel, kc, M - m0 > 16 ? 2 : 1, nt, cbuf + m0 * nc + pn, nc, k0 == 0);
                 }
             }
         }
