@@ -6,10 +6,11 @@ the registration of every backend; Triton kernels sit beside it:
 ===================  ======================  ============================  ==============================
 op                   module                  Triton                        other backends
 ===================  ======================  ============================  ==============================
-weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_native.py`` (C, AVX512-BF16),
+weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_native.py`` (C, AVX512-BF16, AMX),
                                                                            ``cpu_packed.py`` (torch CPU)
 grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
-int8 activations     ``int8.py``             ``int8_triton.py``            ``torch._int_mm``
+int8 activations     ``int8.py``             ``int8_triton.py``            ``cpu_int8.py`` (C: AMX int8 GEMM,
+                                                                           per-token quantizer), ``torch._int_mm``
 Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform
 ===================  ======================  ============================  ==============================
 
