@@ -21,7 +21,7 @@ import triton.language as tl
 from ._triton import cdiv, dot_upcast
 from .grouped_experts import check_grouped_arguments
 from .weight_only import triton_block_k, triton_unsupported_reason
-from .weight_only_triton import unpack_code_rows
+from .weight_only_triton import unit_stride_rows, unpack_code_rows
 
 
 @triton.jit
@@ -158,11 +158,7 @@ def grouped_expert_gemm_triton(
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if rows == 0 or n_out == 0:
         return y
-    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
-    scale = weight_scale if weight_scale.stride(-1) == 1 else weight_scale.contiguous()
-    zero = None
-    if weight_zero_point is not None:
-        zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
+    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
     cfg = pick_config(rows, experts, n_out, group_size)
     tile_expert, tile_row, tile_end = tile_map(offsets.to(x.device), rows, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], cdiv(n_out, cfg["BLOCK_N"]))

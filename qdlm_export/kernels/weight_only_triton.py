@@ -163,6 +163,19 @@ def _wo_gemm_kernel(
     )
 
 
+def unit_stride_rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each tensor with unit stride along its last dim (the kernels index rows by stride(0) only)."""
+    return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def scale_groups(weight_scale: torch.Tensor, n_out: int, group_size: int, in_features: int) -> int:
+    """The number of groups per row, after checking ``weight_scale`` is ``[n_out, groups]``."""
+    groups = 1 if group_size == -1 else in_features // group_size
+    if tuple(weight_scale.shape) != (n_out, groups):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
+    return groups
+
+
 def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
     """Tile sizes by problem size (heuristic, not autotuned).
 
@@ -205,9 +218,7 @@ def weight_only_linear_triton(
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     n_out = weight_packed.shape[0]
-    groups = 1 if group_size == -1 else in_features // group_size
-    if tuple(weight_scale.shape) != (n_out, groups):
-        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
+    groups = scale_groups(weight_scale, n_out, group_size, in_features)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
@@ -217,11 +228,7 @@ def weight_only_linear_triton(
     y2 = y.view(-1, n_out)  # raises if `out` is not viewable as 2-D
     if M == 0 or n_out == 0:
         return y
-    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
-    scale = weight_scale if weight_scale.stride(-1) == 1 else weight_scale.contiguous()
-    zero = None
-    if weight_zero_point is not None:
-        zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
+    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
     split_k = cfg["SPLIT_K"]
@@ -319,19 +326,13 @@ def dequantize_packed_triton(
     if reason:
         raise ValueError(f"triton dequantize: {reason}")
     n_out = weight_packed.shape[0]
-    groups = 1 if group_size == -1 else in_features // group_size
-    if tuple(weight_scale.shape) != (n_out, groups):
-        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
+    scale_groups(weight_scale, n_out, group_size, in_features)  # checks the scale's shape
     w = out if out is not None else torch.empty(n_out, in_features, dtype=dtype, device=weight_packed.device)
     if tuple(w.shape) != (n_out, in_features) or w.stride(-1) != 1:
         raise ValueError(f"out must be a row-contiguous [{n_out}, {in_features}] tensor, got {tuple(w.shape)}")
     if n_out == 0 or in_features == 0:
         return w
-    wp = weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()
-    scale = weight_scale if weight_scale.stride(-1) == 1 else weight_scale.contiguous()
-    zero = None
-    if weight_zero_point is not None:
-        zero = weight_zero_point if weight_zero_point.stride(-1) == 1 else weight_zero_point.contiguous()
+    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
     block_k = triton_block_k(group_size, cap=128) or 16
     block_n = 32
     _dequantize_kernel[(cdiv(n_out, block_n), cdiv(in_features, block_k))](
