@@ -15,6 +15,7 @@ pass instead of several float32 temporaries, bit for bit the same codes and scal
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -33,9 +34,15 @@ def unavailable_reason() -> str | None:
         return reason
     if not amx_available():
         return f"no AMX tiles here (the CPU lacks AMX, Linux refused them, or {AMX_SWITCH}=0)"
-    if not library().qdlm_amx_int8_ready():
+    if not _int8_unit():
         return "this CPU's AMX lacks the int8 unit (AMX-INT8)"
     return None
+
+
+@functools.cache
+def _int8_unit() -> bool:
+    """Asked once: the C check runs cpuid and the tile-permission system call."""
+    return bool(library().qdlm_amx_int8_ready())
 
 
 def unsupported_reason(*, M: int | None = None, K: int | None = None, N: int | None = None, device=None, **_: object) -> str | None:

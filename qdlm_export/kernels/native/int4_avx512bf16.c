@@ -398,7 +398,7 @@ int64_t qdlm_int4_amx_scratch(int64_t M, int64_t K) {
     return mpad * NC * 4 + NC * KC * 2 + AMX_MB * K * 2;
 }
 
-__attribute__((target("amx-tile,amx-bf16"))) static void amx_config(void) {
+__attribute__((target("amx-tile"))) static void amx_config(void) {
     unsigned char cfg[64];
     memset(cfg, 0, sizeof cfg);
     cfg[0] = 1; /* palette 1 */
@@ -551,14 +551,7 @@ __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
         memset(atail, 0, AMX_MB * K);
         memcpy(atail, a + full * K, (M - full) * K);
     }
-    unsigned char cfg[64];
-    memset(cfg, 0, sizeof cfg);
-    cfg[0] = 1;
-    for (int t = 0; t < 8; t++) {
-        ((uint16_t *)(cfg + 16))[t] = 64;
-        cfg[48 + t] = 16;
-    }
-    _tile_loadconfig(cfg);
+    amx_config(); /* the same 16 x 64-byte tiles */
     for (int64_t nb = n_start; nb < n_stop; nb += nc) {
         const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
         for (int64_t k0 = 0; k0 < K; k0 += I8_KC) {
