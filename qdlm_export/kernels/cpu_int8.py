@@ -14,7 +14,6 @@ pass instead of several float32 temporaries, bit for bit the same codes and scal
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
@@ -110,9 +109,6 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tu
     q = torch.empty(x2.shape, dtype=torch.int8)
     scale = torch.empty(x2.shape[0], 1, dtype=torch.float32)
     fn = library().qdlm_quantize_rows_bf16
-    if fn.argtypes is None:
-        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        fn.argtypes, fn.restype = [ptr, i64, i64, f32, f32, ptr, ptr], None
     if k and x2.shape[0]:
         fn(x2.data_ptr(), x2.shape[0], k, float(clip_ratio), float(qmax_for(bits)), q.data_ptr(), scale.data_ptr())
     elif x2.shape[0]:

@@ -2,58 +2,52 @@
 
     y = x @ W_hat.T,   W_hat[n, k] = q[n, k] * s[g, n] - zs[g, n]   (zs = z * s, g = k // group)
 
-Two C kernels do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` and
-:func:`reference_dequant` are their plain torch statements):
+Three C kernels do the work (``native/int4_avx512bf16.c``; :func:`reference_gemm` and
+:func:`reference_dequant` are their plain torch statements). All read the checkpoint's packed bytes
+directly, so a model holds no second layout of its codes.
 
-* ``gemm`` (few tokens): codes are widened to exact bf16 integers in registers and multiplied with
-  the activations by AVX512-BF16 dot products, float32 sums, each group's scale applied once. It reads
-  the checkpoint's packed bytes directly, so a model holds no second layout of its codes.
-* ``blocked_gemm`` (more tokens): a cache-blocked GEMM. Each weight element is dequantized to bf16
+* ``gemm`` (few tokens, AVX-512): codes are widened to exact bf16 integers in registers and
+  multiplied with the activations by AVX512-BF16 dot products, float32 sums, each group's scale
+  applied once.
+* ``blocked_gemm`` (many tokens): a cache-blocked GEMM. Each weight element is dequantized to bf16
   once per call, into panels small enough to stay in cache while every block of tokens runs over
-  them, with the same dot products. Its scratch is about 256 KiB plus 1 KiB per token per thread.
-  On CPUs with AMX (Intel Xeon since Sapphire Rapids) the panels go to the tile unit instead
-  (``qdlm_int4_gemm_amx``), for every token count: there the dense bf16 GEMM runs on AMX too, and
-  the AVX-512 loops are 2.5-10x slower than it (``QDLM_EXPORT_AMX=0`` keeps them).
+  them, with the same dot products, or on CPUs with AMX (Intel Xeon since Sapphire Rapids) on the
+  tile unit. Its scratch is about 256 KiB plus 1 KiB per token per thread.
+* ``amx_codes_gemm`` (few tokens, AMX): the codes themselves, as exact bf16 ``128 + q``, are the tile
+  products' weight operand and each group's scale is applied to the tile sums, so nothing is
+  dequantized per weight; 0.4-0.5x the dense bf16 GEMM's time at 1-16 tokens on a Xeon, where the
+  dense GEMM runs on AMX too.
+
+:func:`linear` chooses by the measured rule (docs/benchmarks.md): with AMX, ``amx_codes_gemm`` up to
+``AMX_CODES_MAX_M`` tokens and the blocked kernel on tiles above (``QDLM_EXPORT_AMX=0`` keeps the
+AVX-512 kernels); without, the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above.
 
 Why native code: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) multiplies in float32
 FMAs, slower than the bf16 GEMM from ~12 tokens on, and eager dequantization makes several passes over
-memory; neither torch nor torchao ships an int4 kernel built on ``vdpbf16ps`` for CPUs without AMX.
-Measured in docs/benchmarks.md ("A native int4 kernel").
+memory; neither torch nor torchao ships an int4 kernel built on ``vdpbf16ps`` or AMX tiles.
 
-Building: the C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``)
-into ``$QDLM_EXPORT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/qdlm-export`` or ``~/.cache/qdlm-export``),
-named by a hash of the source, flags and compiler, staged and moved into place; about 2 s. Without a
-compiler, on another CPU, or with ``QDLM_EXPORT_NATIVE_KERNELS=0``, :func:`unavailable_reason`
-says why and ``cpu_packed`` uses torch's kernels instead. The library is loaded with ``ctypes``;
-``ctypes`` releases the GIL during a call, so the work is split across ``torch.get_num_threads()``
-Python threads (tiles of 16 outputs, or panels of 32).
+The library is built and loaded by ``native_build.py``; where it cannot be, :func:`unavailable_reason`
+says why and ``cpu_packed`` uses torch's kernels instead. ``ctypes`` releases the GIL during a call,
+so the work is split across ``torch.get_num_threads()`` Python threads (tiles of 16 outputs, or
+panels of 32).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .native_build import CACHE_ENV, SWITCH  # noqa: F401 (the switches users set, named here too)
+from .native_build import build as build_library
 from .registry import forget_selections
 from .weight_only import tensors_key
 
-SOURCE = Path(__file__).with_name("native") / "int4_avx512bf16.c"
-FLAGS = ("-O3", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared")
-SWITCH = "QDLM_EXPORT_NATIVE_KERNELS"  # "0" turns the native kernels off
-AMX_SWITCH = "QDLM_EXPORT_AMX"  # "0" keeps the blocked kernel on AVX-512 where AMX exists
-CACHE_ENV = "QDLM_EXPORT_CACHE_DIR"
-BUILD_TIMEOUT_S = 120
+AMX_SWITCH = "QDLM_EXPORT_AMX"  # "0" keeps the AVX-512 kernels where AMX exists
 TILE_N = 16  # outputs per tile (one AVX-512 register of float32)
 TILE_M = 16  # tokens per pass over a tile (the C file's TILE_M)
 CHUNK_K = 128  # codes of a row read at a time
@@ -61,136 +55,20 @@ CHUNK_K = 128  # codes of a row read at a time
 # time / dense bf16, docs/benchmarks.md: at 4096 x 4096 0.91 vs 0.97 at M = 32, 0.93 vs 0.95 at 48,
 # 1.08 vs 0.99 at 64; at 12288 x 4096 0.86 vs 0.98 at 32, 1.03 vs 0.97 at 48).
 NATIVE_MAX_M = 40
-AMX_FUSED_MAX_M = 3  # with AMX (Xeon, 1 thread, 4096 x 4096): fused 0.66 / 0.77 / 1.01 of dense at M = 1 / 2 / 4, AMX 0.97 / 1.07 / 1.05
+# With AMX, up to this many tokens the codes go on the tiles (Xeon, 1 thread, time / dense bf16 at
+# 4096 x 4096 and 12288 x 4096: M = 64 0.76 / 0.62 vs the blocked kernel's 0.91 / 0.74, M = 128
+# 0.85 / 0.70 vs 0.87 / 0.75, M = 256 1.26 / 1.28 vs 0.94 / 1.04).
+AMX_CODES_MAX_M = 128
 BLOCKED_PANEL_N = 32  # outputs per panel of the blocked kernel (the C file's PANEL_N)
 # Tokens per call of the blocked kernel: its float32 sums take 1 KiB per token and thread, so a long
 # prompt runs in chunks (each dequantizes the weight again: ~1 % of a 4096-token chunk's time).
 BLOCKED_MAX_M = 4096
+KERNELS = ("fused", "blocked", "amx_codes")
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _POOL: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _SCRATCH = threading.local()  # per-thread scratch of the blocked kernel
-
-
-def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "qdlm-export" / "kernels"
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _cpu_lacks_bf16() -> bool:
-    """True when /proc/cpuinfo (Linux) lists CPU flags without avx512_bf16; False when unknown (the
-    library's own check then decides after the build)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), None)
-    return flags is not None and "avx512_bf16" not in flags.split()
-
-
-def _trusted(path: Path) -> bool:
-    """A file or folder we may load from: ours, and writable by nobody else (a library planted in a
-    shared cache folder would run with our rights)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
-def _compile(cc: str, folder: Path, target: Path) -> str | None:
-    """Compile SOURCE into ``target`` (in ``folder``): staged under a temporary name and moved into
-    place, so a concurrent build or a crash never leaves a half-written library under the final name.
-    None, or why it failed."""
-    staged = None
-    try:
-        fd, staged = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=folder)
-        os.close(fd)
-        done = subprocess.run([cc, *FLAGS, "-o", staged, str(SOURCE)], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            return f"building the native int4 kernel with {cc} failed: {first}"
-        os.replace(staged, target)
-        return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"building the native int4 kernel with {cc} failed: {exc}"
-    finally:
-        if staged is not None and os.path.exists(staged):
-            os.unlink(staged)
-
-
-def _build() -> tuple[ctypes.CDLL | None, str | None]:
-    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, f"turned off by {SWITCH}={os.environ[SWITCH]}"
-    if not SOURCE.is_file():  # e.g. this module as copied into a self-contained checkpoint: no C source
-        return None, f"the native kernel's C source {SOURCE.name} is not installed beside {Path(__file__).name}"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"the native int4 kernel is for x86-64 CPUs with AVX512-BF16 (this is {platform.machine()})"
-    if _cpu_lacks_bf16():  # before any compiler runs
-        return None, "this CPU lacks AVX512-BF16 (the native int4 kernel needs avx512f/bw/vl and avx512_bf16)"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler found (set CC, or install gcc) to build the native int4 kernel"
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"the C compiler {cc} does not run ({exc})"
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
-    name = f"{SOURCE.stem}-{digest}.so"
-    folder = _cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass
-    private = None
-    if not (_trusted(folder) and os.access(folder, os.W_OK)):
-        # a cache we cannot write or should not trust: build for this process in a private folder
-        try:
-            folder = private = Path(tempfile.mkdtemp(prefix="qdlm-kernels-"))
-        except OSError as exc:
-            return None, f"no folder to build the native int4 kernel in ({exc})"
-    target = folder / name
-    try:
-        if not (target.is_file() and _trusted(target)):
-            reason = _compile(cc, folder, target)
-            if reason:
-                return None, reason
-        try:
-            lib = ctypes.CDLL(str(target))
-        except OSError as exc:
-            return None, f"loading the native int4 kernel {target.name} failed: {exc}"
-    finally:
-        if private is not None:  # loaded (or failed): the mapping outlives the file
-            shutil.rmtree(private, ignore_errors=True)
-    if not lib.qdlm_cpu_supported():
-        return None, "this CPU lacks AVX512-BF16 (the native int4 kernel needs avx512f/bw/vl and avx512_bf16)"
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qdlm_int4_prepare_x.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-    lib.qdlm_int4_gemm_tiles.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64]
-    lib.qdlm_bf16_pairs.argtypes = [ptr, i64, i64, ptr]
-    lib.qdlm_int4_gemm_blocked.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr]
-    lib.qdlm_int4_blocked_mr.argtypes = []
-    lib.qdlm_int4_blocked_mr.restype = i64
-    lib.qdlm_int4_blocked_scratch.argtypes = [i64]
-    lib.qdlm_int4_blocked_scratch.restype = i64
-    lib.qdlm_amx_ready.argtypes, lib.qdlm_amx_ready.restype = [], ctypes.c_int
-    lib.qdlm_int4_amx_scratch.argtypes, lib.qdlm_int4_amx_scratch.restype = [i64, i64], i64
-    lib.qdlm_int4_gemm_amx.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr]
-    lib.qdlm_amx_int8_ready.argtypes, lib.qdlm_amx_int8_ready.restype = [], ctypes.c_int  # cpu_int8.py
-    lib.qdlm_int8_amx_scratch.argtypes, lib.qdlm_int8_amx_scratch.restype = [i64, i64], i64
-    lib.qdlm_int8_gemm_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64, ptr]
-    for fn in (lib.qdlm_int4_prepare_x, lib.qdlm_int4_gemm_tiles, lib.qdlm_bf16_pairs, lib.qdlm_int4_gemm_blocked,
-               lib.qdlm_int4_gemm_amx, lib.qdlm_int8_gemm_amx):
-        fn.restype = None
-    return lib, None
 
 
 def amx_available() -> bool:
@@ -214,7 +92,7 @@ def library() -> ctypes.CDLL | None:
     if "lib" not in _STATE:
         with _LOCK:
             if "lib" not in _STATE:
-                lib, reason = _build()
+                lib, reason = build_library()
                 _STATE["reason"] = reason
                 _STATE["lib"] = lib
     return _STATE["lib"]  # type: ignore[return-value]
@@ -371,13 +249,42 @@ def blocked_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gr
     return y
 
 
-def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, fused: bool | None = None) -> torch.Tensor:
-    """The measured rule: the fused kernel up to ``NATIVE_MAX_M`` tokens, the blocked one above; with
-    AMX, up to ``AMX_FUSED_MAX_M`` (the fused AVX-512 kernel took 1.7-4.6x the AMX one's time at
-    M = 8..64 on a Xeon, docs/benchmarks.md)."""
-    if fused is None:
-        fused = x2.shape[0] <= (AMX_FUSED_MAX_M if amx_available() else NATIVE_MAX_M)
-    return gemm(x2, codes, scales, group) if fused else blocked_gemm(x2, codes, scales, group)
+def amx_codes_gemm(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """``x2 [M, K]`` bf16 times ``W_hat.T`` on AMX tiles with the codes as the weight operand and each
+    group's scale on the tile sums (few tokens); bf16 ``[M, N]``. Needs :func:`amx_available`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(unavailable_reason())
+    if not amx_available():
+        raise RuntimeError(f"amx_codes_gemm needs AMX tiles (this CPU lacks them, Linux refused them, or {AMX_SWITCH}=0)")
+    m, k, n = _check(x2, codes, scales, group)
+    xb = torch.empty(lib.qdlm_int4_amxi_x_words(m, k), dtype=torch.int32)
+    xsum = torch.empty(k // group * -(-m // 16) * 16, dtype=torch.float32)
+    lib.qdlm_int4_amxi_prepare_x(x2.data_ptr(), m, k, group, xb.data_ptr(), xsum.data_ptr())
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    args = (xb.data_ptr(), xsum.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), n, scales[0].data_ptr(),
+            scales[1].data_ptr(), group, y.data_ptr())
+    nbytes = lib.qdlm_int4_amxi_scratch(m)
+    unit = BLOCKED_PANEL_N if n % BLOCKED_PANEL_N == 0 else TILE_N  # shares of whole 32-output blocks
+    _run_split(lambda a, b: lib.qdlm_int4_gemm_amxi(*args, a * unit, b * unit, _scratch_bytes(nbytes).data_ptr()),
+               n // unit, _threads(n // unit, 2))
+    return y
+
+
+def pick_kernel(m: int) -> str:
+    """The measured rule for ``m`` tokens: one of :data:`KERNELS`."""
+    if amx_available():
+        return "amx_codes" if m <= AMX_CODES_MAX_M else "blocked"
+    return "fused" if m <= NATIVE_MAX_M else "blocked"
+
+
+def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: int, *, kernel: str | None = None) -> torch.Tensor:
+    """``x2 @ W_hat.T`` by ``kernel`` (one of :data:`KERNELS`; default :func:`pick_kernel`)."""
+    kernel = pick_kernel(x2.shape[0]) if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not a native kernel; use one of {', '.join(KERNELS)}")
+    run = {"fused": gemm, "blocked": blocked_gemm, "amx_codes": amx_codes_gemm}[kernel]
+    return run(x2, codes, scales, group)
 
 
 # -- the weight-only backend: scales prepared once per weight --------------------------------------
@@ -460,10 +367,10 @@ def weight_only_linear_native(
     in_features: int,
     bias: torch.Tensor | None = None,
     *,
-    fused: bool | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x [..., in] @ W_hat.T + bias`` in ``x.dtype``, computed from bf16 activations with float32
-    sums; ``fused`` forces the fused kernel (True) or the blocked one (False)."""
+    sums; ``kernel`` forces one of :data:`KERNELS` (default: :func:`pick_kernel`)."""
     reason = unsupported_reason(bits=bits, group_size=group_size, in_features=in_features,
                                 out_features=weight_packed.shape[0], device=weight_packed.device)
     if reason:
@@ -476,7 +383,7 @@ def weight_only_linear_native(
         y = x2.new_zeros(0, n)
     else:
         # the checkpoint's int32 words read as bytes: byte j of a row = codes 2j | 2j+1 << 4
-        y = linear(x2, weight_packed.contiguous().view(torch.uint8), w.scales, w.group, fused=fused)
+        y = linear(x2, weight_packed.contiguous().view(torch.uint8), w.scales, w.group, kernel=kernel)
     y = y.to(x.dtype)
     if bias is not None:  # in the caller's dtype (a float32 model's bias is not rounded to bf16)
         y = y + bias.to(y.dtype)

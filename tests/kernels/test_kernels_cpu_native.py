@@ -6,7 +6,9 @@ integers are exact in bf16), sums in float32 and applies float32 scales, then ro
 bf16 (<= 2**-9 |y|): its error bound is 2**-8 |y| plus float32 summation noise, far below 2**-12 of
 sum_k |x_k||w_k|. The blocked (many-token) kernel also rounds W_hat to bf16 (<= 2**-9 each), so its
 bound is 2**-8 of that sum; against x @ bf16(W_hat).T only float32 summation and the output's bf16
-rounding remain. A wrong code, pair order, zero point, group or transpose gives errors of the order
+rounding remain. The AMX codes-on-tiles kernel is bounded as the fused one: its codes are exact
+(128 + q) and its offset of 128 cancels in float32 with about 2**-17 of the magnitude at worst.
+A wrong code, pair order, zero point, group or transpose gives errors of the order
 of |y| itself.
 
 The build, its cache and its refusals are tested on any machine; the arithmetic only where the
@@ -23,6 +25,7 @@ import torch
 
 from qdlm_export import kernels
 from qdlm_export.kernels import cpu_native as N
+from qdlm_export.kernels import native_build
 from qdlm_export.kernels.weight_only import dequantize_packed
 from tests.kernel_inputs import random_packed_weight
 
@@ -34,20 +37,25 @@ def _reference(x, wp, scale, zp, group_size, k):
     return x.double().reshape(-1, k) @ w.T, x.double().abs().reshape(-1, k) @ w.abs().T
 
 
-def _check(y, x, wp, scale, zp, group_size, k, *, fused, bias=None):
+def _check(y, x, wp, scale, zp, group_size, k, *, kernel, bias=None):
     ref, magnitude = _reference(x, wp, scale, zp, group_size, k)
     size = ref.abs()
     if bias is not None:  # the bias is added in bf16: one more rounding of it and of the sum
         ref = ref + bias.double()
         size = size + ref.abs() + bias.double().abs()
     err = (y.double().reshape(ref.shape) - ref).abs()
-    bound = 2**-8 * size + 2**-12 * magnitude if fused else 2**-8 * (size + magnitude)
+    bound = 2**-8 * (size + magnitude) if kernel == "blocked" else 2**-8 * size + 2**-12 * magnitude
     assert torch.all(err <= bound + 1e-7), f"max excess {(err - bound).max().item()}"
 
 
-def _auto_fused(m: int) -> bool:
-    """Whether the backend's own rule (no ``fused=`` given) runs the fused kernel for ``m`` tokens."""
-    return m <= (N.AMX_FUSED_MAX_M if N.amx_available() else N.NATIVE_MAX_M)
+def _auto(m: int) -> str:
+    """The kernel the backend's own rule (no ``kernel=`` given) runs for ``m`` tokens."""
+    return N.pick_kernel(m)
+
+
+def _runnable(kernel: str) -> None:
+    if kernel == "amx_codes" and not N.amx_available():
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles")
 
 
 CASES = [
@@ -63,17 +71,18 @@ CASES = [
 
 @needs_native
 @pytest.mark.parametrize("k,n,group_size,symmetric", CASES)
-@pytest.mark.parametrize("fused", [True, False])
-def test_native_matches_float64_reference(gen, k, n, group_size, symmetric, fused):
+@pytest.mark.parametrize("kernel", N.KERNELS)
+def test_native_matches_float64_reference(gen, k, n, group_size, symmetric, kernel):
+    _runnable(kernel)
     _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group_size, symmetric)
     bias = torch.randn(n, generator=gen)
     for m in (1, 3, 16, 17, 40):  # one partial token block, a full one, and full + partial ones
         x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
-        y = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, fused=fused)
+        y = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, kernel=kernel)
         assert y.dtype == torch.bfloat16 and y.shape == (2, m, n)
-        _check(y, x, wp, scale, zp, group_size, k, fused=fused)
-        with_bias = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, bias, fused=fused)
-        _check(with_bias, x, wp, scale, zp, group_size, k, fused=fused, bias=bias)
+        _check(y, x, wp, scale, zp, group_size, k, kernel=kernel)
+        with_bias = N.weight_only_linear_native(x, wp, scale, zp, 4, group_size, k, bias, kernel=kernel)
+        _check(with_bias, x, wp, scale, zp, group_size, k, kernel=kernel, bias=bias)
 
 
 @needs_native
@@ -83,7 +92,7 @@ def test_native_other_activation_dtypes_come_back_in_their_dtype(gen, dtype):
     x = torch.randn(5, 256, generator=gen).to(torch.bfloat16).to(dtype)  # bf16-representable values
     y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
     assert y.dtype == dtype
-    _check(y, x, wp, scale, zp, 128, 256, fused=_auto_fused(5))
+    _check(y, x, wp, scale, zp, 128, 256, kernel=_auto(5))
 
 
 def _bf16_w_hat(codes, scales, group, k):
@@ -152,12 +161,13 @@ def test_fused_kernel_reads_a_wider_row_stride(gen):
 def test_threads_split_work_without_changing_a_bit(gen):
     _, wp, scale, zp = random_packed_weight(gen, 256, 512, 4, 128, False)
     x = torch.randn(40, 512, generator=gen).to(torch.bfloat16)
+    kernels_here = [f for f in N.KERNELS if f != "amx_codes" or N.amx_available()]
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, fused=f) for f in (True, False)]
+        one = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, kernel=f) for f in kernels_here]
         torch.set_num_threads(2)
-        two = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, fused=f) for f in (True, False)]
+        two = [N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 512, kernel=f) for f in kernels_here]
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
@@ -174,7 +184,7 @@ def test_scales_are_cached_once_and_follow_in_place_changes(gen):
     scale.mul_(2)  # in place: same tensor, new version
     y = N.weight_only_linear_native(x, wp, scale, zp, 4, 128, 256)
     assert N.prepare(wp, scale, zp, 128, 256) is not first
-    _check(y, x, wp, scale, zp, 128, 256, fused=_auto_fused(3))
+    _check(y, x, wp, scale, zp, 128, 256, kernel=_auto(3))
 
 
 @needs_native
@@ -191,7 +201,7 @@ def test_dispatch_picks_cpu_native_for_bf16_4bit_and_falls_back_for_the_rest(gen
     _, wp, scale, zp = random_packed_weight(gen, 48, 256, 4, 64, False)
     x = torch.randn(6, 256, generator=gen).to(torch.bfloat16)
     y = kernels.weight_only_linear(x, wp, scale, zp, 4, 64, 256)
-    _check(y, x, wp, scale, zp, 64, 256, fused=_auto_fused(6))
+    _check(y, x, wp, scale, zp, 64, 256, kernel=_auto(6))
     assert N.cached_nbytes(wp) > 0  # the call went through the native backend
 
 
@@ -227,7 +237,7 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(rebuild, monke
 
 
 def test_missing_compiler_is_reported(rebuild, monkeypatch):
-    monkeypatch.setattr(N, "_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "_compiler", lambda: None)
     assert N.library() is None
     assert "no C compiler" in N.unavailable_reason()
 
@@ -236,7 +246,7 @@ def test_missing_compiler_is_reported(rebuild, monkeypatch):
 def test_build_is_cached_under_a_content_name(rebuild):
     assert N.library() is not None
     built = list((rebuild / "cache" / "kernels").iterdir())
-    assert len(built) == 1 and built[0].name.startswith(N.SOURCE.stem + "-") and built[0].suffix == ".so"
+    assert len(built) == 1 and built[0].name.startswith(native_build.SOURCE.stem + "-") and built[0].suffix == ".so"
     mtime = built[0].stat().st_mtime_ns
     N.forget_library()
     assert N.library() is not None  # loaded again, not rebuilt
@@ -245,8 +255,8 @@ def test_build_is_cached_under_a_content_name(rebuild):
 
 def test_without_its_c_source_the_module_builds_nothing(rebuild, monkeypatch):
     """As copied into a self-contained checkpoint (no C file beside it): unavailable, no compiler run."""
-    monkeypatch.setattr(N, "SOURCE", rebuild / "absent" / N.SOURCE.name)
-    monkeypatch.setattr(N, "_compiler", lambda: pytest.fail("no compiler may run without the source"))
+    monkeypatch.setattr(native_build, "SOURCE", rebuild / "absent" / native_build.SOURCE.name)
+    monkeypatch.setattr(native_build, "_compiler", lambda: pytest.fail("no compiler may run without the source"))
     assert N.library() is None
     assert "not installed" in N.unavailable_reason()
 
@@ -311,18 +321,53 @@ def _child_linear(x, wp, scale, zp):
 
 
 @needs_native
-def test_the_rule_runs_amx_above_a_few_tokens_where_the_cpu_has_it(gen, monkeypatch):
+def test_the_rule_picks_by_token_count_and_amx(gen, monkeypatch):
     """Without AMX: the fused kernel up to NATIVE_MAX_M tokens, the blocked one above; with AMX the
-    fused one up to AMX_FUSED_MAX_M tokens only, the blocked one (on AMX tiles) above."""
+    codes on the tiles up to AMX_CODES_MAX_M tokens, the blocked kernel (on tiles) above."""
     _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, 128, True)
     codes, scales = wp.view(torch.uint8), N.native_scales(scale, zp)
     calls = []
-    monkeypatch.setattr(N, "gemm", lambda *a: calls.append("fused") or torch.zeros(a[0].shape[0], 32))
-    monkeypatch.setattr(N, "blocked_gemm", lambda *a: calls.append("blocked") or torch.zeros(a[0].shape[0], 32))
-    for m in (1, N.AMX_FUSED_MAX_M + 1, N.NATIVE_MAX_M, N.NATIVE_MAX_M + 1):
+    for name in ("gemm", "blocked_gemm", "amx_codes_gemm"):
+        monkeypatch.setattr(N, name, lambda *a, name=name: calls.append(name) or torch.zeros(a[0].shape[0], 32))
+    sizes = (1, N.NATIVE_MAX_M, N.NATIVE_MAX_M + 1, N.AMX_CODES_MAX_M, N.AMX_CODES_MAX_M + 1)
+    for m in sizes:
         N.linear(torch.zeros(m, 256, dtype=torch.bfloat16), codes, scales, 128)
-    assert calls == (["fused"] + ["blocked"] * 3 if N.amx_available() else ["fused"] * 3 + ["blocked"])
+    if N.amx_available():
+        assert calls == ["amx_codes_gemm"] * 4 + ["blocked_gemm"]
+    else:
+        assert calls == ["gemm"] * 2 + ["blocked_gemm"] * 3
     monkeypatch.setenv(N.AMX_SWITCH, "0")
     calls.clear()
-    N.linear(torch.zeros(1, 256, dtype=torch.bfloat16), codes, scales, 128)
-    assert calls == ["fused"]
+    for m in sizes:
+        N.linear(torch.zeros(m, 256, dtype=torch.bfloat16), codes, scales, 128)
+    assert calls == ["gemm"] * 2 + ["blocked_gemm"] * 3
+    with pytest.raises(ValueError, match="not a native kernel"):
+        N.linear(torch.zeros(1, 256, dtype=torch.bfloat16), codes, scales, 128, kernel="fast")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_codes_kernel_across_its_edges(gen, threads):
+    """The codes-on-tiles kernel against float64 over its edges: token counts around its tiles of 16
+    and pairs of tiles (1, 16, 17, 33, 130), groups of 32 (a group per step), 128 (4 steps, one
+    batch), 256 and per channel (batches spanning a group), a last block of 16 outputs (N = 80), rows
+    wider than K/2, and asymmetric zero points near the 128 offset's cancellation (x with a large
+    common mean)."""
+    if not N.amx_available():
+        pytest.skip("this CPU (or its kernel) gives no AMX tiles")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, n, group in ((256, 80, 32), (512, 48, 128), (768, 32, 256), (384, 64, 384)):
+            _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
+            wide = torch.randint(0, 256, (n, k // 2 + 16), generator=gen, dtype=torch.uint8)
+            wide[:, : k // 2] = wp.view(torch.uint8)
+            scales = N.native_scales(scale, zp)
+            for m in (1, 16, 17, 33, 130):
+                x = (torch.randn(m, k, generator=gen) + 3.0).to(torch.bfloat16)
+                y = N.amx_codes_gemm(x, wide, scales, group).double()
+                ref = N.reference_gemm(x, wide, scales, group)
+                bound = 2**-8 * ref.abs() + 2**-12 * (x.double().abs() @ N.reference_dequant(wide, scales, group, k).abs().T)
+                assert torch.all((y - ref).abs() <= bound), f"K={k} group={group} M={m}: max excess {((y - ref).abs() - bound).max()}"
+    finally:
+        torch.set_num_threads(before)

@@ -483,6 +483,132 @@ __attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amx(
     _tile_release();
 }
 
+/* ---- few tokens on AMX: the codes themselves on the tiles, each group's scale on the tile sums ----
+ *
+ * With few tokens the blocked kernel's cost is the dequantization of every weight (float32 q * s - zs,
+ * rounded to bf16), not the tile products. Here a code q becomes the bf16 number 128 + q by one OR
+ * (0x4300 | q: exponent 2^7, q in the low mantissa bits), exact, and the product runs the other way
+ * round: the weights are the tile unit's A operand (16 outputs x 32 inputs, one row per output, so a
+ * row's codes need no transpose) and the activations its B operand (pairs of inputs x 16 tokens).
+ * Per group g of inputs, with T[n, m] = sum_{k in g} (128 + q[n, k]) x[m, k] from the tiles:
+ *
+ *     y[m, n] = sum_g  s[g, n] T[n, m]  -  (zs[g, n] + 128 s[g, n]) xsum[m, g]
+ *
+ * Inside a tile row of 32 inputs the order is permuted so that one shift and one mask unpack it: the
+ * 16 bytes of the row's codes, broadcast to the four 128-bit lanes and shifted by 4 * lane, give in
+ * dword 4 * lane + c the codes of inputs 8c + lane (low half) and 8c + 4 + lane (high half).
+ * qdlm_int4_amxi_prepare_x lays the activations out in the same order.
+ *
+ * Tiles: 0-3 the sums of 32 outputs x 32 tokens (output block a, token block t: tile 2a + t), 4-5 two
+ * 16-output blocks of codes, 6-7 two 16-token blocks of x. */
+#define AMXI_STEPS 4  /* 32-input steps unpacked at a time (8 KiB of bf16 codes for 32 outputs) */
+
+int64_t qdlm_int4_amxi_x_words(int64_t M, int64_t K) { return (K / 32) * ((M + 15) / 16) * 256; }
+int64_t qdlm_int4_amxi_scratch(int64_t M) { return 2 * AMXI_STEPS * 1024 + 4 * 1024 + 32 * ((M + 15) / 16 * 16) * 4; }
+
+/* xb[((step * mt + t) * 16 + r) * 16 + lane] = the bf16 pair (x[16t + lane, 32 step + 8c + L],
+ * x[16t + lane, 32 step + 8c + 4 + L]) with r = 4L + c, zero for padding tokens; xsum[g * 16 mt + m] =
+ * the float32 sum of x[m, k] over group g. */
+void qdlm_int4_amxi_prepare_x(const uint16_t *x, int64_t M, int64_t K, int64_t group, int32_t *xb, float *xsum) {
+    const int64_t mt = (M + 15) / 16, steps = K / 32, G = K / group;
+    for (int64_t st = 0; st < steps; st++)
+        for (int64_t t = 0; t < mt; t++)
+            for (int r = 0; r < 16; r++) {
+                const int64_t k = 32 * st + 8 * (r % 4) + r / 4;
+                int32_t *row = xb + ((st * mt + t) * 16 + r) * 16;
+                for (int lane = 0; lane < 16; lane++) {
+                    const int64_t m = 16 * t + lane;
+                    row[lane] = m < M ? (int32_t)((uint32_t)x[m * K + k] | (uint32_t)x[m * K + k + 4] << 16) : 0;
+                }
+            }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t m = 0; m < 16 * mt; m++) {
+            float acc = 0.0f;
+            if (m < M)
+                for (int64_t k = g * group; k < (g + 1) * group; k++) acc += bf16_to_float(x[m * K + k]);
+            xsum[g * 16 * mt + m] = acc;
+        }
+}
+
+/* One 32-input step of 16 outputs' codes as a tile of bf16 128 + q (rows 64 bytes apart). */
+static inline __attribute__((always_inline)) void amxi_codes(const uint8_t *codes, int64_t row_stride, int32_t *tile) {
+    const __m512i shift = _mm512_set_epi32(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
+    const __m512i mask = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
+    for (int r = 0; r < 16; r++) {
+        const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(codes + r * row_stride)));
+        /* (v >> shift) & mask | bias */
+        _mm512_storeu_si512(tile + 16 * r, _mm512_ternarylogic_epi32(_mm512_srlv_epi32(v, shift), mask, bias, 0xEA));
+    }
+}
+
+/* y[:, n_start : n_stop] of y = x @ W_hat.T x from qdlm_int4_amxi_prepare_x;
+ * scratch: qdlm_int4_amxi_scratch(M) bytes per thread. N, n_start, n_stop multiples of 16, group % 32 == 0.
+ * Each batch of up to AMXI_STEPS steps is unpacked once and run for every pair of token tiles; its tile
+ * sums are scaled by s into float32 sums right away (so a tile never spans batches), and the zero-point
+ * term once per group. */
+__attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amxi(
+    const int32_t *xb, const float *xsum, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
+    int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y, int64_t n_start, int64_t n_stop,
+    void *scratch) {
+    const int64_t mt = (M + 15) / 16, mp = 16 * mt, per_group = group / 32, steps = K / 32;
+    const int64_t batch = per_group < AMXI_STEPS ? per_group : AMXI_STEPS;
+    int32_t *wt = (int32_t *)scratch;                                  /* [step][output block][16][16] */
+    float *sums = (float *)((char *)scratch + 2 * AMXI_STEPS * 1024); /* tile 2a + t: 16 x 16 */
+    float *acc = sums + 4 * 256;                                       /* [32 outputs][mp tokens] */
+    amx_config();
+    for (int64_t n0 = n_start; n0 < n_stop; n0 += 32) {
+        const int na = n_stop - n0 >= 32 ? 2 : 1;
+        memset(acc, 0, 32 * mp * 4);
+        for (int64_t st0 = 0; st0 < steps; st0 += batch) {
+            const int64_t g = st0 / per_group, group_ends = (st0 + batch) % per_group == 0;
+            for (int64_t i = 0; i < batch; i++)
+                for (int a = 0; a < na; a++)
+                    amxi_codes(codes + (n0 + 16 * a) * row_stride + (st0 + i) * 16, row_stride, wt + (2 * i + a) * 256);
+            for (int64_t t0 = 0; t0 < mt; t0 += 2) {
+                const int two = t0 + 1 < mt;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t i = 0; i < batch; i++) {
+                    const int32_t *xs = xb + ((st0 + i) * mt + t0) * 256;
+                    _tile_loadd(4, wt + 2 * i * 256, 64);
+                    _tile_loadd(6, xs, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (two) { _tile_loadd(7, xs + 256, 64); _tile_dpbf16ps(1, 4, 7); }
+                    if (na == 2) {
+                        _tile_loadd(5, wt + (2 * i + 1) * 256, 64);
+                        _tile_dpbf16ps(2, 5, 6);
+                        if (two) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, sums, 64);
+                if (two) _tile_stored(1, sums + 256, 64);
+                if (na == 2) _tile_stored(2, sums + 512, 64);
+                if (na == 2 && two) _tile_stored(3, sums + 768, 64);
+                for (int a = 0; a < na; a++)
+                    for (int r = 0; r < 16; r++) {
+                        const int64_t n = n0 + 16 * a + r;
+                        const __m512 sv = _mm512_set1_ps(s[g * N + n]);
+                        const __m512 zv = _mm512_set1_ps(group_ends ? zs[g * N + n] + 128.0f * s[g * N + n] : 0.0f);
+                        for (int t = 0; t <= two; t++) {
+                            float *o = acc + (16 * a + r) * mp + 16 * (t0 + t);
+                            const __m512 v = _mm512_fmadd_ps(sv, _mm512_loadu_ps(sums + (2 * a + t) * 256 + 16 * r), _mm512_loadu_ps(o));
+                            _mm512_storeu_ps(o, _mm512_fnmadd_ps(zv, _mm512_loadu_ps(xsum + g * mp + 16 * (t0 + t)), v));
+                        }
+                    }
+            }
+        }
+        for (int a = 0; a < na; a++) /* [outputs][tokens] -> y[tokens][outputs], rounded to bf16 */
+            for (int64_t t = 0; t < mt; t++) {
+                __m512i r[16];
+                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(acc + (16 * a + i) * mp + 16 * t);
+                transpose16(r);
+                for (int i = 0; i < 16 && 16 * t + i < M; i++)
+                    _mm256_storeu_si256((__m256i *)(y + (16 * t + i) * N + n0 + 16 * a),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+            }
+    }
+    _tile_release();
+}
+
 /* ---- W8A8 on AMX: int8 activations x int8 weights (TDPBSSD), int32 sums, then the two scales ----
  * y[m, n] = (sum_k a[m, k] b[n, k]) * a_scale[m] * b_scale[n]  as float32. Each call lays a slab of
  * b out for the tile unit (row p of a panel: the 4 bytes b[n, k0 + 4p .. + 3] of 16 outputs n, by a
@@ -586,6 +712,17 @@ void qdlm_int8_gemm_amx(const int8_t *a, int64_t M, int64_t K, const int8_t *b, 
     (void)n_stop; (void)scratch;
 }
 int qdlm_amx_ready(void) { return 0; }
+int64_t qdlm_int4_amxi_x_words(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
+int64_t qdlm_int4_amxi_scratch(int64_t M) { (void)M; return 0; }
+void qdlm_int4_amxi_prepare_x(const uint16_t *x, int64_t M, int64_t K, int64_t group, int32_t *xb, float *xsum) {
+    (void)x; (void)M; (void)K; (void)group; (void)xb; (void)xsum;
+}
+void qdlm_int4_gemm_amxi(const int32_t *xb, const float *xsum, int64_t M, int64_t K, const uint8_t *codes,
+                         int64_t row_stride, int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y,
+                         int64_t n_start, int64_t n_stop, void *scratch) {
+    (void)xb; (void)xsum; (void)M; (void)K; (void)codes; (void)row_stride; (void)N; (void)s; (void)zs; (void)group;
+    (void)y; (void)n_start; (void)n_stop; (void)scratch;
+}
 int64_t qdlm_int4_amx_scratch(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
 void qdlm_int4_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
                         int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y, int64_t n_start,
