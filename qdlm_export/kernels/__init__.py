@@ -14,6 +14,8 @@ int8 activations     ``int8.py``             ``int8_triton.py``            ``cpu
 Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform
 ===================  ======================  ============================  ==============================
 
+The C kernels (``native/int4_avx512bf16.c``) are one library, built and loaded by ``native_build.py``.
+
 ``registry.py`` picks the backend per call (``backend=``, else ``QDLM_KERNEL_BACKEND=auto|torch|triton``,
 read once) and :func:`describe_backend` reports the choice. Triton is optional: nothing here imports
 it until a Triton backend runs (``_triton.py``). Importing this package also routes the online

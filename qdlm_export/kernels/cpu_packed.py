@@ -53,7 +53,11 @@ INNER_K_TILES = 2  # accepted by the CPU converter (2, 4, 8 give the same CPU la
 # docs/benchmarks.md: at 4096 x 4096 the packed kernels cost ~0.37 ms per row, dequantizing to bf16
 # ~23 ms (int4) or ~14 ms (int8) per call, so they cross near M = 64-96 (int4) and 32-64 (int8).
 PACKED_MAX_M = {4: 80, 8: 48}
-DEQUANT_ROW_BLOCK = 1024  # rows of W dequantized at a time on the bf16 path (bounds the scratch)
+# Bytes of bf16 W dequantized at a time on the bf16 path: the block stays in cache for its GEMM and
+# its temporaries stay below glibc's mmap threshold (fresh pages, faulted in on every call, made the
+# time swing by 15 % between processes). Xeon, 1 thread, time / dense at M = 256: blocks of 1024 rows
+# (24 MiB at K = 12288) 3.27-3.76, 128 rows (3 MiB) 2.80-2.91; at K = 4096 1024 rows 3.13, 384 rows 2.9.
+DEQUANT_BLOCK_BYTES = 3 << 20
 
 
 def _ops_available() -> bool:
@@ -281,8 +285,9 @@ def dequant_matmul(x2: torch.Tensor, weight_packed: torch.Tensor, p: CpuPackedWe
     """``x2 [M, K]`` bf16 times the weight dequantized to bf16 in blocks of rows; bf16 ``[M, N]``."""
     n = p.out_features
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    for start in range(0, n, DEQUANT_ROW_BLOCK):
-        stop = min(n, start + DEQUANT_ROW_BLOCK)
+    rows = max(16, DEQUANT_BLOCK_BYTES // (2 * p.in_features) // 16 * 16)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
         dequant = _dequant_int4_bf16 if p.bits == 4 else _dequant_int8_bf16
         w = dequant(weight_packed, p, start, stop)
         torch.matmul(x2, w.T, out=out[:, start:stop])

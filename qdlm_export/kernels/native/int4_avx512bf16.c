@@ -11,9 +11,11 @@
  *
  * Why it exists: torch's int4 CPU kernel multiplies with float32 FMAs while the dense bf16 GEMM uses
  * AVX512-BF16 dot products (two multiply-adds per lane and instruction), so beyond a dozen tokens the
- * dense GEMM wins although it reads four times the bytes. Here codes become exact bf16 integers in
- * registers and meet the activations in the same dot-product instruction (vdpbf16ps); each group's
- * scale is applied once to the float32 partial sums. For many tokens, qdlm_int4_gemm_blocked widens
+ * dense GEMM wins although it reads four times the bytes. Here codes become the exact bf16 numbers
+ * 128 + q in registers (one shift and one logic op per 32 codes) and meet the activations in the same
+ * dot-product instruction (vdpbf16ps); each group's scale is applied once to the float32 partial sums,
+ * and the offset of 128 goes into the zero-point term: y[m, n] = sum_g (s T - (zs + 128 s) xsum) with
+ * T the group's sum of (128 + q) x. For many tokens, qdlm_int4_gemm_blocked widens
  * each code once per call into cache-resident bf16 panels and runs every token block over them;
  * qdlm_int4_gemm_amx (end of file) runs the same panels on AMX tiles where the CPU has them.
  *
@@ -38,26 +40,32 @@ static inline float bf16_to_float(uint16_t h) {
     return v.f;
 }
 
-/* One token block of activations in the layout the tile loops read: dst[p * tm + t] = the bf16 pair
- * x[first + t, 2p], x[first + t, 2p + 1] as one dword, zero for t >= rows. Rows of x are 2K bytes apart
- * and would all fall in one L1 set; interleaved, the broadcasts of one pair for the block's tokens
- * read one cache line. Shared by the fused kernel (blocks of TILE_M) and the blocked one (<= MR). */
-static void pair_block(const uint16_t *x, int64_t K, int64_t first, int64_t rows, int64_t tm, int32_t *dst) {
+/* One token block of activations in the layout the tile loops read: dst[p * tm + t] = a bf16 pair of
+ * x[first + t] as one dword, zero for t >= rows: inputs 2p and 2p + 1 (the blocked kernel's panels),
+ * or in nibble order inputs 8c + j and 8c + 4 + j for p = 4c + j (the fused kernel: the order in which
+ * one shift and one mask unpack a dword of 8 codes, code_pair). Rows of x are 2K bytes apart and would
+ * all fall in one L1 set; interleaved, the broadcasts of one pair for the block's tokens read one
+ * cache line. Shared by the fused kernel (blocks of TILE_M) and the blocked one (<= MR). */
+static void pair_block(const uint16_t *x, int64_t K, int64_t first, int64_t rows, int64_t tm, int nibble_order,
+                       int32_t *dst) {
     const int64_t pairs = K / 2;
     for (int64_t t = 0; t < rows; t++) {
-        const int32_t *row = (const int32_t *)(x + (first + t) * K);
-        for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = row[p];
+        const uint16_t *row = x + (first + t) * K;
+        for (int64_t p = 0; p < pairs; p++) {
+            const int64_t k = nibble_order ? 8 * (p / 4) + p % 4 : 2 * p, next = nibble_order ? k + 4 : k + 1;
+            dst[p * tm + t] = (int32_t)((uint32_t)row[k] | (uint32_t)row[next] << 16);
+        }
     }
     for (int64_t t = rows; t < tm; t++)
         for (int64_t p = 0; p < pairs; p++) dst[p * tm + t] = 0;
 }
 
-/* The fused kernel's activations: token blocks of TILE_M (pair_block), and xsum[m, g] = sum of
- * x[m, k] over group g. */
+/* The fused kernel's activations: token blocks of TILE_M (pair_block, nibble order), and xsum[m, g] =
+ * sum of x[m, k] over group g. */
 void qdlm_int4_prepare_x(const uint16_t *x, int64_t M, int64_t K, int64_t group, int32_t *xpairs, float *xsum) {
     const int64_t G = K / group, pairs = K / 2;
     for (int64_t m0 = 0; m0 < M; m0 += TILE_M)
-        pair_block(x, K, m0, M - m0 < TILE_M ? M - m0 : TILE_M, TILE_M, xpairs + (m0 / TILE_M) * pairs * TILE_M);
+        pair_block(x, K, m0, M - m0 < TILE_M ? M - m0 : TILE_M, TILE_M, 1, xpairs + (m0 / TILE_M) * pairs * TILE_M);
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < G; g++) {
             float acc = 0.0f;
@@ -66,13 +74,12 @@ void qdlm_int4_prepare_x(const uint16_t *x, int64_t M, int64_t K, int64_t group,
         }
 }
 
-/* 16 lanes of 4 code bytes -> each lane's bf16 code pair (k, k+1) of byte `b`, as one dword. */
-static inline __m512i code_pair(__m512i dwords, int b, __m512i bf16_of_code) {
-    const __m512i sh = _mm512_srli_epi32(dwords, 8 * b);
-    const __m512i lo = _mm512_and_si512(sh, _mm512_set1_epi32(0x0F));
-    const __m512i hi = _mm512_and_si512(_mm512_slli_epi32(sh, 12), _mm512_set1_epi32(0x000F0000));
-    /* each 16-bit half holds a code 0..15 now: look its exact bf16 value up */
-    return _mm512_permutexvar_epi16(_mm512_or_si512(lo, hi), bf16_of_code);
+/* 16 lanes of 8 codes (nibble i of a dword = the code of input 8c + i) -> each lane's codes j and 4 + j
+ * as the exact bf16 numbers 128 + q (0x4300 | q: exponent 2^7, q in the low mantissa bits), one dword:
+ * (dwords >> 4j) & 0x000F000F | 0x43004300 in one shift and one three-input logic op. */
+static inline __m512i code_pair(__m512i dwords, int j) {
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi32(dwords, 4 * j), _mm512_set1_epi32(0x000F000F),
+                                     _mm512_set1_epi32(0x43004300), 0xEA); /* (a & b) | c */
 }
 
 /* acc += pairwise dot of wv with the bf16 pair at *xpair in every lane. Written out so that the pair
@@ -108,12 +115,6 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
 static inline __attribute__((always_inline)) void gemm_tile(
     const int32_t *xpairs, const float *xsum, int64_t K, int64_t G, const uint8_t *codes, int64_t row_stride,
     int64_t N, int64_t n0, const float *s, const float *zs, int64_t group, uint16_t *y, const int tm) {
-    uint16_t table[32];
-    for (int i = 0; i < 32; i++) {
-        union { float f; uint32_t u; } v = {.f = (float)(i & 15)};
-        table[i] = (uint16_t)(v.u >> 16); /* small integers are exact in bf16 */
-    }
-    const __m512i bf16_of_code = _mm512_loadu_si512(table);
     const uint8_t *tile_codes = codes + n0 * row_stride;
     __m512 out[TILE_M], acc[TILE_M];
     for (int t = 0; t < tm; t++) out[t] = acc[t] = _mm512_setzero_ps();
@@ -124,16 +125,16 @@ static inline __attribute__((always_inline)) void gemm_tile(
         for (int j = 0; j < 16; j++) chunk[j] = _mm512_loadu_si512(tile_codes + j * row_stride + k0 / 2);
         transpose16(chunk);
         for (int c = 0; c < 16; c++) {
-            for (int b = 0; b < 4; b++) {
-                const __m512bh wv = (__m512bh)code_pair(chunk[c], b, bf16_of_code);
-                const int32_t *xpair = xpairs + ((k0 + 8 * c + 2 * b) / 2) * TILE_M;
+            for (int j = 0; j < 4; j++) { /* inputs 8c + j and 8c + 4 + j: pair (k0 + 8c) / 2 + j in nibble order */
+                const __m512bh wv = (__m512bh)code_pair(chunk[c], j);
+                const int32_t *xpair = xpairs + ((k0 + 8 * c) / 2 + j) * TILE_M;
                 for (int t = 0; t < tm; t++) dp_broadcast(&acc[t], wv, xpair + t);
             }
             const int64_t k_end = k0 + 8 * c + 8;
-            if (k_end % group == 0) { /* a group ends: out += s * acc - zs * (sum of x over the group) */
+            if (k_end % group == 0) { /* a group ends: out += s * acc - (zs + 128 s) * (sum of x over it) */
                 const int64_t g = k_end / group - 1;
                 const __m512 sv = _mm512_loadu_ps(s + g * N + n0);
-                const __m512 zv = _mm512_loadu_ps(zs + g * N + n0);
+                const __m512 zv = _mm512_fmadd_ps(_mm512_set1_ps(128.0f), sv, _mm512_loadu_ps(zs + g * N + n0));
                 for (int t = 0; t < tm; t++) {
                     out[t] = _mm512_fmadd_ps(sv, acc[t], out[t]);
                     out[t] = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xsum[t * G + g]), out[t]);
@@ -215,7 +216,7 @@ static inline int64_t block_start(int64_t b, int64_t M) { return b * M / token_b
 /* The blocked kernel's activations: xpairs[b] = pair_block of token block b (MR slots). */
 void qdlm_bf16_pairs(const uint16_t *x, int64_t M, int64_t K, int32_t *xpairs) {
     for (int64_t b = 0; b < token_blocks(M); b++)
-        pair_block(x, K, block_start(b, M), block_start(b + 1, M) - block_start(b, M), MR, xpairs + b * (K / 2) * MR);
+        pair_block(x, K, block_start(b, M), block_start(b + 1, M) - block_start(b, M), MR, 0, xpairs + b * (K / 2) * MR);
 }
 
 /* Panels of W_hat[n0 : n0 + 16 * tiles, k0 : k0 + kc] as bf16 pairs: panel[(p * 2 + j) * 16 + lane] is
