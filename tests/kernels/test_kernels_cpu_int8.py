@@ -25,12 +25,14 @@ def _operands(gen, m, k, n):
 @needs_amx_int8
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_int8_gemm_is_the_exact_integer_product(gen, threads):
-    """K = 1088: a slab of 1024 inputs and one of 64; N = 272: shares of whole 32-output panels and a
-    last 16-output one; M = 1, 15, 33, 200: zero-padded last blocks of 32 tokens."""
+    """Many tokens (M = 200, and 65 just above the few-token slabs): K = 1088, a slab of 1024 inputs and
+    one of 64; N = 272, shares of whole 32-output panels and a last 16-output one. Few tokens (M <= 64):
+    K = 4160, a slab of 4096 and one of 64; N = 80, a block of 64 outputs and one of 16. M = 1, 15, 33,
+    65, 200: zero-padded last blocks of 32 tokens."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m, k, n in [(1, 64, 16), (15, 1088, 272), (33, 192, 48), (200, 1088, 272)]:
+        for m, k, n in [(1, 64, 16), (15, 1088, 272), (15, 4160, 80), (33, 192, 48), (65, 1088, 272), (200, 1088, 272)]:
             a, a_s, b, b_s = _operands(gen, m, k, n)
             exact = (a.double() @ b.double().T) * a_s.double() * b_s.double()
             y = cpu_int8.int8_gemm_amx(a, a_s, b, b_s, None, torch.float32)

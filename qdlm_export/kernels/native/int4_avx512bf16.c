@@ -615,6 +615,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amxi(
  * b out for the tile unit (row p of a panel: the 4 bytes b[n, k0 + 4p .. + 3] of 16 outputs n, by a
  * 16 x 16 dword transpose), as the int4 kernel dequantizes its panels. */
 #define I8_KC 1024 /* inputs per slab: a 32-output panel is 32 KiB */
+/* Up to I8_SMALL_M tokens the weight is read in longer runs per row: slabs of I8_SMALL_KC inputs of
+ * I8_SMALL_NC outputs (Xeon, 1 thread, M = 16 at 12288 x 4096: 3.9-4.3 ms against 4.6-4.8 ms with the
+ * 256 x 1024 slabs, and a narrower spread; at M = 256 and above the wide slabs win by 10-25 %, their
+ * activations being read once per 256 outputs). */
+#define I8_SMALL_M 64
+#define I8_SMALL_NC 64
+#define I8_SMALL_KC 4096
+static inline int64_t int8_nc(int64_t M) { return M <= I8_SMALL_M ? I8_SMALL_NC : NC; }
+static inline int64_t int8_kc(int64_t M) { return M <= I8_SMALL_M ? I8_SMALL_KC : I8_KC; }
 
 int qdlm_amx_int8_ready(void) {
     unsigned a, b, c, d;
@@ -623,7 +632,7 @@ int qdlm_amx_int8_ready(void) {
 
 int64_t qdlm_int8_amx_scratch(int64_t M, int64_t K) {
     const int64_t mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
-    return mpad * NC * 4 + NC * I8_KC + AMX_MB * K;
+    return mpad * int8_nc(M) * 4 + int8_nc(M) * int8_kc(M) + AMX_MB * K;
 }
 
 static void int8_panels(const int8_t *b, int64_t K, int64_t n0, int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
@@ -670,10 +679,11 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_int8_block(
 __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
     const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale, const float *b_scale,
     float *y, int64_t n_start, int64_t n_stop, void *scratch) {
-    const int64_t nc = NC, mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB, full = M / AMX_MB * AMX_MB;
+    const int64_t nc = int8_nc(M), slab = int8_kc(M), mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
+    const int64_t full = M / AMX_MB * AMX_MB;
     int32_t *cbuf = (int32_t *)scratch;
     int32_t *wbuf = (int32_t *)((char *)scratch + mpad * nc * 4);
-    int8_t *atail = (int8_t *)wbuf + nc * I8_KC;
+    int8_t *atail = (int8_t *)wbuf + nc * slab;
     if (full < M) {
         memset(atail, 0, AMX_MB * K);
         memcpy(atail, a + full * K, (M - full) * K);
@@ -681,8 +691,8 @@ __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
     amx_config(); /* the same 16 x 64-byte tiles */
     for (int64_t nb = n_start; nb < n_stop; nb += nc) {
         const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
-        for (int64_t k0 = 0; k0 < K; k0 += I8_KC) {
-            const int64_t kc = K - k0 < I8_KC ? K - k0 : I8_KC;
+        for (int64_t k0 = 0; k0 < K; k0 += slab) {
+            const int64_t kc = K - k0 < slab ? K - k0 : slab;
             int8_panels(b, K, nb, tiles, k0, kc, wbuf);
             for (int64_t mc = 0; mc < mpad; mc += AMX_MC)
             for (int64_t pn = 0; pn < width; pn += PANEL_N) {
