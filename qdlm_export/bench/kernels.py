@@ -170,8 +170,32 @@ def _activation_dtype(x32: torch.Tensor, weights: dict, device: torch.device, mi
     """The dense dtype that one short interleaved probe finds fastest (the quantized ops' input dtype)."""
     xs = {dt: x32.to(device=device, dtype=dt) for dt in weights}
     fns = {dt: functools.partial(torch.matmul, xs[dt], w.T) for dt, w in weights.items()}
-    times = interleaved_times(fns, device, repetitions=1, min_run_time=min_run_time, clock=clock)
+    before = {dt: functools.partial(_evict, lambda w=w: [w]) for dt, w in weights.items()} if cold_weights(device) else None
+    times = interleaved_times(fns, device, repetitions=1, min_run_time=min_run_time, clock=clock, before=before)
     return fastest(times, list(fns))
+
+
+def cold_weights(device: torch.device) -> bool:
+    """Whether weights are evicted from the caches before every timed call: on CPUs where the native
+    library runs (see ``timing.py``). GPUs and other CPUs time them as the calls leave them."""
+    return device.type == "cpu" and cpu_native.library() is not None
+
+
+def _evict(tensors_now: Callable[[], list[torch.Tensor]]) -> None:
+    cpu_native.evict_from_caches(tensors_now())
+
+
+def _weights_of(name: str, weights: dict, qweights: dict, peers: dict, packed: torch.Tensor | None) -> list[torch.Tensor]:
+    """The weight tensors candidate ``name`` reads: a dense weight, an op's quantized tensors plus the
+    layout its backend cached (made during warm-up, so looked up at each call), or a peer's module."""
+    kind, label = name.split(":", 1)
+    if kind == "dense":
+        return [weights[_dtype_of(name, weights)]]
+    if kind == "peer":
+        module = peers[label]["module"]
+        return [*module.parameters(), *module.buffers()]
+    held = {"cpu_packed": cpu_packed.cached_tensors, "cpu_native": cpu_native.cached_tensors}.get(label)
+    return [*qweights[kind], *(held(packed) if held and packed is not None else [])]
 
 
 def run_kernel_benchmarks(
@@ -249,6 +273,8 @@ def run_kernel_benchmarks(
         "clock": clock_name,
         "timing": "interleaved repetitions; per repetition the fastest block of calls; ratio = median over "
         "repetitions of time / dense time, low/high = their min/max",
+        "weights": "cold: evicted from the CPU caches before each timed call" if cold_weights(dev)
+        else "as the calls leave them (warm when they fit in the caches)",
         "peak_mem_method": "cuda_max_memory_allocated" if dev.type == "cuda" else "rss_sampled_1ms",
         "seconds": round(time.perf_counter() - started, 2),
         "results": rows,
@@ -292,7 +318,12 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
     if packed is not None:  # each token count starts without a CPU layout, so held bytes are its own
         cpu_packed.forget(packed)
         cpu_native.forget(packed)
-    times = interleaved_times(fns, dev, repetitions=repetitions, min_run_time=min_run_time, warmup=warmup, clock=clock)
+    before = None
+    if cold_weights(dev):
+        before = {name: functools.partial(_evict, functools.partial(_weights_of, name, weights, qweights, peers, packed))
+                  for name in fns}
+    times = interleaved_times(fns, dev, repetitions=repetitions, min_run_time=min_run_time, warmup=warmup, clock=clock,
+                              before=before)
     dense_names = [name for name in fns if name.startswith("dense:")]
     base = fastest(times, dense_names)
     dense_ms = median_ms(times[base])
@@ -300,6 +331,7 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
     common = dict(
         M=m, K=k, N=n,
         dense_ms=round(dense_ms, 4),
+        dense_repetition_ms=[round(t, 4) for t in times[base]],
         dense_dtype=base.split(":", 1)[1],
         dense_ms_by_dtype={name.split(":", 1)[1]: round(median_ms(times[name]), 4) for name in dense_names},
         activation_dtype=dtype_name(act_dtype),
@@ -317,6 +349,7 @@ def _measure_shape(x32, w32, weights, qweights, peer_modules, dev, k, n, bits, g
             time_ms=round(median_ms(times[key]), 4),
             ratio=stats["median"], ratio_low=stats["low"], ratio_high=stats["high"],
             repetitions=stats["repetitions"],
+            repetition_ms=[round(t, 4) for t in times[key]],
             peak_mem_bytes=_peak_extra_memory(fn, dev),
             weight_bytes=wbytes,
             # what the op holds once it has run at this M: the checkpoint layout plus any cached repack
@@ -411,6 +444,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"peak memory: {result['peak_mem_method']}; ratio = time / fastest dense time (below 1 is faster); "
         "held = weight plus any layout the backend cached at this M; * = the backend auto picks"
     )
+    if "weights" in result:
+        lines.append(f"weights: {result['weights']}")
     if "peers" in result:
         lines += format_peers(result)
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Timing that holds on a busy machine: warm-up, interleaved repetitions, median with its spread.
 
-    interleaved_times(fns, device, repetitions=5, min_run_time=0.05) -> {name: [ms per repetition]}
+    interleaved_times(fns, device, repetitions=5, min_run_time=0.05, before=None) -> {name: [ms per repetition]}
     ratio_stats(candidate_ms, baseline_ms) -> {"median", "low", "high", "repetitions"}
 
 Each repetition times every callable once, in a rotated order, so slow drift (another job starting,
@@ -13,6 +13,12 @@ median block was not stable enough on a busy 2-core machine). The clock (:func:`
 calling thread's CPU time when a CPU run uses one thread (time the core spent on someone else is not
 counted; our compute all runs on that thread), else wall time after a device sync. Ratios are taken per repetition
 (candidate and baseline of the same round) and summarised by their median and min-max range.
+
+``before`` (name -> callable) runs untimed before every call of that callable, which is then timed
+call by call: the benchmark evicts each candidate's weights from the CPU caches there, so that every
+call reads them from memory, as in a model too large for the caches. Timed warm, a memory-bound call
+took 0.41-0.46 of the dense time in one process and 0.62 in the next, by how much of its weight
+another job's use of the shared last-level cache had left; cold, 0.56-0.60 in each.
 """
 
 from __future__ import annotations
@@ -70,20 +76,33 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _block_size(fn: Callable[[], Any], device: torch.device, warmup: int, clock: Callable[[], float]) -> int:
+def _block_size(fn: Callable[[], Any], device: torch.device, warmup: int, clock: Callable[[], float],
+                before: Callable[[], Any] | None = None) -> int:
     """Calls per block; the calls made to find it are the warm-up."""
     for _ in range(warmup):
         fn()
     number = 1
     while True:
-        taken = _timed_block(fn, device, number, clock)
+        taken = _timed_block(fn, device, number, clock, before)
         if taken >= BLOCK_S or number >= 1 << 16:
             return number
         number = max(number * 2, int(number * BLOCK_S / max(taken, 1e-9)) + 1)
 
 
-def _timed_block(fn: Callable[[], Any], device: torch.device, number: int, clock: Callable[[], float]) -> float:
-    """Seconds that ``number`` back-to-back calls of ``fn`` take, the device synchronised around them."""
+def _timed_block(fn: Callable[[], Any], device: torch.device, number: int, clock: Callable[[], float],
+                 before: Callable[[], Any] | None = None) -> float:
+    """Seconds that ``number`` back-to-back calls of ``fn`` take, the device synchronised around them;
+    with ``before``, the sum of the calls' own times, ``before`` running untimed ahead of each."""
+    if before is not None:
+        total = 0.0
+        for _ in range(number):
+            before()
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            total += clock() - start
+        return total
     sync(device)
     start = clock()
     for _ in range(number):
@@ -93,13 +112,14 @@ def _timed_block(fn: Callable[[], Any], device: torch.device, number: int, clock
 
 
 def _one_repetition(
-    fn: Callable[[], Any], device: torch.device, number: int, min_run_time: float, clock: Callable[[], float]
+    fn: Callable[[], Any], device: torch.device, number: int, min_run_time: float, clock: Callable[[], float],
+    before: Callable[[], Any] | None = None,
 ) -> float:
     """Fastest block's time per call (ms), blocks of ``number`` calls run until ``min_run_time`` passed
     and at least ``MIN_BLOCKS`` blocks ran."""
     per_call, total = [], 0.0
     while total < min_run_time or len(per_call) < MIN_BLOCKS:
-        taken = _timed_block(fn, device, number, clock)
+        taken = _timed_block(fn, device, number, clock, before)
         total += taken
         per_call.append(taken / number * 1e3)
     return min(per_call)
@@ -113,17 +133,19 @@ def interleaved_times(
     min_run_time: float = DEFAULT_MIN_RUN_TIME,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    before: dict[str, Callable[[], Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Milliseconds per call of every callable, one value per repetition (see the module doc)."""
     if repetitions < 1:
         raise ValueError(f"repetitions must be at least 1, got {repetitions}")
     names = list(fns)
-    numbers = {name: _block_size(fns[name], device, warmup, clock) for name in names}
+    before = before or {}
+    numbers = {name: _block_size(fns[name], device, warmup, clock, before.get(name)) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repetitions):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(_one_repetition(fns[name], device, numbers[name], min_run_time, clock))
+            times[name].append(_one_repetition(fns[name], device, numbers[name], min_run_time, clock, before.get(name)))
     return times
 
 

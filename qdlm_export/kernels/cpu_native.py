@@ -287,6 +287,27 @@ def linear(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group: i
     return run(x2, codes, scales, group)
 
 
+def evict_from_caches(tensors: "list[torch.Tensor] | tuple[torch.Tensor, ...]") -> bool:
+    """Write back and drop the CPU cache lines of ``tensors`` (CLFLUSHOPT), so that the next read of
+    them comes from memory, as a model's weights do in a forward pass (they do not fit in cache); for
+    the benchmark's cold-weight timing. False, doing nothing, where the native library is unavailable;
+    tensors off the CPU are skipped."""
+    lib = library()
+    if lib is None:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or not t.numel():
+            continue
+        try:
+            storage = t.untyped_storage()  # the whole allocation, whatever the view
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass (torchao's): its inner tensors
+            if hasattr(t, "__tensor_flatten__"):
+                evict_from_caches([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+            continue
+        lib.qdlm_evict(storage.data_ptr(), storage.nbytes())
+    return True
+
+
 # -- the weight-only backend: scales prepared once per weight --------------------------------------
 
 
@@ -350,6 +371,12 @@ def cached_nbytes(weight_packed: torch.Tensor) -> int:
     """Bytes held for ``weight_packed`` beside it (its scales in the kernels' layout)."""
     entry = _CACHE.get(weight_packed)
     return 0 if entry is None else entry.nbytes
+
+
+def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors behind :func:`cached_nbytes`."""
+    entry = _CACHE.get(weight_packed)
+    return [] if entry is None else [entry.scales]
 
 
 def forget(weight_packed: torch.Tensor) -> None:

@@ -214,6 +214,12 @@ def cached_nbytes(weight_packed: torch.Tensor) -> int:
     return 0 if entry is None else entry.nbytes
 
 
+def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors behind :func:`cached_nbytes`."""
+    entry = _CACHE.get(weight_packed)
+    return [] if entry is None else [t for t in (entry.weight, entry.scales) if t is not None]
+
+
 def forget(weight_packed: torch.Tensor) -> None:
     """Drop what is cached for ``weight_packed`` (the next call repacks what it needs)."""
     with _CACHE_LOCK:

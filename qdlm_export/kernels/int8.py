@@ -315,15 +315,12 @@ def _int8_gemm_cpu_amx(*args: object, **kwargs: object) -> torch.Tensor:
     return int8_gemm_amx(*args, **kwargs)
 
 
-# Above 16 tokens the AMX GEMM beat torch._int_mm on a Xeon with AMX (1 thread, with the activation
-# quantization: 0.80 vs 0.94x dense time at M = 256, 1.16 vs 1.46 at 1024 on 4096 x 4096; at M = 16
-# 0.72 vs 0.68, within noise).
-CPU_AMX_MIN_M = 17
-
-
+# The AMX GEMM beats torch._int_mm at every token count on a Xeon with AMX (1 thread, with the
+# activation quantization, weights cold as in a model, time / dense bf16: 0.57-0.58 vs 0.86-1.00 at
+# M = 1-16, 0.55 vs 0.67-0.76 at M = 256; docs/benchmarks.md).
 register_backend(
     "int8_gemm", "cpu_amx", _int8_gemm_cpu_amx, family="cpu_native", priority=35,
-    unsupported=_cpu_amx_unsupported, auto=lambda p: p.M is None or p.M >= CPU_AMX_MIN_M,
+    unsupported=_cpu_amx_unsupported,
     summary="int8 tiles of Intel AMX (C), the weight laid out per call",
 )
 register_backend(

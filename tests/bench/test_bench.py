@@ -115,3 +115,38 @@ def test_each_repetition_keeps_the_fastest_of_at_least_min_blocks(monkeypatch):
 def test_ratio_stats_pair_each_round():
     stats = ratio_stats([2.0, 4.0, 3.0], [1.0, 2.0, 1.0])  # drift doubles both in round 2: ratio stays 2
     assert stats == {"median": 2.0, "low": 2.0, "high": 3.0, "repetitions": 3}
+
+
+def test_before_runs_untimed_ahead_of_every_timed_call(monkeypatch):
+    """The cold-weight hook: each timed call follows its own ``before`` (not another candidate's), and
+    the time ``before`` takes is not counted."""
+    from qdlm_export.bench import timing
+
+    monkeypatch.setattr(timing, "MIN_BLOCKS", 1)
+    events = []
+
+    def call(name):
+        return lambda: (events.append(name), time.sleep(0.002))
+
+    def slow_before(name):
+        return lambda: (events.append(f"before {name}"), time.sleep(0.02))
+
+    times = interleaved_times({"a": call("a"), "b": call("b")}, torch.device("cpu"), repetitions=2, min_run_time=0.0,
+                              warmup=0, before={"a": slow_before("a")})
+    assert all(2 <= t < 15 for t in times["a"]), times  # 2 ms calls; each 20 ms ``before`` left out
+    for i, event in enumerate(events):
+        if event == "a":
+            assert events[i - 1] == "before a"
+    assert "before b" not in events and events.count("before a") == events.count("a")
+
+
+def test_eviction_keeps_the_values_and_the_cpu_run_says_weights_are_cold():
+    from qdlm_export.kernels import cpu_native
+
+    t = torch.randn(3000, 17)
+    copy = t.clone()
+    evicted = cpu_native.evict_from_caches([t, t[5:], torch.empty(0)])
+    assert evicted == (cpu_native.library() is not None) and torch.equal(t, copy)
+    result = run_kernel_benchmarks(device="cpu", m_values=[2], shapes=[(256, 128)], repeat=1, warmup=0,
+                                   min_run_time=0.005)
+    assert result["weights"].startswith("cold") == evicted

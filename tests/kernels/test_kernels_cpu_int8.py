@@ -10,7 +10,6 @@ import torch
 
 from qdlm_export import kernels
 from qdlm_export.kernels import cpu_int8
-from qdlm_export.kernels.int8 import CPU_AMX_MIN_M
 
 needs_amx_int8 = pytest.mark.skipif(cpu_int8.unavailable_reason() is not None,
                                     reason=str(cpu_int8.unavailable_reason()))
@@ -47,9 +46,10 @@ def test_amx_int8_gemm_is_the_exact_integer_product(gen, threads):
 
 
 @needs_amx_int8
-def test_auto_runs_amx_above_16_tokens_and_torch_int_mm_below(gen):
+def test_auto_runs_amx_at_every_token_count(gen):
     pick = lambda m: kernels.select_backend("int8_gemm", "cpu", M=m, K=4096, N=4096).name  # noqa: E731
-    assert pick(CPU_AMX_MIN_M) == "cpu_amx" and pick(CPU_AMX_MIN_M - 1) == "torch._int_mm"
+    assert pick(1) == pick(16) == pick(4096) == "cpu_amx"
+    assert kernels.select_backend("int8_gemm", "cpu", M=16, K=100, N=4096).name == "torch._int_mm"  # K it cannot tile
     a, a_s, b, b_s = _operands(gen, 40, 128, 32)
     got = kernels.int8_gemm(a, a_s, b, b_s, None, torch.float32)
     exact = (a.double() @ b.double().T) * a_s.double() * b_s.double()

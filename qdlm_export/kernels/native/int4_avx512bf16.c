@@ -365,6 +365,15 @@ void qdlm_quantize_rows_bf16(const uint16_t *x, int64_t M, int64_t K, float clip
     }
 }
 
+/* Write back and drop from every cache level the lines of [p, p + bytes): the benchmark's cold-weight
+ * timing (a model's weights do not fit in cache, so each linear reads its weight from memory). Every
+ * CPU with AVX-512 has CLFLUSHOPT. */
+__attribute__((target("clflushopt"))) void qdlm_evict(void *p, int64_t bytes) {
+    char *start = (char *)((uintptr_t)p & ~(uintptr_t)63);
+    for (char *line = start; line < (char *)p + bytes; line += 64) _mm_clflushopt(line);
+    _mm_sfence();
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The blocked GEMM on AMX (Intel Xeon since Sapphire Rapids): the same bf16 panels, multiplied by the
  * tile unit (TDPBF16PS: a 16 x 32 bf16 block of x times a 32 x 16 block of W_hat.T per instruction)
