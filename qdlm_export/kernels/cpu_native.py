@@ -298,12 +298,10 @@ def evict_from_caches(tensors: "list[torch.Tensor] | tuple[torch.Tensor, ...]") 
     for t in tensors:
         if t.device.type != "cpu" or not t.numel():
             continue
-        try:
-            storage = t.untyped_storage()  # the whole allocation, whatever the view
-        except (RuntimeError, NotImplementedError):  # a wrapper subclass (torchao's): its inner tensors
-            if hasattr(t, "__tensor_flatten__"):
-                evict_from_caches([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (torchao's): its own storage is empty
+            evict_from_caches([getattr(t, name) for name in t.__tensor_flatten__()[0]])
             continue
+        storage = t.untyped_storage()  # the whole allocation, whatever the view
         lib.qdlm_evict(storage.data_ptr(), storage.nbytes())
     return True
 

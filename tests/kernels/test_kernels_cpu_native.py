@@ -7,7 +7,7 @@ bf16 (<= 2**-9 |y|): its error bound is 2**-8 |y| plus float32 summation noise, 
 sum_k |x_k||w_k|. The blocked (many-token) kernel also rounds W_hat to bf16 (<= 2**-9 each), so its
 bound is 2**-8 of that sum; against x @ bf16(W_hat).T only float32 summation and the output's bf16
 rounding remain. The AMX codes-on-tiles kernel is bounded as the fused one: its codes are exact
-(128 + q) and its offset of 128 cancels in float32 with about 2**-17 of the magnitude at worst.
+(128 + q) and its offset of 128 cancels in float32, typically about 2**-17 of the magnitude.
 A wrong code, pair order, zero point, group or transpose gives errors of the order
 of |y| itself.
 
@@ -350,7 +350,8 @@ def test_the_rule_picks_by_token_count_and_amx(gen, monkeypatch):
 def test_amx_codes_kernel_across_its_edges(gen, threads):
     """The codes-on-tiles kernel against float64 over its edges: token counts around its tiles of 16
     and pairs of tiles (1, 16, 17, 33, 130), groups of 32 (a group per step), 128 (4 steps, one
-    batch), 256 and per channel (batches spanning a group), a last block of 16 outputs (N = 80), rows
+    batch), 256 and per channel (a group spanning several batches), a last block of 16 outputs (N = 80;
+    N = 112 on two threads: the second share starts 16 outputs into a block of 32), rows
     wider than K/2, and asymmetric zero points near the 128 offset's cancellation (x with a large
     common mean)."""
     if not N.amx_available():
@@ -358,7 +359,7 @@ def test_amx_codes_kernel_across_its_edges(gen, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for k, n, group in ((256, 80, 32), (512, 48, 128), (768, 32, 256), (384, 64, 384)):
+        for k, n, group in ((256, 80, 32), (512, 112, 128), (768, 32, 256), (384, 64, 384)):
             _, wp, scale, zp = random_packed_weight(gen, n, k, 4, group, False)
             wide = torch.randint(0, 256, (n, k // 2 + 16), generator=gen, dtype=torch.uint8)
             wide[:, : k // 2] = wp.view(torch.uint8)
@@ -371,3 +372,38 @@ def test_amx_codes_kernel_across_its_edges(gen, threads):
                 assert torch.all((y - ref).abs() <= bound), f"K={k} group={group} M={m}: max excess {((y - ref).abs() - bound).max()}"
     finally:
         torch.set_num_threads(before)
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper tensor subclass as torchao builds them: no storage of its own, its data in an inner tensor."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} is not needed by these tests")
+
+
+def test_eviction_reaches_every_allocation_once_and_the_inner_tensors_of_wrappers(monkeypatch):
+    """The cold-weight benchmark's eviction: a view evicts its whole allocation, a wrapper subclass its
+    inner tensors, empty tensors nothing."""
+    calls = []
+
+    class FakeLibrary:
+        def qdlm_evict(self, pointer, nbytes):
+            calls.append((pointer, nbytes))
+
+    monkeypatch.setattr(N, "library", lambda: FakeLibrary())
+    base, inner = torch.randn(64, 8), torch.randn(32)
+    assert N.evict_from_caches([base[3:5], _Wrapper(inner), torch.empty(0)])
+    assert calls == [(base.data_ptr(), base.numel() * 4), (inner.data_ptr(), inner.numel() * 4)]
+    monkeypatch.setattr(N, "library", lambda: None)
+    assert N.evict_from_caches([base]) is False

@@ -567,7 +567,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void qdlm_int4_gemm_amxi(
     int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y, int64_t n_start, int64_t n_stop,
     void *scratch) {
     const int64_t mt = (M + 15) / 16, mp = 16 * mt, per_group = group / 32, steps = K / 32;
-    const int64_t batch = per_group < AMXI_STEPS ? per_group : AMXI_STEPS;
+    int64_t batch = AMXI_STEPS; /* steps unpacked at a time: the most, up to AMXI_STEPS, that divide a group */
+    while (per_group % batch) batch--;
     int32_t *wt = (int32_t *)scratch;                                  /* [step][output block][16][16] */
     float *sums = (float *)((char *)scratch + 2 * AMXI_STEPS * 1024); /* tile 2a + t: 16 x 16 */
     float *acc = sums + 4 * 256;                                       /* [32 outputs][mp tokens] */
