@@ -159,8 +159,13 @@ def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int,
         params = dict(M=m, K=k, N=n, bits=4, group_size=-1, symmetric=True)
         auto = D.select_backend("packed_int_linear", device, dtype=x.dtype, **params)
         for b in _backends("packed_int_linear", device, **params):
-            fn = functools.partial(D.w4a4_linear, x, packed, scale, None, -1, k, backend=b.name)
-            out.append((b.name, b.impl is auto.impl, fn, _nbytes(packed, scale)))
+            q_name = "triton" if b.name == "triton" else None  # the activation quantizer, as for w8a8
+
+            def run(name=b.name, q_name=q_name):
+                x_q, x_s = D.quantize_per_token(x, 4, backend=q_name)
+                return D.packed_int_linear(x_q, x_s, packed, scale, None, 4, -1, k, None, x.dtype, backend=name)
+
+            out.append((b.name, b.impl is auto.impl, run, _nbytes(packed, scale)))
     else:
         raise ValueError(f"unknown benchmark op {op!r}; choose from {OPS}")
     return out

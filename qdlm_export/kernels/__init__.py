@@ -10,7 +10,8 @@ weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu
                                                                            ``cpu_packed.py`` (torch CPU)
 grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
 int8 activations     ``int8.py``             ``int8_triton.py``            ``cpu_int8.py`` (C: AMX int8 GEMM,
-                                                                           per-token quantizer), ``torch._int_mm``
+                                                                           W4A4 on it, per-token quantizer),
+                                                                           ``torch._int_mm``
 Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform
 ===================  ======================  ============================  ==============================
 

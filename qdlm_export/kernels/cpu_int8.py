@@ -7,7 +7,9 @@
 the dense bf16 GEMM (which does run on AMX), so W8A8 gained nothing from its integer weights. The C
 function (``native/int4_avx512bf16.c``, ``qdlm_int8_gemm_amx``; built and loaded with the int4
 kernels by ``cpu_native``) lays each slab of the weight out for the tile unit per call, as the int4
-kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. Numbers in
+kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. W4A4 per channel
+(``packed_int4_linear_amx``, backend ``cpu_amx`` of ``packed_int_linear``) runs the same GEMM over the
+checkpoint's packed int4 codes, turned into int8 ``q - z`` while the panels are laid out. Numbers in
 docs/benchmarks.md ("AMX"). ``quantize_rows`` is ``int8.quantize_per_token_torch`` in one read per
 pass instead of several float32 temporaries, bit for bit the same codes and scales.
 """
@@ -83,6 +85,59 @@ def int8_gemm_amx(
         args = (a2.data_ptr(), m, k, b.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         unit = 32 if n % 32 == 0 else TILE_N
         _run_split(lambda lo, hi: lib.qdlm_int8_gemm_amx(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
+                   n // unit, _threads(n // unit, 2))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype).view(*lead, n)
+
+
+def packed_unsupported_reason(*, bits: int | None = None, group_size: int | None = None, K: int | None = None,
+                              N: int | None = None, device=None, **_: object) -> str | None:
+    """None when :func:`packed_int4_linear_amx` takes this W4A4 problem, else why not."""
+    if bits is not None and bits != 4:
+        return f"{bits}-bit weights: the AMX packed path takes 4-bit codes (8-bit ones go through int8_gemm)"
+    if group_size not in (None, -1) and group_size != K:
+        return f"group_size {group_size}: the AMX packed path takes per-channel weights (-1)"
+    return unsupported_reason(K=K, N=N, device=device)
+
+
+def packed_int4_linear_amx(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Arguments as ``int8.packed_int_linear_torch``, for W4A4 per channel: the checkpoint's packed codes
+    become ``q - z`` int8 on their way into the tile panels (nothing unpacked is kept), then the exact
+    int32 products and the two scales as :func:`int8_gemm_amx`."""
+    if x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be int8, got {x_q.dtype}")
+    k, n = in_features, weight_packed.shape[0]
+    reason = packed_unsupported_reason(bits=bits, group_size=group_size, K=k, N=n, device=x_q.device)
+    if reason:
+        raise ValueError(reason)
+    lead = x_q.shape[:-1]
+    a2 = x_q.reshape(-1, k).contiguous()
+    m = a2.shape[0]
+    # byte j of a row = codes 2j | 2j+1 << 4; rows may lie further apart than K/2 bytes (a row slice)
+    codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+    zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
+    a_s = x_scale.reshape(-1).to(torch.float32).contiguous()
+    b_s = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        lib = library()
+        nbytes = lib.qdlm_int8_amx_scratch(m, k)
+        args = (a2.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), None if zeros is None else zeros.data_ptr(), n,
+                a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
+        unit = 32 if n % 32 == 0 else TILE_N
+        _run_split(lambda lo, hi: lib.qdlm_int4a_gemm_amx(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
                    n // unit, _threads(n // unit, 2))
     if bias is not None:
         y.add_(bias.float())

@@ -337,6 +337,23 @@ register_backend(
     unsupported=_packed_triton_unsupported, auto=on_cuda,
     summary="packed weight unpacked to int8 in-kernel + int8 MMA",
 )
+def _packed_cpu_amx_unsupported(p: Problem) -> str | None:
+    from .cpu_int8 import packed_unsupported_reason
+
+    return packed_unsupported_reason(bits=p.bits, group_size=p.group_size, K=p.K, N=p.N, device=p.device)
+
+
+def _packed_int_linear_cpu_amx(*args: object, **kwargs: object) -> torch.Tensor:
+    from .cpu_int8 import packed_int4_linear_amx
+
+    return packed_int4_linear_amx(*args, **kwargs)
+
+
+register_backend(
+    "packed_int_linear", "cpu_amx", _packed_int_linear_cpu_amx, family="cpu_native", priority=35,
+    unsupported=_packed_cpu_amx_unsupported,
+    summary="W4A4 per channel: int4 codes to int8 on the way into Intel AMX int8 tiles (C)",
+)
 register_backend(
     "packed_int_linear", "torch", packed_int_linear_torch, family="torch", priority=0,
     summary="torch._int_mm on unpacked int8 weights if per channel, else dequantize + matmul",

@@ -45,6 +45,7 @@ SIGNATURES = {
     "qdlm_amx_int8_ready": ("", "c"),  # cpu_int8.py
     "qdlm_int8_amx_scratch": ("ii", "i"),
     "qdlm_int8_gemm_amx": ("piipipppiip", ""),
+    "qdlm_int4a_gemm_amx": ("piipipipppiip", ""),
     "qdlm_quantize_rows_bf16": ("piiffpp", ""),
     "qdlm_evict": ("pi", ""),  # bench: cold-weight timing
 }

@@ -45,7 +45,7 @@ def test_a_backend_that_fails_is_reported_and_the_rest_still_timed(monkeypatch):
     def no_compile(*args, **kwargs):
         raise RuntimeError("PassManager::run failed (stand-in)")
 
-    monkeypatch.setattr(kernels, "w4a4_linear", no_compile)
+    monkeypatch.setattr(kernels, "packed_int_linear", no_compile)  # the W4A4 GEMM step
     result = run_kernel_benchmarks(device="cpu", m_values=[3], shapes=[(256, 128)], repeat=1, warmup=0,
                                    min_run_time=0.005)
     failed = [r for r in result["results"] if "error" in r]

@@ -1,5 +1,5 @@
-"""The W8A8 GEMM on Intel AMX tiles (kernels/cpu_int8.py, ``qdlm_int8_gemm_amx``) against the exact
-integer product: int32 sums are exact, so the only error is float32 rounding of the two scales'
+"""The W8A8 GEMM on Intel AMX tiles (kernels/cpu_int8.py, ``qdlm_int8_gemm_amx``) and its W4A4 form
+over packed int4 codes (``qdlm_int4a_gemm_amx``) against the exact integer product: int32 sums are exact, so the only error is float32 rounding of the two scales'
 products (and bf16 rounding of the output when asked for bf16). Runs where the CPU has AMX-INT8;
 the refusals are tested everywhere."""
 
@@ -10,6 +10,7 @@ import torch
 
 from qdlm_export import kernels
 from qdlm_export.kernels import cpu_int8
+from tests.kernel_inputs import random_packed_weight
 
 needs_amx_int8 = pytest.mark.skipif(cpu_int8.unavailable_reason() is not None,
                                     reason=str(cpu_int8.unavailable_reason()))
@@ -88,3 +89,45 @@ def test_auto_quantizes_bf16_rows_natively_and_other_dtypes_in_torch():
     pick = lambda dtype: kernels.select_backend("quantize_per_token", "cpu", M=4, K=64, bits=8, dtype=dtype).name  # noqa: E731
     assert pick(torch.bfloat16) == "cpu_native" and pick(torch.float32) == "torch"
     assert "bf16" in cpu_int8.quantize_unsupported_reason(dtype=torch.float16)
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_amx_w4a4_is_the_exact_integer_product_of_the_packed_codes(gen, threads, symmetric):
+    """W4A4 per channel from the checkpoint's packed codes: bit for bit the torch backend's float32
+    result (exact int32 sums of q - z times 4-bit activations, then the same two scales), across the
+    few-token slabs (K = 4160: 4096 + 64) and the many-token ones (K = 1088), output shares of 32 and a
+    last 16, symmetric (zero 8) and per-row zero points, rows wider than K/2."""
+    from qdlm_export.kernels.int8 import packed_int_linear_torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m, k, n in [(1, 64, 16), (15, 4160, 80), (33, 1088, 272), (65, 1088, 48), (200, 192, 48)]:
+            _, wp, scale, zp = random_packed_weight(gen, n, k, 4, -1, symmetric)
+            wide = torch.randint(0, 2**31 - 1, (n, k // 8 + 8), generator=gen, dtype=torch.int32)
+            wide[:, : k // 8] = wp
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            x_q, x_s = kernels.quantize_per_token(x, 4)
+            bias = torch.randn(n, generator=gen)
+            want = packed_int_linear_torch(x_q, x_s, wp, scale, zp, 4, -1, k, bias, torch.float32)
+            got = cpu_int8.packed_int4_linear_amx(x_q, x_s, wide[:, : k // 8], scale, zp, 4, -1, k, bias, torch.float32)
+            assert torch.equal(got, want), (m, k, n, (got - want).abs().max())
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_amx_int8
+def test_w4a4_auto_runs_amx_per_channel_only(gen):
+    pick = lambda **kw: kernels.select_backend("packed_int_linear", "cpu", **{**dict(M=16, K=4096, N=4096, bits=4, group_size=-1, symmetric=True), **kw}).name  # noqa: E731
+    assert pick() == pick(M=4096) == pick(symmetric=False) == "cpu_amx"
+    assert pick(group_size=128) == pick(bits=8) == "torch"
+    assert "per-channel" in cpu_int8.packed_unsupported_reason(bits=4, group_size=128, K=4096, N=4096)
+    _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, -1, True)
+    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+    got = kernels.w4a4_linear(x, wp, scale, None, -1, 256)
+    x_q, x_s = kernels.quantize_per_token(x, 4)
+    from qdlm_export.kernels.int8 import packed_int_linear_torch
+
+    assert torch.equal(got, packed_int_linear_torch(x_q, x_s, wp, scale, None, 4, -1, 256, None, torch.bfloat16))

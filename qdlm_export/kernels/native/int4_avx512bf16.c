@@ -664,13 +664,28 @@ int64_t qdlm_int8_amx_scratch(int64_t M, int64_t K) {
     return mpad * int8_nc(M) * 4 + int8_nc(M) * int8_kc(M) + AMX_MB * K;
 }
 
-static void int8_panels(const int8_t *b, int64_t K, int64_t n0, int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
+/* 64 int4 codes (32 bytes, byte j = codes 2j | 2j+1 << 4) as 64 signed bytes q - zero, in input order. */
+static inline __m512i int4_as_int8(const uint8_t *p, int8_t zero) {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p)); /* byte j in word j */
+    const __m512i lo = _mm512_and_si512(w, _mm512_set1_epi16(0x000F));
+    const __m512i hi = _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0F00));
+    return _mm512_sub_epi8(_mm512_or_si512(lo, hi), _mm512_set1_epi8(zero));
+}
+
+/* Weight rows: int8 (row_bytes = K), or packed int4 codes (nibbles; row_bytes = the row stride), which
+ * become q - zero[n] (zero 8 where zeros is NULL: symmetric) on their way into the panels. */
+static void int8_panels(const uint8_t *b, int64_t row_bytes, int nibbles, const int8_t *zeros, int64_t n0,
+                        int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
     for (int64_t tile = 0; tile < tiles; tile++) {
         int32_t *panel = panels + (tile / 2) * (kc / 4) * PANEL_N + (tile % 2) * 16;
         const int64_t width = (tile / 2) * 2 + 2 <= tiles ? 2 : 1;
         for (int64_t kk = 0; kk < kc; kk += 64) {
             __m512i r[16];
-            for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512(b + (n0 + tile * 16 + j) * K + k0 + kk);
+            for (int j = 0; j < 16; j++) {
+                const int64_t n = n0 + tile * 16 + j;
+                r[j] = nibbles ? int4_as_int8(b + n * row_bytes + (k0 + kk) / 2, zeros ? zeros[n] : 8)
+                               : _mm512_loadu_si512(b + n * row_bytes + k0 + kk);
+            }
             transpose16(r); /* r[c]: bytes kk + 4c .. + 3 of the 16 rows */
             for (int c = 0; c < 16; c++) _mm512_storeu_si512(panel + (kk / 4 + c) * 16 * width, r[c]);
         }
@@ -705,9 +720,9 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_int8_block(
 /* y[:, n_start : n_stop] (float32 [M, N]) of the W8A8 product; a int8 [M, K], b int8 [N, K], both
  * row-major; K % 64 == 0, N, n_start and n_stop multiples of 16; scratch qdlm_int8_amx_scratch(M, K)
  * bytes per thread. */
-__attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
-    const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale, const float *b_scale,
-    float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+__attribute__((target("amx-tile,amx-int8"))) static void int8_gemm_amx(
+    const int8_t *a, int64_t M, int64_t K, const uint8_t *b, int64_t row_bytes, int nibbles, const int8_t *zeros,
+    int64_t N, const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
     const int64_t nc = int8_nc(M), slab = int8_kc(M), mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
     const int64_t full = M / AMX_MB * AMX_MB;
     int32_t *cbuf = (int32_t *)scratch;
@@ -722,7 +737,7 @@ __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
         const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
         for (int64_t k0 = 0; k0 < K; k0 += slab) {
             const int64_t kc = K - k0 < slab ? K - k0 : slab;
-            int8_panels(b, K, nb, tiles, k0, kc, wbuf);
+            int8_panels(b, row_bytes, nibbles, zeros, nb, tiles, k0, kc, wbuf);
             for (int64_t mc = 0; mc < mpad; mc += AMX_MC)
             for (int64_t pn = 0; pn < width; pn += PANEL_N) {
                 const int nt = width - pn >= PANEL_N ? 2 : 1;
@@ -743,6 +758,20 @@ __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
     }
     _tile_release();
 }
+
+__attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
+    const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale, const float *b_scale,
+    float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    int8_gemm_amx(a, M, K, (const uint8_t *)b, K, 0, 0, N, a_scale, b_scale, y, n_start, n_stop, scratch);
+}
+
+/* As qdlm_int8_gemm_amx with a W4A4 weight: per-channel int4 codes as the checkpoint packs them (rows
+ * row_stride bytes apart), zeros int8 [N] or NULL (symmetric: 8). The same scratch. */
+__attribute__((target("amx-tile,amx-int8"))) void qdlm_int4a_gemm_amx(
+    const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, const int8_t *zeros, int64_t N,
+    const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    int8_gemm_amx(a, M, K, codes, row_stride, 1, zeros, N, a_scale, b_scale, y, n_start, n_stop, scratch);
+}
 #else
 int qdlm_amx_int8_ready(void) { return 0; }
 int64_t qdlm_int8_amx_scratch(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
@@ -750,6 +779,12 @@ void qdlm_int8_gemm_amx(const int8_t *a, int64_t M, int64_t K, const int8_t *b, 
                         const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
     (void)a; (void)M; (void)K; (void)b; (void)N; (void)a_scale; (void)b_scale; (void)y; (void)n_start;
     (void)n_stop; (void)scratch;
+}
+void qdlm_int4a_gemm_amx(const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
+                         const int8_t *zeros, int64_t N, const float *a_scale, const float *b_scale, float *y,
+                         int64_t n_start, int64_t n_stop, void *scratch) {
+    (void)a; (void)M; (void)K; (void)codes; (void)row_stride; (void)zeros; (void)N; (void)a_scale; (void)b_scale;
+    (void)y; (void)n_start; (void)n_stop; (void)scratch;
 }
 int qdlm_amx_ready(void) { return 0; }
 int64_t qdlm_int4_amxi_x_words(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
