@@ -72,19 +72,28 @@ def int8_gemm_amx(
     reason = unsupported_reason(K=k, N=n, device=a_q.device)
     if reason:
         raise ValueError(reason)
+    b = b_q.contiguous()
+    return _amx_gemm("qdlm_int8_gemm_amx", a_q, a_scale, (b.data_ptr(),), b_scale, k, n, bias, out_dtype)
+
+
+def _amx_gemm(c_function: str, a_q: torch.Tensor, a_scale: torch.Tensor, weight_args: tuple, b_scale: torch.Tensor,
+              k: int, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What the int8 and W4A4 GEMMs share: activations and scales in the C layout, the C function over
+    thread shares of whole 32-output panels, then the bias in float32 and the output dtype.
+    ``weight_args``: the C function's weight arguments between K and N (the caller keeps the tensors)."""
     lead = a_q.shape[:-1]
     a2 = a_q.reshape(-1, k).contiguous()
     m = a2.shape[0]
-    b = b_q.contiguous()
     a_s = a_scale.reshape(-1).to(torch.float32).contiguous()
     b_s = b_scale.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     if m:
         lib = library()
+        gemm = getattr(lib, c_function)
         nbytes = lib.qdlm_int8_amx_scratch(m, k)
-        args = (a2.data_ptr(), m, k, b.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
+        args = (a2.data_ptr(), m, k, *weight_args, n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         unit = 32 if n % 32 == 0 else TILE_N
-        _run_split(lambda lo, hi: lib.qdlm_int8_gemm_amx(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
+        _run_split(lambda lo, hi: gemm(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
                    n // unit, _threads(n // unit, 2))
     if bias is not None:
         y.add_(bias.float())
@@ -122,26 +131,11 @@ def packed_int4_linear_amx(
     reason = packed_unsupported_reason(bits=bits, group_size=group_size, K=k, N=n, device=x_q.device)
     if reason:
         raise ValueError(reason)
-    lead = x_q.shape[:-1]
-    a2 = x_q.reshape(-1, k).contiguous()
-    m = a2.shape[0]
     # byte j of a row = codes 2j | 2j+1 << 4; rows may lie further apart than K/2 bytes (a row slice)
     codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
     zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
-    a_s = x_scale.reshape(-1).to(torch.float32).contiguous()
-    b_s = weight_scale.reshape(-1).to(torch.float32).contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m:
-        lib = library()
-        nbytes = lib.qdlm_int8_amx_scratch(m, k)
-        args = (a2.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), None if zeros is None else zeros.data_ptr(), n,
-                a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
-        unit = 32 if n % 32 == 0 else TILE_N
-        _run_split(lambda lo, hi: lib.qdlm_int4a_gemm_amx(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
-                   n // unit, _threads(n // unit, 2))
-    if bias is not None:
-        y.add_(bias.float())
-    return y.to(out_dtype).view(*lead, n)
+    weight_args = (codes.data_ptr(), codes.stride(0), None if zeros is None else zeros.data_ptr())
+    return _amx_gemm("qdlm_int4a_gemm_amx", x_q, x_scale, weight_args, weight_scale, k, n, bias, out_dtype)
 
 
 def quantize_unsupported_reason(*, dtype: torch.dtype | None = None, device=None, **_: object) -> str | None:
