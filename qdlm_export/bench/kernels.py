@@ -146,29 +146,31 @@ def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int,
         w_q, w_s = weights[op]
         auto = D.select_backend("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype)
         for b in _backends("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype):
-            # the activation quantizer: Triton's with the Triton GEMM, else the one auto runs (as w8a8_linear)
-            q_name = "triton" if b.name == "triton" else None
-
-            def run(name=b.name, q_name=q_name):
-                x_q, x_s = D.quantize_per_token(x, 8, backend=q_name)
-                return D.int8_gemm(x_q, x_s, w_q, w_s, None, x.dtype, backend=name)
-
-            out.append((b.name, b.impl is auto.impl, run, _nbytes(w_q, w_s)))
+            gemm = functools.partial(D.int8_gemm, b_q=w_q, b_scale=w_s, bias=None, out_dtype=x.dtype, backend=b.name)
+            out.append((b.name, b.impl is auto.impl, _quantize_then(x, 8, b.name, gemm), _nbytes(w_q, w_s)))
     elif op == "w4a4":
         packed, scale = weights[op]
         params = dict(M=m, K=k, N=n, bits=4, group_size=-1, symmetric=True)
         auto = D.select_backend("packed_int_linear", device, dtype=x.dtype, **params)
         for b in _backends("packed_int_linear", device, **params):
-            q_name = "triton" if b.name == "triton" else None  # the activation quantizer, as for w8a8
-
-            def run(name=b.name, q_name=q_name):
-                x_q, x_s = D.quantize_per_token(x, 4, backend=q_name)
-                return D.packed_int_linear(x_q, x_s, packed, scale, None, 4, -1, k, None, x.dtype, backend=name)
-
-            out.append((b.name, b.impl is auto.impl, run, _nbytes(packed, scale)))
+            gemm = functools.partial(D.packed_int_linear, weight_packed=packed, weight_scale=scale, weight_zero_point=None,
+                                     bits=4, group_size=-1, in_features=k, out_dtype=x.dtype, backend=b.name)
+            out.append((b.name, b.impl is auto.impl, _quantize_then(x, 4, b.name, gemm), _nbytes(packed, scale)))
     else:
         raise ValueError(f"unknown benchmark op {op!r}; choose from {OPS}")
     return out
+
+
+def _quantize_then(x: torch.Tensor, bits: int, backend: str, gemm: Callable[..., Any]) -> Callable[[], Any]:
+    """A weight-activation candidate: per-token quantization of ``x`` (Triton's with a Triton GEMM, else
+    the one auto runs, as ``w8a8_linear`` / ``w4a4_linear`` do), then ``gemm(x_q, x_scale)``."""
+    q_name = "triton" if backend == "triton" else None
+
+    def run():
+        x_q, x_s = D.quantize_per_token(x, bits, backend=q_name)
+        return gemm(x_q, x_s)
+
+    return run
 
 
 def _activation_dtype(x32: torch.Tensor, weights: dict, device: torch.device, min_run_time: float, clock) -> torch.dtype:
