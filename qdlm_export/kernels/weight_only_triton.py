@@ -21,6 +21,11 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   words along each row, then split. For 3 bits the codes at shifts 30 and 31 continue at bit 0 of
   the next word: we also load that word and OR in its low bits shifted up by ``32 - shift``. Words
   are read as uint32 so that ``>>`` is a logical shift.
+* ``SWAP_AB`` computes the transposed tile, ``tile @ x.T``: the dequantized weight becomes the MMA's
+  first operand. On Hopper that operand of ``wgmma`` may come from registers, where the dequantized
+  tile already is, while the second must sit in shared memory (so the default order stores every
+  dequantized tile there first); and the MMA's M side is at least 64 rows, which a 16-token ``x``
+  fills only a quarter of, while its N side (the tokens, once swapped) may be as narrow as 8.
 """
 
 from __future__ import annotations
@@ -118,12 +123,16 @@ def _wo_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     split = tl.program_id(1)  # SPLIT_K > 1: this program sums every SPLIT_K-th K step into its own slice
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(split * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
         x = tl.load(
@@ -147,7 +156,12 @@ def _wo_gemm_kernel(
             # torch backend's dequantized weight is, so the MMA accumulates in place.
             s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
             w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if PER_CHANNEL:
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
@@ -196,6 +210,7 @@ def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
     cfg["GROUP_M"] = 8
     cfg["SPLIT_K"] = 1  # > 1 only from the tile sweep so far (benchmarks/triton_sweep.py)
+    cfg["SWAP_AB"] = False  # True only from the tile sweep so far
     return cfg
 
 
@@ -231,6 +246,7 @@ def weight_only_linear_triton(
     wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
+    cfg.setdefault("SWAP_AB", False)
     split_k = cfg["SPLIT_K"]
     # Split K: each of the SPLIT_K programs of a tile writes a float32 partial sum, summed after
     # (more programs for few tokens, where one per output tile leaves most of the GPU idle).

@@ -231,6 +231,29 @@ def test_weight_only_triton_split_k(gen, bits, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (3, 32, True), (2, -1, False), (8, -1, True)])
+def test_weight_only_triton_swap_ab(gen, bits, group, symmetric):
+    """SWAP_AB (the transposed tile, dequantized weight as the MMA's first operand): the same product
+    against the float64 reference, with masked tails on every side, per group and per channel, with and
+    without split K."""
+    from qdlm_export.kernels.weight_only_triton import pick_config, weight_only_linear_triton
+
+    k = 100 if group == -1 else 3 * group
+    n_out, m = 40, 19  # tails in N and M for 16-row / 32-column tiles
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, torch.bfloat16)
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    for split in (1, 3):
+        cfg = {**pick_config(m, n_out, group, k), "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16 if group == -1 else 32,
+               "SPLIT_K": split, "SWAP_AB": True}
+        out = nan_buffer((m, n_out), torch.float32)
+        y = weight_only_linear_triton(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), out=out, config=cfg)
+        assert y is out
+        assert_close(y.cpu(), *ref_linear(x, w64, bias), RTOL[torch.float32], f"swap, split {split}")
+
+
+@needs_triton
 def test_weight_only_triton_configs_are_valid():
     """Every tile config the heuristic can pick: K steps inside one group, MMA-sized tiles."""
     from qdlm_export.kernels.weight_only_triton import pick_config
