@@ -167,7 +167,8 @@ def fht_unsupported_reason(*, n: int, dtype: torch.dtype | None = None, **_: obj
 # ---------------------------------------------------------------------------------------------
 # The op and its backends (highest priority first; `auto` takes the first that can run):
 #   fast_hadamard_transform (CUDA) > triton (CUDA) > torch
-# Both fast backends transform the power-of-two axis, then apply H_m in torch. Triton and
+# fast_hadamard_transform transforms the power-of-two axis, then H_m runs in torch; the Triton kernel
+# applies H_m itself where a row fits one program (hadamard_triton.py). Triton and
 # fast_hadamard_transform are imported on first use (see _triton.py).
 # ---------------------------------------------------------------------------------------------
 
@@ -231,10 +232,10 @@ def _fht_pow2(x: torch.Tensor, scale: float) -> torch.Tensor:
     return fast_hadamard_transform.hadamard_transform(x, scale)
 
 
-def _triton_pow2(x: torch.Tensor, scale: float) -> torch.Tensor:
-    from .hadamard_triton import fwht_triton
+def _hadamard_triton(x: torch.Tensor, normalized: bool = True, inverse: bool = False) -> torch.Tensor:
+    from .hadamard_triton import hadamard_triton
 
-    return fwht_triton(x, scale)
+    return hadamard_triton(x, x.shape[-1] ** -0.5 if normalized else 1.0, inverse)
 
 
 register_backend(
@@ -242,8 +243,8 @@ register_backend(
     priority=30, unsupported=_fht_unsupported, summary="fast_hadamard_transform CUDA kernel, then H_m",
 )
 register_backend(
-    "hadamard", "triton", _with_hadamard_k(_triton_pow2), family="triton", priority=20,
-    unsupported=_triton_unsupported, auto=on_cuda, summary="Triton FWHT as two Sylvester matmuls, then H_m",
+    "hadamard", "triton", _hadamard_triton, family="triton", priority=20, unsupported=_triton_unsupported,
+    auto=on_cuda, summary="Triton FWHT as Sylvester matmuls, with H_m in the same kernel where a row fits",
 )
 register_backend(
     "hadamard", "torch", hadamard_transform_torch, family="torch", priority=0,

@@ -1,28 +1,47 @@
-"""Power-of-two Walsh-Hadamard transform over the last dim, Triton backend.
+"""Walsh-Hadamard transforms over the last dim, Triton backend.
 
-    fwht_triton(x, scale=1.0, out=None) -> scale * (x @ S_n)     (S_n natural-order Sylvester, symmetric)
+    fwht_triton(x, scale=1.0, out=None)              -> scale * (x @ S_n)   (n a power of two)
+    hadamard_triton(x, scale=1.0, inverse=False)     -> scale * (x @ H_n)   (x @ H_n.T when inverse)
 
-for ``16 <= n <= 16384`` (``hadamard.triton_fwht_unsupported_reason`` says why not). Non-power-of-two
-sizes ``m * p`` are handled by the caller: this kernel on the power-of-two axis, then ``H_m``.
+``S_n`` is the natural-order Sylvester matrix (symmetric), ``H_n = H_k (x) S_p`` the checkpoint
+format's matrix (``hadamard.py``); power-of-two parts ``16 <= p <= 16384``
+(``hadamard.triton_fwht_unsupported_reason`` says why not).
 
-Instead of log2(n) butterfly passes, the kernel uses ``S_{ab} = S_a (x) S_b``: a row viewed as an
+Instead of log2(p) butterfly passes, the kernel uses ``S_{ab} = S_a (x) S_b``: a row viewed as an
 ``[a, b]`` matrix ``X`` transforms to ``S_a X S_b``, two small matmuls on the tensor cores. The
-Sylvester blocks are generated in registers (``S[i, j] = (-1)**popcount(i & j)``), nothing is read
-but ``x``. Rows of ``n <= 128`` are batched ``BLOCK_R`` at a time as ``X [BLOCK_R, n] @ S_n``;
-longer rows take one program each with ``a = 2**floor(m/2)``, ``b = 2**ceil(m/2)`` (both >= 16, so
-both matmuls meet ``tl.dot``'s minimum size). Accumulation is fp32 (``ieee`` dots: fp32 data is not
-truncated to tf32), the result is stored in the output's dtype.
+Sylvester blocks are generated in registers (``S[i, j] = (-1)**popcount(i & j)``). Rows of
+``p <= 128`` are batched ``BLOCK_R`` at a time as ``X [BLOCK_R, p] @ S_p``; longer rows take one
+program each with ``a = 2**floor(m/2)``, ``b = 2**ceil(m/2)`` (both >= 16, ``tl.dot``'s minimum).
+
+For ``n = k * p`` (``k`` > 1, e.g. LLaDA-8B's 12288 = 12 * 1024) one program holds the whole row as
+``[k, p]`` (``k`` padded to ``KP`` rows of zeros), applies ``S_p`` to each of the k sub-rows and
+then ``H_k^T`` (a ``[KP, KP]`` matrix read from memory) across them, and stores once: the row is
+read and written once, where ``S_p`` then ``H_k`` in torch wrote and re-read it three more times
+in float32 (an H200 measured the online Hadamards at 10 % of a QuaRot block's time that way).
+Rows too large for one program's registers (``KP * p > FUSED_MAX_ELEMENTS``, e.g. 148 * 128) keep
+that two-step path.
+
+Precision: every product is with a +-1 matrix, so it is exact; sums are fp32. bf16/fp16 data runs
+on bf16 tensor-core MMAs with fp32 data split as ``hi + lo`` (two bf16 numbers: exact for bf16 and
+fp16 inputs, within 2**-16 of an fp32 intermediate, far below the output's rounding). fp32 data
+keeps fp32 (``ieee``) MMAs: fp32 models ask for exactness, not speed.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import cdiv
+from ._triton import cdiv, interpret_mode
+from .hadamard import apply_hadamard_k, compute_dtype, hadamard_k, split_size, triton_fwht_unsupported_reason
 
-from .hadamard import triton_fwht_unsupported_reason
+FUSED_MAX_ELEMENTS = 16384  # KP * p held by one program (fp32, several live copies)
+FUSED_MAX_KP = 64  # the padded H_k tile, KP * KP fp32 values, also lives in registers
+FUSED_FAILED: dict[tuple, str] = {}  # (n, dtype, device type) -> why the fused kernel did not run
 
 
 @triton.jit
@@ -37,35 +56,141 @@ def _sylvester_block(rows, cols):
 
 
 @triton.jit
+def _pm1_dot(data, pm1, DATA_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """``data @ pm1`` (or ``pm1 @ data``) for fp32 ``data`` and a +-1 (or 0) fp32 matrix ``pm1``.
+
+    SPLIT: two bf16 MMAs on ``data = hi + lo`` (the +-1 entries, ``hi`` and ``lo`` are exact in bf16);
+    UPCAST (the interpreter, whose bf16 dots are wrong) runs the same split in fp32. Else one fp32 MMA.
+    """
+    if SPLIT:
+        hi = data.to(tl.bfloat16)
+        lo = (data - hi.to(tl.float32)).to(tl.bfloat16)
+        if UPCAST:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+            s = pm1
+            if DATA_LEFT:
+                return tl.dot(lo, s, tl.dot(hi, s, input_precision="ieee"), input_precision="ieee")
+            return tl.dot(s, lo, tl.dot(s, hi, input_precision="ieee"), input_precision="ieee")
+        s = pm1.to(tl.bfloat16)
+        if DATA_LEFT:
+            return tl.dot(lo, s, tl.dot(hi, s))
+        return tl.dot(s, lo, tl.dot(s, hi))
+    if DATA_LEFT:
+        return tl.dot(data, pm1, input_precision="ieee")
+    return tl.dot(pm1, data, input_precision="ieee")
+
+
+@triton.jit
 def _fwht_kernel(
     x_ptr,
     y_ptr,
+    hk_ptr,
     R,
     stride_xr,
     stride_yr,
     scale,
+    K_ORD: tl.constexpr,
+    KP: tl.constexpr,
     A: tl.constexpr,
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     ib = tl.arange(0, B)
     s_b = _sylvester_block(ib, ib)
-    if A == 1:
-        # n = B <= 128: BLOCK_R rows at once, Y = X @ S_B.
+    if K_ORD == 1 and A == 1:
+        # p = B <= 128: BLOCK_R rows at once, Y = X @ S_B.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = (rows < R)[:, None]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + ib[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = tl.dot(x, s_b, input_precision="ieee")
+        y = _pm1_dot(x, s_b, True, SPLIT, UPCAST)
         tl.store(y_ptr + rows[:, None] * stride_yr + ib[None, :], (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        # One row of n = A * B, element (i, j) of its [A, B] view at offset i * B + j: Y = S_A X S_B.
+    elif K_ORD == 1:
+        # One row of p = A * B, element (i, j) of its [A, B] view at offset i * B + j: Y = S_A X S_B.
         row = tl.program_id(0)
         ia = tl.arange(0, A)
         offs = ia[:, None] * B + ib[None, :]
         x = tl.load(x_ptr + row * stride_xr + offs).to(tl.float32)
-        t = tl.dot(_sylvester_block(ia, ia), x, input_precision="ieee")
-        y = tl.dot(t, s_b, input_precision="ieee")
+        t = _pm1_dot(x, _sylvester_block(ia, ia), False, SPLIT, UPCAST)
+        y = _pm1_dot(t, s_b, True, SPLIT, UPCAST)
         tl.store(y_ptr + row * stride_yr + offs, (y * scale).to(y_ptr.dtype.element_ty))
+    else:
+        # One row of n = K_ORD * p as [KP, p] (rows >= K_ORD are zeros): S_p on each sub-row, then
+        # H_k^T across them (hk_ptr holds it, zero-padded to [KP, KP]).
+        row = tl.program_id(0)
+        ik = tl.arange(0, KP)
+        ip = tl.arange(0, A * B)
+        ok = (ik < K_ORD)[:, None]
+        offs = ik[:, None] * (A * B) + ip[None, :]
+        x = tl.load(x_ptr + row * stride_xr + offs, mask=ok, other=0.0).to(tl.float32)
+        if A == 1:
+            t = _pm1_dot(x, s_b, True, SPLIT, UPCAST)
+        else:
+            # [KP * A, B] @ S_B, then S_A along the A axis: bring it last, [KP * B, A] @ S_A, and back.
+            t = _pm1_dot(tl.reshape(x, (KP * A, B)), s_b, True, SPLIT, UPCAST)
+            t = tl.reshape(tl.permute(tl.reshape(t, (KP, A, B)), (0, 2, 1)), (KP * B, A))
+            ia = tl.arange(0, A)
+            t = _pm1_dot(t, _sylvester_block(ia, ia), True, SPLIT, UPCAST)
+            t = tl.reshape(tl.permute(tl.reshape(t, (KP, B, A)), (0, 2, 1)), (KP, A * B))
+        hk = tl.load(hk_ptr + ik[:, None] * KP + ik[None, :])
+        y = _pm1_dot(t, hk, False, SPLIT, UPCAST)
+        tl.store(y_ptr + row * stride_yr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _factors(p: int) -> tuple[int, int]:
+    """``p -> (A, B)``: ``(1, p)`` up to 128, else two powers of two >= 16 with ``A * B = p``."""
+    if p <= 128:
+        return 1, p
+    m = p.bit_length() - 1
+    return 1 << (m // 2), 1 << (m - m // 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_hk(k: int, kp: int, inverse: bool, device: torch.device) -> torch.Tensor:
+    """``H_k^T`` (forward; ``H_k`` when inverse) as fp32 ``[kp, kp]``, zero-padded (cached: read only)."""
+    h = hadamard_k(k).to(torch.float32)
+    out = torch.zeros(kp, kp, dtype=torch.float32)
+    out[:k, :k] = h if inverse else h.T
+    return out.to(device)
+
+
+def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, inverse: bool) -> None:
+    R = x2.shape[0]
+    a, b = _factors(p)
+    split = x2.dtype in (torch.bfloat16, torch.float16)
+    kp = max(16, 1 << (k - 1).bit_length()) if k > 1 else 1
+    hk = _padded_hk(k, kp, inverse, x2.device) if k > 1 else x2
+    block_r = 16 if k == 1 and a == 1 else 1
+    elements = kp * p
+    _fwht_kernel[(cdiv(R, block_r),)](
+        x2,
+        y2,
+        hk,
+        R,
+        x2.stride(0),
+        y2.stride(0),
+        float(scale),
+        K_ORD=k,
+        KP=kp,
+        A=a,
+        B=b,
+        BLOCK_R=block_r,
+        SPLIT=split,
+        UPCAST=split and interpret_mode(),
+        num_warps=4 if elements <= 4096 else 8 if elements <= 8192 else 16,
+    )
+
+
+def _rows(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"out has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
+    return x2, y, y.view(-1, n)
 
 
 def fwht_triton(x: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,33 +199,48 @@ def fwht_triton(x: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = 
     reason = triton_fwht_unsupported_reason(n=n, dtype=x.dtype)
     if reason:
         raise ValueError(f"triton FWHT: {reason}")
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    if tuple(y.shape) != tuple(x.shape):
-        raise ValueError(f"out has shape {tuple(y.shape)}, expected {tuple(x.shape)}")
-    y2 = y.view(-1, n)
-    R = x2.shape[0]
-    if R == 0:
-        return y
-    m = n.bit_length() - 1
-    if n <= 128:
-        a, b, block_r = 1, n, 16
-        grid = (cdiv(R, block_r),)
-    else:
-        a, b, block_r = 1 << (m // 2), 1 << (m - m // 2), 1
-        grid = (R,)
-    _fwht_kernel[grid](
-        x2,
-        y2,
-        R,
-        x2.stride(0),
-        y2.stride(0),
-        float(scale),
-        A=a,
-        B=b,
-        BLOCK_R=block_r,
-        num_warps=4 if n <= 4096 else 8,
-    )
+    x2, y, y2 = _rows(x, n, out)
+    if x2.shape[0]:
+        _launch(x2, y2, scale, 1, n, False)
     return y
+
+
+def fused_unsupported_reason(n: int) -> str | None:
+    """None when one program takes a whole row of ``n = k * p`` (``k`` > 1), else why not."""
+    k, p = split_size(n)
+    if k == 1:
+        return "a power of two (no H_k factor to fuse)"
+    kp = max(16, 1 << (k - 1).bit_length())
+    if kp > FUSED_MAX_KP or kp * p > FUSED_MAX_ELEMENTS:
+        return f"{k} * {p} padded to {kp} * {p} exceeds one program's registers"
+    return None
+
+
+def hadamard_triton(x: torch.Tensor, scale: float = 1.0, inverse: bool = False) -> torch.Tensor:
+    """``scale * (x @ H_n)`` (``x @ H_n.T`` when ``inverse``) over the last dim, in ``x.dtype``: one
+    kernel when ``n`` is a power of two or :func:`fused_unsupported_reason` allows, else the
+    power-of-two kernel and then ``H_k`` in torch (float32)."""
+    n = x.shape[-1]
+    k, p = split_size(n)
+    reason = triton_fwht_unsupported_reason(n=p, dtype=x.dtype)
+    if reason:
+        raise ValueError(f"triton Hadamard: {reason}")
+    if k == 1:
+        return fwht_triton(x, scale)
+    key = (n, x.dtype, x.device.type)
+    if fused_unsupported_reason(n) is None and key not in FUSED_FAILED:
+        x2, y, y2 = _rows(x, n, None)
+        try:
+            if x2.shape[0]:
+                _launch(x2, y2, scale, k, p, inverse)
+            return y
+        except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile it keeps the two-step path
+            # The fused kernel's reshapes and permutes are newer than the rest; a compiler that rejects
+            # them (checked natively only by gpu_check.sh, whose test fails on this fallback) must not
+            # take the model down with it.
+            FUSED_FAILED[key] = f"{type(exc).__name__}: {exc}"[:300]
+            warnings.warn(f"fused Triton Hadamard of size {n} failed ({FUSED_FAILED[key]}); using two kernels",
+                          RuntimeWarning, stacklevel=2)
+    y = fwht_triton(x.reshape(-1, k, p), scale)  # S_p is symmetric: forward and inverse differ only in H_k
+    y = apply_hadamard_k(y.to(compute_dtype(x.dtype)), k, inverse)
+    return y.reshape(x.shape).to(x.dtype)

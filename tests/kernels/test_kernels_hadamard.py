@@ -218,6 +218,41 @@ def test_triton_backend_through_dispatch(gen, n):
     assert_rel(inv, x.double(), 1e-5, "inverse")
 
 
+@needs_triton
+@pytest.mark.parametrize("n", [12 * 16, 20 * 64, 12 * 1024, 60 * 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_hadamard_applies_the_order_k_factor_in_the_same_kernel(gen, monkeypatch, n, dtype):
+    """n = k * p with k > 1 (LLaDA-8B's 12288 = 12 * 1024): one kernel applies S_p and H_k (padded to
+    16 or 64 rows; p = 16 ... 1024, one or two Sylvester factors), forward and inverse, against the
+    float64 torch transform; the two-step path (H_k in torch) is not taken."""
+    import qdlm_export.kernels.hadamard_triton as ht
+
+    def two_step(*args, **kwargs):
+        raise AssertionError("H_k was applied in torch, not in the kernel")
+
+    monkeypatch.setattr(ht, "apply_hadamard_k", two_step)
+    assert ht.fused_unsupported_reason(n) is None
+    x = torch.randn(3, n, generator=gen).to(dtype)
+    for inverse in (False, True):
+        ref = hadamard_transform_torch(x.double(), inverse=inverse)
+        y = ht.hadamard_triton(x.to(DEV), n**-0.5, inverse).cpu()
+        assert y.dtype == dtype
+        assert_rel(y, ref, RTOL[dtype], f"n={n} inverse={inverse}")
+
+
+@needs_triton
+def test_triton_hadamard_keeps_two_steps_where_a_row_does_not_fit(gen):
+    """148 * 128 (Dream-7B's 18944) pads H_k to 256 rows: too large for one program; the power-of-two
+    kernel runs, then H_k in torch, and the result is the same transform."""
+    from qdlm_export.kernels.hadamard_triton import fused_unsupported_reason, hadamard_triton
+
+    n = 148 * 128
+    assert "exceeds" in fused_unsupported_reason(n) and "no H_k" in fused_unsupported_reason(1024)
+    x = torch.randn(2, n, generator=gen).to(torch.bfloat16)
+    assert_rel(hadamard_triton(x.to(DEV), n**-0.5).cpu(), hadamard_transform_torch(x.double()), RTOL[torch.bfloat16],
+               "two-step")
+
+
 def test_hadamard_backend_choice():
     assert kernels.select_backend("hadamard", "cpu", n=4096).name == "torch"
     text = kernels.describe_backend("hadamard", "cuda", n=18944)
@@ -272,3 +307,28 @@ def test_loaded_quarot_model_runs_its_online_hadamards_through_the_kernels(tmp_p
     assert max(errors) < 1e-5  # each online transform is the format's matrix product
     # End to end the same up to 8-bit activation codes that float rounding moved across a boundary.
     assert ((got - reference).norm() / reference.norm()).item() < 1e-2
+
+
+@needs_triton
+def test_triton_hadamard_falls_back_to_two_steps_when_the_fused_kernel_fails(gen, monkeypatch):
+    """A Triton that cannot compile the fused kernel (reshapes, permutes) warns once and keeps the
+    two-step path, with the same result, instead of failing the model's forward."""
+    import qdlm_export.kernels.hadamard_triton as ht
+
+    real = ht._launch
+
+    def failing(x2, y2, scale, k, p, inverse):
+        if k > 1:
+            raise RuntimeError("PassManager::run failed")
+        return real(x2, y2, scale, k, p, inverse)
+
+    monkeypatch.setattr(ht, "_launch", failing)
+    monkeypatch.setattr(ht, "FUSED_FAILED", {})
+    n = 12 * 64
+    x = torch.randn(3, n, generator=gen)
+    with pytest.warns(RuntimeWarning, match="fused Triton Hadamard of size 768 failed"):
+        y = ht.hadamard_triton(x.to(DEV), n**-0.5).cpu()
+    assert_rel(y, hadamard_transform_torch(x.double()), RTOL[torch.float32], "fallback")
+    assert list(ht.FUSED_FAILED) == [(n, torch.float32, DEV.type)]
+    y2 = ht.hadamard_triton(x.to(DEV), n**-0.5).cpu()  # no second attempt, no second warning
+    assert_rel(y2, hadamard_transform_torch(x.double()), RTOL[torch.float32], "fallback again")
