@@ -210,7 +210,7 @@ def _fht_unsupported(p: Problem) -> str | None:
     return None if pow2 is None else fht_unsupported_reason(n=pow2, dtype=p.dtype)
 
 
-def _with_hadamard_k(pow2_fn):
+def with_hadamard_k(pow2_fn):
     """A full transform from a power-of-two one: ``pow2_fn`` on the 2**m axis, then H_m in torch."""
 
     def run(x: torch.Tensor, normalized: bool = True, inverse: bool = False) -> torch.Tensor:
@@ -235,11 +235,11 @@ def _fht_pow2(x: torch.Tensor, scale: float) -> torch.Tensor:
 def _hadamard_triton(x: torch.Tensor, normalized: bool = True, inverse: bool = False) -> torch.Tensor:
     from .hadamard_triton import hadamard_triton
 
-    return hadamard_triton(x, x.shape[-1] ** -0.5 if normalized else 1.0, inverse)
+    return hadamard_triton(x, normalized, inverse)
 
 
 register_backend(
-    "hadamard", "fast_hadamard_transform", _with_hadamard_k(_fht_pow2), family="fast_hadamard_transform",
+    "hadamard", "fast_hadamard_transform", with_hadamard_k(_fht_pow2), family="fast_hadamard_transform",
     priority=30, unsupported=_fht_unsupported, summary="fast_hadamard_transform CUDA kernel, then H_m",
 )
 register_backend(

@@ -1,7 +1,7 @@
 """Walsh-Hadamard transforms over the last dim, Triton backend.
 
     fwht_triton(x, scale=1.0, out=None)              -> scale * (x @ S_n)   (n a power of two)
-    hadamard_triton(x, scale=1.0, inverse=False)     -> scale * (x @ H_n)   (x @ H_n.T when inverse)
+    hadamard_triton(x, normalized=True, inverse=False) -> x @ H_n (x @ H_n.T when inverse), / sqrt(n) when normalized
 
 ``S_n`` is the natural-order Sylvester matrix (symmetric), ``H_n = H_k (x) S_p`` the checkpoint
 format's matrix (``hadamard.py``); power-of-two parts ``16 <= p <= 16384``
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, interpret_mode
-from .hadamard import apply_hadamard_k, compute_dtype, hadamard_k, split_size, triton_fwht_unsupported_reason
+from .hadamard import hadamard_k, split_size, triton_fwht_unsupported_reason, with_hadamard_k
 
 FUSED_MAX_ELEMENTS = 16384  # KP * p held by one program (fp32, several live copies)
 FUSED_MAX_KP = 64  # the padded H_k tile, KP * KP fp32 values, also lives in registers
@@ -216,23 +216,21 @@ def fused_unsupported_reason(n: int) -> str | None:
     return None
 
 
-def hadamard_triton(x: torch.Tensor, scale: float = 1.0, inverse: bool = False) -> torch.Tensor:
-    """``scale * (x @ H_n)`` (``x @ H_n.T`` when ``inverse``) over the last dim, in ``x.dtype``: one
-    kernel when ``n`` is a power of two or :func:`fused_unsupported_reason` allows, else the
-    power-of-two kernel and then ``H_k`` in torch (float32)."""
+def hadamard_triton(x: torch.Tensor, normalized: bool = True, inverse: bool = False) -> torch.Tensor:
+    """``x @ H_n`` (``x @ H_n.T`` when ``inverse``) over the last dim, times ``1/sqrt(n)`` when
+    ``normalized``, in ``x.dtype``: one kernel when ``n`` is a power of two or
+    :func:`fused_unsupported_reason` allows, else the power-of-two kernel and then ``H_k`` in torch."""
     n = x.shape[-1]
     k, p = split_size(n)
     reason = triton_fwht_unsupported_reason(n=p, dtype=x.dtype)
     if reason:
         raise ValueError(f"triton Hadamard: {reason}")
-    if k == 1:
-        return fwht_triton(x, scale)
     key = (n, x.dtype, x.device.type)
-    if fused_unsupported_reason(n) is None and key not in FUSED_FAILED:
+    if k > 1 and fused_unsupported_reason(n) is None and key not in FUSED_FAILED:
         x2, y, y2 = _rows(x, n, None)
         try:
             if x2.shape[0]:
-                _launch(x2, y2, scale, k, p, inverse)
+                _launch(x2, y2, n**-0.5 if normalized else 1.0, k, p, inverse)
             return y
         except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile it keeps the two-step path
             # The fused kernel's reshapes and permutes are newer than the rest; a compiler that rejects
@@ -241,6 +239,4 @@ def hadamard_triton(x: torch.Tensor, scale: float = 1.0, inverse: bool = False) 
             FUSED_FAILED[key] = f"{type(exc).__name__}: {exc}"[:300]
             warnings.warn(f"fused Triton Hadamard of size {n} failed ({FUSED_FAILED[key]}); using two kernels",
                           RuntimeWarning, stacklevel=2)
-    y = fwht_triton(x.reshape(-1, k, p), scale)  # S_p is symmetric: forward and inverse differ only in H_k
-    y = apply_hadamard_k(y.to(compute_dtype(x.dtype)), k, inverse)
-    return y.reshape(x.shape).to(x.dtype)
+    return with_hadamard_k(fwht_triton)(x, normalized, inverse)

@@ -230,12 +230,12 @@ def test_triton_hadamard_applies_the_order_k_factor_in_the_same_kernel(gen, monk
     def two_step(*args, **kwargs):
         raise AssertionError("H_k was applied in torch, not in the kernel")
 
-    monkeypatch.setattr(ht, "apply_hadamard_k", two_step)
+    monkeypatch.setattr(ht, "with_hadamard_k", two_step)
     assert ht.fused_unsupported_reason(n) is None
     x = torch.randn(3, n, generator=gen).to(dtype)
     for inverse in (False, True):
         ref = hadamard_transform_torch(x.double(), inverse=inverse)
-        y = ht.hadamard_triton(x.to(DEV), n**-0.5, inverse).cpu()
+        y = ht.hadamard_triton(x.to(DEV), True, inverse).cpu()
         assert y.dtype == dtype
         assert_rel(y, ref, RTOL[dtype], f"n={n} inverse={inverse}")
 
@@ -249,7 +249,7 @@ def test_triton_hadamard_keeps_two_steps_where_a_row_does_not_fit(gen):
     n = 148 * 128
     assert "exceeds" in fused_unsupported_reason(n) and "no H_k" in fused_unsupported_reason(1024)
     x = torch.randn(2, n, generator=gen).to(torch.bfloat16)
-    assert_rel(hadamard_triton(x.to(DEV), n**-0.5).cpu(), hadamard_transform_torch(x.double()), RTOL[torch.bfloat16],
+    assert_rel(hadamard_triton(x.to(DEV)).cpu(), hadamard_transform_torch(x.double()), RTOL[torch.bfloat16],
                "two-step")
 
 
@@ -327,8 +327,8 @@ def test_triton_hadamard_falls_back_to_two_steps_when_the_fused_kernel_fails(gen
     n = 12 * 64
     x = torch.randn(3, n, generator=gen)
     with pytest.warns(RuntimeWarning, match="fused Triton Hadamard of size 768 failed"):
-        y = ht.hadamard_triton(x.to(DEV), n**-0.5).cpu()
+        y = ht.hadamard_triton(x.to(DEV)).cpu()
     assert_rel(y, hadamard_transform_torch(x.double()), RTOL[torch.float32], "fallback")
     assert list(ht.FUSED_FAILED) == [(n, torch.float32, DEV.type)]
-    y2 = ht.hadamard_triton(x.to(DEV), n**-0.5).cpu()  # no second attempt, no second warning
+    y2 = ht.hadamard_triton(x.to(DEV)).cpu()  # no second attempt, no second warning
     assert_rel(y2, hadamard_transform_torch(x.double()), RTOL[torch.float32], "fallback again")
