@@ -3,8 +3,8 @@
     python benchmarks/triton_sweep.py [--ops weight_only int8 w4a4] [--m 16 256 1024 4096] [--json]
 
 For each op, shape ``K x N`` and token count ``M``: the heuristic's own pick (``pick_config`` /
-``_gemm_config``) and a few candidate tile sizes (for weight-only also the one-pass dequantization
-followed by cuBLAS), the torch fallback, and dense ``x @ W.T`` in bfloat16, all on the same weights
+``_gemm_config``) and a few candidate tile sizes (for weight-only also torch's int4 tensor-core
+kernel and the one-pass dequantization followed by cuBLAS), the torch fallback, and dense ``x @ W.T`` in bfloat16, all on the same weights
 and inputs. Times are medians of ``triton.testing.do_bench_cudagraph``
 (GPU time: the launch overhead of eager Python is left out) and, for the heuristic and dense,
 also eager ``do_bench``. Every candidate's output is checked against the torch backend's (relative
@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                     WO[m_class(m)],
                     weight_only_triton.pick_config(m, n, 128, k),
                     {"dequant+cuBLAS": lambda: weight_only_triton.weight_only_linear_triton_dequant(
-                        x, wp, ws, None, 4, 128, k)},
+                        x, wp, ws, None, 4, 128, k),
+                     # torch's int4 tensor-core kernel (CUDA only: the smoke run leaves it out)
+                     **({} if args.smoke else {"tinygemm": lambda: weight_only.weight_only_linear(
+                         x, wp, ws, None, 4, 128, k, backend="cuda_tinygemm")})},
                 )
             if "int8" in args.ops:
                 ref = int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16)

@@ -41,7 +41,7 @@ import torch
 from ..core.packing import pack_rows
 from ..core.schemes import WeightScheme, quantize_rtn
 from .. import kernels as D
-from ..kernels import cpu_native, cpu_packed
+from ..kernels import cpu_native, cpu_packed, cuda_tinygemm
 from ..kernels._triton import fast_hadamard_transform_available, triton_version
 from .timing import (
     DEFAULT_MIN_RUN_TIME,
@@ -383,10 +383,11 @@ def _drop_failing(fns: dict, cases: dict, m: int, k: int, n: int) -> list[dict[s
 
 
 def _cached_nbytes(backend: str, packed: torch.Tensor | None) -> int:
-    """What a CPU weight-only backend keeps beside the checkpoint's tensors once it has run."""
+    """What a weight-only backend that repacks keeps beside the checkpoint's tensors once it has run."""
     if packed is None:
         return 0
-    cached = {"cpu_packed": cpu_packed.cached_nbytes, "cpu_native": cpu_native.cached_nbytes}.get(backend)
+    cached = {"cpu_packed": cpu_packed.cached_nbytes, "cpu_native": cpu_native.cached_nbytes,
+              "cuda_tinygemm": cuda_tinygemm.cached_nbytes}.get(backend)
     return 0 if cached is None else cached(packed)
 
 

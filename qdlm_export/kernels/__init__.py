@@ -7,7 +7,8 @@ the registration of every backend; Triton kernels sit beside it:
 op                   module                  Triton                        other backends
 ===================  ======================  ============================  ==============================
 weight-only linear   ``weight_only.py``      ``weight_only_triton.py``     ``cpu_native.py`` (C, AVX512-BF16, AMX),
-                                                                           ``cpu_packed.py`` (torch CPU)
+                                                                           ``cpu_packed.py`` (torch CPU),
+                                                                           ``cuda_tinygemm.py`` (torch CUDA int4)
 grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
 int8 activations     ``int8.py``             ``int8_triton.py``            ``cpu_int8.py`` (C: AMX int8 GEMM,
                                                                            W4A4 on it, per-token quantizer),

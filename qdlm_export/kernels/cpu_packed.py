@@ -162,12 +162,28 @@ def repack(
     kg = int4_kernel_group(group_size, in_features)
     assert kg is not None
     w = _cpu_weight(weight_packed, 4, in_features) if with_weight else None
+    sz = int4_scale_and_zero(weight_scale, weight_zero_point, group_size, in_features, kg, torch.bfloat16)
+    return CpuPackedWeight(4, in_features, n, group_size, kg, w, sz, key)
+
+
+def int4_scale_and_zero(
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+    kernel_group: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """torch's int4 kernels' ``scale_and_zero`` ``[K/kernel_group, N, 2]`` (CPU and CUDA alike): they
+    compute ``(q - 8) * scale + zero``, ours is ``(q - z) * s``, so ``zero = (8 - z) * s`` (0 when
+    symmetric: ``z`` is 8); each of our groups repeats over the kernel groups it spans."""
+    s = weight_scale.to(torch.float32)
     zero = torch.zeros_like(s) if weight_zero_point is None else (8.0 - weight_zero_point.to(torch.float32)) * s
     sz = torch.stack([s, zero], dim=-1)  # [N, groups, 2]
-    if group != kg:
-        sz = sz.repeat_interleave(group // kg, dim=1)
-    sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/kg, N, 2]
-    return CpuPackedWeight(4, in_features, n, group_size, kg, w, sz, key)
+    group = in_features if group_size == -1 else group_size
+    if group != kernel_group:
+        sz = sz.repeat_interleave(group // kernel_group, dim=1)
+    return sz.transpose(0, 1).contiguous().to(dtype)
 
 
 def _cpu_weight(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

@@ -197,6 +197,7 @@ def triton_unsupported_reason(
 # ---------------------------------------------------------------------------------------------
 # The op and its backends (highest priority first; `auto` takes the first that can run):
 #   triton (CUDA; fused, up to CUDA_FUSED_MAX_M tokens) > triton_dequant (CUDA; above)
+#   > cuda_tinygemm (CUDA, 4 bits, bf16; by name only until measured)
 #   > cpu_native (CPU with AVX512-BF16, 4 bits) > cpu_packed (CPU, bf16/fp16 activations)
 #   > torch (dequantize + matmul)
 # Triton, cpu_native and cpu_packed are imported on first use (see _triton.py; cpu_packed imports this
@@ -267,6 +268,27 @@ register_backend(
     unsupported=triton_problem_unsupported, auto=_dequant_auto,
     summary="one-pass Triton dequantization to the activation dtype, then the dense GEMM (many tokens)",
 )
+def _tinygemm_unsupported(p: Problem) -> str | None:
+    from .cuda_tinygemm import unsupported_reason
+
+    return unsupported_reason(bits=p.bits, group_size=p.group_size, in_features=p.K, out_features=p.N,
+                              dtype=p.dtype, device=p.device)
+
+
+def _weight_only_linear_tinygemm(*args: object, **kwargs: object) -> torch.Tensor:
+    from .cuda_tinygemm import weight_only_linear_tinygemm
+
+    return weight_only_linear_tinygemm(*args, **kwargs)
+
+
+# Not picked by auto until a GPU run has measured where it beats the Triton kernels (bench times it).
+register_backend(
+    "weight_only_linear", "cuda_tinygemm", _weight_only_linear_tinygemm, family="cuda_tinygemm", priority=18,
+    unsupported=_tinygemm_unsupported, auto=lambda p: False,
+    summary="torch's int4 tensor-core kernel (aten._weight_int4pack_mm, gpt-fast/torchao's), repacked once",
+)
+
+
 def _cpu_native_unsupported(p: Problem) -> str | None:
     from .cpu_native import unsupported_reason
 
