@@ -21,6 +21,14 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   words along each row, then split. For 3 bits the codes at shifts 30 and 31 continue at bit 0 of
   the next word: we also load that word and OR in its low bits shifted up by ``32 - shift``. Words
   are read as uint32 so that ``>>`` is a logical shift.
+* ``OFFSET_CODES`` (bf16/fp16 activations, up to 4 bits) skips the per-weight dequantization: the
+  codes become the exact floats ``base + q`` by one OR into the mantissa of ``base`` (128 in bf16,
+  1024 in fp16), the MMA takes them unscaled, and each group's partial sum is corrected and scaled on
+  the accumulator, ``(x . (base + q) - (base + z) * sum(x)) * s``, with ``sum(x)`` from a small MMA.
+  The default path converts every weight element int -> fp32 -> scaled -> activation dtype, and GPU
+  conversions run at a fraction of the arithmetic rate: the suspected reason the fused kernel ran at
+  0.2x dense at 1024 tokens on an H200, which the tile sweep's OFFSET_CODES candidates test. The
+  weight is also never rounded to the activation dtype (closer to the float64 product).
 * ``SWAP_AB`` computes the transposed tile, ``tile @ x.T``: the dequantized weight becomes the MMA's
   first operand. On Hopper that operand of ``wgmma`` may come from registers, where the dequantized
   tile already is, while the second must sit in shared memory (so the default order stores every
@@ -93,6 +101,47 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def _mma(x, w, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x @ w.T`` (``[BLOCK_M, BLOCK_N]``), or with SWAP_AB its transpose ``acc + w @ x.T``."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _per_column(v, SWAP_AB: tl.constexpr):
+    """A per-output-column vector, broadcast against the accumulator's orientation."""
+    if SWAP_AB:
+        return v[:, None]
+    return v[None, :]
+
+
+@triton.jit
+def _per_token(v, SWAP_AB: tl.constexpr):
+    """A per-token vector, broadcast against the accumulator's orientation."""
+    if SWAP_AB:
+        return v[None, :]
+    return v[:, None]
+
+
+@triton.jit
+def _zero_points(z_ptr, offsets, ok, HAS_ZERO: tl.constexpr, BITS: tl.constexpr):
+    """int32 zero points at ``z_ptr + offsets`` (one per output row), or the symmetric midpoint."""
+    if HAS_ZERO:
+        return tl.load(z_ptr + offsets, mask=ok, other=0).to(tl.int32)
+    return offsets * 0 + (1 << (BITS - 1))
+
+
+@triton.jit
+def _token_sums(x, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """``sum_k x[m, k]`` in fp32 by an MMA with a ``[BLOCK_K, 16]`` selector (ones in column 0): no
+    per-element conversion of ``x`` on the CUDA cores."""
+    j = tl.arange(0, 16)
+    sel = ((tl.arange(0, BLOCK_K)[:, None] * 0 + j[None, :]) == 0).to(x.dtype)
+    return tl.sum(tl.dot(x, sel, input_precision=PRECISION), axis=1)
+
+
+@triton.jit
 def _wo_gemm_kernel(
     x_ptr,
     wp_ptr,
@@ -118,12 +167,15 @@ def _wo_gemm_kernel(
     PER_CHANNEL: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    CODE_BASE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    OFFSET_CODES: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -133,6 +185,7 @@ def _wo_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_total = tl.zeros((BLOCK_M,), dtype=tl.float32)  # OFFSET_CODES per channel: sum of x over K
     for k0 in range(split * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
         x = tl.load(
@@ -142,39 +195,59 @@ def _wo_gemm_kernel(
         )
         q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)
+        z = _zero_points(z_ptr, offs_n * stride_zn + g, n_ok, HAS_ZERO, BITS)
+        if OFFSET_CODES:
+            # The codes as the exact floats CODE_BASE + q (q ORed into the mantissa of CODE_BASE: no
+            # int-to-float conversion); the MMA multiplies them unscaled, and the zero point becomes
+            # (CODE_BASE + z) * sum_k x, subtracted per group before the group's scale.
+            w = (q | CODE_BITS).to(tl.int16).to(x.dtype, bitcast=True)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            xs = _token_sums(x, BLOCK_K, PRECISION)
+            if PER_CHANNEL:
+                acc = _mma(x, w, acc, SWAP_AB, PRECISION)
+                x_total += xs
+            else:
+                zb = (z + CODE_BASE).to(tl.float32)
+                s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                part = _mma(x, w, None, SWAP_AB, PRECISION)
+                acc += (part - _per_token(xs, SWAP_AB) * _per_column(zb, SWAP_AB)) * _per_column(s, SWAP_AB)
+        else:
             w = q - z[:, None]
-        else:
-            w = q - (1 << (BITS - 1))
-        if UPCAST:
-            x = x.to(tl.float32)
-        if PER_CHANNEL:
-            w = w.to(x.dtype)  # small integers: exact in every float dtype; scaled once at the end
-        else:
-            # The group's scale goes into the weight tile, rounded to the activation dtype as the
-            # torch backend's dequantized weight is, so the MMA accumulates in place.
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if SWAP_AB:
-        acc = tl.trans(acc)
+            if UPCAST:
+                x = x.to(tl.float32)
+            if PER_CHANNEL:
+                w = w.to(x.dtype)  # small integers: exact in every float dtype; scaled once at the end
+            else:
+                # The group's scale goes into the weight tile, rounded to the activation dtype as the
+                # torch backend's dequantized weight is, so the MMA accumulates in place.
+                s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+            acc = _mma(x, w, acc, SWAP_AB, PRECISION)
     if PER_CHANNEL:
+        if OFFSET_CODES:
+            zb = (_zero_points(z_ptr, offs_n * stride_zn, n_ok, HAS_ZERO, BITS) + CODE_BASE).to(tl.float32)
+            acc -= _per_token(x_total, SWAP_AB) * _per_column(zb, SWAP_AB)
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc * s[None, :]
+        acc = acc * _per_column(s, SWAP_AB)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
             bias = tl.where(split == 0, bias, 0.0)  # added by one slice only
-        acc += bias[None, :]
+        acc += _per_column(bias, SWAP_AB)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     tl.store(
         y_ptr + split * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
         mask=(offs_m[:, None] < M) & n_ok[None, :],
     )
+
+
+# OFFSET_CODES: a float whose ulp is 1 and the bit pattern it has, per activation dtype; ORing a code
+# q < 128 (bf16) or < 1024 (fp16) into its mantissa gives the exact float base + q.
+OFFSET_CODE_FLOATS = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x6400)}
 
 
 def unit_stride_rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -211,6 +284,7 @@ def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
     cfg["GROUP_M"] = 8
     cfg["SPLIT_K"] = 1  # > 1 only from the tile sweep so far (benchmarks/triton_sweep.py)
     cfg["SWAP_AB"] = False  # True only from the tile sweep so far
+    cfg["OFFSET_CODES"] = False  # likewise
     return cfg
 
 
@@ -247,6 +321,10 @@ def weight_only_linear_triton(
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("SWAP_AB", False)
+    cfg.setdefault("OFFSET_CODES", False)
+    code_base, code_bits = OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))
+    if cfg["OFFSET_CODES"] and (not code_bits or bits > 4):
+        raise ValueError(f"OFFSET_CODES needs bf16/fp16 activations and codes of at most 4 bits, not {x.dtype}, {bits} bits")
     split_k = cfg["SPLIT_K"]
     # Split K: each of the SPLIT_K programs of a tile writes a float32 partial sum, summed after
     # (more programs for few tokens, where one per output tile leaves most of the GPU idle).
@@ -277,6 +355,8 @@ def weight_only_linear_triton(
         PER_CHANNEL=groups == 1,
         UPCAST=dot_upcast(x.dtype),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        CODE_BASE=code_base,
+        CODE_BITS=code_bits,
         **cfg,
     )
     if split_k > 1:

@@ -254,6 +254,43 @@ def test_weight_only_triton_swap_ab(gen, bits, group, symmetric):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (4, -1, True), (3, 64, False), (2, -1, False)])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_weight_only_triton_offset_codes(gen, bits, group, symmetric, dtype):
+    """OFFSET_CODES (codes as the exact floats base + q, the zero point and scale applied to each
+    group's partial sum): the float64 product of the same x and W_hat, in both orientations, with and
+    without split K, masked tails in M, N and K; the output's rounding is the only error."""
+    from qdlm_export.kernels.weight_only_triton import pick_config, weight_only_linear_triton
+
+    k = 100 if group == -1 else 3 * group
+    n_out, m = 40, 19
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, torch.float32)
+    w64 = ref_weight(codes, scale, zero, bits, group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n_out, generator=gen).to(dtype)
+    # two of the four orientation x split combinations per case (each is a compilation on a GPU)
+    combos = ((False, 1), (True, 2)) if (bits + (dtype == torch.float16)) % 2 else ((True, 1), (False, 3))
+    for swap, split in combos:
+        cfg = {**pick_config(m, n_out, group, k), "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16 if group == -1 else 32,
+               "SPLIT_K": split, "SWAP_AB": swap, "OFFSET_CODES": True}
+        y = weight_only_linear_triton(*on_dev(x, packed, scale, zero), bits, group, k, *on_dev(bias), config=cfg)
+        assert y.dtype == dtype
+        assert_close(y.cpu(), *ref_linear(x, w64, bias), RTOL[dtype], f"swap {swap}, split {split}")
+
+
+@needs_triton
+def test_weight_only_triton_offset_codes_refuses_what_it_cannot_hold(gen):
+    from qdlm_export.kernels.weight_only_triton import pick_config, weight_only_linear_triton
+
+    for bits, dtype in ((8, torch.bfloat16), (4, torch.float32)):
+        codes, packed, scale, zero = random_packed_weight(gen, 32, 64, bits, 32, True)
+        cfg = {**pick_config(4, 32, 32, 64), "OFFSET_CODES": True}
+        with pytest.raises(ValueError, match="OFFSET_CODES needs bf16/fp16 activations and codes of at most 4 bits"):
+            weight_only_linear_triton(*on_dev(torch.randn(4, 64).to(dtype), packed, scale, zero), bits, 32, 64,
+                                      config=cfg)
+
+
+@needs_triton
 def test_weight_only_triton_configs_are_valid():
     """Every tile config the heuristic can pick: K steps inside one group, MMA-sized tiles."""
     from qdlm_export.kernels.weight_only_triton import pick_config
