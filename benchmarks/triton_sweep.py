@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16),
                     INT8[m_class(m)],
                     int8_triton._gemm_config(m, n),
-                    {},
+                    # what a W8A8 linear runs: the activation quantization, then the GEMM (heuristic tiles)
+                    {"quantize+GEMM": lambda: int8_triton.int8_gemm_triton(
+                        *int8_triton.quantize_per_token_triton(x, 8), w8, w8s, None, torch.bfloat16)},
                 )
             if "w4a4" in args.ops:
                 ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)

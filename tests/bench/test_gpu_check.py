@@ -71,6 +71,27 @@ def test_report_targets_use_the_fastest_backend_and_every_shape():
     assert all(t["held"] is None for t in by_key.values())
 
 
+def test_report_targets_in_gpu_time_take_each_swept_shapes_best_and_the_worst_shape():
+    def row(op, M, N, **cands):
+        return dict(op=op, M=M, K=4096, N=N, candidates=[dict(name=k, vs_dense=v) for k, v in cands.items()])
+
+    sweep = {"rows": [
+        row("weight_only", 16, 4096, heuristic=0.4, tinygemm=2.7),
+        row("weight_only", 16, 12288, heuristic=0.5, tinygemm=2.2),  # worst shape: 2.2 < 2.5
+        row("weight_only", 1024, 4096, heuristic=0.95),
+        row("int8", 1024, 4096, heuristic=1.9, **{"quantize+GEMM": 1.7}),  # the GEMM alone does not count
+        row("int8", 4096, 4096, heuristic=1.8, **{"quantize+GEMM": 1.65}),
+    ]}
+    by_key = {t["key"]: t for t in gpu_report.evaluate_targets({"results": []}, None, sweep)}
+    small = by_key["w4a16_small_m"]
+    assert small["graph_value"] == 2.2 and small["graph_held"] is False and "12288 M=16 (tinygemm)" in small["graph_where"]
+    assert by_key["w4a16_m1024"]["graph_held"] is True
+    w8 = by_key["w8a8_large_m"]
+    assert w8["graph_value"] == 1.65 and w8["graph_held"] is True and "quantize+GEMM" in w8["graph_where"]
+    assert by_key["w8a8_large_m"]["held"] is None  # no eager bench rows: not measured eagerly
+    assert gpu_report.evaluate_targets({"results": []}, None)[0]["graph_value"] is None
+
+
 def test_report_section_replaces_only_its_own_device():
     doc = "# Benchmarks\n\nintro\n"
     doc = gpu_report.insert_section(doc, "NVIDIA H200", "## GPU check: NVIDIA H200 (d1)\nold\n")
