@@ -150,3 +150,32 @@ def test_eviction_keeps_the_values_and_the_cpu_run_says_weights_are_cold():
     result = run_kernel_benchmarks(device="cpu", m_values=[2], shapes=[(256, 128)], repeat=1, warmup=0,
                                    min_run_time=0.005)
     assert result["weights"].startswith("cold") == evicted
+
+
+def test_quantized_ops_get_the_fastest_16_bit_activations_never_float32(monkeypatch):
+    """float32 is a dense baseline candidate only: with one 16-bit dtype there is no probe (a float32
+    that merely ties bf16 cannot take the quantized ops to the exact float32 path); with two, the
+    probe times only them and takes the faster."""
+    import qdlm_export.bench.kernels as K
+
+    cpu = torch.device("cpu")
+    x32 = torch.randn(3, 32)
+    w = torch.randn(16, 32)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed although only one 16-bit dtype was timed")
+
+    monkeypatch.setattr(K, "interleaved_times", no_probe)
+    weights = {torch.float32: w, torch.bfloat16: w.to(torch.bfloat16)}
+    assert K._activation_dtype(x32, weights, cpu, 0.01, time.perf_counter) == torch.bfloat16
+
+    seen = []
+
+    def probe(fns, *args, **kwargs):
+        seen.append(set(fns))
+        return {torch.bfloat16: [2.0], torch.float16: [1.0]}
+
+    monkeypatch.setattr(K, "interleaved_times", probe)
+    weights = {torch.float32: w, torch.bfloat16: w.to(torch.bfloat16), torch.float16: w.to(torch.float16)}
+    assert K._activation_dtype(x32, weights, cpu, 0.01, time.perf_counter) == torch.float16
+    assert seen == [{torch.bfloat16, torch.float16}]
