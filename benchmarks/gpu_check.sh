@@ -6,8 +6,9 @@
 #   3. bench     qdlm-export bench --full --json
 #   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
 #                (the online-Hadamard share)                       benchmarks/bench_block_step.py
-#   5. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
-#   6. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
+#   5. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
+#                (weight-only and int8, the targets' token counts first; stops in time for step 6)
+#   6. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
 #   7. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
 #
 # Usage:  bash benchmarks/gpu_check.sh            (on a CUDA machine, from any folder)
@@ -85,7 +86,10 @@ TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p
 "$PY" -c 'import xdist' 2>/dev/null && TESTS_CMD+=(-n 8)
 BENCH_CMD=("${QDLM[@]}" bench --full --json)
 STEPS_CMD=("$PY" benchmarks/bench_block_step.py --device cuda --batch 4 --seqlen 1024 --repeat 10 --json)
-SWEEP_CMD=("$PY" benchmarks/triton_sweep.py --shapes 4096x4096 4096x12288 --rep 20 --json)
+# the targets' token counts first (16, 1024, 4096), so a sweep cut short by its budget still covers them
+SWEEP_CMD=("$PY" benchmarks/triton_sweep.py --ops weight_only int8 --shapes 4096x4096 4096x12288 --m 16 1024 4096 256
+           --rep 20 --json)
+GPTQ_RESERVE_S=50  # left for GPTQ after the sweep (run 1 on an H200: 12.6 s for the whole process)
 GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
 
 write_meta() {  # write_meta DRY(0/1) GPU_NAME
@@ -130,8 +134,8 @@ if (( DRY_RUN )); then
   echo "  2. tests    ${TESTS_CMD[*]}"
   echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
   echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
-  echo "  5. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
-  echo "  6. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
+  echo "  5. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
+  echo "  6. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
   echo "  7. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
   missing=0
   for f in "${KERNEL_TESTS[@]}" benchmarks/bench_block_step.py benchmarks/bench_pipeline.py benchmarks/gpu_report.py \
@@ -201,10 +205,10 @@ unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 run_step tests 150 - "${TESTS_CMD[@]}"
 run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
 run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
+# the sweep takes what time is left but GPTQ's, and stops starting shapes in time to print what it measured
+SWEEP_CMD+=(--budget-s $(( BUDGET_S - SECONDS - REPORT_RESERVE_S - GPTQ_RESERVE_S - 25 )))
+run_step sweep $(( BUDGET_S - SECONDS - REPORT_RESERVE_S - GPTQ_RESERVE_S )) "$R/sweep.json" "${SWEEP_CMD[@]}"
 run_step gptq 120 "$R/pipeline.json" "${GPTQ_CMD[@]}"
-# last: it takes what time is left, and stops starting shapes in time to print what it measured
-SWEEP_CMD+=(--budget-s $(( BUDGET_S - SECONDS - REPORT_RESERVE_S - 25 )))
-run_step sweep 120 "$R/sweep.json" "${SWEEP_CMD[@]}"
 
 write_meta 0 "$GPU_NAME"
 if report docs/benchmarks.md; then
