@@ -28,6 +28,14 @@ def test_input_bytes_hold_code_2j_in_the_high_nibble(gen):
     assert tiles == 2
     tiled = torch.ops.aten._convert_weight_to_int4pack(b.to("meta"), tiles)
     assert tuple(tiled.shape) == (3, 3, 32, 1) and tiled.dtype == torch.int32
+    # and the GEMM's shape rules (its fake-tensor implementation) take what weight_only_linear_tinygemm passes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sz = int4_scale_and_zero(torch.rand(24, 3), None, 32, 96, 32, torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        w = torch.ops.aten._convert_weight_to_int4pack(b, tiles)
+        y = torch.ops.aten._weight_int4pack_mm(torch.empty(5, 96, dtype=torch.bfloat16), w, 32, sz)
+    assert tuple(y.shape) == (5, 24) and y.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("group,symmetric", [(32, False), (128, True), (-1, False), (96, False)])
