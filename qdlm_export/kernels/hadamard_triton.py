@@ -21,10 +21,11 @@ in float32 (an H200 measured the online Hadamards at 10 % of a QuaRot block's ti
 Rows too large for one program's registers (``KP * p > FUSED_MAX_ELEMENTS``, e.g. 148 * 128) keep
 that two-step path.
 
-Precision: every product is with a +-1 matrix, so it is exact; sums are fp32. bf16/fp16 data runs
-on bf16 tensor-core MMAs with fp32 data split as ``hi + lo`` (two bf16 numbers: exact for bf16 and
-fp16 inputs, within 2**-16 of an fp32 intermediate, far below the output's rounding). fp32 data
-keeps fp32 (``ieee``) MMAs: fp32 models ask for exactness, not speed.
+Precision: every product is with a +-1 matrix, so it is exact; sums are fp32. All MMAs are bf16
+tensor-core MMAs on the data split into bf16 pieces: ``hi + lo`` for bf16/fp16 rows (exact for the
+inputs, within 2**-16 of an fp32 intermediate, far below the output's rounding), ``hi + mid + lo``
+for fp32 rows (the loader computes online transforms in fp32): about fp32's own rounding, where
+fp32 (``ieee``) MMAs would run on the CUDA cores at a fraction of the tensor cores' rate.
 """
 
 from __future__ import annotations
@@ -56,29 +57,35 @@ def _sylvester_block(rows, cols):
 
 
 @triton.jit
-def _pm1_dot(data, pm1, DATA_LEFT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """``data @ pm1`` (or ``pm1 @ data``) for fp32 ``data`` and a +-1 (or 0) fp32 matrix ``pm1``.
-
-    SPLIT: two bf16 MMAs on ``data = hi + lo`` (the +-1 entries, ``hi`` and ``lo`` are exact in bf16);
-    UPCAST (the interpreter, whose bf16 dots are wrong) runs the same split in fp32. Else one fp32 MMA.
-    """
-    if SPLIT:
-        hi = data.to(tl.bfloat16)
-        lo = (data - hi.to(tl.float32)).to(tl.bfloat16)
-        if UPCAST:
-            hi = hi.to(tl.float32)
-            lo = lo.to(tl.float32)
-            s = pm1
-            if DATA_LEFT:
-                return tl.dot(lo, s, tl.dot(hi, s, input_precision="ieee"), input_precision="ieee")
-            return tl.dot(s, lo, tl.dot(s, hi, input_precision="ieee"), input_precision="ieee")
-        s = pm1.to(tl.bfloat16)
+def _bf16_pieces_dot(piece, rest, s, DATA_LEFT: tl.constexpr, UPCAST: tl.constexpr):
+    """One bf16 piece of the data (``rest`` rounded) times ``s``; returns (product, what is left)."""
+    hi = rest.to(tl.bfloat16)
+    left = rest - hi.to(tl.float32)
+    if UPCAST:  # the interpreter's bf16 dots are wrong: the same piece, multiplied in fp32
+        a = hi.to(tl.float32)
         if DATA_LEFT:
-            return tl.dot(lo, s, tl.dot(hi, s))
-        return tl.dot(s, lo, tl.dot(s, hi))
+            return tl.dot(a, s, piece, input_precision="ieee"), left
+        return tl.dot(s, a, piece, input_precision="ieee"), left
     if DATA_LEFT:
-        return tl.dot(data, pm1, input_precision="ieee")
-    return tl.dot(pm1, data, input_precision="ieee")
+        return tl.dot(hi, s.to(tl.bfloat16), piece), left
+    return tl.dot(s.to(tl.bfloat16), hi, piece), left
+
+
+@triton.jit
+def _pm1_dot(data, pm1, DATA_LEFT: tl.constexpr, PIECES: tl.constexpr, UPCAST: tl.constexpr):
+    """``data @ pm1`` (or ``pm1 @ data``) for fp32 ``data`` and a +-1 (or 0) fp32 matrix ``pm1``, as
+    PIECES bf16 MMAs on ``data = hi + mid + lo``: the +-1 entries and every piece are exact in bf16,
+    products are exact, sums fp32. Two pieces hold bf16/fp16 data exactly and an fp32 intermediate to
+    2**-16; three hold fp32 data to about its own rounding."""
+    if DATA_LEFT:
+        acc = tl.zeros((data.shape[0], pm1.shape[1]), dtype=tl.float32)
+    else:
+        acc = tl.zeros((pm1.shape[0], data.shape[1]), dtype=tl.float32)
+    acc, rest = _bf16_pieces_dot(acc, data, pm1, DATA_LEFT, UPCAST)
+    acc, rest = _bf16_pieces_dot(acc, rest, pm1, DATA_LEFT, UPCAST)
+    if PIECES == 3:
+        acc, rest = _bf16_pieces_dot(acc, rest, pm1, DATA_LEFT, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -95,7 +102,7 @@ def _fwht_kernel(
     A: tl.constexpr,
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    SPLIT: tl.constexpr,
+    PIECES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     ib = tl.arange(0, B)
@@ -105,7 +112,7 @@ def _fwht_kernel(
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = (rows < R)[:, None]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + ib[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = _pm1_dot(x, s_b, True, SPLIT, UPCAST)
+        y = _pm1_dot(x, s_b, True, PIECES, UPCAST)
         tl.store(y_ptr + rows[:, None] * stride_yr + ib[None, :], (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
     elif K_ORD == 1:
         # One row of p = A * B, element (i, j) of its [A, B] view at offset i * B + j: Y = S_A X S_B.
@@ -113,8 +120,8 @@ def _fwht_kernel(
         ia = tl.arange(0, A)
         offs = ia[:, None] * B + ib[None, :]
         x = tl.load(x_ptr + row * stride_xr + offs).to(tl.float32)
-        t = _pm1_dot(x, _sylvester_block(ia, ia), False, SPLIT, UPCAST)
-        y = _pm1_dot(t, s_b, True, SPLIT, UPCAST)
+        t = _pm1_dot(x, _sylvester_block(ia, ia), False, PIECES, UPCAST)
+        y = _pm1_dot(t, s_b, True, PIECES, UPCAST)
         tl.store(y_ptr + row * stride_yr + offs, (y * scale).to(y_ptr.dtype.element_ty))
     else:
         # One row of n = K_ORD * p as [KP, p] (rows >= K_ORD are zeros): S_p on each sub-row, then
@@ -126,16 +133,16 @@ def _fwht_kernel(
         offs = ik[:, None] * (A * B) + ip[None, :]
         x = tl.load(x_ptr + row * stride_xr + offs, mask=ok, other=0.0).to(tl.float32)
         if A == 1:
-            t = _pm1_dot(x, s_b, True, SPLIT, UPCAST)
+            t = _pm1_dot(x, s_b, True, PIECES, UPCAST)
         else:
             # [KP * A, B] @ S_B, then S_A along the A axis: bring it last, [KP * B, A] @ S_A, and back.
-            t = _pm1_dot(tl.reshape(x, (KP * A, B)), s_b, True, SPLIT, UPCAST)
+            t = _pm1_dot(tl.reshape(x, (KP * A, B)), s_b, True, PIECES, UPCAST)
             t = tl.reshape(tl.permute(tl.reshape(t, (KP, A, B)), (0, 2, 1)), (KP * B, A))
             ia = tl.arange(0, A)
-            t = _pm1_dot(t, _sylvester_block(ia, ia), True, SPLIT, UPCAST)
+            t = _pm1_dot(t, _sylvester_block(ia, ia), True, PIECES, UPCAST)
             t = tl.reshape(tl.permute(tl.reshape(t, (KP, B, A)), (0, 2, 1)), (KP, A * B))
         hk = tl.load(hk_ptr + ik[:, None] * KP + ik[None, :])
-        y = _pm1_dot(t, hk, False, SPLIT, UPCAST)
+        y = _pm1_dot(t, hk, False, PIECES, UPCAST)
         tl.store(y_ptr + row * stride_yr + offs, (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -159,7 +166,7 @@ def _padded_hk(k: int, kp: int, inverse: bool, device: torch.device) -> torch.Te
 def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, inverse: bool) -> None:
     R = x2.shape[0]
     a, b = _factors(p)
-    split = x2.dtype in (torch.bfloat16, torch.float16)
+    pieces = 2 if x2.dtype in (torch.bfloat16, torch.float16) else 3
     kp = max(16, 1 << (k - 1).bit_length()) if k > 1 else 1
     hk = _padded_hk(k, kp, inverse, x2.device) if k > 1 else x2
     block_r = 16 if k == 1 and a == 1 else 1
@@ -177,8 +184,8 @@ def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, in
         A=a,
         B=b,
         BLOCK_R=block_r,
-        SPLIT=split,
-        UPCAST=split and interpret_mode(),
+        PIECES=pieces,
+        UPCAST=interpret_mode(),
         num_warps=4 if elements <= 4096 else 8 if elements <= 8192 else 16,
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModel
 
 from tests.cli_runner import run_cli
 from qdlm_export.format.validation import inspect_checkpoint
@@ -311,6 +312,37 @@ def test_loaded_linear_computes_the_format_from_raw_tensors(written, family, tag
     assert err <= 1e-4, f"{name}: relative error {err:.2e}"
     # The input quantization matters at these widths: without it the output is measurably different.
     assert H.rel(h @ weight.T + (own["bias"].double() if "bias" in own else 0), expected) > 1e-3
+
+
+def test_integer_input_without_transforms_quantizes_the_bf16_rows_themselves(written, monkeypatch):
+    """A W8A8/W4A4 linear with no online transforms hands its bf16 input to the quantizer as it is (the
+    quantizers compute in float32 themselves; on the CPU the native bf16 quantizer takes it): the same
+    codes and output, bit for bit, as quantizing a float32 copy, which the linear no longer makes."""
+    import qdlm_export.loader.hf_quantizer as hq
+
+    out = written("llada", "rtn-wa")
+    name = f"{H.make_method(H.outlier_model('llada'), make_config('rtn-wa')).adapter.block_prefix(1)}.up_proj"
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    linear = model.get_submodule(name)
+    assert linear._integer_input and not linear._ops
+    seen = []
+    real = hq.quantize_per_token
+
+    def spy(h, *args, **kwargs):
+        seen.append(h.dtype)
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(hq, "quantize_per_token", spy)
+    x = (torch.randn(3, 17, linear.in_features, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+    with torch.no_grad():
+        got = linear(x)
+    assert seen == [torch.bfloat16]
+    act = linear._act_in
+    x_q, x_s = real(x.float(), act.bits, act.clip_ratio)
+    expected = hq.packed_int_linear(x_q, x_s, linear.weight_packed, linear.weight_scale,
+                                    getattr(linear, "weight_zero_point", None), linear.spec.bits,
+                                    linear.spec.group_size, linear.in_features, linear.bias, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------------
