@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         w16 = w32.to(dev, torch.bfloat16)
         q = quantized_weights(w32, 4, 128, dev)
         wp, ws = q["weight_only"]
-        w8, w8s = q["w8a8"]
+        w8p, w8s = q["w8a8"]  # packed symmetric 8-bit codes, as a W8A8 checkpoint holds them
         w4p, w4s = q["w4a4"]
         for m in args.m:
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
@@ -145,16 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                          x, wp, ws, None, 4, 128, k, backend="cuda_tinygemm")})},
                 )
             if "int8" in args.ops:
-                ref = int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16)
+                # the int8 GEMM on the checkpoint's 8-bit codes (packed_int_linear routes them to it)
+                ref = int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16)
                 cases["int8"] = (
                     ref,
-                    lambda cfg: (lambda: int8_triton.int8_gemm_triton(xq, xs, w8, w8s, None, torch.bfloat16, config=cfg)),
-                    lambda: int8_torch.int8_gemm_torch(xq, xs, w8, w8s, None, torch.bfloat16),
+                    lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
+                        xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16, config=cfg)),
+                    lambda: int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16),
                     INT8[m_class(m)],
                     int8_triton._gemm_config(m, n),
                     # what a W8A8 linear runs: the activation quantization, then the GEMM (heuristic tiles)
-                    {"quantize+GEMM": lambda: int8_triton.int8_gemm_triton(
-                        *int8_triton.quantize_per_token_triton(x, 8), w8, w8s, None, torch.bfloat16)},
+                    {"quantize+GEMM": lambda: int8_triton.packed_int_linear_triton(
+                        *int8_triton.quantize_per_token_triton(x, 8), w8p, w8s, None, 8, -1, k, None, torch.bfloat16)},
                 )
             if "w4a4" in args.ops:
                 ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)

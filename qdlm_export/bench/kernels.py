@@ -122,7 +122,7 @@ def quantized_weights(w32: torch.Tensor, bits: int, group_size: int, device: tor
     w4 = quantize_rtn(w32, WeightScheme(4, -1, True), scale_dtype=torch.bfloat16)
     return {
         "weight_only": (pack_rows(wo.codes, bits).to(device), wo.scale.to(device)),
-        "w8a8": ((w8.codes.to(torch.int16) - 128).to(torch.int8).to(device), w8.scale[:, 0].to(device)),
+        "w8a8": (pack_rows(w8.codes, 8).to(device), w8.scale.to(device)),
         "w4a4": (pack_rows(w4.codes, 4).to(device), w4.scale.to(device)),
     }
 
@@ -142,20 +142,17 @@ def _cases(op: str, x: torch.Tensor, k: int, n: int, bits: int, group_size: int,
         for b in _backends("weight_only_linear", device, **params):
             fn = functools.partial(D.weight_only_linear, x, packed, scale, None, bits, group_size, k, backend=b.name)
             out.append((b.name, b.impl is auto.impl, fn, _nbytes(packed, scale)))
-    elif op == "w8a8":
-        w_q, w_s = weights[op]
-        auto = D.select_backend("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype)
-        for b in _backends("int8_gemm", device, M=m, K=k, N=n, dtype=x.dtype):
-            gemm = functools.partial(D.int8_gemm, b_q=w_q, b_scale=w_s, bias=None, out_dtype=x.dtype, backend=b.name)
-            out.append((b.name, b.impl is auto.impl, _quantize_then(x, 8, b.name, gemm), _nbytes(w_q, w_s)))
-    elif op == "w4a4":
+    elif op in ("w8a8", "w4a4"):
+        # what a loaded checkpoint runs: per-token quantization, then the packed weight's integer GEMM
+        # (symmetric per-channel codes as the format packs them: 8 bits a byte, 4 bits a nibble)
         packed, scale = weights[op]
-        params = dict(M=m, K=k, N=n, bits=4, group_size=-1, symmetric=True)
+        wbits = 8 if op == "w8a8" else 4
+        params = dict(M=m, K=k, N=n, bits=wbits, group_size=-1, symmetric=True)
         auto = D.select_backend("packed_int_linear", device, dtype=x.dtype, **params)
         for b in _backends("packed_int_linear", device, **params):
             gemm = functools.partial(D.packed_int_linear, weight_packed=packed, weight_scale=scale, weight_zero_point=None,
-                                     bits=4, group_size=-1, in_features=k, out_dtype=x.dtype, backend=b.name)
-            out.append((b.name, b.impl is auto.impl, _quantize_then(x, 4, b.name, gemm), _nbytes(packed, scale)))
+                                     bits=wbits, group_size=-1, in_features=k, out_dtype=x.dtype, backend=b.name)
+            out.append((b.name, b.impl is auto.impl, _quantize_then(x, wbits, b.name, gemm), _nbytes(packed, scale)))
     else:
         raise ValueError(f"unknown benchmark op {op!r}; choose from {OPS}")
     return out

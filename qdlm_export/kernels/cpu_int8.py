@@ -7,9 +7,11 @@
 the dense bf16 GEMM (which does run on AMX), so W8A8 gained nothing from its integer weights. The C
 function (``native/int4_avx512bf16.c``, ``qdlm_int8_gemm_amx``; built and loaded with the int4
 kernels by ``cpu_native``) lays each slab of the weight out for the tile unit per call, as the int4
-kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. W4A4 per channel
-(``packed_int4_linear_amx``, backend ``cpu_amx`` of ``packed_int_linear``) runs the same GEMM over the
-checkpoint's packed int4 codes, turned into int8 ``q - z`` while the panels are laid out. Numbers in
+kernel dequantizes its panels, and multiplies 32 tokens x 32 outputs at a time. Checkpoint weights
+(``packed_int_linear_amx``, backend ``cpu_amx`` of ``packed_int_linear``, what a loaded W8A8 or W4A4
+model runs) go through the same GEMM from their packed codes, turned into int8 while the panels are
+laid out: per-channel int4 codes into ``q - z``, symmetric 8-bit codes into ``q - 128`` (the top bit
+flipped), so nothing unpacked is kept. Numbers in
 docs/benchmarks.md ("AMX"). ``quantize_rows`` is ``int8.quantize_per_token_torch`` in one read per
 pass instead of several float32 temporaries, bit for bit the same codes and scales.
 """
@@ -101,16 +103,18 @@ def _amx_gemm(c_function: str, a_q: torch.Tensor, a_scale: torch.Tensor, weight_
 
 
 def packed_unsupported_reason(*, bits: int | None = None, group_size: int | None = None, K: int | None = None,
-                              N: int | None = None, device=None, **_: object) -> str | None:
-    """None when :func:`packed_int4_linear_amx` takes this W4A4 problem, else why not."""
-    if bits is not None and bits != 4:
-        return f"{bits}-bit weights: the AMX packed path takes 4-bit codes (8-bit ones go through int8_gemm)"
+                              N: int | None = None, symmetric: bool | None = None, device=None, **_: object) -> str | None:
+    """None when :func:`packed_int_linear_amx` takes this problem, else why not."""
+    if bits is not None and bits not in (4, 8):
+        return f"{bits}-bit weights: the AMX packed path takes 4- and 8-bit codes"
+    if bits == 8 and symmetric is False:
+        return "asymmetric 8-bit weights: q - z does not fit int8 (the AMX packed path takes symmetric ones)"
     if group_size not in (None, -1) and group_size != K:
         return f"group_size {group_size}: the AMX packed path takes per-channel weights (-1)"
     return unsupported_reason(K=K, N=N, device=device)
 
 
-def packed_int4_linear_amx(
+def packed_int_linear_amx(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -122,17 +126,22 @@ def packed_int4_linear_amx(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Arguments as ``int8.packed_int_linear_torch``, for W4A4 per channel: the checkpoint's packed codes
-    become ``q - z`` int8 on their way into the tile panels (nothing unpacked is kept), then the exact
-    int32 products and the two scales as :func:`int8_gemm_amx`."""
+    """Arguments as ``int8.packed_int_linear_torch``, per channel, 4 bits or 8 bits symmetric: the
+    checkpoint's packed codes become int8 (``q - z``, ``q - 128``) on their way into the tile panels
+    (nothing unpacked is kept), then the exact int32 products and the two scales as :func:`int8_gemm_amx`."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"x_q must be int8, got {x_q.dtype}")
     k, n = in_features, weight_packed.shape[0]
-    reason = packed_unsupported_reason(bits=bits, group_size=group_size, K=k, N=n, device=x_q.device)
+    reason = packed_unsupported_reason(bits=bits, group_size=group_size, K=k, N=n,
+                                       symmetric=weight_zero_point is None, device=x_q.device)
     if reason:
         raise ValueError(reason)
-    # byte j of a row = codes 2j | 2j+1 << 4; rows may lie further apart than K/2 bytes (a row slice)
+    # 4 bits: byte j of a row = codes 2j | 2j+1 << 4; 8 bits: byte j = code j. Rows may lie further apart
+    # than their codes' bytes (a row slice).
     codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+    if bits == 8:
+        weight_args = (codes.data_ptr(), codes.stride(0))
+        return _amx_gemm("qdlm_uint8_gemm_amx", x_q, x_scale, weight_args, weight_scale, k, n, bias, out_dtype)
     zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
     weight_args = (codes.data_ptr(), codes.stride(0), None if zeros is None else zeros.data_ptr())
     return _amx_gemm("qdlm_int4a_gemm_amx", x_q, x_scale, weight_args, weight_scale, k, n, bias, out_dtype)

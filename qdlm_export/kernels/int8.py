@@ -31,6 +31,9 @@ Integer activations times *packed* weights (the W4A4 path; also W8A8 on 8-bit sy
         2/3/4 bits and for symmetric 8 bits. Per-channel weights (group_size -1) go through the int8
         GEMM; grouped weights need one scale per (group, channel) inside the K sum, which eager torch
         cannot do on integer tensor cores, so they dequantize both sides to float32 and matmul.
+        This is the op a loaded W8A8 or W4A4 checkpoint runs (the loader's ``QdlmLinear``), so its
+        fast backends take the packed codes as they are: 8-bit codes are bytes, ``q - 128`` is the
+        byte with its top bit flipped.
 """
 
 from __future__ import annotations
@@ -219,10 +222,13 @@ def triton_packed_unsupported_reason(
 # ---------------------------------------------------------------------------------------------
 # The ops and their backends (highest priority first; `auto` takes the first that can run):
 #   quantize_per_token  triton (CUDA) > cpu_native (CPU, bf16 rows) > torch
-#   int8_gemm           cpu_amx (CPU with AMX, > 16 tokens) > torch._int_mm (where it applies natively;
+#   int8_gemm           cpu_amx (CPU with AMX) > torch._int_mm (where it applies natively;
 #                       on CUDA auto only without Triton)
 #                       > triton (CUDA) > torch (padded/float64)
-#   packed_int_linear   triton (CUDA) > torch
+#   packed_int_linear   cpu_amx (CPU with AMX; per channel, 4 bits or 8 bits symmetric)
+#   (what loaded W8A8    > triton (CUDA; 8 bits symmetric per channel on the int8 GEMM kernel, reading
+#    and W4A4 models       the codes themselves; else the unpack-per-tile kernel) > torch
+#    run)
 # The Triton module is imported on first use (see _triton.py).
 # ---------------------------------------------------------------------------------------------
 
@@ -340,19 +346,20 @@ register_backend(
 def _packed_cpu_amx_unsupported(p: Problem) -> str | None:
     from .cpu_int8 import packed_unsupported_reason
 
-    return packed_unsupported_reason(bits=p.bits, group_size=p.group_size, K=p.K, N=p.N, device=p.device)
+    return packed_unsupported_reason(bits=p.bits, group_size=p.group_size, K=p.K, N=p.N, symmetric=p.symmetric,
+                                     device=p.device)
 
 
 def _packed_int_linear_cpu_amx(*args: object, **kwargs: object) -> torch.Tensor:
-    from .cpu_int8 import packed_int4_linear_amx
+    from .cpu_int8 import packed_int_linear_amx
 
-    return packed_int4_linear_amx(*args, **kwargs)
+    return packed_int_linear_amx(*args, **kwargs)
 
 
 register_backend(
     "packed_int_linear", "cpu_amx", _packed_int_linear_cpu_amx, family="cpu_native", priority=35,
     unsupported=_packed_cpu_amx_unsupported,
-    summary="W4A4 per channel: int4 codes to int8 on the way into Intel AMX int8 tiles (C)",
+    summary="per channel, 4 bits or 8 bits symmetric: codes to int8 on the way into Intel AMX int8 tiles (C)",
 )
 register_backend(
     "packed_int_linear", "torch", packed_int_linear_torch, family="torch", priority=0,

@@ -159,6 +159,7 @@ def _int8_gemm_kernel(
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
+    B_CODES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -178,6 +179,8 @@ def _int8_gemm_kernel(
         b = tl.load(
             b_ptr + offs_n[None, :] * stride_bn + k[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0
         )
+        if B_CODES:  # a checkpoint's symmetric 8-bit codes q (uint8): q - 128 is q with its top bit flipped
+            b = (b ^ 0x80).to(tl.int8, bitcast=True)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32)
     y = y * tl.load(as_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
@@ -220,13 +223,22 @@ def int8_gemm_triton(
     y2 = y.view(-1, N)
     if M == 0 or N == 0:
         return y
+    _launch_int8_gemm(a2, a_scale, b_q, b_scale, bias, y2, K, False, config)
+    return y
+
+
+def _launch_int8_gemm(a2: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                      bias: torch.Tensor | None, y2: torch.Tensor, K: int, b_codes: bool, config: dict | None) -> None:
+    """The int8 GEMM kernel on ``a2 [M, K]`` and the weight rows ``b`` (int8 values, or with ``b_codes``
+    a symmetric weight's uint8 codes ``q``; ``b``'s first K columns are used) into ``y2 [M, N]``."""
+    M, N = a2.shape[0], b.shape[0]
     a_s = a_scale.reshape(-1).contiguous()
     b_s = b_scale.reshape(-1).contiguous()
     cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
         a2,
-        b_q,
+        b,
         a_s,
         b_s,
         bias if bias is not None else b_s,
@@ -236,14 +248,14 @@ def int8_gemm_triton(
         K,
         a2.stride(0),
         a2.stride(1),
-        b_q.stride(0),
-        b_q.stride(1),
+        b.stride(0),
+        b.stride(1),
         y2.stride(0),
         y2.stride(1),
         HAS_BIAS=bias is not None,
+        B_CODES=b_codes,
         **cfg,
     )
-    return y
 
 
 @triton.jit
@@ -343,6 +355,12 @@ def packed_int_linear_triton(
     y = _output(lead, N, out_dtype, x_q.device, out)
     y2 = y.view(-1, N)
     if M == 0 or N == 0:
+        return y
+    if bits == 8 and weight_zero_point is None and groups == 1:
+        # W8A8 as a checkpoint holds it: byte k of a row is code k, so the tuned int8 GEMM reads the
+        # codes themselves (top bit flipped in registers) instead of the unpack-per-tile kernel below
+        codes = weight_packed.contiguous().view(torch.uint8)
+        _launch_int8_gemm(x2, x_scale, codes, weight_scale, bias, y2, in_features, True, config)
         return y
     xs = x_scale.reshape(-1).contiguous()
     wp = weight_packed.contiguous()

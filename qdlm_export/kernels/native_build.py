@@ -46,6 +46,7 @@ SIGNATURES = {
     "qdlm_int8_amx_scratch": ("ii", "i"),
     "qdlm_int8_gemm_amx": ("piipipppiip", ""),
     "qdlm_int4a_gemm_amx": ("piipipipppiip", ""),
+    "qdlm_uint8_gemm_amx": ("piipiipppiip", ""),
     "qdlm_quantize_rows_bf16": ("piiffpp", ""),
     "qdlm_evict": ("pi", ""),  # bench: cold-weight timing
 }

@@ -49,15 +49,15 @@ def test_peer_outputs_agree_with_ours_and_with_float64_references():
     peers = build_peers(w32, torch.bfloat16)
     ours_w = quantized_weights(w32, 4, 128, torch.device("cpu"))
     packed, scale = ours_w["weight_only"]
-    w8, s8 = ours_w["w8a8"]
+    w8, s8 = ours_w["w8a8"]  # packed symmetric 8-bit codes, as a W8A8 checkpoint holds them
     with torch.no_grad():
         ours = {
             "int4_weight_only": D.weight_only_linear(x, packed, scale, None, 4, 128, k),
-            "int8_dynamic": D.w8a8_linear(x, w8, s8),
+            "int8_dynamic": D.w4a4_linear(x, w8, s8, None, -1, k, bits=8, act_bits=8),
         }
         our_dequantized = {
             "int4_weight_only": D.dequantize_packed(packed, scale, None, 4, 128, k, torch.float64),
-            "int8_dynamic": w8.double() * s8.double()[:, None],
+            "int8_dynamic": D.dequantize_packed(w8, s8, None, 8, -1, k, torch.float64),
         }
         # own bound: bf16 output rounding (int8: plus the int8 activation rounding, ~0.8 %)
         for name, own_bound, quant_bound in (("int4_weight_only", 0.01, 0.15), ("int8_dynamic", 0.015, 0.03)):

@@ -634,6 +634,24 @@ def test_packed_int_linear_triton(gen, bits, symmetric, group):
         assert_close(out.cpu(), *ref, RTOL[out_dtype], f"triton packed int M={m}")
 
 
+@needs_triton
+def test_packed_w8a8_runs_the_tuned_int8_gemm_on_the_codes(gen, monkeypatch):
+    """A checkpoint's symmetric per-channel 8-bit weight (what a loaded W8A8 model multiplies) goes
+    through the int8 GEMM kernel on its uint8 codes (top bit flipped in the kernel), not the
+    unpack-per-tile kernel; rows whose bytes are padded (K = 100 is 25 words) included."""
+    import qdlm_export.kernels.int8_triton as it
+
+    calls = []
+    real = it._launch_int8_gemm
+    monkeypatch.setattr(it, "_launch_int8_gemm", lambda *a, **kw: calls.append(a[2].dtype) or real(*a, **kw))
+    for k in (100, 256):
+        codes, packed, scale, zero, x_q, x_s = packed_case(gen, 19, k, 40, 8, -1, True, 8)
+        y = it.packed_int_linear_triton(*on_dev(x_q, x_s, packed, scale, zero), 8, -1, k, None, torch.float32)
+        ref = ref_linear(x_q.double() * x_s.double(), ref_weight(codes, scale, zero, 8, -1), None)
+        assert_close(y.cpu(), *ref, RTOL[torch.float32], f"W8A8 codes K={k}")
+    assert calls == [torch.uint8, torch.uint8]
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_w4a4_and_w8a8_linear_end_to_end(gen, backend):
     k, n_out, group = 256, 48, -1

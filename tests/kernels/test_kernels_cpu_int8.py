@@ -93,37 +93,42 @@ def test_auto_quantizes_bf16_rows_natively_and_other_dtypes_in_torch():
 
 @needs_amx_int8
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_amx_w4a4_is_the_exact_integer_product_of_the_packed_codes(gen, threads, symmetric):
-    """W4A4 per channel from the checkpoint's packed codes: bit for bit the torch backend's float32
-    result (exact int32 sums of q - z times 4-bit activations, then the same two scales), across the
-    few-token slabs (K = 4160: 4096 + 64) and the many-token ones (K = 1088), output shares of 32 and a
-    last 16, symmetric (zero 8) and per-row zero points, rows wider than K/2."""
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_amx_packed_path_is_the_exact_integer_product_of_the_checkpoint_codes(gen, threads, bits, symmetric):
+    """W4A4 and W8A8 per channel from the checkpoint's packed codes: bit for bit the torch backend's
+    float32 result (exact int32 sums of q - z times the quantized activations, then the same two
+    scales), across the few-token slabs (K = 4160: 4096 + 64) and the many-token ones (K = 1088),
+    output shares of 32 and a last 16, symmetric (zero 8 or 128) and per-row zero points, rows wider
+    than their codes."""
     from qdlm_export.kernels.int8 import packed_int_linear_torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for m, k, n in [(1, 64, 16), (15, 4160, 80), (33, 1088, 272), (65, 1088, 48), (200, 192, 48)]:
-            _, wp, scale, zp = random_packed_weight(gen, n, k, 4, -1, symmetric)
-            wide = torch.randint(0, 2**31 - 1, (n, k // 8 + 8), generator=gen, dtype=torch.int32)
-            wide[:, : k // 8] = wp
+            _, wp, scale, zp = random_packed_weight(gen, n, k, bits, -1, symmetric)
+            words = k * bits // 32
+            wide = torch.randint(0, 2**31 - 1, (n, words + 8), generator=gen, dtype=torch.int32)
+            wide[:, :words] = wp
             x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-            x_q, x_s = kernels.quantize_per_token(x, 4)
+            x_q, x_s = kernels.quantize_per_token(x, bits)
             bias = torch.randn(n, generator=gen)
-            want = packed_int_linear_torch(x_q, x_s, wp, scale, zp, 4, -1, k, bias, torch.float32)
-            got = cpu_int8.packed_int4_linear_amx(x_q, x_s, wide[:, : k // 8], scale, zp, 4, -1, k, bias, torch.float32)
+            want = packed_int_linear_torch(x_q, x_s, wp, scale, zp, bits, -1, k, bias, torch.float32)
+            got = cpu_int8.packed_int_linear_amx(x_q, x_s, wide[:, :words], scale, zp, bits, -1, k, bias, torch.float32)
             assert torch.equal(got, want), (m, k, n, (got - want).abs().max())
     finally:
         torch.set_num_threads(before)
 
 
 @needs_amx_int8
-def test_w4a4_auto_runs_amx_per_channel_only(gen):
+def test_packed_auto_runs_amx_per_channel_only(gen):
+    """What loaded W4A4 and W8A8 checkpoints run on a CPU with AMX: the AMX path per channel (4 bits,
+    or 8 bits symmetric); grouped and asymmetric 8-bit weights stay on the torch path, with reasons."""
     pick = lambda **kw: kernels.select_backend("packed_int_linear", "cpu", **{**dict(M=16, K=4096, N=4096, bits=4, group_size=-1, symmetric=True), **kw}).name  # noqa: E731
-    assert pick() == pick(M=4096) == pick(symmetric=False) == "cpu_amx"
-    assert pick(group_size=128) == pick(bits=8) == "torch"
+    assert pick() == pick(M=4096) == pick(symmetric=False) == pick(bits=8) == pick(bits=8, M=1) == "cpu_amx"
+    assert pick(group_size=128) == pick(bits=8, symmetric=False) == pick(bits=3) == "torch"
     assert "per-channel" in cpu_int8.packed_unsupported_reason(bits=4, group_size=128, K=4096, N=4096)
+    assert "asymmetric 8-bit" in cpu_int8.packed_unsupported_reason(bits=8, symmetric=False, K=4096, N=4096)
     _, wp, scale, zp = random_packed_weight(gen, 32, 256, 4, -1, True)
     x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
     got = kernels.w4a4_linear(x, wp, scale, None, -1, 256)

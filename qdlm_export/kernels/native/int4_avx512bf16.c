@@ -672,9 +672,12 @@ static inline __m512i int4_as_int8(const uint8_t *p, int8_t zero) {
     return _mm512_sub_epi8(_mm512_or_si512(lo, hi), _mm512_set1_epi8(zero));
 }
 
-/* Weight rows: int8 (row_bytes = K), or packed int4 codes (nibbles; row_bytes = the row stride), which
- * become q - zero[n] (zero 8 where zeros is NULL: symmetric) on their way into the panels. */
-static void int8_panels(const uint8_t *b, int64_t row_bytes, int nibbles, const int8_t *zeros, int64_t n0,
+/* How int8_panels reads weight rows (row_bytes apart): */
+#define ROWS_INT8 0    /* int8 values as they are */
+#define ROWS_INT4 1    /* packed int4 codes, which become q - zero[n] (zero 8 where zeros is NULL) */
+#define ROWS_UINT8 2   /* 8-bit codes q of a symmetric weight (zero 128): q - 128 is q with its top bit flipped */
+
+static void int8_panels(const uint8_t *b, int64_t row_bytes, int rows, const int8_t *zeros, int64_t n0,
                         int64_t tiles, int64_t k0, int64_t kc, int32_t *panels) {
     for (int64_t tile = 0; tile < tiles; tile++) {
         int32_t *panel = panels + (tile / 2) * (kc / 4) * PANEL_N + (tile % 2) * 16;
@@ -683,8 +686,12 @@ static void int8_panels(const uint8_t *b, int64_t row_bytes, int nibbles, const 
             __m512i r[16];
             for (int j = 0; j < 16; j++) {
                 const int64_t n = n0 + tile * 16 + j;
-                r[j] = nibbles ? int4_as_int8(b + n * row_bytes + (k0 + kk) / 2, zeros ? zeros[n] : 8)
-                               : _mm512_loadu_si512(b + n * row_bytes + k0 + kk);
+                if (rows == ROWS_INT4)
+                    r[j] = int4_as_int8(b + n * row_bytes + (k0 + kk) / 2, zeros ? zeros[n] : 8);
+                else {
+                    r[j] = _mm512_loadu_si512(b + n * row_bytes + k0 + kk);
+                    if (rows == ROWS_UINT8) r[j] = _mm512_xor_si512(r[j], _mm512_set1_epi8((char)0x80));
+                }
             }
             transpose16(r); /* r[c]: bytes kk + 4c .. + 3 of the 16 rows */
             for (int c = 0; c < 16; c++) _mm512_storeu_si512(panel + (kk / 4 + c) * 16 * width, r[c]);
@@ -721,7 +728,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_int8_block(
  * row-major; K % 64 == 0, N, n_start and n_stop multiples of 16; scratch qdlm_int8_amx_scratch(M, K)
  * bytes per thread. */
 __attribute__((target("amx-tile,amx-int8"))) static void int8_gemm_amx(
-    const int8_t *a, int64_t M, int64_t K, const uint8_t *b, int64_t row_bytes, int nibbles, const int8_t *zeros,
+    const int8_t *a, int64_t M, int64_t K, const uint8_t *b, int64_t row_bytes, int rows, const int8_t *zeros,
     int64_t N, const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
     const int64_t nc = int8_nc(M), slab = int8_kc(M), mpad = (M + AMX_MB - 1) / AMX_MB * AMX_MB;
     const int64_t full = M / AMX_MB * AMX_MB;
@@ -737,7 +744,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void int8_gemm_amx(
         const int64_t width = n_stop - nb < nc ? n_stop - nb : nc, tiles = width / 16;
         for (int64_t k0 = 0; k0 < K; k0 += slab) {
             const int64_t kc = K - k0 < slab ? K - k0 : slab;
-            int8_panels(b, row_bytes, nibbles, zeros, nb, tiles, k0, kc, wbuf);
+            int8_panels(b, row_bytes, rows, zeros, nb, tiles, k0, kc, wbuf);
             for (int64_t mc = 0; mc < mpad; mc += AMX_MC)
             for (int64_t pn = 0; pn < width; pn += PANEL_N) {
                 const int nt = width - pn >= PANEL_N ? 2 : 1;
@@ -762,7 +769,7 @@ __attribute__((target("amx-tile,amx-int8"))) static void int8_gemm_amx(
 __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
     const int8_t *a, int64_t M, int64_t K, const int8_t *b, int64_t N, const float *a_scale, const float *b_scale,
     float *y, int64_t n_start, int64_t n_stop, void *scratch) {
-    int8_gemm_amx(a, M, K, (const uint8_t *)b, K, 0, 0, N, a_scale, b_scale, y, n_start, n_stop, scratch);
+    int8_gemm_amx(a, M, K, (const uint8_t *)b, K, ROWS_INT8, 0, N, a_scale, b_scale, y, n_start, n_stop, scratch);
 }
 
 /* As qdlm_int8_gemm_amx with a W4A4 weight: per-channel int4 codes as the checkpoint packs them (rows
@@ -770,7 +777,15 @@ __attribute__((target("amx-tile,amx-int8"))) void qdlm_int8_gemm_amx(
 __attribute__((target("amx-tile,amx-int8"))) void qdlm_int4a_gemm_amx(
     const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, const int8_t *zeros, int64_t N,
     const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
-    int8_gemm_amx(a, M, K, codes, row_stride, 1, zeros, N, a_scale, b_scale, y, n_start, n_stop, scratch);
+    int8_gemm_amx(a, M, K, codes, row_stride, ROWS_INT4, zeros, N, a_scale, b_scale, y, n_start, n_stop, scratch);
+}
+
+/* As qdlm_int8_gemm_amx with a W8A8 weight as the checkpoint packs it: symmetric per-channel 8-bit codes
+ * (byte k of a row = code k, zero point 128; rows row_stride bytes apart). The same scratch. */
+__attribute__((target("amx-tile,amx-int8"))) void qdlm_uint8_gemm_amx(
+    const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, int64_t N,
+    const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop, void *scratch) {
+    int8_gemm_amx(a, M, K, codes, row_stride, ROWS_UINT8, 0, N, a_scale, b_scale, y, n_start, n_stop, scratch);
 }
 #else
 int qdlm_amx_int8_ready(void) { return 0; }
@@ -785,6 +800,12 @@ void qdlm_int4a_gemm_amx(const int8_t *a, int64_t M, int64_t K, const uint8_t *c
                          int64_t n_start, int64_t n_stop, void *scratch) {
     (void)a; (void)M; (void)K; (void)codes; (void)row_stride; (void)zeros; (void)N; (void)a_scale; (void)b_scale;
     (void)y; (void)n_start; (void)n_stop; (void)scratch;
+}
+void qdlm_uint8_gemm_amx(const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, int64_t N,
+                         const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop,
+                         void *scratch) {
+    (void)a; (void)M; (void)K; (void)codes; (void)row_stride; (void)N; (void)a_scale; (void)b_scale; (void)y;
+    (void)n_start; (void)n_stop; (void)scratch;
 }
 int qdlm_amx_ready(void) { return 0; }
 int64_t qdlm_int4_amxi_x_words(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
