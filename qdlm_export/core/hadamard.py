@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -269,16 +270,20 @@ def _sylvester_transform(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
+def hadamard_transform_reference(
+    x: torch.Tensor, sylvester: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """``x @ hadamard_matrix(n)`` along the last dim (``n`` its size) in torch, in O(n log n + n*m): the
     definition every kernel matches.
 
     With ``x`` viewed as ``[..., m, p]`` (index ``i = a*p + b``), ``x (H_m (x) S_p) = H_m^T X S_p``.
-    Computes in ``x``'s dtype (callers pass float32 or float64).
+    Computes in ``x``'s dtype (callers pass float32 or float64). ``sylvester`` replaces the butterflies
+    of ``X S_p`` by an implementation of the same additions (the kernels' C one), never the rest.
     """
     n = x.shape[-1]
     m, p = _checked_factors(n)
-    y = _sylvester_transform(x.reshape(*x.shape[:-1], m, p)) if p > 1 else x.reshape(*x.shape[:-1], m, p)
+    butterflies = sylvester or _sylvester_transform
+    y = butterflies(x.reshape(*x.shape[:-1], m, p)) if p > 1 else x.reshape(*x.shape[:-1], m, p)
     if m > 1:
         Hm = small_hadamard(m).to(dtype=x.dtype, device=x.device)
         y = torch.matmul(Hm.t(), y)  # [m, m] @ [..., m, p]: contracts the m axis

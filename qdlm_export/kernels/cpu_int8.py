@@ -150,13 +150,14 @@ def packed_int_linear_amx(
 def quantize_unsupported_reason(*, dtype: torch.dtype | None = None, device=None, **_: object) -> str | None:
     if device is not None and torch.device(device).type != "cpu":
         return "the native quantizer needs CPU tensors"
-    if dtype is not None and dtype != torch.bfloat16:
-        return f"the native quantizer reads bf16 activations, not {dtype}"
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float32):
+        return f"the native quantizer reads bf16 or float32 activations, not {dtype}"
     return native_unavailable_reason()
 
 
 def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_q int8 [..., K], x_scale float32 [..., 1])`` of bf16 ``x``, as ``quantize_per_token_torch``."""
+    """``(x_q int8 [..., K], x_scale float32 [..., 1])`` of bf16 or float32 ``x`` (float32: what the
+    loader's online transforms give), as ``quantize_per_token_torch``."""
     from .int8 import qmax_for
 
     reason = quantize_unsupported_reason(dtype=x.dtype, device=x.device)
@@ -166,7 +167,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tu
     x2 = x.reshape(-1, k).contiguous()
     q = torch.empty(x2.shape, dtype=torch.int8)
     scale = torch.empty(x2.shape[0], 1, dtype=torch.float32)
-    fn = library().qdlm_quantize_rows_bf16
+    fn = library().qdlm_quantize_rows_bf16 if x.dtype == torch.bfloat16 else library().qdlm_quantize_rows_f32
     if k and x2.shape[0]:
         fn(x2.data_ptr(), x2.shape[0], k, float(clip_ratio), float(qmax_for(bits)), q.data_ptr(), scale.data_ptr())
     elif x2.shape[0]:

@@ -31,7 +31,6 @@ import torch
 
 from ..core.hadamard import (
     hadamard_factors,
-    hadamard_transform_reference,
     hadamard_unsupported_reason,
     small_hadamard,
     sylvester,
@@ -263,10 +262,13 @@ def hadamard_transform(
 
 def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     """The normalised ``x @ H_n`` of a checkpoint's online transforms (``core.transforms``): through
-    :func:`hadamard_transform` on a GPU or when a backend is forced, else the format's reference."""
+    :func:`hadamard_transform` on a GPU or when a backend is forced, else the format's reference (bit
+    for bit what the in-memory quantized model computes; its butterflies in C where that runs)."""
     if x.device.type == "cuda" or configured_backend() != "auto":
         return hadamard_transform(x)
-    return hadamard_transform_reference(x)
+    from .cpu_hadamard import hadamard_reference_cpu
+
+    return hadamard_reference_cpu(x)
 
 
 # core may not import kernels: it exposes a hook, and importing the kernels plugs the dispatch in.

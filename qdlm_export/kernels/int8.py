@@ -221,7 +221,7 @@ def triton_packed_unsupported_reason(
 
 # ---------------------------------------------------------------------------------------------
 # The ops and their backends (highest priority first; `auto` takes the first that can run):
-#   quantize_per_token  triton (CUDA) > cpu_native (CPU, bf16 rows) > torch
+#   quantize_per_token  triton (CUDA) > cpu_native (CPU, bf16 or float32 rows) > torch
 #   int8_gemm           cpu_amx (CPU with AMX) > torch._int_mm (where it applies natively;
 #                       on CUDA auto only without Triton)
 #                       > triton (CUDA) > torch (padded/float64)
@@ -299,7 +299,7 @@ def _quantize_per_token_cpu_native(*args: object, **kwargs: object) -> tuple[tor
 
 register_backend(
     "quantize_per_token", "cpu_native", _quantize_per_token_cpu_native, family="cpu_native", priority=10,
-    unsupported=_quantize_cpu_native_unsupported, summary="per-token absmax + round of bf16 rows (C, AVX-512)",
+    unsupported=_quantize_cpu_native_unsupported, summary="per-token absmax + round of bf16 or float32 rows (C, AVX-512)",
 )
 register_backend(
     "quantize_per_token", "torch", quantize_per_token_torch, family="torch", priority=0,

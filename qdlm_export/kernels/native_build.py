@@ -48,7 +48,9 @@ SIGNATURES = {
     "qdlm_int4a_gemm_amx": ("piipipipppiip", ""),
     "qdlm_uint8_gemm_amx": ("piipiipppiip", ""),
     "qdlm_quantize_rows_bf16": ("piiffpp", ""),
+    "qdlm_quantize_rows_f32": ("piiffpp", ""),
     "qdlm_evict": ("pi", ""),  # bench: cold-weight timing
+    "qdlm_fwht_rows_f32": ("pii", ""),  # cpu_hadamard.py
 }
 
 

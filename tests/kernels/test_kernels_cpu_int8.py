@@ -70,12 +70,14 @@ needs_native = pytest.mark.skipif(cpu_int8.quantize_unsupported_reason() is not 
 
 @needs_native
 @pytest.mark.parametrize("bits,clip", [(8, 1.0), (8, 0.9), (4, 0.85)])
-def test_native_quantizer_gives_the_torch_backends_codes_bit_for_bit(gen, bits, clip):
-    """Rows with K tails (100, 17), an all-zero row, a 3-D batch, and values across magnitudes."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_quantizer_gives_the_torch_backends_codes_bit_for_bit(gen, bits, clip, dtype):
+    """bf16 rows and float32 rows (what the loader's online transforms give): K tails (100, 17), an
+    all-zero row, a 3-D batch, and values across magnitudes."""
     from qdlm_export.kernels.int8 import quantize_per_token_torch
 
     for shape in [(3, 100), (2, 5, 4096), (7, 17)]:
-        x = (torch.randn(*shape, generator=gen) * (torch.rand(*shape[:-1], 1, generator=gen) * 8)).to(torch.bfloat16)
+        x = (torch.randn(*shape, generator=gen) * (torch.rand(*shape[:-1], 1, generator=gen) * 8)).to(dtype)
         x.view(-1, shape[-1])[1] = 0
         q, s = cpu_int8.quantize_rows(x, bits, clip)
         q_ref, s_ref = quantize_per_token_torch(x, bits, clip)
@@ -85,10 +87,11 @@ def test_native_quantizer_gives_the_torch_backends_codes_bit_for_bit(gen, bits, 
 
 
 @needs_native
-def test_auto_quantizes_bf16_rows_natively_and_other_dtypes_in_torch():
+def test_auto_quantizes_bf16_and_float32_rows_natively_and_other_dtypes_in_torch():
     pick = lambda dtype: kernels.select_backend("quantize_per_token", "cpu", M=4, K=64, bits=8, dtype=dtype).name  # noqa: E731
-    assert pick(torch.bfloat16) == "cpu_native" and pick(torch.float32) == "torch"
-    assert "bf16" in cpu_int8.quantize_unsupported_reason(dtype=torch.float16)
+    assert pick(torch.bfloat16) == pick(torch.float32) == "cpu_native"
+    assert pick(torch.float16) == pick(torch.float64) == "torch"
+    assert "bf16 or float32" in cpu_int8.quantize_unsupported_reason(dtype=torch.float16)
 
 
 @needs_amx_int8

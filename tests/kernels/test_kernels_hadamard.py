@@ -332,3 +332,48 @@ def test_triton_hadamard_falls_back_to_two_steps_when_the_fused_kernel_fails(gen
     assert list(ht.FUSED_FAILED) == [(n, torch.float32, DEV.type)]
     y2 = ht.hadamard_triton(x.to(DEV)).cpu()  # no second attempt, no second warning
     assert_rel(y2, hadamard_transform_torch(x.double()), RTOL[torch.float32], "fallback again")
+
+
+# ---------------------------------------------------------------------------------------------
+# The format's reference with its butterflies in C (what a loaded model runs on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+_native_reason = __import__("qdlm_export.kernels.cpu_native", fromlist=["x"]).unavailable_reason()
+needs_native = pytest.mark.skipif(_native_reason is not None, reason=str(_native_reason))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_butterflies_give_the_reference_bit_for_bit(gen, threads):
+    """Every size a checkpoint's online Hadamard takes (powers of two from 2, and k * p with p below and
+    above one 16-float vector), a strided input, many rows: the same float32 bits as the reference."""
+    from qdlm_export.core.hadamard import hadamard_transform_reference
+    from qdlm_export.kernels.cpu_hadamard import hadamard_reference_cpu
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, rows in [(2, 5), (8, 3), (16, 7), (64, 300), (1024, 9), (12 * 4, 6), (20 * 64, 4), (12 * 1024, 3),
+                        (148 * 128, 2), (4096, 130)]:
+            x = torch.randn(rows, n, generator=gen) * torch.rand(rows, 1, generator=gen) * 50
+            got = hadamard_reference_cpu(x)
+            assert torch.equal(got, hadamard_transform_reference(x)), n
+        x = torch.randn(2, 128, 32, generator=gen).transpose(-1, -2)  # heads over a strided axis
+        assert torch.equal(hadamard_reference_cpu(x), hadamard_transform_reference(x))
+        assert x.is_contiguous() is False and hadamard_reference_cpu(x).shape == x.shape
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_online_hadamards_on_the_cpu_run_the_c_butterflies(gen, monkeypatch):
+    import qdlm_export.kernels.cpu_hadamard as ch
+    from qdlm_export.core.hadamard import hadamard_transform_reference
+    from qdlm_export.core.transforms import hadamard_transform as online
+
+    calls = []
+    real = ch.native_butterflies
+    monkeypatch.setattr(ch, "native_butterflies", lambda t: calls.append(t.shape) or real(t))
+    x = torch.randn(3, 768, generator=gen)
+    assert torch.equal(online(x), hadamard_transform_reference(x)) and calls == [(3, 12, 64)]
+    assert torch.equal(online(x.double()), hadamard_transform_reference(x.double())) and len(calls) == 1

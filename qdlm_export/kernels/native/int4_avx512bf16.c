@@ -340,15 +340,19 @@ static inline __m512 bf16x16_to_ps(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-void qdlm_quantize_rows_bf16(const uint16_t *x, int64_t M, int64_t K, float clip, float qmax, int8_t *q, float *scale) {
+/* 16 values of row m from k (masked) as float32: bf16 rows (bf16 != 0) or float32 rows. */
+static inline __m512 row_ps(const void *x, int bf16, int64_t m, int64_t K, int64_t k, __mmask16 mk) {
+    return bf16 ? bf16x16_to_ps((const uint16_t *)x + m * K + k, mk) : _mm512_maskz_loadu_ps(mk, (const float *)x + m * K + k);
+}
+
+static void quantize_rows(const void *x, int bf16, int64_t M, int64_t K, float clip, float qmax, int8_t *q, float *scale) {
     const __m512 half = _mm512_set1_ps(0.5f), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
     const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
     for (int64_t m = 0; m < M; m++) {
-        const uint16_t *row = x + m * K;
         __m512 amax = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
             const __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(bf16x16_to_ps(row + k, mk)));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(row_ps(x, bf16, m, K, k, mk)));
         }
         const float s = (_mm512_reduce_max_ps(amax) * clip) / qmax;
         const float inv = s > 0.0f ? 1.0f / s : 0.0f;
@@ -356,13 +360,22 @@ void qdlm_quantize_rows_bf16(const uint16_t *x, int64_t M, int64_t K, float clip
         const __m512 iv = _mm512_set1_ps(inv);
         for (int64_t k = 0; k < K; k += 16) {
             const __mmask16 mk = K - k >= 16 ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            const __m512 v = _mm512_mul_ps(bf16x16_to_ps(row + k, mk), iv);
+            const __m512 v = _mm512_mul_ps(row_ps(x, bf16, m, K, k, mk), iv);
             __m512 r = _mm512_roundscale_ps(_mm512_add_ps(_mm512_abs_ps(v), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
             r = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(v), sign)));
             r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
             _mm_mask_storeu_epi8(q + m * K + k, mk, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
         }
     }
+}
+
+void qdlm_quantize_rows_bf16(const uint16_t *x, int64_t M, int64_t K, float clip, float qmax, int8_t *q, float *scale) {
+    quantize_rows(x, 1, M, K, clip, qmax, q, scale);
+}
+
+/* The same for float32 rows (the loader's online transforms output float32). */
+void qdlm_quantize_rows_f32(const float *x, int64_t M, int64_t K, float clip, float qmax, int8_t *q, float *scale) {
+    quantize_rows(x, 0, M, K, clip, qmax, q, scale);
 }
 
 /* Write back and drop from every cache level the lines of [p, p + bytes): the benchmark's cold-weight
@@ -372,6 +385,46 @@ __attribute__((target("clflushopt"))) void qdlm_evict(void *p, int64_t bytes) {
     char *start = (char *)((uintptr_t)p & ~(uintptr_t)63);
     for (char *line = start; line < (char *)p + bytes; line += 64) _mm_clflushopt(line);
     _mm_sfence();
+}
+
+/* In place, each of `rows` contiguous float32 rows of p (a power of two) becomes x @ S_p (Sylvester,
+ * unnormalised) by the butterflies of core/hadamard.py's reference, level h = 1, 2, ..., p/2:
+ * x[j + i], x[j + i + h] <- x[j + i] + x[j + i + h], x[j + i] - x[j + i + h]. The same additions in the
+ * same levels, so the same float32 results bit for bit; a row stays in the L1 cache for all its levels
+ * where the reference makes log2(p) passes over memory. Levels 1-8 run inside 16-float vectors: the
+ * partner of lane e is lane e ^ h, and a lane with bit h set takes partner - self (a - b). */
+static void fwht_row(float *x, int64_t p) {
+    if (p < 16) {
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t j = 0; j < p; j += 2 * h)
+                for (int64_t i = j; i < j + h; i++) {
+                    const float a = x[i], b = x[i + h];
+                    x[i] = a + b;
+                    x[i + h] = a - b;
+                }
+        return;
+    }
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t k = 0; k < p; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        for (int h = 1; h < 16; h *= 2) {
+            const __m512 partner = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(h)), v);
+            const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+            v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), upper, partner, v);
+        }
+        _mm512_storeu_ps(x + k, v);
+    }
+    for (int64_t h = 16; h < p; h *= 2)
+        for (int64_t j = 0; j < p; j += 2 * h)
+            for (int64_t i = j; i < j + h; i += 16) {
+                const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + h);
+                _mm512_storeu_ps(x + i, _mm512_add_ps(a, b));
+                _mm512_storeu_ps(x + i + h, _mm512_sub_ps(a, b));
+            }
+}
+
+void qdlm_fwht_rows_f32(float *x, int64_t rows, int64_t p) {
+    for (int64_t r = 0; r < rows; r++) fwht_row(x + r * p, p);
 }
 
 /* ---------------------------------------------------------------------------------------------
