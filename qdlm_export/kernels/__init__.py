@@ -13,7 +13,9 @@ grouped expert GEMM  ``grouped_experts.py``  ``grouped_experts_triton.py``
 int8 activations     ``int8.py``             ``int8_triton.py``            ``cpu_int8.py`` (C: AMX int8 GEMM,
                                                                            W4A4 on it, per-token quantizer),
                                                                            ``torch._int_mm``
-Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform
+Hadamard             ``hadamard.py``         ``hadamard_triton.py``        fast-hadamard-transform,
+                                                                           ``cpu_hadamard.py`` (the format's
+                                                                           reference, butterflies in C)
 ===================  ======================  ============================  ==============================
 
 The C kernels (``native/int4_avx512bf16.c``) are one library, built and loaded by ``native_build.py``.
