@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -43,6 +44,15 @@ INT8 = {
               (128, 256, 64, 8, 4)],
 }
 SHAPES = ((4096, 4096), (4096, 12288), (12288, 4096))
+
+
+class TerminatedEarly(BaseException):
+    """SIGTERM arrived (the caller's time limit): stop and print what was measured. Not an Exception:
+    the per-candidate handlers, which record a candidate's failure and go on, must not catch it."""
+
+
+def _terminated(signum, frame) -> None:
+    raise TerminatedEarly()
 
 
 def m_class(m: int) -> str:
@@ -109,96 +119,107 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     cut_short = False
-    for shape in args.shapes:
-        if cut_short:
-            break
-        k, n = (int(v) for v in shape.split("x"))
-        w32 = torch.randn(n, k, generator=gen) * 0.02
-        w16 = w32.to(dev, torch.bfloat16)
-        q = quantized_weights(w32, 4, 128, dev)
-        wp, ws = q["weight_only"]
-        w8p, w8s = q["w8a8"]  # packed symmetric 8-bit codes, as a W8A8 checkpoint holds them
-        w4p, w4s = q["w4a4"]
-        for m in args.m:
-            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-                cut_short = True
-                print(f"time budget of {args.budget_s:.0f} s spent: stopping before {k}x{n} M={m}", file=sys.stderr)
+    longest_step = 0.0
+    # gpu_check.sh runs this under `timeout`: on SIGTERM, print what was measured (the JSON is
+    # printed once, at the end) instead of dying with it
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for shape in args.shapes:
+            if cut_short:
                 break
-            x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
-            dense = lambda: x @ w16.T  # noqa: E731
-            base = dict(K=k, N=n, M=m, dense_graph_ms=round(graph_ms(dense), 5), dense_eager_ms=round(eager_ms(dense), 5))
-            xq, xs = int8_triton.quantize_per_token_triton(x, 8)
-            x4q, x4s = int8_triton.quantize_per_token_triton(x, 4)
-            cases = {}
-            if "weight_only" in args.ops:
-                ref = weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k)
-                cases["weight_only"] = (
-                    ref,
-                    lambda cfg: (lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, None, 4, 128, k, config=cfg)),
-                    lambda: weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k),
-                    WO[m_class(m)],
-                    weight_only_triton.pick_config(m, n, 128, k),
-                    {"dequant+cuBLAS": lambda: weight_only_triton.weight_only_linear_triton_dequant(
-                        x, wp, ws, None, 4, 128, k),
-                     # torch's int4 tensor-core kernel (CUDA only: the smoke run leaves it out)
-                     **({} if args.smoke else {"tinygemm": lambda: weight_only.weight_only_linear(
-                         x, wp, ws, None, 4, 128, k, backend="cuda_tinygemm")})},
-                )
-            if "int8" in args.ops:
-                # the int8 GEMM on the checkpoint's 8-bit codes (packed_int_linear routes them to it)
-                ref = int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16)
-                cases["int8"] = (
-                    ref,
-                    lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
-                        xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16, config=cfg)),
-                    lambda: int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16),
-                    INT8[m_class(m)],
-                    int8_triton._gemm_config(m, n),
-                    # what a W8A8 linear runs: the activation quantization, then the GEMM (heuristic tiles)
-                    {"quantize+GEMM": lambda: int8_triton.packed_int_linear_triton(
-                        *int8_triton.quantize_per_token_triton(x, 8), w8p, w8s, None, 8, -1, k, None, torch.bfloat16)},
-                )
-            if "w4a4" in args.ops:
-                ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)
-                cases["w4a4"] = (
-                    ref,
-                    lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
-                        x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16, config=cfg)),
-                    lambda: int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16),
-                    INT8[m_class(m)],
-                    int8_triton._gemm_config(m, n),
-                    {},
-                )
-            for op, (ref, make, torch_fn, candidates, heuristic, others) in cases.items():
-                row = dict(op=op, **base, torch_graph_ms=None, candidates=[])
-                try:
-                    row["torch_graph_ms"] = round(graph_ms(torch_fn), 5)
-                except Exception as exc:  # noqa: BLE001 - reported
-                    row["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                configs = [("heuristic", dict(heuristic))] + [(str(c), as_config(c)) for c in candidates]
-                configs += [(name, None) for name in others]  # other strategies, timed the same way
-                for name, cfg in configs:
-                    entry = dict(name=name, config={kk: v for kk, v in (cfg or {}).items() if kk != "GROUP_M"})
+            k, n = (int(v) for v in shape.split("x"))
+            w32 = torch.randn(n, k, generator=gen) * 0.02
+            w16 = w32.to(dev, torch.bfloat16)
+            q = quantized_weights(w32, 4, 128, dev)
+            wp, ws = q["weight_only"]
+            w8p, w8s = q["w8a8"]  # packed symmetric 8-bit codes, as a W8A8 checkpoint holds them
+            w4p, w4s = q["w4a4"]
+            for m in args.m:
+                # stop before a step that would not end within the budget (the longest so far as its guess)
+                if args.budget_s is not None and time.perf_counter() - started + longest_step > args.budget_s:
+                    cut_short = True
+                    print(f"time budget of {args.budget_s:.0f} s spent: stopping before {k}x{n} M={m}", file=sys.stderr)
+                    break
+                step_started = time.perf_counter()
+                x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
+                dense = lambda: x @ w16.T  # noqa: E731
+                base = dict(K=k, N=n, M=m, dense_graph_ms=round(graph_ms(dense), 5), dense_eager_ms=round(eager_ms(dense), 5))
+                xq, xs = int8_triton.quantize_per_token_triton(x, 8)
+                x4q, x4s = int8_triton.quantize_per_token_triton(x, 4)
+                cases = {}
+                if "weight_only" in args.ops:
+                    ref = weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k)
+                    cases["weight_only"] = (
+                        ref,
+                        lambda cfg: (lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, None, 4, 128, k, config=cfg)),
+                        lambda: weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k),
+                        WO[m_class(m)],
+                        weight_only_triton.pick_config(m, n, 128, k),
+                        {"dequant+cuBLAS": lambda: weight_only_triton.weight_only_linear_triton_dequant(
+                            x, wp, ws, None, 4, 128, k),
+                         # torch's int4 tensor-core kernel (CUDA only: the smoke run leaves it out)
+                         **({} if args.smoke else {"tinygemm": lambda: weight_only.weight_only_linear(
+                             x, wp, ws, None, 4, 128, k, backend="cuda_tinygemm")})},
+                    )
+                if "int8" in args.ops:
+                    # the int8 GEMM on the checkpoint's 8-bit codes (packed_int_linear routes them to it)
+                    ref = int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16)
+                    cases["int8"] = (
+                        ref,
+                        lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
+                            xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16, config=cfg)),
+                        lambda: int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16),
+                        INT8[m_class(m)],
+                        int8_triton._gemm_config(m, n),
+                        # what a W8A8 linear runs: the activation quantization, then the GEMM (heuristic tiles)
+                        {"quantize+GEMM": lambda: int8_triton.packed_int_linear_triton(
+                            *int8_triton.quantize_per_token_triton(x, 8), w8p, w8s, None, 8, -1, k, None, torch.bfloat16)},
+                    )
+                if "w4a4" in args.ops:
+                    ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)
+                    cases["w4a4"] = (
+                        ref,
+                        lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
+                            x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16, config=cfg)),
+                        lambda: int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16),
+                        INT8[m_class(m)],
+                        int8_triton._gemm_config(m, n),
+                        {},
+                    )
+                for op, (ref, make, torch_fn, candidates, heuristic, others) in cases.items():
+                    row = dict(op=op, **base, torch_graph_ms=None, candidates=[])
                     try:
-                        fn = make(cfg) if cfg is not None else others[name]
-                        entry["rel_err_vs_torch"] = round(rel_err(fn(), ref), 6)
-                        entry["graph_ms"] = round(graph_ms(fn), 5)
-                        if name == "heuristic":
-                            entry["eager_ms"] = round(eager_ms(fn), 5)
-                        entry["vs_dense"] = round(base["dense_graph_ms"] / entry["graph_ms"], 3)
-                    except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
-                        entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    row["candidates"].append(entry)
-                timed = [c for c in row["candidates"] if "graph_ms" in c]
-                if timed:
-                    best = min(timed, key=lambda c: c["graph_ms"])
-                    row["best"] = best["name"]
-                    row["best_vs_dense"] = best["vs_dense"]
-                rows.append(row)
-                print(f"{op:12s} {k}x{n} M={m}: dense {base['dense_graph_ms']:.4f} ms (eager {base['dense_eager_ms']:.4f}); "
-                      f"best {row.get('best')} {row.get('best_vs_dense')}x dense; heuristic "
-                      f"{next((c.get('vs_dense') for c in row['candidates'] if c['name'] == 'heuristic'), None)}x",
-                      file=sys.stderr)
+                        row["torch_graph_ms"] = round(graph_ms(torch_fn), 5)
+                    except Exception as exc:  # noqa: BLE001 - reported
+                        row["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    configs = [("heuristic", dict(heuristic))] + [(str(c), as_config(c)) for c in candidates]
+                    configs += [(name, None) for name in others]  # other strategies, timed the same way
+                    for name, cfg in configs:
+                        entry = dict(name=name, config={kk: v for kk, v in (cfg or {}).items() if kk != "GROUP_M"})
+                        try:
+                            fn = make(cfg) if cfg is not None else others[name]
+                            entry["rel_err_vs_torch"] = round(rel_err(fn(), ref), 6)
+                            entry["graph_ms"] = round(graph_ms(fn), 5)
+                            if name == "heuristic":
+                                entry["eager_ms"] = round(eager_ms(fn), 5)
+                            entry["vs_dense"] = round(base["dense_graph_ms"] / entry["graph_ms"], 3)
+                        except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
+                            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        row["candidates"].append(entry)
+                    timed = [c for c in row["candidates"] if "graph_ms" in c]
+                    if timed:
+                        best = min(timed, key=lambda c: c["graph_ms"])
+                        row["best"] = best["name"]
+                        row["best_vs_dense"] = best["vs_dense"]
+                    rows.append(row)
+                    print(f"{op:12s} {k}x{n} M={m}: dense {base['dense_graph_ms']:.4f} ms (eager {base['dense_eager_ms']:.4f}); "
+                          f"best {row.get('best')} {row.get('best_vs_dense')}x dense; heuristic "
+                          f"{next((c.get('vs_dense') for c in row['candidates'] if c['name'] == 'heuristic'), None)}x",
+                          file=sys.stderr)
+                longest_step = max(longest_step, time.perf_counter() - step_started)
+    except TerminatedEarly:
+        cut_short = True
+        print("terminated: printing the rows measured so far", file=sys.stderr)
     result = dict(device="cpu (interpreter smoke run)" if args.smoke else torch.cuda.get_device_name(dev), torch=torch.__version__,
                   seconds=round(time.perf_counter() - started, 1), cut_short=cut_short, rows=rows)
     print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))

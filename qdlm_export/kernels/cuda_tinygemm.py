@@ -32,6 +32,12 @@ from .weight_only import tensors_key
 MIN_CAPABILITY = (8, 0)
 
 
+def torch_before_uint8_converter() -> bool:
+    """torch before 2.5 took int32 codes in ``_convert_weight_to_int4pack`` (PR 129940 changed it)."""
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return (major, minor) < (2, 5)
+
+
 def _inner_k_tiles(in_features: int) -> int | None:
     """The largest tile count (8, 4, 2) the converter takes with ``K % (16 * tiles) == 0``."""
     return next((t for t in (8, 4, 2) if in_features % (16 * t) == 0), None)
@@ -52,6 +58,8 @@ def unsupported_reason(
         return "torch's int4 tensor-core kernel needs CUDA tensors"
     if not all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm", "_convert_weight_to_int4pack")):
         return f"torch {torch.__version__} lacks aten._weight_int4pack_mm"
+    if torch_before_uint8_converter():
+        return f"torch {torch.__version__}: the int4 converter takes uint8 [N, K/2] from torch 2.5 on"
     if device is not None and not torch.cuda.is_available():
         return "CUDA is not available in this torch"
     if device is not None and torch.cuda.get_device_capability(torch.device(device)) < MIN_CAPABILITY:
@@ -140,6 +148,6 @@ def weight_only_linear_tinygemm(
     p = prepare(weight_packed, weight_scale, weight_zero_point, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     y = torch.ops.aten._weight_int4pack_mm(x2, p.weight, p.kernel_group, p.scale_and_zero)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
+    if bias is not None:  # in float32, rounded once (as the Triton backend's epilogue)
+        y = (y.float() + bias.float()).to(y.dtype)
     return y.reshape(*x.shape[:-1], -1)

@@ -86,7 +86,8 @@ def _cached_sylvester(n: int, dtype: torch.dtype, device: torch.device) -> torch
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_hk(k: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def cached_hadamard_k(k: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``H_k`` (``H_k.T`` when ``transpose``) in ``dtype`` on ``device`` (cached: read only)."""
     h = small_hadamard(k).to(torch.float64)
     return (h.T if transpose else h).contiguous().to(dtype=dtype, device=device)
 
@@ -116,7 +117,7 @@ def apply_hadamard_k(y: torch.Tensor, k: int, inverse: bool) -> torch.Tensor:
     """The ``m`` axis of ``y [..., m, p]``: ``H_m^T @ y`` (forward, ``x @ H_n``), ``H_m @ y`` (inverse)."""
     if k == 1:
         return y
-    return _cached_hk(k, not inverse, y.dtype, y.device) @ y
+    return cached_hadamard_k(k, not inverse, y.dtype, y.device) @ y
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

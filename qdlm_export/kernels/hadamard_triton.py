@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, interpret_mode
-from .hadamard import hadamard_k, split_size, triton_fwht_unsupported_reason, with_hadamard_k
+from .hadamard import cached_hadamard_k, split_size, triton_fwht_unsupported_reason, with_hadamard_k
 
 FUSED_MAX_ELEMENTS = 16384  # KP * p held by one program (fp32, several live copies)
 FUSED_MAX_KP = 64  # the padded H_k tile, KP * KP fp32 values, also lives in registers
@@ -75,14 +75,15 @@ def _bf16_pieces_dot(piece, rest, s, DATA_LEFT: tl.constexpr, UPCAST: tl.constex
 def _pm1_dot(data, pm1, DATA_LEFT: tl.constexpr, PIECES: tl.constexpr, UPCAST: tl.constexpr):
     """``data @ pm1`` (or ``pm1 @ data``) for fp32 ``data`` and a +-1 (or 0) fp32 matrix ``pm1``, as
     PIECES bf16 MMAs on ``data = hi + mid + lo``: the +-1 entries and every piece are exact in bf16,
-    products are exact, sums fp32. Two pieces hold bf16/fp16 data exactly and an fp32 intermediate to
-    2**-16; three hold fp32 data to about its own rounding."""
+    products are exact, sums fp32. One piece holds bf16 data exactly, two fp16 data (and an fp32
+    intermediate to 2**-16), three fp32 data to about its own rounding."""
     if DATA_LEFT:
         acc = tl.zeros((data.shape[0], pm1.shape[1]), dtype=tl.float32)
     else:
         acc = tl.zeros((pm1.shape[0], data.shape[1]), dtype=tl.float32)
     acc, rest = _bf16_pieces_dot(acc, data, pm1, DATA_LEFT, UPCAST)
-    acc, rest = _bf16_pieces_dot(acc, rest, pm1, DATA_LEFT, UPCAST)
+    if PIECES >= 2:
+        acc, rest = _bf16_pieces_dot(acc, rest, pm1, DATA_LEFT, UPCAST)
     if PIECES == 3:
         acc, rest = _bf16_pieces_dot(acc, rest, pm1, DATA_LEFT, UPCAST)
     return acc
@@ -102,6 +103,7 @@ def _fwht_kernel(
     A: tl.constexpr,
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    IN_PIECES: tl.constexpr,
     PIECES: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -112,7 +114,7 @@ def _fwht_kernel(
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = (rows < R)[:, None]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + ib[None, :], mask=ok, other=0.0).to(tl.float32)
-        y = _pm1_dot(x, s_b, True, PIECES, UPCAST)
+        y = _pm1_dot(x, s_b, True, IN_PIECES, UPCAST)
         tl.store(y_ptr + rows[:, None] * stride_yr + ib[None, :], (y * scale).to(y_ptr.dtype.element_ty), mask=ok)
     elif K_ORD == 1:
         # One row of p = A * B, element (i, j) of its [A, B] view at offset i * B + j: Y = S_A X S_B.
@@ -120,7 +122,7 @@ def _fwht_kernel(
         ia = tl.arange(0, A)
         offs = ia[:, None] * B + ib[None, :]
         x = tl.load(x_ptr + row * stride_xr + offs).to(tl.float32)
-        t = _pm1_dot(x, _sylvester_block(ia, ia), False, PIECES, UPCAST)
+        t = _pm1_dot(x, _sylvester_block(ia, ia), False, IN_PIECES, UPCAST)
         y = _pm1_dot(t, s_b, True, PIECES, UPCAST)
         tl.store(y_ptr + row * stride_yr + offs, (y * scale).to(y_ptr.dtype.element_ty))
     else:
@@ -133,10 +135,10 @@ def _fwht_kernel(
         offs = ik[:, None] * (A * B) + ip[None, :]
         x = tl.load(x_ptr + row * stride_xr + offs, mask=ok, other=0.0).to(tl.float32)
         if A == 1:
-            t = _pm1_dot(x, s_b, True, PIECES, UPCAST)
+            t = _pm1_dot(x, s_b, True, IN_PIECES, UPCAST)
         else:
             # [KP * A, B] @ S_B, then S_A along the A axis: bring it last, [KP * B, A] @ S_A, and back.
-            t = _pm1_dot(tl.reshape(x, (KP * A, B)), s_b, True, PIECES, UPCAST)
+            t = _pm1_dot(tl.reshape(x, (KP * A, B)), s_b, True, IN_PIECES, UPCAST)
             t = tl.reshape(tl.permute(tl.reshape(t, (KP, A, B)), (0, 2, 1)), (KP * B, A))
             ia = tl.arange(0, A)
             t = _pm1_dot(t, _sylvester_block(ia, ia), True, PIECES, UPCAST)
@@ -154,27 +156,37 @@ def _factors(p: int) -> tuple[int, int]:
     return 1 << (m // 2), 1 << (m - m // 2)
 
 
+def padded_order(k: int) -> int:
+    """Rows the fused kernel gives H_k: the next power of two, at least ``tl.dot``'s 16."""
+    return max(16, 1 << (k - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=64)
-def _padded_hk(k: int, kp: int, inverse: bool, device: torch.device) -> torch.Tensor:
-    """``H_k^T`` (forward; ``H_k`` when inverse) as fp32 ``[kp, kp]``, zero-padded (cached: read only)."""
-    h = hadamard_k(k).to(torch.float32)
-    out = torch.zeros(kp, kp, dtype=torch.float32)
-    out[:k, :k] = h if inverse else h.T
-    return out.to(device)
+def _padded_hk(k: int, inverse: bool, device: torch.device) -> torch.Tensor:
+    """``H_k^T`` (forward; ``H_k`` when inverse) as fp32 ``[KP, KP]``, zero-padded (cached: read only)."""
+    kp = padded_order(k)
+    return torch.nn.functional.pad(cached_hadamard_k(k, not inverse, torch.float32, device), (0, kp - k, 0, kp - k))
 
 
-def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, inverse: bool) -> None:
+# bf16 rows are one exact bf16 piece, fp16 rows two, float32 rows three; intermediates are float32 sums,
+# kept to two pieces for 16-bit outputs and three for float32 ones.
+_PIECES = {torch.bfloat16: (1, 2), torch.float16: (2, 2), torch.float32: (3, 3)}
+
+
+def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, hk: torch.Tensor | None) -> None:
     R = x2.shape[0]
     a, b = _factors(p)
-    pieces = 2 if x2.dtype in (torch.bfloat16, torch.float16) else 3
-    kp = max(16, 1 << (k - 1).bit_length()) if k > 1 else 1
-    hk = _padded_hk(k, kp, inverse, x2.device) if k > 1 else x2
+    in_pieces, pieces = _PIECES[x2.dtype]
+    kp = padded_order(k) if k > 1 else 1
     block_r = 16 if k == 1 and a == 1 else 1
-    elements = kp * p
+    if k == 1:
+        warps = 4 if p <= 4096 else 8
+    else:
+        warps = 4 if kp * p <= 4096 else 8 if kp * p <= 8192 else 16
     _fwht_kernel[(cdiv(R, block_r),)](
         x2,
         y2,
-        hk,
+        hk if hk is not None else x2,
         R,
         x2.stride(0),
         y2.stride(0),
@@ -184,9 +196,10 @@ def _launch(x2: torch.Tensor, y2: torch.Tensor, scale: float, k: int, p: int, in
         A=a,
         B=b,
         BLOCK_R=block_r,
+        IN_PIECES=in_pieces,
         PIECES=pieces,
         UPCAST=interpret_mode(),
-        num_warps=4 if elements <= 4096 else 8 if elements <= 8192 else 16,
+        num_warps=warps,
     )
 
 
@@ -208,7 +221,7 @@ def fwht_triton(x: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = 
         raise ValueError(f"triton FWHT: {reason}")
     x2, y, y2 = _rows(x, n, out)
     if x2.shape[0]:
-        _launch(x2, y2, scale, 1, n, False)
+        _launch(x2, y2, scale, 1, n, None)
     return y
 
 
@@ -217,7 +230,7 @@ def fused_unsupported_reason(n: int) -> str | None:
     k, p = split_size(n)
     if k == 1:
         return "a power of two (no H_k factor to fuse)"
-    kp = max(16, 1 << (k - 1).bit_length())
+    kp = padded_order(k)
     if kp > FUSED_MAX_KP or kp * p > FUSED_MAX_ELEMENTS:
         return f"{k} * {p} padded to {kp} * {p} exceeds one program's registers"
     return None
@@ -235,14 +248,17 @@ def hadamard_triton(x: torch.Tensor, normalized: bool = True, inverse: bool = Fa
     key = (n, x.dtype, x.device.type)
     if k > 1 and fused_unsupported_reason(n) is None and key not in FUSED_FAILED:
         x2, y, y2 = _rows(x, n, None)
+        hk = _padded_hk(k, inverse, x2.device)  # outside the fallback: its errors are not the kernel's
         try:
             if x2.shape[0]:
-                _launch(x2, y2, n**-0.5 if normalized else 1.0, k, p, inverse)
+                _launch(x2, y2, n**-0.5 if normalized else 1.0, k, p, hk)
             return y
         except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile it keeps the two-step path
             # The fused kernel's reshapes and permutes are newer than the rest; a compiler that rejects
             # them (checked natively only by gpu_check.sh, whose test fails on this fallback) must not
-            # take the model down with it.
+            # take the model down with it. During CUDA-graph capture the error is the capture's: raise.
+            if x2.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
             FUSED_FAILED[key] = f"{type(exc).__name__}: {exc}"[:300]
             warnings.warn(f"fused Triton Hadamard of size {n} failed ({FUSED_FAILED[key]}); using two kernels",
                           RuntimeWarning, stacklevel=2)

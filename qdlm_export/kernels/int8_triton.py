@@ -179,8 +179,9 @@ def _int8_gemm_kernel(
         b = tl.load(
             b_ptr + offs_n[None, :] * stride_bn + k[:, None] * stride_bk, mask=k_ok[:, None] & n_ok[None, :], other=0
         )
-        if B_CODES:  # a checkpoint's symmetric 8-bit codes q (uint8): q - 128 is q with its top bit flipped
-            b = (b ^ 0x80).to(tl.int8, bitcast=True)
+        if B_CODES:  # a checkpoint's symmetric 8-bit codes q (uint8) -> q - 128 (int16 keeps every
+            # Triton's promotion rules out of it: older ones widen uint8 ^ int to int32)
+            b = (b.to(tl.int16) - 128).to(tl.int8)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32)
     y = y * tl.load(as_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]

@@ -28,12 +28,16 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   The default path converts every weight element int -> fp32 -> scaled -> activation dtype, and GPU
   conversions run at a fraction of the arithmetic rate: the suspected reason the fused kernel ran at
   0.2x dense at 1024 tokens on an H200, which the tile sweep's OFFSET_CODES candidates test. The
-  weight is also never rounded to the activation dtype (closer to the float64 product).
+  trade: with groups, each K step's MMA starts afresh and its ``BLOCK_M x BLOCK_N`` correction runs
+  on the CUDA cores, which at 128 x 128 tiles costs about what the conversions did; per channel the
+  MMA accumulates in place. The weight is never rounded to the activation dtype (closer to the
+  float64 product).
 * ``SWAP_AB`` computes the transposed tile, ``tile @ x.T``: the dequantized weight becomes the MMA's
   first operand. On Hopper that operand of ``wgmma`` may come from registers, where the dequantized
   tile already is, while the second must sit in shared memory (so the default order stores every
   dequantized tile there first); and the MMA's M side is at least 64 rows, which a 16-token ``x``
-  fills only a quarter of, while its N side (the tokens, once swapped) may be as narrow as 8.
+  fills only a quarter of, while its N side (the tokens, once swapped) may be as narrow as 16
+  (``tl.dot``'s minimum).
 """
 
 from __future__ import annotations

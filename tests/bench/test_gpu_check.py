@@ -73,10 +73,13 @@ def test_report_targets_use_the_fastest_backend_and_every_shape():
 
 def test_report_targets_in_gpu_time_take_each_swept_shapes_best_and_the_worst_shape():
     def row(op, M, N, **cands):
-        return dict(op=op, M=M, K=4096, N=N, candidates=[dict(name=k, vs_dense=v) for k, v in cands.items()])
+        return dict(op=op, M=M, K=4096, N=N,
+                    candidates=[dict(name=k, vs_dense=v, rel_err_vs_torch=0.004) for k, v in cands.items()])
 
+    wrong_but_fast = row("weight_only", 16, 4096, heuristic=0.4, tinygemm=2.7)
+    wrong_but_fast["candidates"].append(dict(name="(16, 64, 128, 4, 4, 1, True)", vs_dense=9.0, rel_err_vs_torch=0.5))
     sweep = {"rows": [
-        row("weight_only", 16, 4096, heuristic=0.4, tinygemm=2.7),
+        wrong_but_fast,  # a candidate that computed something else does not count
         row("weight_only", 16, 12288, heuristic=0.5, tinygemm=2.2),  # worst shape: 2.2 < 2.5
         row("weight_only", 1024, 4096, heuristic=0.95),
         row("int8", 1024, 4096, heuristic=1.9, **{"quantize+GEMM": 1.7}),  # the GEMM alone does not count
@@ -129,3 +132,25 @@ def test_triton_sweep_stops_at_its_time_budget_and_says_so():
     sweep = json.loads(done.stdout)
     assert sweep["cut_short"] is True and sweep["rows"] == []
     assert "ran out of its time budget" in "\n".join(gpu_report.sweep_lines(sweep, None))
+
+
+def test_triton_sweep_killed_by_its_time_limit_still_prints_what_it_measured():
+    """gpu_check.sh runs the sweep under `timeout`: SIGTERM after the first row ends it with that row
+    printed and the result marked cut short, not with the output lost."""
+    import signal
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "triton_sweep.py"), "--smoke", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        for line in proc.stderr:  # progress lines: one per measured row
+            if " M=" in line and "dense" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    sweep = json.loads(out)
+    assert sweep["cut_short"] is True and 1 <= len(sweep["rows"]) < 6

@@ -317,10 +317,10 @@ def test_triton_hadamard_falls_back_to_two_steps_when_the_fused_kernel_fails(gen
 
     real = ht._launch
 
-    def failing(x2, y2, scale, k, p, inverse):
+    def failing(x2, y2, scale, k, p, hk):
         if k > 1:
             raise RuntimeError("PassManager::run failed")
-        return real(x2, y2, scale, k, p, inverse)
+        return real(x2, y2, scale, k, p, hk)
 
     monkeypatch.setattr(ht, "_launch", failing)
     monkeypatch.setattr(ht, "FUSED_FAILED", {})
