@@ -38,7 +38,7 @@ from ..core.hadamard import (
 from ..core.hadamard import hadamard_matrix as _format_hadamard_matrix
 from ..core.transforms import set_hadamard_backend
 from ._triton import fast_hadamard_transform_available, triton_unavailable_reason
-from .registry import Problem, choose, configured_backend, on_cuda, register_backend
+from .registry import Problem, choose, configured_backend, describe_backend, on_cuda, register_backend
 
 # The orders of QuaRot's list that occur as ``m`` (40 is 20 * 2), all built in.
 HADAMARD_ORDERS = (12, 20, 28, 36, 52, 60, 108, 140, 148, 156, 172)
@@ -270,6 +270,16 @@ def online_hadamard(x: torch.Tensor) -> torch.Tensor:
     from .cpu_hadamard import hadamard_reference_cpu
 
     return hadamard_reference_cpu(x)
+
+
+def describe_online_hadamard(device: torch.device | str, n: int) -> str:
+    """What :func:`online_hadamard` runs for float32 rows of ``n`` on ``device`` (``inspect``)."""
+    if torch.device(device).type == "cuda" or configured_backend() != "auto":
+        return describe_backend("hadamard", device, n=n, dtype=torch.float32)
+    from .cpu_native import library
+
+    how = "its butterflies in C" if library() is not None else "in torch"
+    return f"the format's reference ({how}, bit for bit what the in-memory quantized model computes)"
 
 
 # core may not import kernels: it exposes a hook, and importing the kernels plugs the dispatch in.

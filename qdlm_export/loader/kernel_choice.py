@@ -19,7 +19,9 @@ from ..format.spec import (
     unstacked_projections,
 )
 from ..format.validation import validate_checkpoint
+from ..core.transforms import transform_ops
 from ..kernels import describe_backend
+from ..kernels.hadamard import describe_online_hadamard
 from .grouped_experts import planned_paths, prefers_grouped
 from .hf_quantizer import uses_integer_input
 
@@ -34,10 +36,15 @@ def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, 
         if prefers_grouped(device, dtype, spec):
             return f"{expert_path}: {describe_backend('grouped_expert_gemm', device, **shapes)}"
         expert_path = "published per-expert loop here: the per-expert kernels beat the grouped torch reference"
-    parts = [f"hadamard({op['size']}): {describe_backend('hadamard', device, n=op['size'], dtype=torch.float32)}"
+    parts = [f"hadamard({op['size']}): {describe_online_hadamard(device, op['size'])}"
              for op in spec.input_transforms if op.get("op") == "hadamard"]
     if uses_integer_input(spec):
-        parts.append(describe_backend("w4a4_linear", device, act_bits=spec.input_activation.bits, **shapes))
+        # QdlmLinear's two steps; the quantizer sees float32 after online transforms (_transformed), else
+        # the model's own rows
+        act_dtype = torch.float32 if transform_ops(spec.input_transforms) else dtype
+        quantize = describe_backend("quantize_per_token", device, bits=spec.input_activation.bits, M=tokens,
+                                    in_features=spec.in_features, dtype=act_dtype)
+        parts.append(f"{quantize}; then {describe_backend('packed_int_linear', device, **shapes)}")
     else:
         parts.append(describe_backend("weight_only_linear", device, **shapes))
     if expert_path is not None:

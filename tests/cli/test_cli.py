@@ -252,6 +252,16 @@ def test_inspect_reports_the_kernel_backend_of_every_layer(monkeypatch, capsys, 
     assert all("per-token" in plan and ("_int_mm" in plan or "AMX int8 tiles" in plan) for plan in plans.values())
     assert "hadamard(768)" in plans["model.transformer.blocks.0.ff_out"]
     assert "hadamard" not in plans["model.transformer.blocks.0.q_proj"]
+    # on the CPU a loaded model's online Hadamards are the format's reference (QdlmLinear runs that,
+    # not the Hadamard op's backends), and their float32 output is what the quantizer reads
+    down = plans["model.transformer.blocks.0.ff_out"]
+    assert "hadamard(768): the format's reference" in down
+    import torch
+
+    from qdlm_export.kernels import select_backend
+
+    fp32_quantizer = select_backend("quantize_per_token", "cpu", M=256, K=768, bits=4, dtype=torch.float32).name
+    assert down.split("; ")[1].startswith(f"{fp32_quantizer} (")
     from qdlm_export.kernels import refresh_backend_setting
 
     monkeypatch.setenv("QDLM_KERNEL_BACKEND", "triton")
