@@ -45,7 +45,7 @@ import torch
 from .native_build import CACHE_ENV, SWITCH  # noqa: F401 (the switches users set, named here too)
 from .native_build import build as build_library
 from .registry import forget_selections
-from .weight_only import tensors_key
+from .weight_only import LayoutCache, tensors_key
 
 AMX_SWITCH = "QDLM_EXPORT_AMX"  # "0" keeps the AVX-512 kernels where AMX exists
 TILE_N = 16  # outputs per tile (one AVX-512 register of float32)
@@ -322,7 +322,7 @@ class NativeWeight:
         return self.scales.numel() * self.scales.element_size()
 
 
-_CACHE: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_CACHE = LayoutCache()
 
 
 def unsupported_reason(
@@ -359,16 +359,10 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero
         raise ValueError("the native kernels take CPU tensors only (weight, scale and zero point)")
     if tuple(weight_scale.shape) != (n, in_features // group):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n, in_features // group)}")
-    entry = NativeWeight(group, native_scales(weight_scale, weight_zero_point), key)
-    with _LOCK:
-        _CACHE[weight_packed] = entry
-    return entry
+    return _CACHE.put(weight_packed, NativeWeight(group, native_scales(weight_scale, weight_zero_point), key))
 
 
-def cached_nbytes(weight_packed: torch.Tensor) -> int:
-    """Bytes held for ``weight_packed`` beside it (its scales in the kernels' layout)."""
-    entry = _CACHE.get(weight_packed)
-    return 0 if entry is None else entry.nbytes
+cached_nbytes = _CACHE.nbytes  # bytes held for a weight beside it (its scales in the kernels' layout)
 
 
 def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
@@ -377,9 +371,7 @@ def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
     return [] if entry is None else [entry.scales]
 
 
-def forget(weight_packed: torch.Tensor) -> None:
-    with _LOCK:
-        _CACHE.pop(weight_packed, None)
+forget = _CACHE.forget
 
 
 def weight_only_linear_native(

@@ -39,12 +39,11 @@ few-token call has run, the CPU layout sits *beside* the checkpoint layout (2 x 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass
 
 import torch
 
-from .weight_only import tensors_key, unpack_codes
+from .weight_only import LayoutCache, tensors_key, unpack_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes, largest first
 INNER_K_TILES = 2  # accepted by the CPU converter (2, 4, 8 give the same CPU layout)
@@ -194,8 +193,7 @@ def _cpu_weight(weight_packed: torch.Tensor, bits: int, in_features: int) -> tor
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES)
 
 
-_CACHE_LOCK = threading.Lock()
-_CACHE: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_CACHE = LayoutCache()
 
 
 def prepare(
@@ -219,15 +217,10 @@ def prepare(
     else:
         packed = repack(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features,
                         with_weight=with_weight)
-    with _CACHE_LOCK:
-        _CACHE[weight_packed] = packed
-    return packed
+    return _CACHE.put(weight_packed, packed)
 
 
-def cached_nbytes(weight_packed: torch.Tensor) -> int:
-    """Bytes this module holds for ``weight_packed`` beside it (scales, and the CPU layout once made)."""
-    entry = _CACHE.get(weight_packed)
-    return 0 if entry is None else entry.nbytes
+cached_nbytes = _CACHE.nbytes  # bytes held for a weight beside it (scales, and the CPU layout once made)
 
 
 def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
@@ -236,10 +229,7 @@ def cached_tensors(weight_packed: torch.Tensor) -> list[torch.Tensor]:
     return [] if entry is None else [t for t in (entry.weight, entry.scales) if t is not None]
 
 
-def forget(weight_packed: torch.Tensor) -> None:
-    """Drop what is cached for ``weight_packed`` (the next call repacks what it needs)."""
-    with _CACHE_LOCK:
-        _CACHE.pop(weight_packed, None)
+forget = _CACHE.forget  # drop what is cached for a weight (the next call repacks what it needs)
 
 
 def prepare_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:

@@ -22,20 +22,27 @@ tensors (another 0.25x the bf16 bytes at 4 bits); ``bench`` counts it.
 
 from __future__ import annotations
 
-import threading
+import functools
 
 import torch
 
 from .cpu_packed import int4_kernel_group, int4_scale_and_zero
-from .weight_only import tensors_key
+from .weight_only import LayoutCache, scale_groups, tensors_key
 
 MIN_CAPABILITY = (8, 0)
 
 
+@functools.cache
 def torch_before_uint8_converter() -> bool:
     """torch before 2.5 took int32 codes in ``_convert_weight_to_int4pack`` (PR 129940 changed it)."""
     major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     return (major, minor) < (2, 5)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    """Asked once per device: the check runs on every call of the kernel."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _inner_k_tiles(in_features: int) -> int | None:
@@ -62,7 +69,7 @@ def unsupported_reason(
         return f"torch {torch.__version__}: the int4 converter takes uint8 [N, K/2] from torch 2.5 on"
     if device is not None and not torch.cuda.is_available():
         return "CUDA is not available in this torch"
-    if device is not None and torch.cuda.get_device_capability(torch.device(device)) < MIN_CAPABILITY:
+    if device is not None and _capability(torch.device(device).index) < MIN_CAPABILITY:
         return "torch's int4 tensor-core kernel needs compute capability 8.0 or newer"
     if bits not in (None, 4):
         return f"{bits}-bit weights: torch's int4 tensor-core kernel takes 4 bits only"
@@ -93,8 +100,7 @@ class _Repacked:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale_and_zero))
 
 
-_LOCK = threading.Lock()
-_CACHE: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+_CACHE = LayoutCache()
 
 
 def prepare(
@@ -113,16 +119,10 @@ def prepare(
     sz = int4_scale_and_zero(weight_scale, weight_zero_point, group_size, in_features, kg, torch.bfloat16)
     tiles = _inner_k_tiles(in_features)
     weight = torch.ops.aten._convert_weight_to_int4pack(tinygemm_input_bytes(weight_packed, in_features), tiles)
-    entry = _Repacked(weight, sz.to(weight_packed.device), kg, key)
-    with _LOCK:
-        _CACHE[weight_packed] = entry
-    return entry
+    return _CACHE.put(weight_packed, _Repacked(weight, sz.to(weight_packed.device), kg, key))
 
 
-def cached_nbytes(weight_packed: torch.Tensor) -> int:
-    """Bytes held beside ``weight_packed`` for this kernel (0 before its first call)."""
-    entry = _CACHE.get(weight_packed)
-    return 0 if entry is None else entry.nbytes
+cached_nbytes = _CACHE.nbytes  # bytes held beside a weight for this kernel (0 before its first call)
 
 
 def weight_only_linear_tinygemm(
@@ -142,9 +142,7 @@ def weight_only_linear_tinygemm(
         raise ValueError(f"tinygemm weight-only GEMM: {reason}")
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    groups = 1 if group_size == -1 else in_features // group_size
-    if tuple(weight_scale.shape) != (weight_packed.shape[0], groups):
-        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(weight_packed.shape[0], groups)}")
+    scale_groups(weight_scale, weight_packed.shape[0], group_size, in_features)
     p = prepare(weight_packed, weight_scale, weight_zero_point, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     y = torch.ops.aten._weight_int4pack_mm(x2, p.weight, p.kernel_group, p.scale_and_zero)

@@ -21,6 +21,7 @@ float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Iterator
 
 import torch
@@ -37,6 +38,41 @@ def tensors_key(*tensors: torch.Tensor | None) -> tuple:
     cannot change in place: 0 stands for them)."""
     return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
                  for t in tensors)
+
+
+class LayoutCache:
+    """What a backend makes from a checkpoint weight (repacked codes, scales in its own layout), one
+    entry per packed tensor: held weakly by that tensor, so it goes with the module, and replaced when
+    made again. Entries carry ``key`` (from :func:`tensors_key`) and ``nbytes``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
+
+    def get(self, weight_packed: torch.Tensor):
+        return self._entries.get(weight_packed)
+
+    def put(self, weight_packed: torch.Tensor, entry):
+        with self._lock:
+            self._entries[weight_packed] = entry
+        return entry
+
+    def forget(self, weight_packed: torch.Tensor) -> None:
+        with self._lock:
+            self._entries.pop(weight_packed, None)
+
+    def nbytes(self, weight_packed: torch.Tensor) -> int:
+        """Bytes held beside ``weight_packed`` (0 before its layout is made)."""
+        entry = self.get(weight_packed)
+        return 0 if entry is None else entry.nbytes
+
+
+def scale_groups(weight_scale: torch.Tensor, n_out: int, group_size: int, in_features: int) -> int:
+    """The number of groups per row, after checking ``weight_scale`` is ``[n_out, groups]``."""
+    groups = 1 if group_size == -1 else in_features // group_size
+    if tuple(weight_scale.shape) != (n_out, groups):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
+    return groups
 
 
 def unpack_codes(weight_packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, dot_upcast
-from .weight_only import triton_block_k, triton_unsupported_reason
+from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
 
 
 @triton.jit
@@ -257,14 +257,6 @@ OFFSET_CODE_FLOATS = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x640
 def unit_stride_rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Each tensor with unit stride along its last dim (the kernels index rows by stride(0) only)."""
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
-
-
-def scale_groups(weight_scale: torch.Tensor, n_out: int, group_size: int, in_features: int) -> int:
-    """The number of groups per row, after checking ``weight_scale`` is ``[n_out, groups]``."""
-    groups = 1 if group_size == -1 else in_features // group_size
-    if tuple(weight_scale.shape) != (n_out, groups):
-        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(n_out, groups)}")
-    return groups
 
 
 def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
