@@ -45,6 +45,26 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"tensors on {dev.type} need CUDA (or TRITON_INTERPRET=1 for CPU tests)"
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int | None = None) -> tuple[int, int] | None:
+    """``(major, minor)`` of CUDA device ``index`` (the current one when None), None without CUDA.
+
+    Asked once per device (tile heuristics ask on every call). ``benchmarks/triton_compile_check.py``
+    replaces it to compile the heuristics' picks for a GPU this machine does not have."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def hopper_or_newer(device: torch.device | None = None) -> bool:
+    """Whether ``device`` (the current CUDA device when None) has sm_90 or later: warp-group MMAs, and
+    the register and shared-memory budget the Hopper-tuned tiles were measured with. CPU: False."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    capability = cuda_capability(None if device is None else torch.device(device).index)
+    return capability is not None and capability >= (9, 0)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids. ``triton.cdiv`` also works on the host, but it goes through
     Triton's JIT-function call path: about 5 us per use, paid on every forward of every layer."""

@@ -26,6 +26,7 @@ import functools
 
 import torch
 
+from ._triton import cuda_capability
 from .cpu_packed import int4_kernel_group, int4_scale_and_zero
 from .weight_only import LayoutCache, scale_groups, tensors_key
 
@@ -37,12 +38,6 @@ def torch_before_uint8_converter() -> bool:
     """torch before 2.5 took int32 codes in ``_convert_weight_to_int4pack`` (PR 129940 changed it)."""
     major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     return (major, minor) < (2, 5)
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    """Asked once per device: the check runs on every call of the kernel."""
-    return torch.cuda.get_device_capability(index)
 
 
 def _inner_k_tiles(in_features: int) -> int | None:
@@ -69,7 +64,7 @@ def unsupported_reason(
         return f"torch {torch.__version__}: the int4 converter takes uint8 [N, K/2] from torch 2.5 on"
     if device is not None and not torch.cuda.is_available():
         return "CUDA is not available in this torch"
-    if device is not None and _capability(torch.device(device).index) < MIN_CAPABILITY:
+    if device is not None and (cuda_capability(torch.device(device).index) or (0, 0)) < MIN_CAPABILITY:
         return "torch's int4 tensor-core kernel needs compute capability 8.0 or newer"
     if bits not in (None, 4):
         return f"{bits}-bit weights: torch's int4 tensor-core kernel takes 4 bits only"

@@ -19,7 +19,8 @@ then ``H_k^T`` (a ``[KP, KP]`` matrix read from memory) across them, and stores 
 read and written once, where ``S_p`` then ``H_k`` in torch wrote and re-read it three more times
 in float32 (an H200 measured the online Hadamards at 10 % of a QuaRot block's time that way).
 Rows too large for one program's registers (``KP * p > FUSED_MAX_ELEMENTS``, e.g. 148 * 128) keep
-that two-step path.
+that two-step path, and so do GPUs before Hopper (sm_90): compiled for them the fused kernel spills
+5-53 KB a thread to local memory (``benchmarks/triton_compile_check.py``).
 
 Precision: every product is with a +-1 matrix, so it is exact; sums are fp32. All MMAs are bf16
 tensor-core MMAs on the data split into bf16 pieces: ``hi + lo`` for bf16/fp16 rows (exact for the
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import cdiv, interpret_mode
+from ._triton import cdiv, hopper_or_newer, interpret_mode
 from .hadamard import cached_hadamard_k, split_size, triton_fwht_unsupported_reason, with_hadamard_k
 
 FUSED_MAX_ELEMENTS = 16384  # KP * p held by one program (fp32, several live copies)
@@ -61,14 +62,18 @@ def _bf16_pieces_dot(piece, rest, s, DATA_LEFT: tl.constexpr, UPCAST: tl.constex
     """One bf16 piece of the data (``rest`` rounded) times ``s``; returns (product, what is left)."""
     hi = rest.to(tl.bfloat16)
     left = rest - hi.to(tl.float32)
+    # Every constexpr branch that returns has an else: the compiler, unlike the interpreter, goes on
+    # past a taken branch's return, and a later return of another shape fails to compile.
     if UPCAST:  # the interpreter's bf16 dots are wrong: the same piece, multiplied in fp32
         a = hi.to(tl.float32)
         if DATA_LEFT:
             return tl.dot(a, s, piece, input_precision="ieee"), left
-        return tl.dot(s, a, piece, input_precision="ieee"), left
-    if DATA_LEFT:
+        else:
+            return tl.dot(s, a, piece, input_precision="ieee"), left
+    elif DATA_LEFT:
         return tl.dot(hi, s.to(tl.bfloat16), piece), left
-    return tl.dot(s.to(tl.bfloat16), hi, piece), left
+    else:
+        return tl.dot(s.to(tl.bfloat16), hi, piece), left
 
 
 @triton.jit
@@ -225,11 +230,15 @@ def fwht_triton(x: torch.Tensor, scale: float = 1.0, out: torch.Tensor | None = 
     return y
 
 
-def fused_unsupported_reason(n: int) -> str | None:
-    """None when one program takes a whole row of ``n = k * p`` (``k`` > 1), else why not."""
+def fused_unsupported_reason(n: int, device: torch.device | str | None = None) -> str | None:
+    """None when one program takes a whole row of ``n = k * p`` (``k`` > 1) on ``device``, else why not."""
     k, p = split_size(n)
     if k == 1:
         return "a power of two (no H_k factor to fuse)"
+    if device is not None and not interpret_mode() and not hopper_or_newer(device):
+        # compiled for sm_80 / sm_89 its row and H_k tiles spill 5-53 KB a thread to local memory
+        # (benchmarks/triton_compile_check.py), on sm_90 at most 0.2 KB
+        return "before Hopper (sm_90) the fused kernel spills its row to local memory"
     kp = padded_order(k)
     if kp > FUSED_MAX_KP or kp * p > FUSED_MAX_ELEMENTS:
         return f"{k} * {p} padded to {kp} * {p} exceeds one program's registers"
@@ -246,7 +255,7 @@ def hadamard_triton(x: torch.Tensor, normalized: bool = True, inverse: bool = Fa
     if reason:
         raise ValueError(f"triton Hadamard: {reason}")
     key = (n, x.dtype, x.device.type)
-    if k > 1 and fused_unsupported_reason(n) is None and key not in FUSED_FAILED:
+    if k > 1 and fused_unsupported_reason(n, x.device) is None and key not in FUSED_FAILED:
         x2, y, y2 = _rows(x, n, None)
         hk = _padded_hk(k, inverse, x2.device)  # outside the fallback: its errors are not the kernel's
         try:

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import cdiv, dot_upcast
+from ._triton import cdiv, dot_upcast, hopper_or_newer
 from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
 
 
@@ -58,7 +58,12 @@ def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BL
     memory) and splits every word into its ``32 / BITS`` codes; ``k0`` is a multiple of ``BLOCK_K``,
     itself a multiple of the codes per word, so the tile starts on a word. Reading code by code
     instead (one load per code, ``32 / BITS`` of them hitting the same word) made the kernel 10-40x
-    slower than dense on an H200. 3 bits (codes straddle words) keep the per-code gather.
+    slower than dense on an H200.
+
+    3 bits: 32 codes fill exactly 3 words, so a ``BLOCK_K`` multiple of 32 is read as that many word
+    triples and each code is taken from its word (two of the 32 straddle into the next one). Only a
+    ``BLOCK_K`` of 16 keeps the per-code gather, which loads two words per code: at 64 x 128 tiles
+    that needed 336 KiB of shared memory, more than an H100 gives a block.
     """
     if 32 % BITS == 0:
         PER_WORD: tl.constexpr = 32 // BITS
@@ -70,6 +75,24 @@ def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BL
         shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
         q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
         return tl.reshape(q, (offs_n.shape[0], BLOCK_K)).to(tl.int32)
+    elif BLOCK_K % 32 == 0:
+        TRIPLES: tl.constexpr = BLOCK_K // 32
+        first = (k0 // 32) * 3 + tl.arange(0, TRIPLES) * 3  # word 0 of each triple; k0 % 32 == 0
+        row_words = tl.cdiv(K * BITS, 32)
+        n_ok = offs_n[:, None] < N
+        ptrs = wp_ptr + offs_n[:, None] * stride_wn + first[None, :]
+        w0 = tl.load(ptrs, mask=n_ok & (first[None, :] < row_words), other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(ptrs + 1, mask=n_ok & (first[None, :] + 1 < row_words), other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(ptrs + 2, mask=n_ok & (first[None, :] + 2 < row_words), other=0).to(tl.uint32, bitcast=True)
+        bit = tl.arange(0, 32) * BITS  # code c of a triple starts at bit 3c of it
+        word = (bit // 32)[None, None, :]
+        shift = (bit % 32).to(tl.uint32)[None, None, :]
+        w0, w1, w2 = w0[:, :, None], w1[:, :, None], w2[:, :, None]
+        q = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
+        # codes 10 and 21 straddle: their high bits are the low bits of the next word of the triple
+        nxt = tl.where(word == 0, w1, w2) << ((32 - shift) % 32)
+        q = q | tl.where(shift + BITS > 32, nxt, 0)
+        return tl.reshape(q & ((1 << BITS) - 1), (offs_n.shape[0], BLOCK_K)).to(tl.int32)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         bit = offs_k * BITS  # stream position of code k inside its row
@@ -106,10 +129,15 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 @triton.jit
 def _mma(x, w, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + x @ w.T`` (``[BLOCK_M, BLOCK_N]``), or with SWAP_AB its transpose ``acc + w @ x.T``."""
+    """``acc + x @ w.T`` (``[BLOCK_M, BLOCK_N]``), or with SWAP_AB its transpose ``acc + w @ x.T``.
+
+    The helpers' constexpr branches that return all have an ``else``: Triton's compiler, unlike its
+    interpreter, goes on past a taken branch's ``return``, and a later return of another shape does
+    not compile (``tests/kernels/test_triton_gpu_compile.py`` checks both)."""
     if SWAP_AB:
         return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-    return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -117,7 +145,8 @@ def _per_column(v, SWAP_AB: tl.constexpr):
     """A per-output-column vector, broadcast against the accumulator's orientation."""
     if SWAP_AB:
         return v[:, None]
-    return v[None, :]
+    else:
+        return v[None, :]
 
 
 @triton.jit
@@ -125,7 +154,8 @@ def _per_token(v, SWAP_AB: tl.constexpr):
     """A per-token vector, broadcast against the accumulator's orientation."""
     if SWAP_AB:
         return v[None, :]
-    return v[:, None]
+    else:
+        return v[:, None]
 
 
 @triton.jit
@@ -133,7 +163,8 @@ def _zero_points(z_ptr, offsets, ok, HAS_ZERO: tl.constexpr, BITS: tl.constexpr)
     """int32 zero points at ``z_ptr + offsets`` (one per output row), or the symmetric midpoint."""
     if HAS_ZERO:
         return tl.load(z_ptr + offsets, mask=ok, other=0).to(tl.int32)
-    return offsets * 0 + (1 << (BITS - 1))
+    else:
+        return offsets * 0 + (1 << (BITS - 1))
 
 
 @triton.jit
@@ -266,16 +297,22 @@ def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
     output tiles give enough programs to cover the GPU. Large M is bound by the MMAs and the
     in-loop dequantization: large tiles. The sizes at M <= 16, M <= 256 and above are the fastest
     candidates of ``benchmarks/triton_sweep.py`` on an H200 (2026-12-04; K x N = 4096 x 4096 and
-    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16.
+    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16. Before Hopper (A100, L40S)
+    ptxas spills 0.3-1.3 KB a thread for the two larger of those tiles
+    (``benchmarks/triton_compile_check.py``); there the K step halves (M <= 256) or 8 warps share the
+    tile (above), which do not spill. Unmeasured on such a GPU.
     """
+    hopper = hopper_or_newer()
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
     elif M <= 64:
         cfg = dict(BLOCK_M=32 if M <= 32 else 64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     elif M <= 256:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
-    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128 if hopper else 64, num_warps=4, num_stages=3)
+    elif hopper:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
     cfg["GROUP_M"] = 8
     cfg["SPLIT_K"] = 1  # > 1 only from the tile sweep so far (benchmarks/triton_sweep.py)

@@ -1,0 +1,95 @@
+"""The Triton kernels compile for a Hopper GPU, checked on the CPU (``benchmarks/triton_compile_check.py``).
+
+The other kernel tests run in Triton's interpreter, which accepts programs the GPU compiler rejects
+and knows nothing of shared memory or registers: a helper returning different shapes from its
+constexpr branches passed every interpreted test, and did not compile for a GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = ROOT / "qdlm_export" / "kernels"
+SCRIPT = ROOT / "benchmarks" / "triton_compile_check.py"
+EVERY_KERNEL = {"_wo_gemm_kernel", "_dequantize_kernel", "_quantize_rows_kernel", "_int8_gemm_kernel",
+                "_packed_int_gemm_kernel", "_fwht_kernel", "_grouped_gemm_kernel"}
+SPILL_LIMIT = 512  # bytes a thread: more is a tile the heuristic should not pick
+
+
+def _jit_functions():
+    for path in sorted(KERNELS.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                yield path.name, node
+
+
+def test_jit_helpers_return_from_an_if_only_with_an_else():
+    """Triton's compiler, unlike its interpreter, carries on past a constexpr branch that returned;
+    a return after it of another shape fails to compile, of the same shape silently loses."""
+    functions = list(_jit_functions())
+    assert len(functions) >= 10, "no @triton.jit functions found: the kernels moved?"
+    offenders = [
+        f"{name}:{node.lineno} {fn.name}"
+        for name, fn in functions
+        for node in ast.walk(fn)
+        if isinstance(node, ast.If) and not node.orelse and any(isinstance(n, ast.Return) for n in ast.walk(node))
+    ]
+    assert not offenders, "if-with-return but no else in @triton.jit functions: " + ", ".join(offenders)
+
+
+def _compile(parts: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--arch", "90", "--json", "--parts", *parts],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def hopper_rows():
+    triton = pytest.importorskip("triton", reason="the compile check needs Triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90).path  # noqa: B018 - raises when this Triton has no ptxas
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"triton {triton.__version__} cannot compile for CUDA here: {exc}")
+    # the two parts in parallel: each compile is one core's work
+    procs = [_compile(["defaults"]), _compile(["sweep"])]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert out.strip(), err[-3000:]
+        rows += json.loads(out)["rows"]
+    return rows
+
+
+def test_every_kernel_compiles_for_hopper_within_its_shared_memory(hopper_rows):
+    failed = [f"{r['kernel']} {r['constexprs']} warps={r['num_warps']}: {r['error']}" for r in hopper_rows if "error" in r]
+    assert not failed, "\n".join(failed)
+    assert {r["kernel"] for r in hopper_rows} == EVERY_KERNEL
+    assert all(r["shared"] <= 232448 and r["registers"] for r in hopper_rows)
+
+
+def test_what_a_loaded_model_launches_does_not_spill(hopper_rows):
+    defaults = [r for r in hopper_rows if "default" in r["origins"]]
+    spilling = [f"{r['kernel']} {r['constexprs']} warps={r['num_warps']}: {r['spill_bytes']} B"
+                for r in defaults if r["spill_bytes"] > SPILL_LIMIT]
+    assert not spilling, "\n".join(spilling)
+
+
+def test_hopper_mmas_where_tiles_allow_them(hopper_rows):
+    """wgmma (Hopper's warp-group MMA) for 64-row tiles and up; the fused Hadamard of 12288 = 12 * 1024
+    compiles as one kernel (its two-kernel fallback is for compilers that reject it)."""
+    gemms = [r for r in hopper_rows if r["kernel"] in ("_int8_gemm_kernel", "_wo_gemm_kernel")
+             and r["constexprs"]["BLOCK_M"] >= 64 and not r["constexprs"].get("SWAP_AB")]
+    assert gemms and all(r["mma"] == "wgmma" for r in gemms), [r for r in gemms if r["mma"] != "wgmma"]
+    fused = [r for r in hopper_rows if r["kernel"] == "_fwht_kernel" and r["constexprs"]["K_ORD"] == 12]
+    assert fused and all(r["mma"] == "wgmma" for r in fused)
