@@ -13,7 +13,7 @@ candidates (``triton_sweep.py``) are compiled as well (``--parts``). For every d
 kernel (its constexprs and launch options) the report gives shared memory, registers and spills
 (``ptxas -v``) and the MMA instruction (``wgmma`` on Hopper, ``mma.sync`` otherwise). A kernel that
 does not compile, or needs more shared memory than the target gives a block, is a failure; exit
-status 1 when there is one, 0 otherwise.
+status 1 when there is one, 3 when this Triton cannot compile for CUDA here, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -56,10 +56,11 @@ class Compiler:
         self.target = GPUTarget("cuda", arch, 32)
         self.backend = make_backend(self.target)
         self._compile, self._source = triton.compile, ASTSource
-        knobs.nvidia.dump_ptxas_log = True  # ptxas always runs with -v; this prints its log
-        knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
+        self.knobs = ((knobs.nvidia, "dump_ptxas_log", True),  # ptxas always runs with -v; this prints its log
+                      (knobs.compilation, "always_compile", True))  # a cached kernel would skip ptxas
         self.rows: list[dict] = []
         self.origin = "default"
+        self.raised = False  # the last launch's compile failed (and is recorded)
         self._seen: dict[tuple, dict] = {}
 
     def run(self, fn, args, kwargs) -> None:
@@ -87,6 +88,7 @@ class Compiler:
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             row["error"] = f"{type(cause).__name__}: {str(cause).strip()[-400:]}"
+            self.raised = True
             raise
         finally:
             row["compile_s"] = round(time.perf_counter() - started, 2)
@@ -110,7 +112,8 @@ def compiling_for(arch: int):
     compiler = Compiler(arch)
     # what the launchers ask of the GPU they run on, answered for the target
     patches = [(JITFunction, "run", lambda fn, *args, grid, warmup, **kwargs: compiler.run(fn, args, kwargs)),
-               (int8_triton, "_large_shared_memory", lambda: compiler.shared_limit >= 200 * 1024)]
+               (int8_triton, "_large_shared_memory", lambda: compiler.shared_limit >= 200 * 1024),
+               (hadamard_triton, "FUSED_FAILED", {}), *compiler.knobs]  # fallbacks remembered per target
     for module in (grouped_experts_triton, hadamard_triton, int8_triton, weight_only_triton):
         if hasattr(module, "hopper_or_newer"):
             patches.append((module, "hopper_or_newer", lambda device=None: arch >= 90))
@@ -124,12 +127,16 @@ def compiling_for(arch: int):
             setattr(owner, name, value)
 
 
-def _attempt(call) -> None:
-    """A launch whose compile failed is already recorded; the next case still runs."""
+def _attempt(compiler: Compiler, call) -> None:
+    """A launch whose compile failed is already recorded, and the next case still runs; a launcher that
+    failed before any compile is recorded as a failure of its own."""
+    compiler.raised = False
     try:
         call()
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as exc:  # noqa: BLE001
+        if not compiler.raised:
+            compiler.rows.append(dict(kernel="(launcher)", arch=compiler.arch, constexprs={}, num_warps=0,
+                                      num_stages=0, origins={compiler.origin}, error=f"{type(exc).__name__}: {exc}"))
 
 
 def _empty(*shape, dtype):
@@ -166,29 +173,30 @@ def launch_defaults(compiler: Compiler) -> None:
             for m in TOKENS:
                 for dtype in dtypes:
                     x = _empty(m, k, dtype=dtype)
-                    _attempt(lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, wz, bits, group, k))
-            _attempt(lambda: weight_only_triton.dequantize_packed_triton(wp, ws, wz, bits, group, k, torch.bfloat16))
+                    _attempt(compiler, lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, wz, bits, group, k))
+            _attempt(compiler, lambda: weight_only_triton.dequantize_packed_triton(wp, ws, wz, bits, group, k, torch.bfloat16))
         for bits, group, symmetric in ((8, -1, True), (4, 128, True), (4, -1, True), (4, 128, False)):
             wp, ws, wz = _weight(n, k, bits, group, symmetric)
             ws = ws.float()
             for m in TOKENS:
                 for dtype in (torch.bfloat16, torch.float32):  # float32 rows: after online transforms
                     x = _empty(m, k, dtype=dtype)
-                    _attempt(lambda: int8_triton.quantize_per_token_triton(x, bits=8 if bits == 8 else 4))
+                    _attempt(compiler, lambda: int8_triton.quantize_per_token_triton(x, bits=8 if bits == 8 else 4))
                 xq, xs = _empty(m, k, dtype=torch.int8), _empty(m, 1, dtype=torch.float32)
-                _attempt(lambda: int8_triton.packed_int_linear_triton(xq, xs, wp, ws, wz, bits, group, k))
+                _attempt(compiler, lambda: int8_triton.packed_int_linear_triton(xq, xs, wp, ws, wz, bits, group, k))
                 if bits == 8:
                     w8 = _empty(n, k, dtype=torch.int8)
-                    _attempt(lambda: int8_triton.int8_gemm_triton(xq, xs, w8, ws.reshape(n, 1)))
+                    _attempt(compiler, lambda: int8_triton.int8_gemm_triton(xq, xs, w8, ws.reshape(n, 1)))
     for n in (4096, 11008, 12288, 14336, 18944):  # hidden and MLP sizes of LLaDA, LLaMA-likes, Dream
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             x = _empty(64, n, dtype=dtype)
-            _attempt(lambda: hadamard_triton.hadamard_triton(x))
+            _attempt(compiler, lambda: hadamard_triton.hadamard_triton(x))
     for experts, k, n, rows in ((64, 2048, 1024, 64 * 8), (64, 2048, 1024, 4096 * 8), (256, 4096, 1536, 256 * 8)):
-        wp, ws, wz = _weight(n, k, 4, 128, False, experts)
         offsets = torch.arange(0, rows + 1, rows // experts)  # the rows split evenly between the experts
         x = _empty(rows, k, dtype=torch.bfloat16)
-        _attempt(lambda: grouped_experts_triton.grouped_expert_gemm_triton(x, offsets, wp, ws, wz, 4, 128, k))
+        for symmetric in (False, True):
+            wp, ws, wz = _weight(n, k, 4, 128, symmetric, experts)
+            _attempt(compiler, lambda: grouped_experts_triton.grouped_expert_gemm_triton(x, offsets, wp, ws, wz, 4, 128, k))
 
 
 def launch_sweep(compiler: Compiler) -> None:
@@ -208,15 +216,30 @@ def launch_sweep(compiler: Compiler) -> None:
         x = _empty(m, k, dtype=torch.bfloat16)
         xq, xs = _empty(m, k, dtype=torch.int8), _empty(m, 1, dtype=torch.float32)
         for c in triton_sweep.WO[cls]:
-            _attempt(lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, None, 4, 128, k,
+            _attempt(compiler, lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, None, 4, 128, k,
                                                                           config=triton_sweep.as_config(c)))
         for c in triton_sweep.INT8[cls]:
             cfg = triton_sweep.as_config(c)
-            _attempt(lambda: int8_triton.packed_int_linear_triton(xq, xs, w8p, w8s.float(), None, 8, -1, k, config=cfg))
-            _attempt(lambda: int8_triton.packed_int_linear_triton(xq, xs, w4p, w4s.float(), None, 4, -1, k, config=cfg))
+            _attempt(compiler, lambda: int8_triton.packed_int_linear_triton(xq, xs, w8p, w8s.float(), None, 8, -1, k, config=cfg))
+            _attempt(compiler, lambda: int8_triton.packed_int_linear_triton(xq, xs, w4p, w4s.float(), None, 4, -1, k, config=cfg))
 
 
 PARTS = {"defaults": launch_defaults, "sweep": launch_sweep}
+
+
+def unsupported_reason() -> str | None:
+    """None when this Triton can compile for CUDA here the way this script drives it, else why not."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import get_ptxas
+        from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: F401
+
+        get_ptxas(90).path  # noqa: B018 - raises without the bundled ptxas
+    except Exception as exc:  # noqa: BLE001
+        return f"this Triton cannot compile for CUDA here ({type(exc).__name__}: {exc})"
+    if not hasattr(JITFunction, "_pack_args"):
+        return "this Triton's JITFunction has no _pack_args (the script drives triton 3.9's launch path)"
+    return None
 
 
 def check(archs: list[int], parts: list[str]) -> list[dict]:
@@ -253,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_sweep
+    reason = unsupported_reason()
+    if reason:
+        print(f"triton_compile_check.py: {reason}", file=sys.stderr)
+        return 3
     rows = check(args.arch, args.parts)
     failed = [r for r in rows if "error" in r]
     if args.json:

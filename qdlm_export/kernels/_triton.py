@@ -45,20 +45,25 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     return f"tensors on {dev.type} need CUDA (or TRITON_INTERPRET=1 for CPU tests)"
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_capability(index: int | None = None) -> tuple[int, int] | None:
-    """``(major, minor)`` of CUDA device ``index`` (the current one when None), None without CUDA.
-
-    Asked once per device (tile heuristics ask on every call). ``benchmarks/triton_compile_check.py``
-    replaces it to compile the heuristics' picks for a GPU this machine does not have."""
+    """``(major, minor)`` of CUDA device ``index`` (the current one when None), None without CUDA."""
     if not torch.cuda.is_available():
         return None
+    return _capability_of(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    """Asked once per device: the tile heuristics ask on every call."""
     return tuple(torch.cuda.get_device_capability(index))
 
 
-def hopper_or_newer(device: torch.device | None = None) -> bool:
+def hopper_or_newer(device: torch.device | str | None = None) -> bool:
     """Whether ``device`` (the current CUDA device when None) has sm_90 or later: warp-group MMAs, and
-    the register and shared-memory budget the Hopper-tuned tiles were measured with. CPU: False."""
+    the register and shared-memory budget the Hopper-tuned tiles were measured with. CPU: False.
+
+    ``benchmarks/triton_compile_check.py`` replaces it in the kernel modules that ask, to compile
+    their picks for a GPU this machine does not have."""
     if device is not None and torch.device(device).type != "cuda":
         return False
     capability = cuda_capability(None if device is None else torch.device(device).index)

@@ -368,11 +368,15 @@ def packed_int_linear_triton(
     scale = weight_scale.contiguous()
     zero = weight_zero_point.contiguous() if weight_zero_point is not None else None
     cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
-    if not config and groups > 1 and cfg["BLOCK_M"] > 128:
+    if not config and groups > 1:
         # Grouped weights keep a float32 accumulator beside each step's int32 partial sum: at 256-row
         # tiles ptxas spills 1.7-2.8 KB a thread on sm_90 (benchmarks/triton_compile_check.py), at
-        # 128 rows none (symmetric) or 0.3 KB (asymmetric, with 64-wide K steps).
-        cfg.update(BLOCK_M=128, BLOCK_K=64 if weight_zero_point is not None else 128)
+        # 128 rows none (symmetric) or 0.3 KB (asymmetric, 64-wide K steps). Zero points at 64-row
+        # tiles with 128-wide K steps spill 0.4 KB (sm_90) to 0.9 KB (sm_80), with 64-wide none.
+        if cfg["BLOCK_M"] > 128:
+            cfg.update(BLOCK_M=128, BLOCK_K=128)
+        if weight_zero_point is not None and cfg["BLOCK_M"] >= 64:
+            cfg["BLOCK_K"] = 64
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"])
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _packed_int_gemm_kernel[grid](

@@ -18,9 +18,9 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   fp16/bf16 since ``|q - z| <= 255``) and scale the accumulator once at the end.
 * Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
   ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word, and a tile is read as whole
-  words along each row, then split. For 3 bits the codes at shifts 30 and 31 continue at bit 0 of
-  the next word: we also load that word and OR in its low bits shifted up by ``32 - shift``. Words
-  are read as uint32 so that ``>>`` is a logical shift.
+  words along each row, then split. For 3 bits, 32 codes fill 3 words, read as word triples; codes
+  at shifts 30 and 31 continue at bit 0 of the next word, ORed in shifted up by ``32 - shift``.
+  Words are read as uint32 so that ``>>`` is a logical shift.
 * ``OFFSET_CODES`` (bf16/fp16 activations, up to 4 bits) skips the per-weight dequantization: the
   codes become the exact floats ``base + q`` by one OR into the mantissa of ``base`` (128 in bf16,
   1024 in fp16), the MMA takes them unscaled, and each group's partial sum is corrected and scaled on
@@ -60,10 +60,9 @@ def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BL
     instead (one load per code, ``32 / BITS`` of them hitting the same word) made the kernel 10-40x
     slower than dense on an H200.
 
-    3 bits: 32 codes fill exactly 3 words, so a ``BLOCK_K`` multiple of 32 is read as that many word
-    triples and each code is taken from its word (two of the 32 straddle into the next one). Only a
-    ``BLOCK_K`` of 16 keeps the per-code gather, which loads two words per code: at 64 x 128 tiles
-    that needed 336 KiB of shared memory, more than an H100 gives a block.
+    3 bits: 32 codes fill 3 words, read as word triples (codes 10 and 21 straddle into the next word).
+    A ``BLOCK_K`` of 16 keeps a per-code gather of two words a code (336 KiB of shared memory at the
+    64 x 128 tiles that an H100 then could not launch).
     """
     if 32 % BITS == 0:
         PER_WORD: tl.constexpr = 32 // BITS
@@ -131,9 +130,8 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 def _mma(x, w, acc, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + x @ w.T`` (``[BLOCK_M, BLOCK_N]``), or with SWAP_AB its transpose ``acc + w @ x.T``.
 
-    The helpers' constexpr branches that return all have an ``else``: Triton's compiler, unlike its
-    interpreter, goes on past a taken branch's ``return``, and a later return of another shape does
-    not compile (``tests/kernels/test_triton_gpu_compile.py`` checks both)."""
+    Constexpr branches that return have an ``else``: the compiler, unlike the interpreter, goes on past
+    a taken ``return`` (``tests/kernels/test_triton_gpu_compile.py``)."""
     if SWAP_AB:
         return tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
     else:
@@ -290,19 +288,18 @@ def unit_stride_rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def pick_config(M: int, N: int, group_size: int, in_features: int) -> dict:
+def pick_config(M: int, N: int, group_size: int, in_features: int, device: torch.device | None = None) -> dict:
     """Tile sizes by problem size (heuristic, not autotuned).
 
     Small M (diffusion steps over short blocks, decoding) is bound by reading the weight: narrow
     output tiles give enough programs to cover the GPU. Large M is bound by the MMAs and the
     in-loop dequantization: large tiles. The sizes at M <= 16, M <= 256 and above are the fastest
     candidates of ``benchmarks/triton_sweep.py`` on an H200 (2026-12-04; K x N = 4096 x 4096 and
-    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16. Before Hopper (A100, L40S)
-    ptxas spills 0.3-1.3 KB a thread for the two larger of those tiles
-    (``benchmarks/triton_compile_check.py``); there the K step halves (M <= 256) or 8 warps share the
-    tile (above), which do not spill. Unmeasured on such a GPU.
-    """
-    hopper = hopper_or_newer()
+    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16. Before Hopper (``device``:
+    the current CUDA device when None) the two larger tiles spill 0.3-1.3 KB a thread
+    (``benchmarks/triton_compile_check.py``): there the K step halves (M 65-256) or 8 warps share
+    the tile (above), spilling 0.25 KB at most. Unmeasured on such a GPU."""
+    hopper = hopper_or_newer(device)
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
     elif M <= 64:
@@ -351,7 +348,7 @@ def weight_only_linear_triton(
     if M == 0 or n_out == 0:
         return y
     wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
-    cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features)  # config: tuning only
+    cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features, x.device)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("SWAP_AB", False)
     cfg.setdefault("OFFSET_CODES", False)

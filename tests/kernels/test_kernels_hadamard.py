@@ -218,6 +218,30 @@ def test_triton_backend_through_dispatch(gen, n):
     assert_rel(inv, x.double(), 1e-5, "inverse")
 
 
+def _skip_before_hopper(ht, n: int) -> None:
+    """Natively on a GPU before sm_90 the fused kernel is not used (it spills there): nothing to test."""
+    reason = ht.fused_unsupported_reason(n, DEV)
+    if reason and "Hopper" in reason:
+        pytest.skip(reason)
+
+
+@needs_triton
+def test_fused_hadamard_is_for_hopper_and_the_interpreter(monkeypatch):
+    """Compiled for sm_80 / sm_89 the fused kernel spills its row to local memory, so natively it runs
+    from sm_90 on; the interpreter (these tests on the CPU) runs it everywhere."""
+    import qdlm_export.kernels.hadamard_triton as ht
+
+    n = 12 * 1024
+    monkeypatch.setattr(ht, "interpret_mode", lambda: False)
+    for hopper in (False, True):
+        monkeypatch.setattr(ht, "hopper_or_newer", lambda device=None, hopper=hopper: hopper)
+        reason = ht.fused_unsupported_reason(n, "cuda")
+        assert (reason is None) == hopper and (hopper or "Hopper" in reason)
+    monkeypatch.setattr(ht, "interpret_mode", lambda: True)
+    assert ht.fused_unsupported_reason(n, "cpu") is None
+    assert ht.fused_unsupported_reason(n) is None  # no device: whether one program can hold the row
+
+
 @needs_triton
 @pytest.mark.parametrize("n", [12 * 16, 20 * 64, 12 * 1024, 60 * 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -232,6 +256,7 @@ def test_triton_hadamard_applies_the_order_k_factor_in_the_same_kernel(gen, monk
 
     monkeypatch.setattr(ht, "with_hadamard_k", two_step)
     assert ht.fused_unsupported_reason(n) is None
+    _skip_before_hopper(ht, n)
     x = torch.randn(3, n, generator=gen).to(dtype)
     for inverse in (False, True):
         ref = hadamard_transform_torch(x.double(), inverse=inverse)
@@ -325,6 +350,7 @@ def test_triton_hadamard_falls_back_to_two_steps_when_the_fused_kernel_fails(gen
     monkeypatch.setattr(ht, "_launch", failing)
     monkeypatch.setattr(ht, "FUSED_FAILED", {})
     n = 12 * 64
+    _skip_before_hopper(ht, n)
     x = torch.randn(3, n, generator=gen)
     with pytest.warns(RuntimeWarning, match="fused Triton Hadamard of size 768 failed"):
         y = ht.hadamard_triton(x.to(DEV)).cpu()
