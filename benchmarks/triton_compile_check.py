@@ -46,7 +46,7 @@ class Compiler:
     """Stands in for ``JITFunction.run``: compiles each launch for ``arch`` and records it, once per
     distinct kernel. ``origin`` names the launch being made ("default" or "sweep")."""
 
-    def __init__(self, arch: int):
+    def __init__(self, arch: int, sass: bool = False):
         import triton
         from triton import knobs
         from triton.backends.compiler import GPUTarget
@@ -61,6 +61,7 @@ class Compiler:
         self.rows: list[dict] = []
         self.origin = "default"
         self.raised = False  # the last launch's compile failed (and is recorded)
+        self.sass = sass
         self._seen: dict[tuple, dict] = {}
 
     def run(self, fn, args, kwargs) -> None:
@@ -100,16 +101,45 @@ class Compiler:
                    mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none")
         if row["shared"] > self.shared_limit:
             row["error"] = f"needs {row['shared']} bytes of shared memory, sm_{self.arch} gives a block {self.shared_limit}"
+        if self.sass:
+            row["sass"] = sass_counts(kernel.asm["cubin"])
+
+
+# SASS instruction classes counted by --sass (static counts over the whole kernel, not per iteration):
+# the MMAs (Hopper's warp-group ones are HGMMA for floats, IGMMA for int8), int -> float and float ->
+# 16-bit conversions, shared-memory traffic, float FMAs.
+SASS_CLASSES = {"HGMMA": "HGMMA", "IGMMA": "IGMMA", "HMMA": "HMMA", "IMMA": "IMMA", "I2F": "I2F", "I2FP": "I2F", "F2FP": "F2FP",
+                "STS": "STS", "LDS": "LDS", "LDSM": "LDS", "FFMA": "FFMA", "FMUL": "FMUL"}
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Instruction classes of a cubin's SASS (cuobjdump, bundled with Triton), and the total."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
+    counts = {"total": 0}
+    for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text, re.M):
+        counts["total"] += 1
+        cls = SASS_CLASSES.get(op)
+        if cls:
+            counts[cls] = counts.get(cls, 0) + 1
+    return counts
 
 
 @contextlib.contextmanager
-def compiling_for(arch: int):
+def compiling_for(arch: int, sass: bool = False):
     """Launches of Triton kernels compile for ``arch`` instead of running (yields the Compiler)."""
     from triton.runtime.jit import JITFunction
 
     from qdlm_export.kernels import grouped_experts_triton, hadamard_triton, int8_triton, weight_only_triton
 
-    compiler = Compiler(arch)
+    compiler = Compiler(arch, sass)
     # what the launchers ask of the GPU they run on, answered for the target
     patches = [(JITFunction, "run", lambda fn, *args, grid, warmup, **kwargs: compiler.run(fn, args, kwargs)),
                (int8_triton, "_large_shared_memory", lambda: compiler.shared_limit >= 200 * 1024),
@@ -242,12 +272,12 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def check(archs: list[int], parts: list[str]) -> list[dict]:
+def check(archs: list[int], parts: list[str], sass: bool = False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("triton_compile_check.py compiles for a GPU: unset TRITON_INTERPRET")
     rows = []
     for arch in archs:
-        with compiling_for(arch) as compiler:
+        with compiling_for(arch, sass) as compiler:
             for part in parts:
                 PARTS[part](compiler)
         rows += compiler.rows
@@ -264,7 +294,8 @@ def table(rows: list[dict]) -> list[str]:
         shared = f"{r['shared'] / 1024:.0f}" if "shared" in r else ""
         lines.append(f"| {r['arch']} | {r['kernel']} | {consts} | {r['num_warps']} / {r['num_stages']} | {shared} | "
                      f"{r.get('registers') or ''} | {r.get('spill_bytes', '')} | {r.get('mma', '')} | "
-                     f"{'+'.join(r['origins'])} | {r.get('error', 'ok')[:120]} |")
+                     f"{'+'.join(r['origins'])} | {r.get('error', 'ok')[:120]} |"
+                     + (f" {' '.join(f'{k}={v}' for k, v in r['sass'].items())} |" if "sass" in r else ""))
     return lines
 
 
@@ -273,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="+", type=int, default=[90], choices=sorted(ARCHS))
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
                         help="defaults: what a loaded model launches; sweep: the tile sweep's candidates")
+    parser.add_argument("--sass", action="store_true", help="count SASS instruction classes (cuobjdump)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # triton_sweep
@@ -280,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"triton_compile_check.py: {reason}", file=sys.stderr)
         return 3
-    rows = check(args.arch, args.parts)
+    rows = check(args.arch, args.parts, args.sass)
     failed = [r for r in rows if "error" in r]
     if args.json:
         print(json.dumps({"archs": {a: ARCHS[a][0] for a in args.arch}, "rows": rows}, indent=1))

@@ -45,9 +45,9 @@ def test_jit_helpers_return_from_an_if_only_with_an_else():
     assert not offenders, "if-with-return but no else in @triton.jit functions: " + ", ".join(offenders)
 
 
-def _compile(parts: list[str], arch: int = 90) -> subprocess.Popen:
+def _compile(parts: list[str], arch: int = 90, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--arch", str(arch), "--json", "--parts", *parts],
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--arch", str(arch), "--json", "--parts", *parts, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -70,7 +70,8 @@ def _rows(procs: list[subprocess.Popen]) -> list[dict]:
 @pytest.fixture(scope="module")
 def hopper_rows():
     pytest.importorskip("triton", reason="the compile check needs Triton")
-    return _rows([_compile(["defaults"]), _compile(["sweep"])])  # in parallel: a compile is one core's work
+    # in parallel: a compile is one core's work; the (shorter) sweep also counts SASS instructions
+    return _rows([_compile(["defaults"]), _compile(["sweep"], 90, "--sass")])
 
 
 def test_every_kernel_compiles_for_hopper_within_its_shared_memory(hopper_rows):
@@ -96,6 +97,10 @@ def test_hopper_mmas_where_tiles_allow_them(hopper_rows):
     assert gemms and all(r["mma"] == "wgmma" for r in gemms), [r for r in gemms if r["mma"] != "wgmma"]
     fused = [r for r in hopper_rows if r["kernel"] == "_fwht_kernel" and r["constexprs"]["K_ORD"] == 12]
     assert fused and all(r["mma"] == "wgmma" for r in fused)
+    # the machine code agrees with the PTX: warp-group MMAs are HGMMA (floats) or IGMMA (int8)
+    counted = [r for r in hopper_rows if "sass" in r]
+    gmma = [r["sass"].get("HGMMA", 0) + r["sass"].get("IGMMA", 0) > 0 for r in counted]
+    assert counted and gmma == [r["mma"] == "wgmma" for r in counted]
 
 
 @pytest.mark.slow
