@@ -209,6 +209,36 @@ def test_mse_clip_lowers_weight_error_norm():
     assert norm(mse).sum() < 0.95 * norm(plain).sum()
 
 
+@pytest.mark.parametrize("bits,symmetric,scale_dtype", [(4, False, torch.float16), (3, True, torch.bfloat16),
+                                                       (2, False, torch.float32), (8, True, torch.float16)])
+def test_mse_search_is_the_plain_grid_search(bits, symmetric, scale_dtype):
+    """The cache-blocked search (chunks of rows through every candidate, the clamp folded around the
+    zero point) keeps exactly the scale and zero point that the plain search does: every candidate
+    through ``compute_qparams`` and ``quantize_with_qparams``, least ``sum |w - w_hat|^2.4`` first."""
+    from qdlm_export.methods.gptq_solver import _MSE_CHUNK, _mse_search
+
+    gen = torch.Generator().manual_seed(bits * 10 + symmetric)
+    rows = _MSE_CHUNK // 128 + 37  # two chunks, the second partial
+    w = torch.randn(rows, 128, generator=gen) * 0.02
+    w[:: 97] *= 20  # outlier rows
+    w[5] = 0  # an all-zero group: scale 1
+    w[6, :64] = 0
+    w[7] = w[7].abs()  # no negative values: the range starts at 0
+    scheme = WeightScheme(bits=bits, group_size=-1, symmetric=symmetric)
+    best = torch.full((rows,), float("inf"), dtype=torch.float64)
+    want_scale = torch.empty(rows, dtype=scale_dtype)
+    want_zero = torch.empty(rows)
+    for i in range(80):
+        s, z = compute_qparams(w, scheme, scale_dtype, clip_ratio=1 - i / 100)
+        q = quantize_with_qparams(w, s, z, scheme).float()
+        err = ((q - z) * s.float() - w).abs().pow(2.4).sum(1)
+        better = err < best
+        best = torch.where(better, err.double(), best)
+        want_scale[better], want_zero[better] = s[better, 0], z[better, 0]
+    scale, zero = _mse_search(w, scheme, scale_dtype, 80, 100, 2.4)
+    assert torch.equal(scale, want_scale) and torch.equal(zero, want_zero)
+
+
 # ---- block level --------------------------------------------------------------------------------------
 
 
