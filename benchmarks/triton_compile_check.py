@@ -1,6 +1,6 @@
 """Compile this tree's Triton kernels for a CUDA GPU on any machine: no GPU, no interpreter.
 
-    python benchmarks/triton_compile_check.py [--arch 90 80 89] [--parts defaults sweep] [--json]
+    python benchmarks/triton_compile_check.py [--arch 90 80 89] [--parts defaults sweep] [--sass] [--json]
 
 Triton compiles ahead of time for a named target with its own LLVM and ptxas, so what a GPU session
 would build can be built, and inspected, here first. The Triton interpreter the kernel tests run in
@@ -108,8 +108,9 @@ class Compiler:
 # SASS instruction classes counted by --sass (static counts over the whole kernel, not per iteration):
 # the MMAs (Hopper's warp-group ones are HGMMA for floats, IGMMA for int8), int -> float and float ->
 # 16-bit conversions, shared-memory traffic, float FMAs.
-SASS_CLASSES = {"HGMMA": "HGMMA", "IGMMA": "IGMMA", "HMMA": "HMMA", "IMMA": "IMMA", "I2F": "I2F", "I2FP": "I2F", "F2FP": "F2FP",
-                "STS": "STS", "LDS": "LDS", "LDSM": "LDS", "FFMA": "FFMA", "FMUL": "FMUL"}
+SASS_CLASSES = {"HGMMA": "HGMMA", "IGMMA": "IGMMA", "HMMA": "HMMA", "IMMA": "IMMA", "I2F": "I2F",
+                "I2FP": "I2F", "F2FP": "F2FP", "STS": "STS", "LDS": "LDS", "LDSM": "LDS", "FFMA": "FFMA",
+                "FMUL": "FMUL"}
 
 
 def sass_counts(cubin: bytes) -> dict:
