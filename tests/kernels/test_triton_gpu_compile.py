@@ -114,3 +114,46 @@ def test_what_a_loaded_model_launches_compiles_before_hopper():
     assert {r["arch"] for r in rows} == {80, 89}
     assert max(r["spill_bytes"] for r in rows) <= 1024
     assert not [r for r in rows if r["kernel"] == "_fwht_kernel" and r["constexprs"]["K_ORD"] > 1]
+
+
+BAD_KERNEL = '''
+import json, sys, torch, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+import triton_compile_check as tc
+
+@triton.jit
+def _transposed(v, FLIP: tl.constexpr):
+    if FLIP:
+        return v[:, None]
+    return v[None, :]  # the interpreter never gets here when FLIP; the compiler does
+
+@triton.jit
+def _bad_kernel(x_ptr, y_ptr, FLIP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = _transposed(tl.load(x_ptr + offs), FLIP)
+    tl.store(y_ptr + offs[:, None] * BLOCK + offs[None, :], v + tl.zeros((BLOCK, BLOCK), tl.float32))
+
+x = torch.empty(64)
+with tc.compiling_for(90) as compiler:
+    for flip in (False, True):
+        tc._attempt(compiler, lambda: _bad_kernel[(1,)](x, x, FLIP=flip, BLOCK=64))
+print(json.dumps([{k: v for k, v in r.items() if k != "origins"} for r in compiler.rows]))
+'''
+
+
+def test_the_check_reports_what_the_interpreter_accepts(tmp_path):
+    """A helper whose constexpr branch returns a different shape than the statement after it: fine in
+    the interpreter, a compile error for the GPU, which the check records instead of raising."""
+    pytest.importorskip("triton", reason="the compile check needs Triton")
+    script = tmp_path / "bad_kernel.py"
+    script.write_text(BAD_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), str(SCRIPT.parent)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if "cannot compile for CUDA" in done.stderr or "No module named 'triton.backends.nvidia'" in done.stderr:
+        pytest.skip("this Triton cannot compile for CUDA here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    by_flip = {r["constexprs"]["FLIP"]: r for r in rows}
+    assert "error" not in by_flip[False] and by_flip[False]["registers"]  # v[None, :] both times: compiles
+    assert "Return type mismatch" in by_flip[True]["error"]
