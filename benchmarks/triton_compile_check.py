@@ -1,6 +1,6 @@
 """Compile this tree's Triton kernels for a CUDA GPU on any machine: no GPU, no interpreter.
 
-    python benchmarks/triton_compile_check.py [--arch 90 80 89] [--parts defaults sweep] [--sass] [--json]
+    python benchmarks/triton_compile_check.py [--arch 90 80 89 100 120] [--parts defaults sweep] [--sass] [--json]
 
 Triton compiles ahead of time for a named target with its own LLVM and ptxas, so what a GPU session
 would build can be built, and inspected, here first. The Triton interpreter the kernel tests run in
@@ -11,7 +11,8 @@ The real launchers run on CPU tensors at LLaDA-8B / Dream / LLaDA-MoE shapes, as
 calls them, and each launch is compiled for the target instead of being run; the tile sweep's
 candidates (``triton_sweep.py``) are compiled as well (``--parts``). For every distinct
 kernel (its constexprs and launch options) the report gives shared memory, registers and spills
-(``ptxas -v``) and the MMA instruction (``wgmma`` on Hopper, ``mma.sync`` otherwise). A kernel that
+(``ptxas -v``) and the MMA instruction (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell,
+``mma.sync`` otherwise). A kernel that
 does not compile, or needs more shared memory than the target gives a block, is a failure; exit
 status 1 when there is one, 3 when this Triton cannot compile for CUDA here, 0 otherwise.
 """
@@ -30,8 +31,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's qdlm_export first
 
+# the MMA instruction in the PTX: Blackwell's tensor-core MMA, Hopper's warp-group one, the classic one
+MMAS = (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"))
 # compute capability -> (GPUs, shared memory a block may opt into, bytes)
-ARCHS = {90: ("H100 / H200", 232448), 80: ("A100", 166912), 89: ("L40S / RTX 4090", 101376)}
+ARCHS = {90: ("H100 / H200", 232448), 80: ("A100", 166912), 89: ("L40S / RTX 4090", 101376), 100: ("B200", 232448),
+         120: ("RTX 5090", 101376)}
 SHAPES = ((4096, 4096), (4096, 12288), (12288, 4096))  # K x N: LLaDA-8B's attention, up/gate, down
 TOKENS = (1, 16, 32, 64, 256, 1024, 4096)
 
@@ -98,7 +102,7 @@ class Compiler:
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
         row.update(shared=int(kernel.metadata.shared), registers=int(regs.group(1)) if regs else None,
                    spill_bytes=sum(map(int, spills.groups())) if spills else None,
-                   mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none")
+                   mma=next((name for name, text in MMAS if text in ptx), "none"))
         if row["shared"] > self.shared_limit:
             row["error"] = f"needs {row['shared']} bytes of shared memory, sm_{self.arch} gives a block {self.shared_limit}"
         if self.sass:
@@ -146,8 +150,8 @@ def compiling_for(arch: int, sass: bool = False):
                (int8_triton, "_large_shared_memory", lambda: compiler.shared_limit >= 200 * 1024),
                (hadamard_triton, "FUSED_FAILED", {}), *compiler.knobs]  # fallbacks remembered per target
     for module in (grouped_experts_triton, hadamard_triton, int8_triton, weight_only_triton):
-        if hasattr(module, "hopper_or_newer"):
-            patches.append((module, "hopper_or_newer", lambda device=None: arch >= 90))
+        if hasattr(module, "cuda_arch"):
+            patches.append((module, "cuda_arch", lambda device=None: arch))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, value in patches:
         setattr(owner, name, value)

@@ -58,16 +58,22 @@ def _capability_of(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
-def hopper_or_newer(device: torch.device | str | None = None) -> bool:
-    """Whether ``device`` (the current CUDA device when None) has sm_90 or later: warp-group MMAs, and
-    the register and shared-memory budget the Hopper-tuned tiles were measured with. CPU: False.
+def cuda_arch(device: torch.device | str | None = None) -> int | None:
+    """``device``'s compute capability as one number (90 for sm_90; the current CUDA device when None),
+    None on the CPU or without CUDA. The tile heuristics ask it, each with its own rule.
 
     ``benchmarks/triton_compile_check.py`` replaces it in the kernel modules that ask, to compile
     their picks for a GPU this machine does not have."""
     if device is not None and torch.device(device).type != "cuda":
-        return False
+        return None
     capability = cuda_capability(None if device is None else torch.device(device).index)
-    return capability is not None and capability >= (9, 0)
+    return None if capability is None else capability[0] * 10 + capability[1]
+
+
+def datacenter_hopper_or_blackwell(arch: int | None) -> bool:
+    """sm_90 to sm_10x: 227 KiB of shared memory a block and the register budget the Hopper-tuned tiles
+    were measured with. Not consumer Blackwell (sm_120: 99 KiB, where those tiles spill)."""
+    return arch is not None and 90 <= arch < 120
 
 
 def cdiv(a: int, b: int) -> int:

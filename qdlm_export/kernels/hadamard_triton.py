@@ -19,8 +19,8 @@ then ``H_k^T`` (a ``[KP, KP]`` matrix read from memory) across them, and stores 
 read and written once, where ``S_p`` then ``H_k`` in torch wrote and re-read it three more times
 in float32 (an H200 measured the online Hadamards at 10 % of a QuaRot block's time that way).
 Rows too large for one program's registers (``KP * p > FUSED_MAX_ELEMENTS``, e.g. 148 * 128) keep
-that two-step path, and so do GPUs before Hopper (sm_90): compiled for them the fused kernel spills
-5-53 KB a thread to local memory (``benchmarks/triton_compile_check.py``).
+that two-step path, and so do GPUs other than Hopper (sm_90): compiled for sm_80 / 89 / 100 / 120 the
+fused kernel spills 4-56 KB a thread to local memory (``benchmarks/triton_compile_check.py``).
 
 Precision: every product is with a +-1 matrix, so it is exact; sums are fp32. All MMAs are bf16
 tensor-core MMAs on the data split into bf16 pieces: ``hi + lo`` for bf16/fp16 rows (exact for the
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import cdiv, hopper_or_newer, interpret_mode
+from ._triton import cdiv, cuda_arch, interpret_mode
 from .hadamard import cached_hadamard_k, split_size, triton_fwht_unsupported_reason, with_hadamard_k
 
 FUSED_MAX_ELEMENTS = 16384  # KP * p held by one program (fp32, several live copies)
@@ -235,10 +235,10 @@ def fused_unsupported_reason(n: int, device: torch.device | str | None = None) -
     k, p = split_size(n)
     if k == 1:
         return "a power of two (no H_k factor to fuse)"
-    if device is not None and not interpret_mode() and not hopper_or_newer(device):
-        # compiled for sm_80 / sm_89 its row and H_k tiles spill 5-53 KB a thread to local memory
-        # (benchmarks/triton_compile_check.py), on sm_90 at most 0.2 KB
-        return "before Hopper (sm_90) the fused kernel spills its row to local memory"
+    if device is not None and not interpret_mode() and cuda_arch(device) != 90:
+        # compiled for sm_80 / sm_89 / sm_100 / sm_120 its row and H_k tiles spill 4-56 KB a thread to
+        # local memory (benchmarks/triton_compile_check.py), on sm_90 at most 0.2 KB
+        return "the fused kernel is for Hopper (sm_90): elsewhere it spills its row to local memory"
     kp = padded_order(k)
     if kp > FUSED_MAX_KP or kp * p > FUSED_MAX_ELEMENTS:
         return f"{k} * {p} padded to {kp} * {p} exceeds one program's registers"

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import cdiv, dot_upcast, hopper_or_newer
+from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
 from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
 
 
@@ -295,11 +295,11 @@ def pick_config(M: int, N: int, group_size: int, in_features: int, device: torch
     output tiles give enough programs to cover the GPU. Large M is bound by the MMAs and the
     in-loop dequantization: large tiles. The sizes at M <= 16, M <= 256 and above are the fastest
     candidates of ``benchmarks/triton_sweep.py`` on an H200 (2026-12-04; K x N = 4096 x 4096 and
-    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16. Before Hopper (``device``:
-    the current CUDA device when None) the two larger tiles spill 0.3-1.3 KB a thread
+    4096 x 12288), where 32-column tiles beat 64 by up to 1.3x at M = 16. Before Hopper and on sm_120
+    (``device``: the current CUDA device when None) the two larger tiles spill 0.3-1.3 KB a thread
     (``benchmarks/triton_compile_check.py``): there the K step halves (M 65-256) or 8 warps share
     the tile (above), spilling 0.25 KB at most. Unmeasured on such a GPU."""
-    hopper = hopper_or_newer(device)
+    hopper = datacenter_hopper_or_blackwell(cuda_arch(device))
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3)
     elif M <= 64:

@@ -227,16 +227,16 @@ def _skip_before_hopper(ht, n: int) -> None:
 
 @needs_triton
 def test_fused_hadamard_is_for_hopper_and_the_interpreter(monkeypatch):
-    """Compiled for sm_80 / sm_89 the fused kernel spills its row to local memory, so natively it runs
-    from sm_90 on; the interpreter (these tests on the CPU) runs it everywhere."""
+    """Compiled for sm_80 / 89 / 100 / 120 the fused kernel spills its row to local memory, so natively
+    it runs on sm_90 only; the interpreter (these tests on the CPU) runs it everywhere."""
     import qdlm_export.kernels.hadamard_triton as ht
 
     n = 12 * 1024
     monkeypatch.setattr(ht, "interpret_mode", lambda: False)
-    for hopper in (False, True):
-        monkeypatch.setattr(ht, "hopper_or_newer", lambda device=None, hopper=hopper: hopper)
+    for arch in (80, 89, 90, 100, 120):
+        monkeypatch.setattr(ht, "cuda_arch", lambda device=None, arch=arch: arch)
         reason = ht.fused_unsupported_reason(n, "cuda")
-        assert (reason is None) == hopper and (hopper or "Hopper" in reason)
+        assert (reason is None) == (arch == 90) and (arch == 90 or "Hopper" in reason)
     monkeypatch.setattr(ht, "interpret_mode", lambda: True)
     assert ht.fused_unsupported_reason(n, "cpu") is None
     assert ht.fused_unsupported_reason(n) is None  # no device: whether one program can hold the row
