@@ -162,31 +162,23 @@ def main(argv: list[str] | None = None) -> int:
                          **({} if args.smoke else {"tinygemm": lambda: weight_only.weight_only_linear(
                              x, wp, ws, None, 4, 128, k, backend="cuda_tinygemm")})},
                     )
+                def packed_int_case(*gemm_args, others):
+                    """A packed_int_linear case: the same arguments for the reference, the candidates and torch."""
+                    return (int8_torch.packed_int_linear_torch(*gemm_args),
+                            lambda cfg: (lambda: int8_triton.packed_int_linear_triton(*gemm_args, config=cfg)),
+                            lambda: int8_torch.packed_int_linear_torch(*gemm_args),
+                            INT8[m_class(m)], int8_triton._gemm_config(m, n), others)
+
                 if "int8" in args.ops:
                     # the int8 GEMM on the checkpoint's 8-bit codes (packed_int_linear routes them to it)
-                    ref = int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16)
-                    cases["int8"] = (
-                        ref,
-                        lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
-                            xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16, config=cfg)),
-                        lambda: int8_torch.packed_int_linear_torch(xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16),
-                        INT8[m_class(m)],
-                        int8_triton._gemm_config(m, n),
+                    cases["int8"] = packed_int_case(
+                        xq, xs, w8p, w8s, None, 8, -1, k, None, torch.bfloat16,
                         # what a W8A8 linear runs: the activation quantization, then the GEMM (heuristic tiles)
-                        {"quantize+GEMM": lambda: int8_triton.packed_int_linear_triton(
+                        others={"quantize+GEMM": lambda: int8_triton.packed_int_linear_triton(
                             *int8_triton.quantize_per_token_triton(x, 8), w8p, w8s, None, 8, -1, k, None, torch.bfloat16)},
                     )
                 if "w4a4" in args.ops:
-                    ref = int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16)
-                    cases["w4a4"] = (
-                        ref,
-                        lambda cfg: (lambda: int8_triton.packed_int_linear_triton(
-                            x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16, config=cfg)),
-                        lambda: int8_torch.packed_int_linear_torch(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16),
-                        INT8[m_class(m)],
-                        int8_triton._gemm_config(m, n),
-                        {},
-                    )
+                    cases["w4a4"] = packed_int_case(x4q, x4s, w4p, w4s, None, 4, -1, k, None, torch.bfloat16, others={})
                 for op, (ref, make, torch_fn, candidates, heuristic, others) in cases.items():
                     row = dict(op=op, **base, torch_graph_ms=None, candidates=[])
                     try:

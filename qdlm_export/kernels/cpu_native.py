@@ -350,8 +350,8 @@ def prepare(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero
             group_size: int, in_features: int) -> NativeWeight:
     """The cached scales of ``weight_packed`` (made again if any input changed in place)."""
     key = tensors_key(weight_packed, weight_scale, weight_zero_point)
-    hit = _CACHE.get(weight_packed)
-    if hit is not None and hit.key == key:
+    hit = _CACHE.current(weight_packed, key)
+    if hit is not None:
         return hit
     n = weight_packed.shape[0]
     group = in_features if group_size == -1 else group_size

@@ -209,8 +209,8 @@ def prepare(
     """The cached CPU layout of ``weight_packed`` (repacked now if absent or if any input changed);
     without ``with_weight``, the cached scales suffice (the codes' CPU layout is not made)."""
     key = tensors_key(weight_packed, weight_scale, weight_zero_point)
-    hit = _CACHE.get(weight_packed)
-    if hit is not None and hit.key == key and hit.bits == bits and hit.group_size == group_size:
+    hit = _CACHE.current(weight_packed, key)
+    if hit is not None and hit.bits == bits and hit.group_size == group_size:
         if hit.weight is not None or not with_weight:
             return hit
         packed = dataclasses.replace(hit, weight=_cpu_weight(weight_packed, bits, in_features))

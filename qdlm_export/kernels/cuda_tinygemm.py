@@ -107,8 +107,8 @@ def prepare(
 ) -> _Repacked:
     """The cached tile layout of ``weight_packed`` (made now if absent or if an input changed)."""
     key = (tensors_key(weight_packed, weight_scale, weight_zero_point), group_size, in_features)
-    hit = _CACHE.get(weight_packed)
-    if hit is not None and hit.key == key:
+    hit = _CACHE.current(weight_packed, key)
+    if hit is not None:
         return hit
     kg = int4_kernel_group(group_size, in_features)
     sz = int4_scale_and_zero(weight_scale, weight_zero_point, group_size, in_features, kg, torch.bfloat16)

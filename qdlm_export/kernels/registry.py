@@ -216,12 +216,16 @@ def describe_backend(op: str, device: torch.device | str, backend: str | None = 
     ``shapes`` are the facts of one layer, e.g. for ``weight_only_linear``: ``in_features`` (or
     ``K``), ``out_features`` (``N``), ``bits``, ``group_size``, ``symmetric``, ``dtype`` and
     optionally ``M`` (tokens); for ``hadamard``: ``n``. Quantize-then-GEMM ops (``w8a8_linear``,
-    ``w4a4_linear``) describe their two steps. A forced backend that cannot run is reported, not raised.
+    ``w4a4_linear``) describe their two steps; ``act_bits`` and ``act_dtype`` (the rows the quantizer
+    reads, when not ``dtype``) are the first step's. A forced backend that cannot run is reported, not raised.
     """
     if op in _STEPS:
         quantize_op, gemm_op, default_bits = _STEPS[op]
         act_bits = shapes.pop("act_bits", default_bits)
+        act_dtype = shapes.pop("act_dtype", None)
         first_shapes = {k: shapes[k] for k in ("M", "K", "in_features", "dtype") if k in shapes}
+        if act_dtype is not None:
+            first_shapes["dtype"] = act_dtype
         first = describe_backend(quantize_op, device, backend, bits=act_bits, **first_shapes)
         return f"{first}; then {describe_backend(gemm_op, device, backend, **shapes)}"
     try:

@@ -52,6 +52,11 @@ class LayoutCache:
     def get(self, weight_packed: torch.Tensor):
         return self._entries.get(weight_packed)
 
+    def current(self, weight_packed: torch.Tensor, key: tuple):
+        """The entry of ``weight_packed`` if it was made from the tensors ``key`` names, else None."""
+        entry = self._entries.get(weight_packed)
+        return entry if entry is not None and entry.key == key else None
+
     def put(self, weight_packed: torch.Tensor, entry):
         with self._lock:
             self._entries[weight_packed] = entry

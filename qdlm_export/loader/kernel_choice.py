@@ -42,9 +42,8 @@ def describe_kernels(spec: LinearSpec, device: torch.device | str, tokens: int, 
         # QdlmLinear's two steps; the quantizer sees float32 after online transforms (_transformed), else
         # the model's own rows
         act_dtype = torch.float32 if transform_ops(spec.input_transforms) else dtype
-        quantize = describe_backend("quantize_per_token", device, bits=spec.input_activation.bits, M=tokens,
-                                    in_features=spec.in_features, dtype=act_dtype)
-        parts.append(f"{quantize}; then {describe_backend('packed_int_linear', device, **shapes)}")
+        parts.append(describe_backend("w4a4_linear", device, act_bits=spec.input_activation.bits,
+                                      act_dtype=act_dtype, **shapes))
     else:
         parts.append(describe_backend("weight_only_linear", device, **shapes))
     if expert_path is not None:
