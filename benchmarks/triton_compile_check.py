@@ -11,8 +11,10 @@ The real launchers run on CPU tensors at LLaDA-8B / Dream / LLaDA-MoE shapes, as
 calls them, and each launch is compiled for the target instead of being run; the tile sweep's
 candidates (``triton_sweep.py``) are compiled as well (``--parts``). For every distinct
 kernel (its constexprs and launch options) the report gives shared memory, registers and spills
-(``ptxas -v``) and the MMA instruction (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell,
-``mma.sync`` otherwise). A kernel that
+(``ptxas -v``), the MMA instruction (``wgmma`` on Hopper, ``tcgen05`` on datacenter Blackwell,
+``mma.sync`` otherwise), the global loads Triton's pipeliner left synchronous inside a loop (each
+iteration then waits on memory), and with ``--sass`` the machine code's instruction mix, over the
+whole kernel and over one iteration of its main loop. A kernel that
 does not compile, or needs more shared memory than the target gives a block, is a failure; exit
 status 1 when there is one, 3 when this Triton cannot compile for CUDA here, 0 otherwise.
 """
@@ -102,23 +104,44 @@ class Compiler:
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
         row.update(shared=int(kernel.metadata.shared), registers=int(regs.group(1)) if regs else None,
                    spill_bytes=sum(map(int, spills.groups())) if spills else None,
-                   mma=next((name for name, text in MMAS if text in ptx), "none"))
+                   mma=next((name for name, text in MMAS if text in ptx), "none"),
+                   loop_loads=loads_in_loops(kernel.asm["ttgir"]))
         if row["shared"] > self.shared_limit:
             row["error"] = f"needs {row['shared']} bytes of shared memory, sm_{self.arch} gives a block {self.shared_limit}"
         if self.sass:
-            row["sass"] = sass_counts(kernel.asm["cubin"])
+            row["sass"], row["loop_sass"] = sass_counts(kernel.asm["cubin"])
 
 
-# SASS instruction classes counted by --sass (static counts over the whole kernel, not per iteration):
-# the MMAs (Hopper's warp-group ones are HGMMA for floats, IGMMA for int8), int -> float and float ->
-# 16-bit conversions, shared-memory traffic, float FMAs.
+# SASS instruction classes counted by --sass (static counts over the whole kernel, and over one iteration
+# of its main loop): the MMAs (Hopper's warp-group ones are HGMMA for floats, IGMMA for int8), int ->
+# float and float -> 16-bit conversions, shared-memory traffic, float FMAs, global loads to registers
+# (LDG) and asynchronous global-to-shared copies (LDGSTS).
 SASS_CLASSES = {"HGMMA": "HGMMA", "IGMMA": "IGMMA", "HMMA": "HMMA", "IMMA": "IMMA", "I2F": "I2F",
                 "I2FP": "I2F", "F2FP": "F2FP", "STS": "STS", "LDS": "LDS", "LDSM": "LDS", "FFMA": "FFMA",
-                "FMUL": "FMUL"}
+                "FMUL": "FMUL", "LDG": "LDG", "LDGSTS": "LDGSTS"}
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """Instruction classes of a cubin's SASS (cuobjdump, bundled with Triton), and the total."""
+def loads_in_loops(ttgir: str) -> int:
+    """Global loads left synchronous inside the kernel's loops after Triton's software pipeliner.
+
+    The pipeliner turns a loop's loads into asynchronous copies issued stages ahead
+    (``ttg.async_copy_global_to_local``); a load it could not (under 4 contiguous bytes a thread, say)
+    stays a ``tt.load``, and every iteration waits for its round trip to memory before the MMA."""
+    stack, count = [], 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            stack and stack.pop()
+        if "tt.load " in text and "for" in stack:
+            count += 1
+        if text.endswith("{"):
+            stack.append("for" if "scf.for" in text else "other")
+    return count
+
+
+def sass_counts(cubin: bytes) -> tuple[dict, dict]:
+    """Instruction classes of a cubin's SASS (cuobjdump, bundled with Triton): over the whole kernel,
+    and over the body of its main loop (the longest backward branch around an MMA: one K step)."""
     import subprocess
     import tempfile
 
@@ -128,13 +151,24 @@ def sass_counts(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         text = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True).stdout
-    counts = {"total": 0}
-    for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text, re.M):
-        counts["total"] += 1
-        cls = SASS_CLASSES.get(op)
-        if cls:
-            counts[cls] = counts.get(cls, 0) + 1
-    return counts
+    code = [(int(addr, 16), op, rest) for addr, op, rest in
+            re.findall(r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", text, re.M)]
+    loops = [(int(target.group(1), 16), addr) for addr, op, rest in code
+             if op == "BRA" and (target := re.search(r"0x([0-9a-f]+)", rest)) and int(target.group(1), 16) < addr]
+    mma = {"HGMMA", "IGMMA", "HMMA", "IMMA", "UTCHMMA", "UTCIMMA", "UTCQMMA"}
+    loops = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and op in mma for a, op, _ in code)]
+    main = max(loops, key=lambda r: r[1] - r[0], default=None)
+
+    def classes(ops) -> dict:
+        counts = {"total": 0}
+        for op in ops:
+            counts["total"] += 1
+            cls = SASS_CLASSES.get(op)
+            if cls:
+                counts[cls] = counts.get(cls, 0) + 1
+        return counts
+
+    return classes(op for _, op, _ in code), classes(op for a, op, _ in code if main and main[0] <= a <= main[1])
 
 
 @contextlib.contextmanager
@@ -197,7 +231,8 @@ def launch_defaults(compiler: Compiler) -> None:
     """Every launcher as a loaded model calls it, at the shapes and token counts above."""
     import torch
 
-    from qdlm_export.kernels import grouped_experts_triton, hadamard_triton, int8_triton, weight_only_triton
+    from qdlm_export.kernels import (grouped_experts_triton, hadamard_triton, int8_triton, weight_only_dequant_triton,
+                                     weight_only_triton)
 
     compiler.origin = "default"
     weight_schemes = ((4, 128, False), (4, 128, True), (8, -1, True), (2, 128, False), (3, 128, False), (8, 128, False))
@@ -209,7 +244,7 @@ def launch_defaults(compiler: Compiler) -> None:
                 for dtype in dtypes:
                     x = _empty(m, k, dtype=dtype)
                     _attempt(compiler, lambda: weight_only_triton.weight_only_linear_triton(x, wp, ws, wz, bits, group, k))
-            _attempt(compiler, lambda: weight_only_triton.dequantize_packed_triton(wp, ws, wz, bits, group, k, torch.bfloat16))
+            _attempt(compiler, lambda: weight_only_dequant_triton.dequantize_packed_triton(wp, ws, wz, bits, group, k, torch.bfloat16))
         for bits, group, symmetric in ((8, -1, True), (4, 128, True), (4, -1, True), (4, 128, False)):
             wp, ws, wz = _weight(n, k, bits, group, symmetric)
             ws = ws.float()
@@ -292,15 +327,16 @@ def check(archs: list[int], parts: list[str], sass: bool = False) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| sm | kernel | constexprs | warps / stages | shared KiB | registers | spills (B) | MMA | from | result |",
-             "|---|---|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| sm | kernel | constexprs | warps / stages | shared KiB | registers | spills (B) | MMA | loads in loop "
+             "| from | result |", "|---|---|---|---|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         shared = f"{r['shared'] / 1024:.0f}" if "shared" in r else ""
         lines.append(f"| {r['arch']} | {r['kernel']} | {consts} | {r['num_warps']} / {r['num_stages']} | {shared} | "
                      f"{r.get('registers') or ''} | {r.get('spill_bytes', '')} | {r.get('mma', '')} | "
-                     f"{'+'.join(r['origins'])} | {r.get('error', 'ok')[:120]} |"
-                     + (f" {' '.join(f'{k}={v}' for k, v in r['sass'].items())} |" if "sass" in r else ""))
+                     f"{r.get('loop_loads', '')} | {'+'.join(r['origins'])} | {r.get('error', 'ok')[:120]} |"
+                     + "".join(f" {' '.join(f'{k}={v}' for k, v in r[part].items())} |"
+                               for part in ("sass", "loop_sass") if part in r))
     return lines
 
 

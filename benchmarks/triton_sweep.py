@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qdlm_export.bench.kernels import quantized_weights
     from qdlm_export.kernels import int8 as int8_torch
-    from qdlm_export.kernels import int8_triton, weight_only, weight_only_triton
+    from qdlm_export.kernels import int8_triton, weight_only, weight_only_dequant_triton, weight_only_triton
 
     if not torch.cuda.is_available() and not args.smoke:
         print("triton_sweep.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: weight_only.weight_only_linear_torch(x, wp, ws, None, 4, 128, k),
                         WO[m_class(m)],
                         weight_only_triton.pick_config(m, n, 128, k),
-                        {"dequant+cuBLAS": lambda: weight_only_triton.weight_only_linear_triton_dequant(
+                        {"dequant+cuBLAS": lambda: weight_only_dequant_triton.weight_only_linear_triton_dequant(
                             x, wp, ws, None, 4, 128, k),
                          # torch's int4 tensor-core kernel (CUDA only: the smoke run leaves it out)
                          **({} if args.smoke else {"tinygemm": lambda: weight_only.weight_only_linear(

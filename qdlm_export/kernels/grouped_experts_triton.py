@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._triton import cdiv, dot_upcast
 from .grouped_experts import check_grouped_arguments
-from .weight_only import triton_block_k, triton_unsupported_reason
+from .weight_only import group_major_qparams, triton_block_k, triton_unsupported_reason
 from .weight_only_triton import unit_stride_rows, unpack_code_rows
 
 
@@ -43,8 +43,10 @@ def _grouped_gemm_kernel(
     stride_wn,
     stride_se,
     stride_sn,
+    stride_sg,
     stride_ze,
     stride_zn,
+    stride_zg,
     stride_ym,
     stride_yn,
     BITS: tl.constexpr,
@@ -80,7 +82,7 @@ def _grouped_gemm_kernel(
         q = unpack_code_rows(wp, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
         if HAS_ZERO:
-            z = tl.load(zp + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)
+            z = tl.load(zp + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.int32)
             w = q - z[:, None]
         else:
             w = q - (1 << (BITS - 1))
@@ -89,7 +91,7 @@ def _grouped_gemm_kernel(
         if PER_CHANNEL:
             w = w.to(x.dtype)  # small integers: exact in every float dtype
         else:  # the group's scale in the tile, as in weight_only_triton
-            s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            s = tl.load(sp + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
             w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if PER_CHANNEL:
@@ -160,7 +162,8 @@ def grouped_expert_gemm_triton(
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if rows == 0 or n_out == 0:
         return y
-    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
+    (wp,) = unit_stride_rows(weight_packed)
+    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
     cfg = pick_config(rows, experts, n_out, group_size)
     tile_expert, tile_row, tile_end = tile_map(offsets.to(x.device), rows, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], cdiv(n_out, cfg["BLOCK_N"]))
@@ -182,8 +185,10 @@ def grouped_expert_gemm_triton(
         wp.stride(1),
         scale.stride(0),
         scale.stride(1),
+        scale.stride(2),
         zero.stride(0) if zero is not None else 0,
         zero.stride(1) if zero is not None else 0,
+        zero.stride(2) if zero is not None else 0,
         y.stride(0),
         y.stride(1),
         BITS=bits,

@@ -24,7 +24,7 @@ import triton.language as tl
 from ._triton import cdiv, next_power_of_2
 
 from .int8 import qmax_for, triton_packed_unsupported_reason
-from .weight_only import triton_block_k
+from .weight_only import group_major_qparams, triton_block_k
 from .weight_only_triton import tile_offsets, unpack_code_rows
 
 
@@ -276,7 +276,9 @@ def _packed_int_gemm_kernel(
     stride_xk,
     stride_wn,
     stride_sn,
+    stride_sg,
     stride_zn,
+    stride_zg,
     stride_ym,
     stride_yn,
     BITS: tl.constexpr,
@@ -301,14 +303,14 @@ def _packed_int_gemm_kernel(
         q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size
         if HAS_ZERO:
-            w = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)[:, None]
+            w = q - tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.int32)[:, None]
         else:
             w = q - (1 << (BITS - 1))
         w = tl.trans(w.to(tl.int8))  # |q - z| <= 15 for 4 bits; 8 bits only symmetric: [-128, 127]
         if PER_CHANNEL:
             acc_i = tl.dot(x, w, acc_i, out_dtype=tl.int32)
         else:
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
             acc += tl.dot(x, w, out_dtype=tl.int32).to(tl.float32) * s[None, :]
     if PER_CHANNEL:
         acc = acc_i.to(tl.float32)
@@ -365,8 +367,7 @@ def packed_int_linear_triton(
         return y
     xs = x_scale.reshape(-1).contiguous()
     wp = weight_packed.contiguous()
-    scale = weight_scale.contiguous()
-    zero = weight_zero_point.contiguous() if weight_zero_point is not None else None
+    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
     cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
     if not config and groups > 1:
         # Grouped weights keep a float32 accumulator beside each step's int32 partial sum: at 256-row
@@ -395,7 +396,9 @@ def packed_int_linear_triton(
         x2.stride(1),
         wp.stride(0),
         scale.stride(0),
+        scale.stride(1),
         zero.stride(0) if zero is not None else 0,
+        zero.stride(1) if zero is not None else 0,
         y2.stride(0),
         y2.stride(1),
         BITS=bits,

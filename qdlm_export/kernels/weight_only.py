@@ -72,6 +72,55 @@ class LayoutCache:
         return 0 if entry is None else entry.nbytes
 
 
+class _GroupMajor:
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor | None, sources: tuple):
+        self.scale, self.zero, self.sources, self.key = scale, zero, sources, _versions(*sources)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.scale, self.zero) if t is not None)
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else 0 if t.is_inference() else t._version for t in tensors)
+
+
+_GROUP_MAJOR = LayoutCache()
+
+
+def group_major_qparams(
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales in float32 and the zero points in int32, stored group-major (``[..., groups, N]``,
+    ``N`` contiguous) and returned as ``[..., N, groups]`` views of that storage, the checkpoint's
+    index order; made once per weight and held beside it. Per-channel parameters come back as given.
+
+    Why: the Triton GEMMs read one group's scales for a tile of ``BLOCK_N`` output rows in every K
+    step. In the checkpoint's ``[N, groups]`` rows those are ``groups`` elements apart and 2 bytes
+    each, and Triton's software pipeliner copies a load ahead (``cp.async``) only with 4 contiguous
+    bytes a thread or more: the load stayed in the loop, an L2 round trip before each MMA, and held
+    90-150 registers a thread more on sm_90 (``benchmarks/triton_compile_check.py``, its "loads in loop").
+    Group-major float32 rows are copied ahead with the weight words. The cost: 4 bytes a group per
+    output row beside the checkpoint's 2 (``nbytes``; 3 % of the bf16 weight's bytes at g128)."""
+    if weight_scale.shape[-1] == 1:  # one group: read once per tile, outside the K loop
+        return weight_scale, weight_zero_point
+    hit = _GROUP_MAJOR.get(weight_packed)
+    # checked per call: by identity and version counter (tensors_key's data pointers and shapes cost
+    # twice as much, and this runs before every launch)
+    if (hit is None or hit.sources[0] is not weight_scale or hit.sources[1] is not weight_zero_point
+            or hit.key != _versions(weight_scale, weight_zero_point)):
+        def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+
+        zero = None if weight_zero_point is None else group_major(weight_zero_point, torch.int32)
+        sources = (weight_scale, weight_zero_point)
+        hit = _GROUP_MAJOR.put(weight_packed, _GroupMajor(group_major(weight_scale, torch.float32), zero, sources))
+    return hit.scale, hit.zero
+
+
+group_major_nbytes = _GROUP_MAJOR.nbytes  # bytes held beside a weight for the Triton GEMMs (0 before)
+
+
 def scale_groups(weight_scale: torch.Tensor, n_out: int, group_size: int, in_features: int) -> int:
     """The number of groups per row, after checking ``weight_scale`` is ``[n_out, groups]``."""
     groups = 1 if group_size == -1 else in_features // group_size
@@ -295,7 +344,7 @@ def _dequant_auto(p: Problem) -> bool:
 
 
 def _weight_only_linear_triton_dequant(*args: object, **kwargs: object) -> torch.Tensor:
-    from .weight_only_triton import weight_only_linear_triton_dequant
+    from .weight_only_dequant_triton import weight_only_linear_triton_dequant
 
     return weight_only_linear_triton_dequant(*args, **kwargs)
 

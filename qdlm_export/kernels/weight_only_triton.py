@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
-from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
+from .weight_only import group_major_qparams, scale_groups, triton_block_k, triton_unsupported_reason
 
 
 @triton.jit
@@ -190,7 +190,9 @@ def _wo_gemm_kernel(
     stride_xk,
     stride_wn,
     stride_sn,
+    stride_sg,
     stride_zn,
+    stride_zg,
     stride_ym,
     stride_yn,
     stride_ys,
@@ -228,7 +230,7 @@ def _wo_gemm_kernel(
         )
         q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
-        z = _zero_points(z_ptr, offs_n * stride_zn + g, n_ok, HAS_ZERO, BITS)
+        z = _zero_points(z_ptr, offs_n * stride_zn + g * stride_zg, n_ok, HAS_ZERO, BITS)
         if OFFSET_CODES:
             # The codes as the exact floats CODE_BASE + q (q ORed into the mantissa of CODE_BASE: no
             # int-to-float conversion); the MMA multiplies them unscaled, and the zero point becomes
@@ -243,7 +245,7 @@ def _wo_gemm_kernel(
                 x_total += xs
             else:
                 zb = (z + CODE_BASE).to(tl.float32)
-                s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
                 part = _mma(x, w, None, SWAP_AB, PRECISION)
                 acc += (part - _per_token(xs, SWAP_AB) * _per_column(zb, SWAP_AB)) * _per_column(s, SWAP_AB)
         else:
@@ -255,7 +257,7 @@ def _wo_gemm_kernel(
             else:
                 # The group's scale goes into the weight tile, rounded to the activation dtype as the
                 # torch backend's dequantized weight is, so the MMA accumulates in place.
-                s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
                 w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
             acc = _mma(x, w, acc, SWAP_AB, PRECISION)
     if PER_CHANNEL:
@@ -347,7 +349,8 @@ def weight_only_linear_triton(
     y2 = y.view(-1, n_out)  # raises if `out` is not viewable as 2-D
     if M == 0 or n_out == 0:
         return y
-    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
+    (wp,) = unit_stride_rows(weight_packed)
+    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
     cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features, x.device)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("SWAP_AB", False)
@@ -375,7 +378,9 @@ def weight_only_linear_triton(
         x2.stride(1),
         wp.stride(0),
         scale.stride(0),
+        scale.stride(1),
         zero.stride(0) if zero is not None else 0,
+        zero.stride(1) if zero is not None else 0,
         target.stride(-2),
         target.stride(-1),
         target.stride(0) if split_k > 1 else 0,
@@ -392,109 +397,3 @@ def weight_only_linear_triton(
     if split_k > 1:
         y2.copy_(target.sum(dim=0))
     return y
-
-
-# ---------------------------------------------------------------------------------------------
-# Dequantize once, then cuBLAS: for many tokens, where the fused kernel's in-loop dequantization
-# (repeated for every row tile) costs more than writing the bf16 weight once.
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dequantize_kernel(
-    wp_ptr,
-    s_ptr,
-    z_ptr,
-    w_ptr,
-    N,
-    K,
-    group_size,
-    stride_wn,
-    stride_sn,
-    stride_zn,
-    stride_on,
-    BITS: tl.constexpr,
-    HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
-    g = k0 // group_size  # BLOCK_K divides group_size: one group per tile
-    if HAS_ZERO:
-        w = q - tl.load(z_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.int32)[:, None]
-    else:
-        w = q - (1 << (BITS - 1))
-    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(
-        w_ptr + offs_n[:, None] * stride_on + offs_k[None, :],
-        (w.to(tl.float32) * s[:, None]).to(w_ptr.dtype.element_ty),
-        mask=n_ok[:, None] & (offs_k[None, :] < K),
-    )
-
-
-def dequantize_packed_triton(
-    weight_packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_zero_point: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``W_hat = (q - z) * s`` as ``[out_features, in_features]`` in ``dtype``: one pass over the packed
-    weight, each element computed in float32 and rounded once (as ``weight_only.dequantize_packed``)."""
-    reason = triton_unsupported_reason(bits=bits, group_size=group_size, in_features=in_features, dtype=dtype)
-    if reason:
-        raise ValueError(f"triton dequantize: {reason}")
-    n_out = weight_packed.shape[0]
-    scale_groups(weight_scale, n_out, group_size, in_features)  # checks the scale's shape
-    w = out if out is not None else torch.empty(n_out, in_features, dtype=dtype, device=weight_packed.device)
-    if tuple(w.shape) != (n_out, in_features) or w.stride(-1) != 1:
-        raise ValueError(f"out must be a row-contiguous [{n_out}, {in_features}] tensor, got {tuple(w.shape)}")
-    if n_out == 0 or in_features == 0:
-        return w
-    wp, scale, zero = unit_stride_rows(weight_packed, weight_scale, weight_zero_point)
-    block_k = triton_block_k(group_size, cap=128) or 16
-    block_n = 32
-    _dequantize_kernel[(cdiv(n_out, block_n), cdiv(in_features, block_k))](
-        wp,
-        scale,
-        zero if zero is not None else scale,
-        w,
-        n_out,
-        in_features,
-        in_features if group_size == -1 else group_size,
-        wp.stride(0),
-        scale.stride(0),
-        zero.stride(0) if zero is not None else 0,
-        w.stride(0),
-        BITS=bits,
-        HAS_ZERO=zero is not None,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=4,
-    )
-    return w
-
-
-def weight_only_linear_triton_dequant(
-    x: torch.Tensor,
-    weight_packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_zero_point: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x @ W_hat.T + bias`` with ``W_hat`` dequantized into ``x.dtype`` by one Triton pass, then the
-    dense GEMM (cuBLAS on a GPU). Holds one dequantized weight for the duration of the call."""
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    w = dequantize_packed_triton(weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -182,7 +182,7 @@ def test_weight_only_triton(gen, bits, symmetric, group):
 def test_dequantize_triton_matches_the_float64_weight(gen, bits, symmetric, group):
     """The one-pass Triton dequantization (the many-token CUDA path) against (q - z) * s in float64:
     exact in float32 (one rounding of a small integer times a float32 scale), one rounding in bf16."""
-    from qdlm_export.kernels.weight_only_triton import dequantize_packed_triton
+    from qdlm_export.kernels.weight_only_dequant_triton import dequantize_packed_triton
 
     k = 100 if group == -1 else 3 * group  # K = 100: a masked tail in the last K tile
     n_out = 72  # not a multiple of the 32-row tiles
