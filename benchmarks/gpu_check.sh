@@ -3,11 +3,13 @@
 #
 #   1. install   none when the machine's packages import (this tree in place); else pip install -e ".[dev]"
 #   2. tests     the kernel tests, compiled natively on the GPU (TRITON_INTERPRET=0)
-#   3. bench     qdlm-export bench --full --json
-#   4. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
+#   3. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
+#                (weight-only and int8, the targets' token counts first, within its own time limit); the
+#                fastest right choices become this GPU model's tuned table, qdlm_export/kernels/tuned/
+#                <gpu>.json (kernels/tuned.py), which the steps after it run with
+#   4. bench     qdlm-export bench --full --json
+#   5. steps     one denoising step of a LLaDA-8B-shaped block: RTN W4 g128, RTN-WA W8A8, QuaRot W4A4
 #                (the online-Hadamard share)                       benchmarks/bench_block_step.py
-#   5. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
-#                (weight-only and int8, the targets' token counts first; stops in time for step 6)
 #   6. gptq      GPTQ W4 g128 on a 4-block LLaDA-8B-shaped model    benchmarks/bench_pipeline.py
 #   7. report    a machine-named section in docs/benchmarks.md     benchmarks/gpu_report.py
 #
@@ -16,8 +18,8 @@
 #                                                  tiny CPU bench into a temporary file, exits 0)
 #
 # Outputs go to "$OUT/gpu_check" when OUT is set, else to a new temporary folder (printed): the JSON of
-# every step, its log, kernel_tests.xml, meta.json, gpu_section.md and the updated benchmarks.md.
-# docs/benchmarks.md in this working tree is updated too (the section of this GPU is replaced).
+# every step, its log, kernel_tests.xml, meta.json, gpu_section.md, the updated benchmarks.md and the
+# tuned table. docs/benchmarks.md and the GPU's table in this working tree are updated too (commit both).
 # Each step has a time limit cut to what is left of GPU_CHECK_BUDGET_S (default 470 s); a step that
 # fails or times out is recorded in the report and the next one still runs. Exit status: 0 when every
 # step ran, 1 when one failed (the report is still written), 2 for usage errors or no GPU.
@@ -29,7 +31,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (use --dry-run or --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,19 +89,23 @@ TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p
 # 3 repetitions (bench's default is 5): run 2 took 118 s of the budget at 5, and the sweep needs the time
 BENCH_CMD=("${QDLM[@]}" bench --full --repetitions 3 --json)
 STEPS_CMD=("$PY" benchmarks/bench_block_step.py --device cuda --batch 4 --seqlen 1024 --repeat 5 --json)
-# the targets' token counts first (16, 1024, 4096), so a sweep cut short by its budget still covers them
+# the targets' token counts first (16, 1024, 4096), so a sweep cut short by its budget still covers them;
+# --table: the winners become this GPU model's tuned table, which bench and steps then run with
 SWEEP_CMD=("$PY" benchmarks/triton_sweep.py --ops weight_only int8 --shapes 4096x4096 4096x12288 --m 16 1024 4096 256
-           --rep 20 --json)
-GPTQ_RESERVE_S=35  # left for GPTQ after the sweep (run 1 on an H200: 12.6 s for the whole process)
+           --rep 20 --json --table)
+SWEEP_LIMIT_S=150
+AFTER_SWEEP_S=170  # left after the sweep: bench (run 2: 118 s at 5 repetitions; 3 now), steps (44 s), GPTQ (13-27 s)
 GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
 
 write_meta() {  # write_meta DRY(0/1) GPU_NAME
   local statuses="" k
   for k in "${ORDER[@]}"; do statuses+="$k=${STATUS[$k]}"$'\n'; done
-  GC_DRY="$1" GC_GPU="$2" GC_SECONDS="$SECONDS" GC_STATUSES="$statuses" "$PY" - "$R/meta.json" <<'EOF'
+  GC_DRY="$1" GC_GPU="$2" GC_SECONDS="$SECONDS" GC_STATUSES="$statuses" GC_TABLE="${TABLE:-}" "$PY" - "$R/meta.json" <<'EOF'
 import datetime, json, os, subprocess, sys
 meta = {"gpu": os.environ["GC_GPU"], "date": datetime.date.today().isoformat(),
         "seconds": int(os.environ["GC_SECONDS"]), "dry_run": os.environ["GC_DRY"] == "1", "steps": {}}
+if os.environ.get("GC_TABLE"):  # relative to the tree: nothing local in what is published
+    meta["tuned_table"] = os.path.relpath(os.environ["GC_TABLE"], os.getcwd())
 for line in os.environ["GC_STATUSES"].splitlines():
     if "=" in line:
         k, v = line.split("=", 1)
@@ -133,9 +139,9 @@ if (( DRY_RUN )); then
   echo "  1. install  none when this machine's packages import (qdlm_export in place, PYTHONPATH=$ROOT); else"
   echo "              $PY -m pip install -e \".[dev]\" (from .whl/ when present; torch first only if 'import torch' fails)"
   echo "  2. tests    ${TESTS_CMD[*]}"
-  echo "  3. bench    qdlm-export bench --full --json > $R/bench.json"
-  echo "  4. steps    ${STEPS_CMD[*]} > $R/steps.json"
-  echo "  5. sweep    ${SWEEP_CMD[*]} > $R/sweep.json"
+  echo "  3. sweep    ${SWEEP_CMD[*]} > $R/sweep.json (writes qdlm_export/kernels/tuned/<gpu>.json)"
+  echo "  4. bench    qdlm-export bench --full --json > $R/bench.json"
+  echo "  5. steps    ${STEPS_CMD[*]} > $R/steps.json"
   echo "  6. gptq     ${GPTQ_CMD[*]} > $R/pipeline.json"
   echo "  7. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
   missing=0
@@ -205,12 +211,16 @@ unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 
 # run 2: 127 s for 419 tests; this tree adds about 40 kernel compilations
 run_step tests 180 - "${TESTS_CMD[@]}"
+# the sweep stops starting shapes in time to print what it measured, and to leave the steps after it their
+# time (10 s of margin: killed by its limit, it still prints what it measured and writes the table)
+sweep_s=$(( BUDGET_S - SECONDS - REPORT_RESERVE_S - AFTER_SWEEP_S ))
+(( sweep_s > SWEEP_LIMIT_S )) && sweep_s=$SWEEP_LIMIT_S
+SWEEP_CMD+=(--budget-s $(( sweep_s - 10 )))
+run_step sweep "$sweep_s" "$R/sweep.json" "${SWEEP_CMD[@]}"
+TABLE="$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("table") or "")' "$R/sweep.json" 2>/dev/null)"
+[ -n "$TABLE" ] && [ -f "$TABLE" ] && cp "$TABLE" "$R/" && log "tuned table: $TABLE (the steps below run with it)"
 run_step bench 150 "$R/bench.json" "${BENCH_CMD[@]}"
 run_step steps 100 "$R/steps.json" "${STEPS_CMD[@]}"
-# the sweep takes what time is left but GPTQ's, and stops starting shapes in time to print what it measured
-# (10 s of margin: killed by its limit, the sweep still prints what it measured)
-SWEEP_CMD+=(--budget-s $(( BUDGET_S - SECONDS - REPORT_RESERVE_S - GPTQ_RESERVE_S - 10 )))
-run_step sweep $(( BUDGET_S - SECONDS - REPORT_RESERVE_S - GPTQ_RESERVE_S )) "$R/sweep.json" "${SWEEP_CMD[@]}"
 run_step gptq 120 "$R/pipeline.json" "${GPTQ_CMD[@]}"
 
 write_meta 0 "$GPU_NAME"

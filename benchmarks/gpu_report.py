@@ -220,6 +220,9 @@ def render_section(
     statuses = meta.get("steps") or {}
     if statuses:
         lines += ["Steps: " + "; ".join(f"{k}: {v}" for k, v in statuses.items()) + ".", ""]
+    if meta.get("tuned_table"):
+        lines += [f"Bench and the block steps ran with the tuned table the sweep wrote first (`{meta['tuned_table']}`: "
+                  "the fastest right candidate per op, shape and token count; `qdlm_export/kernels/tuned.py`).", ""]
     lines += [f"Kernel tests (native, `TRITON_INTERPRET=0`): {tests}.", ""]
 
     lines += ["### Targets", "",

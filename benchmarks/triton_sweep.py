@@ -21,6 +21,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K[, SWAP_AB[, OFFSET_CODES]]]) per M class.
 # SWAP_AB (the dequantized weight as the MMA's first operand) and OFFSET_CODES (codes as exact floats
@@ -71,6 +72,58 @@ def as_config(c: tuple) -> dict:
     return cfg
 
 
+# what a tuned table may hold: a candidate within this relative error of the torch backend's output
+# (bf16 rounding differences are ~1e-3; a wrong kernel is off by O(1))
+TABLE_MAX_REL_ERR = 0.02
+# the sweep's other strategies, by the registry name of the backend that runs them
+OTHER_BACKENDS = {"dequant+cuBLAS": "triton_dequant", "tinygemm": "cuda_tinygemm"}
+
+
+def table_entries(rows: list[dict]) -> list[dict]:
+    """Per measured (op, K, N, M): the fastest candidate whose output is right, as a tuned-table entry.
+    The int8 row's quantize+GEMM (activation quantization included) is not an alternative GEMM."""
+    entries = []
+    for row in rows:
+        ok = [c for c in row["candidates"] if "graph_ms" in c and c["name"] != "quantize+GEMM"
+              and c.get("rel_err_vs_torch", 1.0) <= TABLE_MAX_REL_ERR]
+        if not ok:
+            continue
+        best = min(ok, key=lambda c: c["graph_ms"])
+        heuristic = next((c for c in ok if c["name"] == "heuristic"), None)
+        backend = OTHER_BACKENDS.get(best["name"], "triton")
+        entries.append(dict(op=row["op"], K=row["K"], N=row["N"], M=row["M"], backend=backend,
+                            config=best["config"] if backend == "triton" else None, vs_dense=best.get("vs_dense"),
+                            vs_heuristic=round(heuristic["graph_ms"] / best["graph_ms"], 3) if heuristic else None))
+    return entries
+
+
+def write_table(where: str, result: dict) -> str:
+    """Merge this run's entries into the device's table (entries of problems not measured now stay);
+    returns the path written."""
+    import datetime
+
+    import triton
+
+    from qdlm_export.kernels import tuned
+
+    path = tuned.TABLE_DIR / tuned.table_name(result["device"]) if where == "auto" else Path(where)
+    fresh = table_entries(result["rows"])
+    measured = {(e["op"], e["K"], e["N"], e["M"]) for e in fresh}
+    try:
+        old = [e for e in json.loads(path.read_text())["entries"] if (e["op"], e["K"], e["N"], e["M"]) not in measured]
+    except (OSError, ValueError, KeyError, TypeError):
+        old = []
+    table = dict(device=result["device"], measured=datetime.date.today().isoformat(), torch=result["torch"],
+                 triton=triton.__version__, source="benchmarks/triton_sweep.py (CUDA-graph GPU time, median)",
+                 entries=sorted(old + fresh, key=lambda e: (e["op"], e["K"], e["N"], e["M"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(path.name + ".partial")
+    staged.write_text(json.dumps(table, indent=1) + "\n")
+    staged.replace(path)
+    print(f"tuned table: {len(fresh)} entries measured now, {len(table['entries'])} in {path}", file=sys.stderr)
+    return str(path)
+
+
 def rel_err(y, ref) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
@@ -86,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new shape/M after this many seconds (the result says it was cut short)")
     parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, 256x128 and M 3/40: a test")
+    parser.add_argument("--table", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="write the fastest correct choice per op, shape and M as this GPU model's tuned table "
+                             "(kernels/tuned.py), merged into PATH; bare --table: this tree's qdlm_export/kernels/tuned/")
     args = parser.parse_args(argv)
     if args.smoke:
         import os
@@ -215,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated: printing the rows measured so far", file=sys.stderr)
     result = dict(device="cpu (interpreter smoke run)" if args.smoke else torch.cuda.get_device_name(dev), torch=torch.__version__,
                   seconds=round(time.perf_counter() - started, 1), cut_short=cut_short, rows=rows)
+    if args.table:
+        result["table"] = write_table(args.table, result)
     print(json.dumps(result, indent=1) if args.json else "\n".join(json.dumps(r) for r in rows))
     return 0
 

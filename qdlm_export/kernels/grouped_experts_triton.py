@@ -8,8 +8,9 @@ the router): expert ``e`` has ``ceil(count_e / BLOCK_M)`` tiles, and their total
 is their first row): they run no K step and store nothing. An expert without rows has no tile.
 
 Inside a tile the arithmetic is the weight-only kernel's (``weight_only_triton.py``): codes unpacked
-from the expert's slice of the stacked int32 words, ``q - z`` as small exact integers, one fp32
-accumulation per quantization group scaled by the group's scale (per-channel weights: once at the end).
+from the expert's slice of the stacked int32 words, each K step's tile dequantized by
+``dequantize_tile`` (in the activations' 16-bit dtype where that is exact) and accumulated in fp32;
+per-channel weights multiply the integers ``q - z`` and scale the accumulator once at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import triton.language as tl
 from ._triton import cdiv, dot_upcast
 from .grouped_experts import check_grouped_arguments
 from .weight_only import group_major_qparams, triton_block_k, triton_unsupported_reason
-from .weight_only_triton import unit_stride_rows, unpack_code_rows
+from .weight_only_triton import (OFFSET_CODE_FLOATS, zero_points, dequantize_tile, dequantizes_in_x,
+                                 unit_stride_rows, unpack_code_rows)
 
 
 @triton.jit
@@ -54,6 +56,9 @@ def _grouped_gemm_kernel(
     PER_CHANNEL: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    DEQUANT_IN_X: tl.constexpr,
+    CODE_BASE: tl.constexpr,
+    CODE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -81,18 +86,12 @@ def _grouped_gemm_kernel(
         )
         q = unpack_code_rows(wp, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
-        if HAS_ZERO:
-            z = tl.load(zp + offs_n * stride_zn + g * stride_zg, mask=n_ok, other=0).to(tl.int32)
-            w = q - z[:, None]
-        else:
-            w = q - (1 << (BITS - 1))
-        if UPCAST:
-            x = x.to(tl.float32)
+        z = zero_points(zp, offs_n * stride_zn + g * stride_zg, n_ok, HAS_ZERO, BITS)
         if PER_CHANNEL:
-            w = w.to(x.dtype)  # small integers: exact in every float dtype
+            s = z  # unused: per channel, the scale multiplies the accumulator once at the end
         else:  # the group's scale in the tile, as in weight_only_triton
             s = tl.load(sp + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+        x, w = dequantize_tile(x, q, z, s, PER_CHANNEL, UPCAST, DEQUANT_IN_X, CODE_BASE, CODE_BITS)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if PER_CHANNEL:
         s = tl.load(sp + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
@@ -196,6 +195,9 @@ def grouped_expert_gemm_triton(
         PER_CHANNEL=groups == 1,
         UPCAST=dot_upcast(x.dtype),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DEQUANT_IN_X=dequantizes_in_x(x.dtype, bits, weight_scale.dtype, groups),
+        CODE_BASE=OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))[0],
+        CODE_BITS=OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))[1],
         **cfg,
     )
     return y

@@ -24,6 +24,7 @@ import triton.language as tl
 from ._triton import cdiv, next_power_of_2
 
 from .int8 import qmax_for, triton_packed_unsupported_reason
+from .tuned import tile_config
 from .weight_only import group_major_qparams, triton_block_k
 from .weight_only_triton import tile_offsets, unpack_code_rows
 
@@ -235,7 +236,8 @@ def _launch_int8_gemm(a2: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     M, N = a2.shape[0], b.shape[0]
     a_s = a_scale.reshape(-1).contiguous()
     b_s = b_scale.reshape(-1).contiguous()
-    cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
+    # config: tuning only; else the one measured fastest for this shape on this GPU model (tuned.py)
+    cfg = dict(config) if config else tile_config("int8", M, N, K, a2.device) or _gemm_config(M, N)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _int8_gemm_kernel[grid](
         a2,
@@ -368,7 +370,8 @@ def packed_int_linear_triton(
     xs = x_scale.reshape(-1).contiguous()
     wp = weight_packed.contiguous()
     scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
-    cfg = dict(config) if config else _gemm_config(M, N)  # config: tuning only
+    measured = None if config or groups > 1 or bits != 4 else tile_config("w4a4", M, N, in_features, x_q.device)
+    cfg = dict(config) if config else measured or _gemm_config(M, N)  # config: tuning only
     if not config and groups > 1:
         # Grouped weights keep a float32 accumulator beside each step's int32 partial sum: at 256-row
         # tiles ptxas spills 1.7-2.8 KB a thread on sm_90 (benchmarks/triton_compile_check.py), at

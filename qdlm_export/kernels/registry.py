@@ -7,7 +7,9 @@ predicate (may ``auto`` pick it?) and a priority. Choosing, for one call:
 * the ``backend=`` argument of the op, else the setting ``QDLM_KERNEL_BACKEND`` (``auto`` | ``torch``
   | ``triton``; default ``auto``), read once per process by :func:`configured_backend` (tests that
   change the variable call :func:`refresh_backend_setting`);
-* ``auto`` takes the first backend, by priority, that can run and that ``auto`` may pick (it never
+* ``auto`` first tries the backend an op's *preference* names for the problem (one measured fastest
+  there: ``kernels/tuned.py``), when it can run; else it takes the first backend, by priority, that
+  can run and that ``auto`` may pick (it never
   picks the Triton *interpreter*: with ``TRITON_INTERPRET=1`` Triton runs on CPU tensors, as the
   tests run it, but only when asked for by name);
 * ``torch`` / ``triton`` force that family, and ``backend=`` also takes one backend's own name
@@ -91,6 +93,7 @@ class Backend:
 
 _REGISTRY: dict[str, list[Backend]] = {}
 _STEPS: dict[str, tuple[str, str, int]] = {}  # composite op -> (quantize op, GEMM op, default act bits)
+_PREFERENCES: dict[str, Callable[[Problem], str | None]] = {}  # op -> the backend measured fastest, or None
 
 
 def register_backend(
@@ -110,6 +113,13 @@ def register_backend(
         Backend(op, name, family, summary, impl, unsupported or (lambda p: None), auto or (lambda p: True), priority)
     )
     _REGISTRY[op] = sorted(backends, key=lambda b: -b.priority)
+    _SELECTIONS.clear()
+
+
+def register_preference(op: str, preferred: Callable[[Problem], str | None]) -> None:
+    """``preferred(problem)`` names the backend ``auto`` tries first for ``op`` (measured fastest for
+    such a problem on this device), or None; one that cannot run the problem is passed over."""
+    _PREFERENCES[op] = preferred
     _SELECTIONS.clear()
 
 
@@ -157,6 +167,12 @@ def _select(problem: Problem, request: str, forced_by: str) -> tuple[Backend, tu
     backends = backends_for(problem.op)
     notes: list[str] = []
     if request == "auto":
+        preferred = _PREFERENCES.get(problem.op)
+        name = preferred(problem) if preferred else None
+        chosen = next((b for b in backends if b.name == name and b.unsupported(problem) is None), None)
+        if chosen is not None:
+            above = [b.name for b in backends[: backends.index(chosen)]]
+            return chosen, tuple(f"{n}: {chosen.name} was measured faster here (kernels/tuned)" for n in above)
         for b in backends:
             reason = b.unsupported(problem)
             if reason is None and b.auto(problem):

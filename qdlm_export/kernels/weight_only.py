@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..core.packing import SUPPORTED_BITS, packed_words, unpack_rows
 from ._triton import triton_unavailable_reason
-from .registry import Problem, choose, on_cuda, register_backend
+from .registry import Problem, choose, on_cuda, register_backend, register_preference
+from .tuned import entry as measured_entry
 
 
 def tensors_key(*tensors: torch.Tensor | None) -> tuple:
@@ -358,6 +359,18 @@ register_backend(
     unsupported=triton_problem_unsupported, auto=_dequant_auto,
     summary="one-pass Triton dequantization to the activation dtype, then the dense GEMM (many tokens)",
 )
+def _measured_backend(p: Problem) -> str | None:
+    """The weight-only backend measured fastest for this layer's shape on this GPU (``kernels/tuned.py``):
+    for 4-bit codes and 16-bit activations, the scheme the tile sweep times."""
+    if not on_cuda(p) or p.M is None or p.bits != 4 or p.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    found = measured_entry("weight_only", p.M, p.N, p.K, p.device)
+    return None if found is None else found["backend"]
+
+
+register_preference("weight_only_linear", _measured_backend)
+
+
 def _tinygemm_unsupported(p: Problem) -> str | None:
     from .cuda_tinygemm import unsupported_reason
 

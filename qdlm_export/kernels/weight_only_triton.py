@@ -16,9 +16,18 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   dtype (as the torch backend's dequantized weight) and accumulates ``x @ tile.T`` in fp32, in place.
   Per-channel weights (one group) multiply ``x`` by the *integer* matrix ``q - z`` (exact in
   fp16/bf16 since ``|q - z| <= 255``) and scale the accumulator once at the end.
+* ``DEQUANT_IN_X`` (set by the launcher: bf16/fp16 activations, codes of at most 4 bits, scales of
+  the activations' dtype or per channel): the tile is dequantized in the 16-bit dtype itself,
+  ``((base + q) - (base + z)) * s`` with ``base + q`` made by one OR into the mantissa of ``base``
+  (see ``OFFSET_CODES`` below). The difference is a small exact integer and the product is rounded
+  once, so the tile is the float32 path's bit for bit, without its int-to-float conversions and two
+  elements an instruction. SASS of one K step on sm_90: 452 -> 291 instructions a warp at
+  128 x 128 x 64 (the unpack below included), 390 -> 304 at 16 x 32 x 128.
+* Scales and zero points are read group-major (``weight_only.group_major_qparams``), so Triton's
+  pipeliner copies them ahead of the K loop with the codes and activations.
 * Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
   ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word, and a tile is read as whole
-  words along each row, then split. For 3 bits, 32 codes fill 3 words, read as word triples; codes
+  words along each row, then split in the thread that holds the word (``split_words``). For 3 bits, 32 codes fill 3 words, read as word triples; codes
   at shifts 30 and 31 continue at bit 0 of the next word, ORed in shifted up by ``32 - shift``.
   Words are read as uint32 so that ``>>`` is a logical shift.
 * ``OFFSET_CODES`` (bf16/fp16 activations, up to 4 bits) skips the per-weight dequantization: the
@@ -47,7 +56,50 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
+from .tuned import tile_config
 from .weight_only import group_major_qparams, scale_groups, triton_block_k, triton_unsupported_reason
+
+
+@triton.jit
+def _code(words, i: tl.constexpr, BITS: tl.constexpr):
+    return (words >> i * BITS) & ((1 << BITS) - 1)
+
+
+# Codes FIRST, FIRST + STRIDE, ... of every word, joined on new trailing dims of size 2: tl.join keeps a
+# new dim inside the thread that holds the word, so splitting a word costs its shifts and masks once,
+# in one thread, and flattening the joined dims back into K moves no data. The innermost join picks
+# between codes STRIDE apart, each outer one between halves: element [..., a, b] of _codes4 is code
+# 2a + b, so flattening gives the codes in order.
+@triton.jit
+def _codes2(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_code(words, FIRST, BITS), _code(words, FIRST + STRIDE, BITS))
+
+
+@triton.jit
+def _codes4(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_codes2(words, FIRST, 2 * STRIDE, BITS), _codes2(words, FIRST + STRIDE, 2 * STRIDE, BITS))
+
+
+@triton.jit
+def _codes8(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_codes4(words, FIRST, 2 * STRIDE, BITS), _codes4(words, FIRST + STRIDE, 2 * STRIDE, BITS))
+
+
+@triton.jit
+def _codes16(words, BITS: tl.constexpr):
+    return tl.join(_codes8(words, 0, 2, BITS), _codes8(words, 1, 2, BITS))
+
+
+@triton.jit
+def split_words(words, BITS: tl.constexpr):
+    """``[R, W]`` uint32 words -> ``[R, W * 32 // BITS]`` codes in stream order (2, 4 or 8 bits)."""
+    if BITS == 8:
+        q = _codes4(words, 0, 1, BITS)
+    elif BITS == 4:
+        q = _codes8(words, 0, 1, BITS)
+    else:
+        q = _codes16(words, BITS)
+    return tl.reshape(q, (words.shape[0], words.shape[1] * (32 // BITS)))
 
 
 @triton.jit
@@ -70,10 +122,7 @@ def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BL
         widx = k0 // PER_WORD + tl.arange(0, WORDS)
         ok = (offs_n[:, None] < N) & (widx[None, :] < tl.cdiv(K, PER_WORD))
         words = tl.load(wp_ptr + offs_n[:, None] * stride_wn + widx[None, :], mask=ok, other=0)
-        words = words.to(tl.uint32, bitcast=True)
-        shifts = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-        q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-        return tl.reshape(q, (offs_n.shape[0], BLOCK_K)).to(tl.int32)
+        return split_words(words.to(tl.uint32, bitcast=True), BITS).to(tl.int32)
     elif BLOCK_K % 32 == 0:
         TRIPLES: tl.constexpr = BLOCK_K // 32
         first = (k0 // 32) * 3 + tl.arange(0, TRIPLES) * 3  # word 0 of each triple; k0 % 32 == 0
@@ -157,7 +206,7 @@ def _per_token(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _zero_points(z_ptr, offsets, ok, HAS_ZERO: tl.constexpr, BITS: tl.constexpr):
+def zero_points(z_ptr, offsets, ok, HAS_ZERO: tl.constexpr, BITS: tl.constexpr):
     """int32 zero points at ``z_ptr + offsets`` (one per output row), or the symmetric midpoint."""
     if HAS_ZERO:
         return tl.load(z_ptr + offsets, mask=ok, other=0).to(tl.int32)
@@ -172,6 +221,48 @@ def _token_sums(x, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     j = tl.arange(0, 16)
     sel = ((tl.arange(0, BLOCK_K)[:, None] * 0 + j[None, :]) == 0).to(x.dtype)
     return tl.sum(tl.dot(x, sel, input_precision=PRECISION), axis=1)
+
+
+# OFFSET_CODES and DEQUANT_IN_X: a float whose ulp is 1 and the bit pattern it has, per activation
+# dtype; ORing a code q < 128 (bf16) or < 1024 (fp16) into its mantissa gives the exact float base + q.
+OFFSET_CODE_FLOATS = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x6400)}
+
+
+@triton.jit
+def dequantize_tile(x, q, z, s, PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr, DEQUANT_IN_X: tl.constexpr,
+                    CODE_BASE: tl.constexpr, CODE_BITS: tl.constexpr):
+    """A K step's weight tile in x's dtype for the MMA, and ``x`` (float32 where the interpreter needs
+    it): ``(q - z) * s`` with the group's scale ``s`` (float32, ``[BLOCK_N]``), or per channel the
+    integers ``q - z`` (the scale goes on the accumulator at the end).
+
+    DEQUANT_IN_X (bf16/fp16 activations, codes of at most 4 bits, ``s`` exact in x's dtype): computed
+    in the 16-bit dtype as ``((base + q) - (base + z)) * s``, where ``base + q`` is one OR into the
+    mantissa of ``base``. The difference is a small exact integer and the product is rounded once, so
+    the tile is the float32 path's bit for bit, without its int-to-float conversions, two elements an
+    instruction. Otherwise: int -> float32, times the scale, rounded to x's dtype (as the torch
+    backend's dequantized weight)."""
+    if DEQUANT_IN_X:
+        v = (q | CODE_BITS).to(tl.int16).to(x.dtype, bitcast=True)
+        if UPCAST:  # the interpreter computes bf16 as raw bits: the same values in float32
+            x = x.to(tl.float32)
+            v = v.to(tl.float32)
+        w = v - (z + CODE_BASE).to(v.dtype)[:, None]
+        if not PER_CHANNEL:
+            w = w * s.to(v.dtype)[:, None]
+    else:
+        w = q - z[:, None]
+        if UPCAST:
+            x = x.to(tl.float32)
+        if PER_CHANNEL:
+            w = w.to(x.dtype)  # small integers: exact in every float dtype
+        else:
+            w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+    return x, w
+
+
+def dequantizes_in_x(x_dtype: torch.dtype, bits: int, scale_dtype: torch.dtype, groups: int) -> bool:
+    """Whether ``dequantize_tile`` may compute in the activations' 16-bit dtype (exactly as float32)."""
+    return x_dtype in OFFSET_CODE_FLOATS and bits <= 4 and (groups == 1 or scale_dtype == x_dtype)
 
 
 @triton.jit
@@ -211,6 +302,7 @@ def _wo_gemm_kernel(
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
     OFFSET_CODES: tl.constexpr,
+    DEQUANT_IN_X: tl.constexpr,
 ):
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -230,7 +322,7 @@ def _wo_gemm_kernel(
         )
         q = unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         g = k0 // group_size  # the one group this K step lies in (0 when per channel)
-        z = _zero_points(z_ptr, offs_n * stride_zn + g * stride_zg, n_ok, HAS_ZERO, BITS)
+        z = zero_points(z_ptr, offs_n * stride_zn + g * stride_zg, n_ok, HAS_ZERO, BITS)
         if OFFSET_CODES:
             # The codes as the exact floats CODE_BASE + q (q ORed into the mantissa of CODE_BASE: no
             # int-to-float conversion); the MMA multiplies them unscaled, and the zero point becomes
@@ -249,20 +341,15 @@ def _wo_gemm_kernel(
                 part = _mma(x, w, None, SWAP_AB, PRECISION)
                 acc += (part - _per_token(xs, SWAP_AB) * _per_column(zb, SWAP_AB)) * _per_column(s, SWAP_AB)
         else:
-            w = q - z[:, None]
-            if UPCAST:
-                x = x.to(tl.float32)
             if PER_CHANNEL:
-                w = w.to(x.dtype)  # small integers: exact in every float dtype; scaled once at the end
+                s = z  # unused: per channel, the scale multiplies the accumulator once at the end
             else:
-                # The group's scale goes into the weight tile, rounded to the activation dtype as the
-                # torch backend's dequantized weight is, so the MMA accumulates in place.
                 s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_ok, other=0.0).to(tl.float32)
-                w = (w.to(tl.float32) * s[:, None]).to(x.dtype)
+            x, w = dequantize_tile(x, q, z, s, PER_CHANNEL, UPCAST, DEQUANT_IN_X, CODE_BASE, CODE_BITS)
             acc = _mma(x, w, acc, SWAP_AB, PRECISION)
     if PER_CHANNEL:
         if OFFSET_CODES:
-            zb = (_zero_points(z_ptr, offs_n * stride_zn, n_ok, HAS_ZERO, BITS) + CODE_BASE).to(tl.float32)
+            zb = (zero_points(z_ptr, offs_n * stride_zn, n_ok, HAS_ZERO, BITS) + CODE_BASE).to(tl.float32)
             acc -= _per_token(x_total, SWAP_AB) * _per_column(zb, SWAP_AB)
         s = tl.load(s_ptr + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * _per_column(s, SWAP_AB)
@@ -278,11 +365,6 @@ def _wo_gemm_kernel(
         acc.to(y_ptr.dtype.element_ty),
         mask=(offs_m[:, None] < M) & n_ok[None, :],
     )
-
-
-# OFFSET_CODES: a float whose ulp is 1 and the bit pattern it has, per activation dtype; ORing a code
-# q < 128 (bf16) or < 1024 (fp16) into its mantissa gives the exact float base + q.
-OFFSET_CODE_FLOATS = {torch.bfloat16: (128, 0x4300), torch.float16: (1024, 0x6400)}
 
 
 def unit_stride_rows(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -320,6 +402,19 @@ def pick_config(M: int, N: int, group_size: int, in_features: int, device: torch
     return cfg
 
 
+def launch_config(M: int, N: int, group_size: int, in_features: int, bits: int, x: torch.Tensor) -> dict:
+    """A call's tile configuration: the one measured fastest for its shape on this GPU model
+    (``tuned.py``; the sweep times 4-bit codes with 16-bit activations, so only those use it), with its
+    K step fitted to the group size; else :func:`pick_config`'s."""
+    cfg = tile_config("weight_only", M, N, in_features, x.device) if (
+        bits == 4 and x.dtype in OFFSET_CODE_FLOATS) else None
+    if cfg is None:
+        return pick_config(M, N, group_size, in_features, x.device)
+    cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
+    cfg.setdefault("GROUP_M", 8)
+    return cfg
+
+
 def weight_only_linear_triton(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -351,7 +446,7 @@ def weight_only_linear_triton(
         return y
     (wp,) = unit_stride_rows(weight_packed)
     scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
-    cfg = dict(config) if config else pick_config(M, n_out, group_size, in_features, x.device)  # config: tuning only
+    cfg = dict(config) if config else launch_config(M, n_out, group_size, in_features, bits, x)  # config: tuning only
     cfg.setdefault("SPLIT_K", 1)
     cfg.setdefault("SWAP_AB", False)
     cfg.setdefault("OFFSET_CODES", False)
@@ -392,6 +487,7 @@ def weight_only_linear_triton(
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         CODE_BASE=code_base,
         CODE_BITS=code_bits,
+        DEQUANT_IN_X=dequantizes_in_x(x.dtype, bits, weight_scale.dtype, groups),
         **cfg,
     )
     if split_k > 1:

@@ -104,15 +104,32 @@ def test_report_section_replaces_only_its_own_device():
     assert "old" not in doc and doc.count("## GPU check: NVIDIA H200") == 1 and "new" in doc and "other" in doc
 
 
-def test_triton_sweep_runs_every_candidate_and_checks_it_against_torch():
+def test_triton_sweep_runs_every_candidate_and_checks_it_against_torch(tmp_path):
     """The sweep gpu_check.sh runs, on the CPU in Triton's interpreter (--smoke): every candidate tile
-    configuration computes what the torch backend computes, and the report renders its rows."""
+    configuration computes what the torch backend computes, and the report renders its rows. Its tuned
+    table (--table) holds the fastest right candidate of every row, merged into what the file held."""
     pytest.importorskip("triton")
+    from qdlm_export.kernels import tuned
+
+    table = tmp_path / "gpu.json"
+    kept = {"op": "int8", "K": 12288, "N": 4096, "M": 16, "backend": "triton", "config": {"BLOCK_M": 16}}
+    stale = {"op": "weight_only", "K": 256, "N": 128, "M": 3, "backend": "cuda_tinygemm", "config": None}
+    table.write_text(json.dumps({"entries": [kept, stale]}))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sweep.py"), "--smoke", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sweep.py"), "--smoke", "--json",
+                           "--table", str(table)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     sweep = json.loads(done.stdout)
+    written = json.loads(table.read_text())
+    assert sweep["table"] == str(table) and written["device"] == sweep["device"]
+    entries = {(e["op"], e["K"], e["N"], e["M"]): e for e in written["entries"]}
+    assert entries.pop(("int8", 12288, 4096, 16)) == kept  # not measured now: kept
+    assert set(entries) == {(r["op"], r["K"], r["N"], r["M"]) for r in sweep["rows"]}  # measured: replaced
+    for r in sweep["rows"]:
+        e = entries[(r["op"], r["K"], r["N"], r["M"])]
+        fastest = min((c for c in r["candidates"] if c["name"] != "quantize+GEMM"), key=lambda c: c["graph_ms"])
+        assert tuned._valid(e) and e["backend"] == {"dequant+cuBLAS": "triton_dequant"}.get(fastest["name"], "triton")
+        assert e["config"] == (fastest["config"] if e["backend"] == "triton" else None)
     assert {(r["op"], r["M"]) for r in sweep["rows"]} == {(op, m) for op in ("weight_only", "int8", "w4a4") for m in (3, 40)}
     for r in sweep["rows"]:
         assert r["candidates"][0]["name"] == "heuristic" and len(r["candidates"]) >= 4
