@@ -81,7 +81,8 @@ run_step() {
 
 QDLM=("$PY" -c "import sys; from qdlm_export.cli.app import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
 KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_grouped_experts.py
-              tests/kernels/test_kernels_cpu_packed.py tests/kernels/test_kernels_cuda_tinygemm.py)
+              tests/kernels/test_kernels_cpu_packed.py tests/kernels/test_kernels_cuda_tinygemm.py
+              tests/kernels/test_group_major_qparams.py tests/kernels/test_tuned_table.py)
 TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
            "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
 # kernel compilation is most of the tests' time: spread it over processes where pytest-xdist is installed

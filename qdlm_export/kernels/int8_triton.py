@@ -26,7 +26,8 @@ from ._triton import cdiv, next_power_of_2
 from .int8 import qmax_for, triton_packed_unsupported_reason
 from .tuned import tile_config
 from .weight_only import group_major_qparams, triton_block_k
-from .weight_only_triton import tile_offsets, unpack_code_rows
+from .unpack_triton import unpack_code_rows
+from .weight_only_triton import tile_offsets
 
 
 @triton.jit

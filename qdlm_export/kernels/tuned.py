@@ -17,7 +17,9 @@ For a call: the entries of the same op at the measured shape nearest to the call
 scale: the sweep measures a few dLLM shapes), and among those the one at the smallest measured ``M``
 at or above the call's (else the largest). Read by the Triton launchers (the entry's tile
 configuration replaces the heuristic's) and by ``auto`` (``registry.register_preference``: the
-backend that won, when it can run the layer). No table for the device, or no CUDA: the heuristics.
+backend that won, when it can run the layer; never torch's tinygemm, which holds a second copy of the
+weight). The weight-only entries apply to grouped 4-bit codes with 16-bit activations, what the sweep
+measures. No table for the device, or no CUDA: the heuristics.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .registry import forget_selections
+
 TABLE_DIR = Path(__file__).with_name("tuned")
 OPS = ("weight_only", "int8", "w4a4")
 BACKENDS = ("triton", "triton_dequant", "cuda_tinygemm")
@@ -41,10 +45,21 @@ def table_name(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") + ".json"
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")  # every tile configuration has these
+OPTIONAL_KEYS = {"GROUP_M": int, "SPLIT_K": int, "SWAP_AB": bool, "OFFSET_CODES": bool}
+
+
+def _valid_config(config: object) -> bool:
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), int) and config[k] > 0 for k in TILE_KEYS):
+        return False
+    extra = set(config) - set(TILE_KEYS)
+    return all(k in OPTIONAL_KEYS and isinstance(config[k], OPTIONAL_KEYS[k]) for k in extra)
+
+
 def _valid(entry: object) -> bool:
     return (isinstance(entry, dict) and entry.get("op") in OPS and entry.get("backend") in BACKENDS
             and all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("K", "N", "M"))
-            and (entry.get("config") is None or isinstance(entry["config"], dict)))
+            and (_valid_config(entry.get("config")) if entry.get("backend") == "triton" else entry.get("config") is None))
 
 
 @functools.cache
@@ -57,7 +72,7 @@ def load_table(device_name: str) -> tuple[dict, ...]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
         if not isinstance(entries, list) or not all(_valid(e) for e in entries):
-            raise ValueError("an entry lacks op/backend/K/N/M or has unknown values")
+            raise ValueError("an entry lacks op/backend/K/N/M, or has unknown values or tile keys")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"ignoring the tuned kernel table {path}: {exc}", stacklevel=2)
         return ()
@@ -96,13 +111,15 @@ def tile_config(op: str, M: int, N: int, K: int, device: torch.device) -> dict |
     """The measured tile configuration for a Triton GEMM launch, when the entry that stands for it is
     one (a copy: callers adapt it)."""
     found = entry(op, M, N, K, device)
-    if found is None or found["backend"] != "triton" or not found.get("config"):
+    if found is None or found["backend"] != "triton":
         return None
-    return dict(found["config"])
+    return {"GROUP_M": 8, **found["config"]}  # the sweep's candidates all group 8 row tiles
 
 
 def forget() -> None:
-    """Read the tables again at the next lookup (after one was written, or in tests)."""
+    """Read the tables again at the next lookup (after one was written, or in tests), and have ``auto``
+    choose again."""
     load_table.cache_clear()
     _entry.cache_clear()
     _device_name.cache_clear()
+    forget_selections()

@@ -83,7 +83,10 @@ class _GroupMajor:
 
 
 def _versions(*tensors: torch.Tensor | None) -> tuple:
-    return tuple(None if t is None else 0 if t.is_inference() else t._version for t in tensors)
+    """Data pointer and version counter of each tensor (as ``tensors_key``, without the shapes): a
+    ``.data`` swap changes the first, an in-place edit the second. Inference tensors count no versions
+    (0): edited in place inside ``inference_mode``, they keep their key."""
+    return tuple(None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
 
 _GROUP_MAJOR = LayoutCache()
@@ -102,20 +105,27 @@ def group_major_qparams(
     bytes a thread or more: the load stayed in the loop, an L2 round trip before each MMA, and held
     90-150 registers a thread more on sm_90 (``benchmarks/triton_compile_check.py``, its "loads in loop").
     Group-major float32 rows are copied ahead with the weight words. The cost: 4 bytes a group per
-    output row beside the checkpoint's 2 (``nbytes``; 3 % of the bf16 weight's bytes at g128)."""
+    output row beside the checkpoint's 2, 8 with zero points (``nbytes``; at 4 bits g128, 1.6 % or
+    3.1 % of the bf16 weight's bytes, 6 % or 12 % of the 4-bit checkpoint's).
+
+    The copy follows the checkpoint tensors by identity, data pointer and version counter (checked
+    per call, about 2 us; not the contents): an edit that bypasses the version counter
+    (``scale.data.mul_()``, or an inference tensor changed inside ``inference_mode``) is not seen. A
+    first call inside CUDA-graph capture makes a copy the graph owns and holds none (a held copy made
+    there would only be written on replay)."""
     if weight_scale.shape[-1] == 1:  # one group: read once per tile, outside the K loop
         return weight_scale, weight_zero_point
     hit = _GROUP_MAJOR.get(weight_packed)
-    # checked per call: by identity and version counter (tensors_key's data pointers and shapes cost
-    # twice as much, and this runs before every launch)
     if (hit is None or hit.sources[0] is not weight_scale or hit.sources[1] is not weight_zero_point
             or hit.key != _versions(weight_scale, weight_zero_point)):
         def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             return t.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
 
         zero = None if weight_zero_point is None else group_major(weight_zero_point, torch.int32)
-        sources = (weight_scale, weight_zero_point)
-        hit = _GROUP_MAJOR.put(weight_packed, _GroupMajor(group_major(weight_scale, torch.float32), zero, sources))
+        made = _GroupMajor(group_major(weight_scale, torch.float32), zero, (weight_scale, weight_zero_point))
+        if weight_scale.is_cuda and torch.cuda.is_current_stream_capturing():
+            return made.scale, made.zero
+        hit = _GROUP_MAJOR.put(weight_packed, made)
     return hit.scale, hit.zero
 
 
@@ -360,12 +370,15 @@ register_backend(
     summary="one-pass Triton dequantization to the activation dtype, then the dense GEMM (many tokens)",
 )
 def _measured_backend(p: Problem) -> str | None:
-    """The weight-only backend measured fastest for this layer's shape on this GPU (``kernels/tuned.py``):
-    for 4-bit codes and 16-bit activations, the scheme the tile sweep times."""
-    if not on_cuda(p) or p.M is None or p.bits != 4 or p.dtype not in (torch.bfloat16, torch.float16):
+    """The weight-only backend measured fastest for this layer's shape on this GPU (``kernels/tuned.py``),
+    for grouped 4-bit codes with 16-bit activations (what the tile sweep times: symmetric g128). Not
+    torch's tinygemm, even where it won: it holds a second, repacked copy of the weight (0.25x the
+    bf16 bytes more), which a user quantizing to save memory did not ask for; it stays by name."""
+    if (not on_cuda(p) or p.M is None or p.bits != 4 or p.group_size in (None, -1)
+            or p.dtype not in (torch.bfloat16, torch.float16)):
         return None
     found = measured_entry("weight_only", p.M, p.N, p.K, p.device)
-    return None if found is None else found["backend"]
+    return None if found is None or found["backend"] == "cuda_tinygemm" else found["backend"]
 
 
 register_preference("weight_only_linear", _measured_backend)

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ._triton import cdiv
 from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
-from .weight_only_triton import unit_stride_rows, unpack_code_rows
+from .unpack_triton import unpack_code_rows
+from .weight_only_triton import unit_stride_rows
 
 
 @triton.jit

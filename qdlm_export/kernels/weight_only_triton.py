@@ -27,7 +27,7 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   pipeliner copies them ahead of the K loop with the codes and activations.
 * Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
   ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word, and a tile is read as whole
-  words along each row, then split in the thread that holds the word (``split_words``). For 3 bits, 32 codes fill 3 words, read as word triples; codes
+  words along each row, then split in the thread that holds the word (``unpack_triton.py``). For 3 bits, 32 codes fill 3 words, read as word triples; codes
   at shifts 30 and 31 continue at bit 0 of the next word, ORed in shifted up by ``32 - shift``.
   Words are read as uint32 so that ``>>`` is a logical shift.
 * ``OFFSET_CODES`` (bf16/fp16 activations, up to 4 bits) skips the per-weight dequantization: the
@@ -57,104 +57,8 @@ import triton.language as tl
 
 from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
 from .tuned import tile_config
+from .unpack_triton import unpack_code_rows
 from .weight_only import group_major_qparams, scale_groups, triton_block_k, triton_unsupported_reason
-
-
-@triton.jit
-def _code(words, i: tl.constexpr, BITS: tl.constexpr):
-    return (words >> i * BITS) & ((1 << BITS) - 1)
-
-
-# Codes FIRST, FIRST + STRIDE, ... of every word, joined on new trailing dims of size 2: tl.join keeps a
-# new dim inside the thread that holds the word, so splitting a word costs its shifts and masks once,
-# in one thread, and flattening the joined dims back into K moves no data. The innermost join picks
-# between codes STRIDE apart, each outer one between halves: element [..., a, b] of _codes4 is code
-# 2a + b, so flattening gives the codes in order.
-@triton.jit
-def _codes2(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_code(words, FIRST, BITS), _code(words, FIRST + STRIDE, BITS))
-
-
-@triton.jit
-def _codes4(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_codes2(words, FIRST, 2 * STRIDE, BITS), _codes2(words, FIRST + STRIDE, 2 * STRIDE, BITS))
-
-
-@triton.jit
-def _codes8(words, FIRST: tl.constexpr, STRIDE: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_codes4(words, FIRST, 2 * STRIDE, BITS), _codes4(words, FIRST + STRIDE, 2 * STRIDE, BITS))
-
-
-@triton.jit
-def _codes16(words, BITS: tl.constexpr):
-    return tl.join(_codes8(words, 0, 2, BITS), _codes8(words, 1, 2, BITS))
-
-
-@triton.jit
-def split_words(words, BITS: tl.constexpr):
-    """``[R, W]`` uint32 words -> ``[R, W * 32 // BITS]`` codes in stream order (2, 4 or 8 bits)."""
-    if BITS == 8:
-        q = _codes4(words, 0, 1, BITS)
-    elif BITS == 4:
-        q = _codes8(words, 0, 1, BITS)
-    else:
-        q = _codes16(words, BITS)
-    return tl.reshape(q, (words.shape[0], words.shape[1] * (32 // BITS)))
-
-
-@triton.jit
-def unpack_code_rows(wp_ptr, stride_wn, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Codes ``q[n, k0 + j]`` (int32, ``[BLOCK_N, BLOCK_K]``) of the packed rows ``offs_n``; 0 outside.
-
-    2/4/8 bits: each thread reads whole words along a row (``BLOCK_K * BITS / 32`` per row, adjacent in
-    memory) and splits every word into its ``32 / BITS`` codes; ``k0`` is a multiple of ``BLOCK_K``,
-    itself a multiple of the codes per word, so the tile starts on a word. Reading code by code
-    instead (one load per code, ``32 / BITS`` of them hitting the same word) made the kernel 10-40x
-    slower than dense on an H200.
-
-    3 bits: 32 codes fill 3 words, read as word triples (codes 10 and 21 straddle into the next word).
-    A ``BLOCK_K`` of 16 keeps a per-code gather of two words a code (336 KiB of shared memory at the
-    64 x 128 tiles that an H100 then could not launch).
-    """
-    if 32 % BITS == 0:
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        widx = k0 // PER_WORD + tl.arange(0, WORDS)
-        ok = (offs_n[:, None] < N) & (widx[None, :] < tl.cdiv(K, PER_WORD))
-        words = tl.load(wp_ptr + offs_n[:, None] * stride_wn + widx[None, :], mask=ok, other=0)
-        return split_words(words.to(tl.uint32, bitcast=True), BITS).to(tl.int32)
-    elif BLOCK_K % 32 == 0:
-        TRIPLES: tl.constexpr = BLOCK_K // 32
-        first = (k0 // 32) * 3 + tl.arange(0, TRIPLES) * 3  # word 0 of each triple; k0 % 32 == 0
-        row_words = tl.cdiv(K * BITS, 32)
-        n_ok = offs_n[:, None] < N
-        ptrs = wp_ptr + offs_n[:, None] * stride_wn + first[None, :]
-        w0 = tl.load(ptrs, mask=n_ok & (first[None, :] < row_words), other=0).to(tl.uint32, bitcast=True)
-        w1 = tl.load(ptrs + 1, mask=n_ok & (first[None, :] + 1 < row_words), other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(ptrs + 2, mask=n_ok & (first[None, :] + 2 < row_words), other=0).to(tl.uint32, bitcast=True)
-        bit = tl.arange(0, 32) * BITS  # code c of a triple starts at bit 3c of it
-        word = (bit // 32)[None, None, :]
-        shift = (bit % 32).to(tl.uint32)[None, None, :]
-        w0, w1, w2 = w0[:, :, None], w1[:, :, None], w2[:, :, None]
-        q = tl.where(word == 0, w0, tl.where(word == 1, w1, w2)) >> shift
-        # codes 10 and 21 straddle: their high bits are the low bits of the next word of the triple
-        nxt = tl.where(word == 0, w1, w2) << ((32 - shift) % 32)
-        q = q | tl.where(shift + BITS > 32, nxt, 0)
-        return tl.reshape(q & ((1 << BITS) - 1), (offs_n.shape[0], BLOCK_K)).to(tl.int32)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        bit = offs_k * BITS  # stream position of code k inside its row
-        word = bit // 32
-        shift = (bit % 32).to(tl.uint32)
-        inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        ptrs = wp_ptr + offs_n[:, None] * stride_wn + word[None, :]
-        q = tl.load(ptrs, mask=inside, other=0).to(tl.uint32, bitcast=True) >> shift[None, :]
-        # A code at shift 30 or 31 straddles: its high bits are the low bits of the next word.
-        straddles = (shift + BITS) > 32
-        nxt = tl.load(ptrs + 1, mask=inside & straddles[None, :], other=0).to(tl.uint32, bitcast=True)
-        # (32 - shift) % 32 keeps the shift amount legal; nxt is 0 wherever the code does not straddle.
-        q = q | (nxt << ((32 - shift) % 32)[None, :])
-        return (q & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -404,10 +308,10 @@ def pick_config(M: int, N: int, group_size: int, in_features: int, device: torch
 
 def launch_config(M: int, N: int, group_size: int, in_features: int, bits: int, x: torch.Tensor) -> dict:
     """A call's tile configuration: the one measured fastest for its shape on this GPU model
-    (``tuned.py``; the sweep times 4-bit codes with 16-bit activations, so only those use it), with its
-    K step fitted to the group size; else :func:`pick_config`'s."""
+    (``tuned.py``; the sweep times grouped 4-bit codes with 16-bit activations, so only those use it),
+    with its K step fitted to the group size; else :func:`pick_config`'s."""
     cfg = tile_config("weight_only", M, N, in_features, x.device) if (
-        bits == 4 and x.dtype in OFFSET_CODE_FLOATS) else None
+        bits == 4 and group_size != -1 and x.dtype in OFFSET_CODE_FLOATS) else None
     if cfg is None:
         return pick_config(M, N, group_size, in_features, x.device)
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16

@@ -38,6 +38,8 @@ def test_made_once_and_made_again_when_an_input_changes(gen):
     assert s3 is not s1 and torch.equal(s3.double(), scale.double())
     other = scale.clone().add_(1)
     assert torch.equal(group_major_qparams(packed, other, None)[0].double(), other.double())
+    other.data = other.data * 4  # a .data swap keeps the tensor and its version: its storage is new
+    assert torch.equal(group_major_qparams(packed, other, None)[0].double(), other.double())
 
 
 def test_per_channel_comes_back_as_given(gen):

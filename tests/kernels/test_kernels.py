@@ -279,19 +279,22 @@ def test_weight_only_triton_offset_codes(gen, bits, group, symmetric, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (4, 64, True), (2, -1, False), (3, 32, True)])
-def test_weight_only_triton_dequantizes_in_fp16_exactly(gen, bits, group, symmetric):
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, False), (4, 64, True), (2, 32, False), (3, 32, True)])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_weight_only_triton_dequantizes_in_16_bits_exactly(gen, bits, group, symmetric, dtype):
     """Codes of up to 4 bits with a scale of the activations' own dtype are dequantized in that dtype,
     (base + q) - (base + z) times the scale: a small exact integer and one rounding, the float32
     path's. So the output equals, bit for bit, the same weight with its scales held in float32 (which
-    takes the float32 path), in both orientations; and the float64 product within fp16's tolerance.
-    (fp16: the interpreter computes it natively; its bf16 is raw bits, so bf16 runs upcast there.)"""
-    from qdlm_export.kernels.weight_only_triton import pick_config, weight_only_linear_triton
+    takes the float32 path), in both orientations; and the float64 product within tolerance. (fp16:
+    the interpreter computes it natively; its bf16 is raw bits, so bf16 runs upcast there, and the
+    bf16 case is the GPU run's.)"""
+    from qdlm_export.kernels.weight_only_triton import dequantizes_in_x, pick_config, weight_only_linear_triton
 
-    k = 100 if group == -1 else 3 * group
+    k = 3 * group
     n_out, m = 40, 19
-    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, torch.float16)
-    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, group, symmetric, dtype)
+    assert dequantizes_in_x(dtype, bits, scale.dtype, k // group) and not dequantizes_in_x(dtype, bits, torch.float32, k // group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
     for swap in (False, True):
         cfg = {**pick_config(m, n_out, group, k), "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16 if group == -1 else 32,
                "SWAP_AB": swap}
@@ -299,7 +302,7 @@ def test_weight_only_triton_dequantizes_in_fp16_exactly(gen, bits, group, symmet
         y32 = weight_only_linear_triton(*on_dev(x, packed, scale.float(), zero), bits, group, k, config=cfg)
         assert torch.equal(y16, y32), f"swap {swap}"
         assert_close(y16.cpu(), *ref_linear(x, ref_weight(codes, scale, zero, bits, group), None),
-                     RTOL[torch.float16], f"swap {swap}")
+                     RTOL[dtype], f"swap {swap}")
 
 
 @needs_triton
