@@ -165,6 +165,7 @@ def grouped_expert_gemm_triton(
     (wp,) = unit_stride_rows(weight_packed)
     scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
     cfg = pick_config(rows, experts, n_out, group_size)
+    code_base, code_bits = OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))
     tile_expert, tile_row, tile_end = tile_map(offsets.to(x.device), rows, cfg["BLOCK_M"])
     grid = (tile_expert.shape[0], cdiv(n_out, cfg["BLOCK_N"]))
     _grouped_gemm_kernel[grid](
@@ -197,8 +198,8 @@ def grouped_expert_gemm_triton(
         UPCAST=dot_upcast(x.dtype),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DEQUANT_IN_X=dequantizes_in_x(x.dtype, bits, weight_scale.dtype, groups),
-        CODE_BASE=OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))[0],
-        CODE_BITS=OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))[1],
+        CODE_BASE=code_base,
+        CODE_BITS=code_bits,
         **cfg,
     )
     return y

@@ -74,19 +74,12 @@ class LayoutCache:
 
 
 class _GroupMajor:
-    def __init__(self, scale: torch.Tensor, zero: torch.Tensor | None, sources: tuple):
-        self.scale, self.zero, self.sources, self.key = scale, zero, sources, _versions(*sources)
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor | None, key: tuple):
+        self.scale, self.zero, self.key = scale, zero, key
 
     @property
     def nbytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in (self.scale, self.zero) if t is not None)
-
-
-def _versions(*tensors: torch.Tensor | None) -> tuple:
-    """Data pointer and version counter of each tensor (as ``tensors_key``, without the shapes): a
-    ``.data`` swap changes the first, an in-place edit the second. Inference tensors count no versions
-    (0): edited in place inside ``inference_mode``, they keep their key."""
-    return tuple(None if t is None else (t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
 
 
 _GROUP_MAJOR = LayoutCache()
@@ -108,21 +101,21 @@ def group_major_qparams(
     output row beside the checkpoint's 2, 8 with zero points (``nbytes``; at 4 bits g128, 1.6 % or
     3.1 % of the bf16 weight's bytes, 6 % or 12 % of the 4-bit checkpoint's).
 
-    The copy follows the checkpoint tensors by identity, data pointer and version counter (checked
-    per call, about 2 us; not the contents): an edit that bypasses the version counter
+    The copy follows the checkpoint tensors by :func:`tensors_key` (data pointer, version counter and
+    shape, checked per call; not the contents): an edit that bypasses the version counter
     (``scale.data.mul_()``, or an inference tensor changed inside ``inference_mode``) is not seen. A
     first call inside CUDA-graph capture makes a copy the graph owns and holds none (a held copy made
     there would only be written on replay)."""
     if weight_scale.shape[-1] == 1:  # one group: read once per tile, outside the K loop
         return weight_scale, weight_zero_point
-    hit = _GROUP_MAJOR.get(weight_packed)
-    if (hit is None or hit.sources[0] is not weight_scale or hit.sources[1] is not weight_zero_point
-            or hit.key != _versions(weight_scale, weight_zero_point)):
+    key = tensors_key(weight_scale, weight_zero_point)
+    hit = _GROUP_MAJOR.current(weight_packed, key)
+    if hit is None:
         def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             return t.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
 
         zero = None if weight_zero_point is None else group_major(weight_zero_point, torch.int32)
-        made = _GroupMajor(group_major(weight_scale, torch.float32), zero, (weight_scale, weight_zero_point))
+        made = _GroupMajor(group_major(weight_scale, torch.float32), zero, key)
         if weight_scale.is_cuda and torch.cuda.is_current_stream_capturing():
             return made.scale, made.zero
         hit = _GROUP_MAJOR.put(weight_packed, made)
@@ -369,6 +362,8 @@ register_backend(
     unsupported=triton_problem_unsupported, auto=_dequant_auto,
     summary="one-pass Triton dequantization to the activation dtype, then the dense GEMM (many tokens)",
 )
+
+
 def _measured_backend(p: Problem) -> str | None:
     """The weight-only backend measured fastest for this layer's shape on this GPU (``kernels/tuned.py``),
     for grouped 4-bit codes with 16-bit activations (what the tile sweep times: symmetric g128). Not

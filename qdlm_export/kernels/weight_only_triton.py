@@ -315,7 +315,6 @@ def launch_config(M: int, N: int, group_size: int, in_features: int, bits: int, 
     if cfg is None:
         return pick_config(M, N, group_size, in_features, x.device)
     cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"]) or 16
-    cfg.setdefault("GROUP_M", 8)
     return cfg
 
 
