@@ -3,6 +3,7 @@
 #
 #   1. install   none when the machine's packages import (this tree in place); else pip install -e ".[dev]"
 #   2. tests     the kernel tests, compiled natively on the GPU (TRITON_INTERPRET=0)
+#      overhead  host time per call of each op at a tiny shape, beside F.linear  benchmarks/launch_overhead.py
 #   3. sweep     tile configurations of the Triton GEMMs against dense  benchmarks/triton_sweep.py
 #                (weight-only and int8, the targets' token counts first, within its own time limit); the
 #                fastest right choices become this GPU model's tuned table, qdlm_export/kernels/tuned/
@@ -82,7 +83,8 @@ run_step() {
 QDLM=("$PY" -c "import sys; from qdlm_export.cli.app import main; sys.argv[0] = 'qdlm-export'; sys.exit(main())")
 KERNEL_TESTS=(tests/kernels/test_kernels.py tests/kernels/test_kernels_hadamard.py tests/kernels/test_grouped_experts.py
               tests/kernels/test_kernels_cpu_packed.py tests/kernels/test_kernels_cuda_tinygemm.py
-              tests/kernels/test_group_major_qparams.py tests/kernels/test_tuned_table.py)
+              tests/kernels/test_group_major_qparams.py tests/kernels/test_tuned_table.py
+              tests/kernels/test_launch_plans.py)
 TESTS_CMD=(env TRITON_INTERPRET=0 QDLM_KERNEL_BACKEND=auto "$PY" -m pytest -q -p no:cacheprovider -m "not slow"
            "${KERNEL_TESTS[@]}" --junitxml="$R/kernel_tests.xml")
 # kernel compilation is most of the tests' time: spread it over processes where pytest-xdist is installed
@@ -96,6 +98,7 @@ SWEEP_CMD=("$PY" benchmarks/triton_sweep.py --ops weight_only int8 --shapes 4096
            --rep 20 --json --table)
 SWEEP_LIMIT_S=150
 AFTER_SWEEP_S=170  # left after the sweep: bench (run 2: 118 s at 5 repetitions; 3 now), steps (44 s), GPTQ (13-27 s)
+OVERHEAD_CMD=("$PY" benchmarks/launch_overhead.py --json)
 GPTQ_CMD=("$PY" benchmarks/bench_pipeline.py --method gptq --blocks 4 --nsamples 16 --seqlen 512 --device cuda --json)
 
 write_meta() {  # write_meta DRY(0/1) GPU_NAME
@@ -130,7 +133,7 @@ EOF
 
 report() {  # report DOC
   "$PY" benchmarks/gpu_report.py --bench "$R/bench.json" --pipeline "$R/pipeline.json" --steps "$R/steps.json" \
-    --sweep "$R/sweep.json" --tests "$R/kernel_tests.xml" --meta "$R/meta.json" --doc "$1" --section-out "$R/gpu_section.md" \
+    --sweep "$R/sweep.json" --overhead "$R/overhead.json" --tests "$R/kernel_tests.xml" --meta "$R/meta.json" --doc "$1" --section-out "$R/gpu_section.md" \
     --targets-out "$R/targets.json"
 }
 
@@ -140,6 +143,7 @@ if (( DRY_RUN )); then
   echo "  1. install  none when this machine's packages import (qdlm_export in place, PYTHONPATH=$ROOT); else"
   echo "              $PY -m pip install -e \".[dev]\" (from .whl/ when present; torch first only if 'import torch' fails)"
   echo "  2. tests    ${TESTS_CMD[*]}"
+  echo "     overhead ${OVERHEAD_CMD[*]} > $R/overhead.json"
   echo "  3. sweep    ${SWEEP_CMD[*]} > $R/sweep.json (writes qdlm_export/kernels/tuned/<gpu>.json)"
   echo "  4. bench    qdlm-export bench --full --json > $R/bench.json"
   echo "  5. steps    ${STEPS_CMD[*]} > $R/steps.json"
@@ -147,7 +151,7 @@ if (( DRY_RUN )); then
   echo "  7. report   $PY benchmarks/gpu_report.py ... --doc docs/benchmarks.md"
   missing=0
   for f in "${KERNEL_TESTS[@]}" benchmarks/bench_block_step.py benchmarks/bench_pipeline.py benchmarks/gpu_report.py \
-           benchmarks/triton_sweep.py \
+           benchmarks/triton_sweep.py benchmarks/launch_overhead.py \
            docs/benchmarks.md pyproject.toml; do
     [ -f "$f" ] || { echo "missing: $f" >&2; missing=1; }
   done
@@ -158,6 +162,8 @@ import json
 from qdlm_export.bench.kernels import run_kernel_benchmarks
 print(json.dumps({'kernels': run_kernel_benchmarks(quick=True, device='cpu', m_values=[4], shapes=[(256, 128)],
                                                    repeat=1, warmup=0)}))"
+  # the overhead script stubbed (no GPU: nothing launches), a few calls: its JSON through the report
+  run_step overhead 60 "$R/overhead.json" "$PY" benchmarks/launch_overhead.py --stubbed --calls 50 --blocks 2 --json
   write_meta 1 "dry run (CPU)"
   cp docs/benchmarks.md "$R/benchmarks.md"
   report "$R/benchmarks.md" || { echo "the report writer failed" >&2; exit 1; }
@@ -212,6 +218,9 @@ unset TRITON_INTERPRET QDLM_KERNEL_BACKEND
 
 # run 2: 127 s for 419 tests; this tree adds about 40 kernel compilations
 run_step tests 180 - "${TESTS_CMD[@]}"
+# before the sweep, whose limit is cut to what the steps after it leave (4 ops x 11 000 calls of
+# microseconds each, plus the compiles of their tiny-shape kernels: seconds)
+run_step overhead 40 "$R/overhead.json" "${OVERHEAD_CMD[@]}"
 # the sweep stops starting shapes in time to print what it measured, and to leave the steps after it their
 # time (10 s of margin: killed by its limit, it still prints what it measured and writes the table)
 sweep_s=$(( BUDGET_S - SECONDS - REPORT_RESERVE_S - AFTER_SWEEP_S ))

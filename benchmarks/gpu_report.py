@@ -198,6 +198,8 @@ def render_section(
     meta: dict[str, Any],
     sweep: Any = None,
     sweep_err: str | None = None,
+    overhead: Any = None,
+    overhead_err: str | None = None,
 ) -> tuple[str, str]:
     """(device name, markdown section)."""
     kernels = (bench.get("kernels", bench) if isinstance(bench, dict) else None) or None
@@ -305,6 +307,7 @@ def render_section(
             )
         lines.append("")
 
+    lines += overhead_lines(overhead, overhead_err)
     lines += sweep_lines(sweep, sweep_err)
     lines += ["### GPTQ on a 4-block LLaDA-8B-shaped model (`benchmarks/bench_pipeline.py`)", ""]
     if not pipeline:
@@ -324,6 +327,27 @@ def render_section(
             )
         lines.append("")
     return device, "\n".join(lines).rstrip() + "\n"
+
+
+def overhead_lines(overhead: Any, overhead_err: str | None) -> list[str]:
+    """Host time per call of each op (``benchmarks/launch_overhead.py``): what an eager layer costs
+    when its GPU work is only microseconds."""
+    lines = ["### Host time per call (`benchmarks/launch_overhead.py`)", ""]
+    if not isinstance(overhead, dict) or not overhead.get("ops"):
+        return lines + [f"Not measured: {overhead_err or 'no rows'}.", ""]
+    shape = overhead.get("shape", {})
+    native = overhead.get("mode") == "native"
+    lines += [
+        (f"Each op run back to back at {shape.get('M')} × {shape.get('K')} → {shape.get('N')} (microseconds of GPU "
+         "work, so the time is host time: our Python, Triton's launch, torch's allocation), beside `F.linear` in bf16."
+         if native else
+         f"Stubbed (Triton's launches replaced by a counter: our Python alone), {shape.get('M')} × {shape.get('K')} "
+         f"→ {shape.get('N')}."),
+        "", "| op | µs per call, median | min | dense / ours |", "|---|---:|---:|---:|"]
+    for name, row in overhead["ops"].items():
+        ratio = row.get("dense_over_ours")
+        lines.append(f"| {name} | {row.get('median_us')} | {row.get('min_us')} | {'—' if ratio is None else f'{ratio:.2f}×'} |")
+    return lines + [""]
 
 
 def sweep_lines(sweep: Any, sweep_err: str | None) -> list[str]:
@@ -377,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline")
     parser.add_argument("--steps")
     parser.add_argument("--sweep")
+    parser.add_argument("--overhead")
     parser.add_argument("--tests")
     parser.add_argument("--meta")
     parser.add_argument("--doc", help="markdown file to update in place (its section for this device)")
@@ -389,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     steps, steps_err = _load_json(args.steps)
     meta, _ = _load_json(args.meta)
     sweep, sweep_err = _load_json(args.sweep)
+    overhead, overhead_err = _load_json(args.overhead)
     device, section = render_section(
         bench=bench,
         bench_err=bench_err,
@@ -400,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         meta=meta or {},
         sweep=sweep,
         sweep_err=sweep_err,
+        overhead=overhead,
+        overhead_err=overhead_err,
     )
     if args.section_out:
         Path(args.section_out).write_text(section)

@@ -41,7 +41,7 @@ import torch
 from ..core.packing import pack_rows
 from ..core.schemes import WeightScheme, quantize_rtn
 from .. import kernels as D
-from ..kernels import cpu_native, cpu_packed, cuda_tinygemm, weight_only
+from ..kernels import cpu_native, cpu_packed, cuda_tinygemm, layouts
 from ..kernels._triton import fast_hadamard_transform_available, triton_version
 from .timing import (
     DEFAULT_MIN_RUN_TIME,
@@ -390,7 +390,7 @@ def _cached_nbytes(backend: str, packed: torch.Tensor | None) -> int:
     if packed is None:
         return 0
     cached = {"cpu_packed": cpu_packed.cached_nbytes, "cpu_native": cpu_native.cached_nbytes,
-              "cuda_tinygemm": cuda_tinygemm.cached_nbytes, "triton": weight_only.group_major_nbytes}.get(backend)
+              "cuda_tinygemm": cuda_tinygemm.cached_nbytes, "triton": layouts.group_major_nbytes}.get(backend)
     return 0 if cached is None else cached(packed)
 
 

@@ -45,7 +45,7 @@ import torch
 from .native_build import CACHE_ENV, SWITCH  # noqa: F401 (the switches users set, named here too)
 from .native_build import build as build_library
 from .registry import forget_selections
-from .weight_only import LayoutCache, tensors_key
+from .layouts import LayoutCache, tensors_key
 
 AMX_SWITCH = "QDLM_EXPORT_AMX"  # "0" keeps the AVX-512 kernels where AMX exists
 TILE_N = 16  # outputs per tile (one AVX-512 register of float32)

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .weight_only import LayoutCache, tensors_key, unpack_codes
+from .layouts import LayoutCache, tensors_key
+
+from .weight_only import unpack_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes, largest first
 INNER_K_TILES = 2  # accepted by the CPU converter (2, 4, 8 give the same CPU layout)

@@ -28,7 +28,8 @@ import torch
 
 from ._triton import cuda_capability
 from .cpu_packed import int4_kernel_group, int4_scale_and_zero
-from .weight_only import LayoutCache, scale_groups, tensors_key
+from .layouts import LayoutCache, tensors_key
+from .weight_only import scale_groups
 
 MIN_CAPABILITY = (8, 0)
 

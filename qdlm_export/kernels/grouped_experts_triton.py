@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ._triton import cdiv, dot_upcast
 from .grouped_experts import check_grouped_arguments
-from .weight_only import group_major_qparams, triton_block_k, triton_unsupported_reason
+from .layouts import group_major_qparams
+from .weight_only import triton_block_k, triton_unsupported_reason
 from .unpack_triton import unpack_code_rows
 from .weight_only_triton import (OFFSET_CODE_FLOATS, dequantize_tile, dequantizes_in_x, unit_stride_rows,
                                  zero_points)

@@ -38,6 +38,8 @@ Integer activations times *packed* weights (the W4A4 path; also W8A8 on 8-bit sy
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -233,15 +235,23 @@ def triton_packed_unsupported_reason(
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _triton_ops() -> dict:
+    """The Triton launchers, imported on first use (``_triton.py``), then held: an import statement per
+    call costs about a microsecond, which a small GEMM on a GPU does not have to spare."""
+    from .int8_triton import int8_gemm_triton, packed_int_linear_triton, quantize_per_token_triton
+
+    return {"quantize_per_token_triton": quantize_per_token_triton, "int8_gemm_triton": int8_gemm_triton,
+            "packed_int_linear_triton": packed_int_linear_triton}
+
+
 def _quantize_triton_unsupported(p: Problem) -> str | None:
     bits = 8 if p.bits is None else p.bits
     return triton_unavailable_reason(p.device) or (None if bits in INT_ACT_BITS else f"{bits}-bit activations")
 
 
 def _quantize_per_token_triton(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-    from .int8_triton import quantize_per_token_triton
-
-    return quantize_per_token_triton(*args, **kwargs)
+    return _triton_ops()["quantize_per_token_triton"](*args, **kwargs)
 
 
 def _int_mm_native_unsupported(p: Problem) -> str | None:
@@ -264,9 +274,7 @@ def _int_mm_auto(p: Problem) -> bool:
 
 
 def _int8_gemm_triton(*args: object, **kwargs: object) -> torch.Tensor:
-    from .int8_triton import int8_gemm_triton
-
-    return int8_gemm_triton(*args, **kwargs)
+    return _triton_ops()["int8_gemm_triton"](*args, **kwargs)
 
 
 def _packed_triton_unsupported(p: Problem) -> str | None:
@@ -276,9 +284,7 @@ def _packed_triton_unsupported(p: Problem) -> str | None:
 
 
 def _packed_int_linear_triton(*args: object, **kwargs: object) -> torch.Tensor:
-    from .int8_triton import packed_int_linear_triton
-
-    return packed_int_linear_triton(*args, **kwargs)
+    return _triton_ops()["packed_int_linear_triton"](*args, **kwargs)
 
 
 register_backend(

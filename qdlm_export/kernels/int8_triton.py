@@ -24,8 +24,10 @@ import triton.language as tl
 from ._triton import cdiv, next_power_of_2
 
 from .int8 import qmax_for, triton_packed_unsupported_reason
+from .tuned import generation as tuned_generation
 from .tuned import tile_config
-from .weight_only import group_major_qparams, triton_block_k
+from .layouts import LaunchPlans, capturing, group_major_qparams, tensors_key
+from .weight_only import triton_block_k
 from .unpack_triton import unpack_code_rows
 from .weight_only_triton import tile_offsets
 
@@ -329,6 +331,67 @@ def _packed_int_gemm_kernel(
     )
 
 
+_PLANS = LaunchPlans()
+
+
+def _packed_plan(M: int, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                 weight_zero_point: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                 bias: torch.Tensor | None, device: torch.device, config: dict | None):
+    """``launch(x2, xs, y2, weight_packed)`` for ``M`` rows against this weight: the kernel, grid, tiles and
+    the scales' arguments fixed (``layouts.LaunchPlans`` holds it beside the weight; ``config``:
+    tuning only). It holds neither the packed weight nor a view of it, which would keep it alive for good."""
+    reason = triton_packed_unsupported_reason(
+        bits=bits, group_size=group_size, in_features=in_features, symmetric=weight_zero_point is None
+    )
+    if reason:
+        raise ValueError(f"triton packed int GEMM: {reason}")
+    N = weight_packed.shape[0]
+    groups = 1 if group_size == -1 else in_features // group_size
+    if tuple(weight_scale.shape) != (N, groups):
+        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(N, groups)}")
+    if bits == 8 and weight_zero_point is None and groups == 1:
+        # W8A8 as a checkpoint holds it: byte k of a row is code k, so the tuned int8 GEMM reads the
+        # codes themselves (top bit flipped in registers) instead of the unpack-per-tile kernel below
+        b_s = weight_scale.reshape(-1).contiguous()
+        cfg = dict(config) if config else tile_config("int8", M, N, in_features, device) or _gemm_config(M, N)
+        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+        bias_arg = bias if bias is not None else b_s
+
+        def launch_int8(x2: torch.Tensor, xs: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor) -> None:
+            codes = weight.contiguous().view(torch.uint8)
+            _int8_gemm_kernel[grid](x2, codes, xs, b_s, bias_arg, y2, M, N, in_features, x2.stride(0), x2.stride(1),
+                                    codes.stride(0), codes.stride(1), y2.stride(0), y2.stride(1),
+                                    HAS_BIAS=bias is not None, B_CODES=True, **cfg)
+
+        return launch_int8
+    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
+    measured = None if config or groups > 1 or bits != 4 else tile_config("w4a4", M, N, in_features, device)
+    cfg = dict(config) if config else measured or _gemm_config(M, N)
+    if not config and groups > 1:
+        # Grouped weights keep a float32 accumulator beside each step's int32 partial sum: at 256-row
+        # tiles ptxas spills 1.7-2.8 KB a thread on sm_90 (benchmarks/triton_compile_check.py), at
+        # 128 rows none (symmetric) or 0.3 KB (asymmetric, 64-wide K steps). Zero points at 64-row
+        # tiles with 128-wide K steps spill 0.4 KB (sm_90) to 0.9 KB (sm_80), with 64-wide none.
+        if cfg["BLOCK_M"] > 128:
+            cfg.update(BLOCK_M=128, BLOCK_K=128)
+        if weight_zero_point is not None and cfg["BLOCK_M"] >= 64:
+            cfg["BLOCK_K"] = 64
+    cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"])
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    qparams = (scale, zero if zero is not None else scale, bias if bias is not None else scale)
+    fixed = (M, N, in_features, in_features if group_size == -1 else group_size)
+    strides = (scale.stride(0), scale.stride(1),
+               zero.stride(0) if zero is not None else 0, zero.stride(1) if zero is not None else 0)
+    constexprs = dict(BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, PER_CHANNEL=groups == 1, **cfg)
+
+    def launch_packed(x2: torch.Tensor, xs: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor) -> None:
+        wp = weight.contiguous()
+        _packed_int_gemm_kernel[grid](x2, xs, wp, *qparams, y2, *fixed, x2.stride(0), x2.stride(1), wp.stride(0),
+                                      *strides, y2.stride(0), y2.stride(1), **constexprs)
+
+    return launch_packed
+
+
 def packed_int_linear_triton(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -344,71 +407,27 @@ def packed_int_linear_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """int8 activations x packed weight; arguments as in ``int8.packed_int_linear_torch``."""
-    reason = triton_packed_unsupported_reason(
-        bits=bits, group_size=group_size, in_features=in_features, symmetric=weight_zero_point is None
-    )
-    if reason:
-        raise ValueError(f"triton packed int GEMM: {reason}")
     if x_q.dtype != torch.int8:
         raise ValueError(f"x_q must be int8, got {x_q.dtype}")
-    N = weight_packed.shape[0]
-    lead = x_q.shape[:-1]
+    if x_q.shape[-1] != in_features:
+        raise ValueError(f"x_q has {x_q.shape[-1]} features, the weight expects {in_features}")
     x2 = x_q.reshape(-1, in_features)
     M = x2.shape[0]
-    groups = 1 if group_size == -1 else in_features // group_size
-    if tuple(weight_scale.shape) != (N, groups):
-        raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected {(N, groups)}")
-    y = _output(lead, N, out_dtype, x_q.device, out)
-    y2 = y.view(-1, N)
+    if config:
+        launch = _packed_plan(M, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features,
+                              bias, x_q.device, config)
+    else:
+        key = (tensors_key(weight_packed, weight_scale, weight_zero_point, bias), bits, group_size, in_features,
+               tuned_generation())
+        launch = _PLANS.find(weight_packed, key, (M,))
+        if launch is None:
+            launch = _packed_plan(M, weight_packed, weight_scale, weight_zero_point, bits, group_size,
+                                  in_features, bias, x_q.device, None)
+            if not capturing(x2):
+                _PLANS.hold(weight_packed, key, (M,), launch)
+    N = weight_packed.shape[0]
+    y = _output(x_q.shape[:-1], N, out_dtype, x_q.device, out)
     if M == 0 or N == 0:
         return y
-    if bits == 8 and weight_zero_point is None and groups == 1:
-        # W8A8 as a checkpoint holds it: byte k of a row is code k, so the tuned int8 GEMM reads the
-        # codes themselves (top bit flipped in registers) instead of the unpack-per-tile kernel below
-        codes = weight_packed.contiguous().view(torch.uint8)
-        _launch_int8_gemm(x2, x_scale, codes, weight_scale, bias, y2, in_features, True, config)
-        return y
-    xs = x_scale.reshape(-1).contiguous()
-    wp = weight_packed.contiguous()
-    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
-    measured = None if config or groups > 1 or bits != 4 else tile_config("w4a4", M, N, in_features, x_q.device)
-    cfg = dict(config) if config else measured or _gemm_config(M, N)  # config: tuning only
-    if not config and groups > 1:
-        # Grouped weights keep a float32 accumulator beside each step's int32 partial sum: at 256-row
-        # tiles ptxas spills 1.7-2.8 KB a thread on sm_90 (benchmarks/triton_compile_check.py), at
-        # 128 rows none (symmetric) or 0.3 KB (asymmetric, 64-wide K steps). Zero points at 64-row
-        # tiles with 128-wide K steps spill 0.4 KB (sm_90) to 0.9 KB (sm_80), with 64-wide none.
-        if cfg["BLOCK_M"] > 128:
-            cfg.update(BLOCK_M=128, BLOCK_K=128)
-        if weight_zero_point is not None and cfg["BLOCK_M"] >= 64:
-            cfg["BLOCK_K"] = 64
-    cfg["BLOCK_K"] = triton_block_k(group_size, cap=cfg["BLOCK_K"])
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _packed_int_gemm_kernel[grid](
-        x2,
-        xs,
-        wp,
-        scale,
-        zero if zero is not None else scale,
-        bias if bias is not None else scale,
-        y2,
-        M,
-        N,
-        in_features,
-        in_features if group_size == -1 else group_size,
-        x2.stride(0),
-        x2.stride(1),
-        wp.stride(0),
-        scale.stride(0),
-        scale.stride(1),
-        zero.stride(0) if zero is not None else 0,
-        zero.stride(1) if zero is not None else 0,
-        y2.stride(0),
-        y2.stride(1),
-        BITS=bits,
-        HAS_ZERO=zero is not None,
-        HAS_BIAS=bias is not None,
-        PER_CHANNEL=groups == 1,
-        **cfg,
-    )
+    launch(x2, x_scale.reshape(-1).contiguous(), y.view(M, N), weight_packed)
     return y

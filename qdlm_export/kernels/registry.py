@@ -55,6 +55,7 @@ def configured_backend() -> str:
 def refresh_backend_setting() -> None:
     """Read ``QDLM_KERNEL_BACKEND`` again at the next call (for code, mostly tests, that changes it)."""
     configured_backend.cache_clear()
+    forget_selections()
 
 
 def forget_selections() -> None:
@@ -203,15 +204,16 @@ _ALIASES = {"in_features": "K", "out_features": "N", "k": "K", "n_out": "N", "m"
 
 
 def _choose(op: str, device: torch.device | str, backend: str | None, params: dict[str, Any]):
-    request = requested_backend(backend)
-    forced_by = f"{ENV_VAR}={request}" if backend is None else f"backend={request!r}"
-    device = torch.device(device)
-    key = (op, device, request, forced_by, os.environ.get("TRITON_INTERPRET"), *params.items())
+    # Looked up on every forward of every layer: the key is what the caller passed (``backend`` None
+    # stands for the process's setting, which refresh_backend_setting() forgets with the choices).
+    key = (op, device, backend, os.environ.get("TRITON_INTERPRET"), *params.items())
     hit = _SELECTIONS.get(key)
     if hit is None:
+        request = requested_backend(backend)
+        forced_by = f"{ENV_VAR}={request}" if backend is None else f"backend={request!r}"
         if len(_SELECTIONS) >= _CACHE_LIMIT:
             _SELECTIONS.clear()
-        hit = _SELECTIONS[key] = _select(Problem(op, device, dict(params)), request, forced_by)
+        hit = _SELECTIONS[key] = _select(Problem(op, torch.device(device), dict(params)), request, forced_by)
     return hit
 
 

@@ -116,9 +116,19 @@ def tile_config(op: str, M: int, N: int, K: int, device: torch.device) -> dict |
     return {"GROUP_M": 8, **found["config"]}  # the sweep's candidates all group 8 row tiles
 
 
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """Counts :func:`forget` calls: what launchers key their held launch plans by, so that a table read
+    again is what the next launch uses."""
+    return _GENERATION[0]
+
+
 def forget() -> None:
     """Read the tables again at the next lookup (after one was written, or in tests), and have ``auto``
-    choose again."""
+    choose again (launch plans made from the old tables are dropped too: :func:`generation`)."""
+    _GENERATION[0] += 1
     load_table.cache_clear()
     _entry.cache_clear()
     _device_name.cache_clear()

@@ -20,8 +20,8 @@ float32 scratch tensor, and the other temporaries are uint8 (plus one int32 per 
 
 from __future__ import annotations
 
+import functools
 import sys
-import threading
 from typing import Iterator
 
 import torch
@@ -31,98 +31,6 @@ from ..core.packing import SUPPORTED_BITS, packed_words, unpack_rows
 from ._triton import triton_unavailable_reason
 from .registry import Problem, choose, on_cuda, register_backend, register_preference
 from .tuned import entry as measured_entry
-
-
-def tensors_key(*tensors: torch.Tensor | None) -> tuple:
-    """What identifies the current contents of ``tensors`` for a cache of layouts made from them:
-    data pointer, version counter and shape each (inference tensors track no version counter and
-    cannot change in place: 0 stands for them)."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, tuple(t.shape)) if t is not None else None
-                 for t in tensors)
-
-
-class LayoutCache:
-    """What a backend makes from a checkpoint weight (repacked codes, scales in its own layout), one
-    entry per packed tensor: held weakly by that tensor, so it goes with the module, and replaced when
-    made again. Entries carry ``key`` (from :func:`tensors_key`) and ``nbytes``."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: "torch.utils.weak.WeakIdKeyDictionary" = torch.utils.weak.WeakIdKeyDictionary()
-
-    def get(self, weight_packed: torch.Tensor):
-        return self._entries.get(weight_packed)
-
-    def current(self, weight_packed: torch.Tensor, key: tuple):
-        """The entry of ``weight_packed`` if it was made from the tensors ``key`` names, else None."""
-        entry = self._entries.get(weight_packed)
-        return entry if entry is not None and entry.key == key else None
-
-    def put(self, weight_packed: torch.Tensor, entry):
-        with self._lock:
-            self._entries[weight_packed] = entry
-        return entry
-
-    def forget(self, weight_packed: torch.Tensor) -> None:
-        with self._lock:
-            self._entries.pop(weight_packed, None)
-
-    def nbytes(self, weight_packed: torch.Tensor) -> int:
-        """Bytes held beside ``weight_packed`` (0 before its layout is made)."""
-        entry = self.get(weight_packed)
-        return 0 if entry is None else entry.nbytes
-
-
-class _GroupMajor:
-    def __init__(self, scale: torch.Tensor, zero: torch.Tensor | None, key: tuple):
-        self.scale, self.zero, self.key = scale, zero, key
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.scale, self.zero) if t is not None)
-
-
-_GROUP_MAJOR = LayoutCache()
-
-
-def group_major_qparams(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scales in float32 and the zero points in int32, stored group-major (``[..., groups, N]``,
-    ``N`` contiguous) and returned as ``[..., N, groups]`` views of that storage, the checkpoint's
-    index order; made once per weight and held beside it. Per-channel parameters come back as given.
-
-    Why: the Triton GEMMs read one group's scales for a tile of ``BLOCK_N`` output rows in every K
-    step. In the checkpoint's ``[N, groups]`` rows those are ``groups`` elements apart and 2 bytes
-    each, and Triton's software pipeliner copies a load ahead (``cp.async``) only with 4 contiguous
-    bytes a thread or more: the load stayed in the loop, an L2 round trip before each MMA, and held
-    90-150 registers a thread more on sm_90 (``benchmarks/triton_compile_check.py``, its "loads in loop").
-    Group-major float32 rows are copied ahead with the weight words. The cost: 4 bytes a group per
-    output row beside the checkpoint's 2, 8 with zero points (``nbytes``; at 4 bits g128, 1.6 % or
-    3.1 % of the bf16 weight's bytes, 6 % or 12 % of the 4-bit checkpoint's).
-
-    The copy follows the checkpoint tensors by :func:`tensors_key` (data pointer, version counter and
-    shape, checked per call; not the contents): an edit that bypasses the version counter
-    (``scale.data.mul_()``, or an inference tensor changed inside ``inference_mode``) is not seen. A
-    first call inside CUDA-graph capture makes a copy the graph owns and holds none (a held copy made
-    there would only be written on replay)."""
-    if weight_scale.shape[-1] == 1:  # one group: read once per tile, outside the K loop
-        return weight_scale, weight_zero_point
-    key = tensors_key(weight_scale, weight_zero_point)
-    hit = _GROUP_MAJOR.current(weight_packed, key)
-    if hit is None:
-        def group_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            return t.to(dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
-
-        zero = None if weight_zero_point is None else group_major(weight_zero_point, torch.int32)
-        made = _GroupMajor(group_major(weight_scale, torch.float32), zero, key)
-        if weight_scale.is_cuda and torch.cuda.is_current_stream_capturing():
-            return made.scale, made.zero
-        hit = _GROUP_MAJOR.put(weight_packed, made)
-    return hit.scale, hit.zero
-
-
-group_major_nbytes = _GROUP_MAJOR.nbytes  # bytes held beside a weight for the Triton GEMMs (0 before)
 
 
 def scale_groups(weight_scale: torch.Tensor, n_out: int, group_size: int, in_features: int) -> int:
@@ -306,9 +214,16 @@ def triton_problem_unsupported(p: Problem) -> str | None:
 
 
 def _weight_only_linear_triton(*args: object, **kwargs: object) -> torch.Tensor:
+    return _triton_launcher()(*args, **kwargs)
+
+
+@functools.cache
+def _triton_launcher():
+    """Imported on first use (``_triton.py``), then held: an import statement per forward costs about a
+    microsecond, which a 16-token GEMM on a GPU does not have to spare."""
     from .weight_only_triton import weight_only_linear_triton
 
-    return weight_only_linear_triton(*args, **kwargs)
+    return weight_only_linear_triton
 
 
 def _cpu_packed_unsupported(p: Problem) -> str | None:

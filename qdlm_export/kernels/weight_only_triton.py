@@ -23,7 +23,7 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
   once, so the tile is the float32 path's bit for bit, without its int-to-float conversions and two
   elements an instruction. SASS of one K step on sm_90: 452 -> 291 instructions a warp at
   128 x 128 x 64 (the unpack below included), 390 -> 304 at 16 x 32 x 128.
-* Scales and zero points are read group-major (``weight_only.group_major_qparams``), so Triton's
+* Scales and zero points are read group-major (``layouts.group_major_qparams``), so Triton's
   pipeliner copies them ahead of the K loop with the codes and activations.
 * Code ``k`` of a row sits at stream bit ``k * bits``: word ``(k * bits) // 32``, shift
   ``(k * bits) % 32``. For 2/4/8 bits the code is whole inside that word, and a tile is read as whole
@@ -51,14 +51,18 @@ How a tile is computed (one program = one ``[BLOCK_M, BLOCK_N]`` block of ``y``)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
+from .tuned import generation as tuned_generation
 from .tuned import tile_config
 from .unpack_triton import unpack_code_rows
-from .weight_only import group_major_qparams, scale_groups, triton_block_k, triton_unsupported_reason
+from .layouts import LaunchPlans, capturing, group_major_qparams, tensors_key
+from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
 
 
 @triton.jit
@@ -318,6 +322,78 @@ def launch_config(M: int, N: int, group_size: int, in_features: int, bits: int, 
     return cfg
 
 
+class _LaunchPlan(NamedTuple):
+    """What one launch needs besides the activations, the packed weight and the output (made once per
+    weight, token count and activation dtype). It holds neither the packed weight nor a view of it: it
+    is held beside that tensor, and would otherwise keep it alive for good."""
+
+    grid: tuple[int, int]
+    split_k: int
+    qparams: tuple  # scale, zero (or scale), bias (or scale): the kernel's pointer arguments after the weight
+    sizes: tuple  # M, N, K, group_size
+    qparam_strides: tuple  # stride_sn, stride_sg, stride_zn, stride_zg
+    constexprs: dict
+
+
+_PLANS = LaunchPlans()
+
+
+def _make_plan(x2: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+               weight_zero_point: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+               bias: torch.Tensor | None, config: dict | None) -> _LaunchPlan:
+    reason = triton_unsupported_reason(bits=bits, group_size=group_size, in_features=in_features, dtype=x2.dtype)
+    if reason:
+        raise ValueError(f"triton weight-only GEMM: {reason}")
+    M, n_out = x2.shape[0], weight_packed.shape[0]
+    groups = scale_groups(weight_scale, n_out, group_size, in_features)
+    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
+    cfg = dict(config) if config else launch_config(M, n_out, group_size, in_features, bits, x2)  # config: tuning only
+    cfg.setdefault("SPLIT_K", 1)
+    cfg.setdefault("SWAP_AB", False)
+    cfg.setdefault("OFFSET_CODES", False)
+    code_base, code_bits = OFFSET_CODE_FLOATS.get(x2.dtype, (0, 0))
+    if cfg["OFFSET_CODES"] and (not code_bits or bits > 4):
+        raise ValueError(f"OFFSET_CODES needs bf16/fp16 activations and codes of at most 4 bits, not {x2.dtype}, {bits} bits")
+    constexprs = dict(
+        BITS=bits,
+        HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None,
+        PER_CHANNEL=groups == 1,
+        UPCAST=dot_upcast(x2.dtype),
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        CODE_BASE=code_base,
+        CODE_BITS=code_bits,
+        DEQUANT_IN_X=dequantizes_in_x(x2.dtype, bits, weight_scale.dtype, groups),
+        **cfg,
+    )
+    return _LaunchPlan(
+        grid=(cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cfg["BLOCK_N"]), cfg["SPLIT_K"]),
+        split_k=cfg["SPLIT_K"],
+        qparams=(scale, zero if zero is not None else scale, bias if bias is not None else scale),
+        sizes=(M, n_out, in_features, in_features if group_size == -1 else group_size),
+        qparam_strides=(scale.stride(0), scale.stride(1),
+                        zero.stride(0) if zero is not None else 0, zero.stride(1) if zero is not None else 0),
+        constexprs=constexprs,
+    )
+
+
+def launch_plan(x2: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+                weight_zero_point: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                bias: torch.Tensor | None = None) -> _LaunchPlan:
+    """The plan for ``x2 [M, in]`` against this weight (``layouts.LaunchPlans``; keyed by the
+    weight, its scales, zero points and bias). One made inside CUDA-graph capture is not held (nor is
+    the group-major copy it points to)."""
+    key = (tensors_key(weight_packed, weight_scale, weight_zero_point, bias), bits, group_size, in_features,
+           tuned_generation())
+    call = (x2.shape[0], x2.dtype)
+    plan = _PLANS.find(weight_packed, key, call)
+    if plan is None:
+        plan = _make_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, None)
+        if not capturing(x2):
+            _PLANS.hold(weight_packed, key, call, plan)
+    return plan
+
+
 def weight_only_linear_triton(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -330,68 +406,33 @@ def weight_only_linear_triton(
     out: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """Triton dequantize-GEMM. ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype`` (or into ``out``)."""
-    reason = triton_unsupported_reason(bits=bits, group_size=group_size, in_features=in_features, dtype=x.dtype)
-    if reason:
-        raise ValueError(f"triton weight-only GEMM: {reason}")
+    """Triton dequantize-GEMM. ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype`` (or into ``out``).
+
+    ``config`` (a tile configuration, for tuning) is used for this call only; without it the call runs
+    the weight's held :func:`launch_plan`."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
-    n_out = weight_packed.shape[0]
-    groups = scale_groups(weight_scale, n_out, group_size, in_features)
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    M = x2.shape[0]
+    plan = (_make_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, config)
+            if config else launch_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size,
+                                       in_features, bias))
+    M, n_out = plan.sizes[0], plan.sizes[1]
+    lead = x.shape[:-1]
     y = out if out is not None else torch.empty(*lead, n_out, dtype=x.dtype, device=x.device)
-    if tuple(y.shape) != (*lead, n_out):
+    if out is not None and tuple(y.shape) != (*lead, n_out):
         raise ValueError(f"out has shape {tuple(y.shape)}, expected {(*lead, n_out)}")
-    y2 = y.view(-1, n_out)  # raises if `out` is not viewable as 2-D
     if M == 0 or n_out == 0:
         return y
-    (wp,) = unit_stride_rows(weight_packed)
-    scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
-    cfg = dict(config) if config else launch_config(M, n_out, group_size, in_features, bits, x)  # config: tuning only
-    cfg.setdefault("SPLIT_K", 1)
-    cfg.setdefault("SWAP_AB", False)
-    cfg.setdefault("OFFSET_CODES", False)
-    code_base, code_bits = OFFSET_CODE_FLOATS.get(x.dtype, (0, 0))
-    if cfg["OFFSET_CODES"] and (not code_bits or bits > 4):
-        raise ValueError(f"OFFSET_CODES needs bf16/fp16 activations and codes of at most 4 bits, not {x.dtype}, {bits} bits")
-    split_k = cfg["SPLIT_K"]
+    y2 = y.view(M, n_out)  # raises if `out` is not viewable as 2-D
+    split_k = plan.split_k
     # Split K: each of the SPLIT_K programs of a tile writes a float32 partial sum, summed after
     # (more programs for few tokens, where one per output tile leaves most of the GPU idle).
     target = y2 if split_k == 1 else torch.empty(split_k, M, n_out, dtype=torch.float32, device=x.device)
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(n_out, cfg["BLOCK_N"]), split_k)
-    _wo_gemm_kernel[grid](
-        x2,
-        wp,
-        scale,
-        zero if zero is not None else scale,
-        bias if bias is not None else scale,
-        target,
-        M,
-        n_out,
-        in_features,
-        in_features if group_size == -1 else group_size,
-        x2.stride(0),
-        x2.stride(1),
-        wp.stride(0),
-        scale.stride(0),
-        scale.stride(1),
-        zero.stride(0) if zero is not None else 0,
-        zero.stride(1) if zero is not None else 0,
-        target.stride(-2),
-        target.stride(-1),
-        target.stride(0) if split_k > 1 else 0,
-        BITS=bits,
-        HAS_ZERO=zero is not None,
-        HAS_BIAS=bias is not None,
-        PER_CHANNEL=groups == 1,
-        UPCAST=dot_upcast(x.dtype),
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        CODE_BASE=code_base,
-        CODE_BITS=code_bits,
-        DEQUANT_IN_X=dequantizes_in_x(x.dtype, bits, weight_scale.dtype, groups),
-        **cfg,
+    (wp,) = unit_stride_rows(weight_packed)  # the kernels index rows by stride(0) only
+    _wo_gemm_kernel[plan.grid](
+        x2, wp, *plan.qparams, target, *plan.sizes, x2.stride(0), x2.stride(1), wp.stride(0), *plan.qparam_strides,
+        target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
+        **plan.constexprs,
     )
     if split_k > 1:
         y2.copy_(target.sum(dim=0))

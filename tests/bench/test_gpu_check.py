@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -43,6 +44,10 @@ def test_gpu_check_dry_run_writes_a_report_section(tmp_path):
     assert bench["kernels"]["results"], "the dry run's CPU bench measured nothing"
     targets = json.loads((out / "targets.json").read_text())
     assert {t["key"] for t in targets} == {"w8a8_large_m", "w4a16_small_m", "w4a16_m1024", "hadamard_share"}
+    if importlib.util.find_spec("triton") is not None:  # the host-time step, stubbed here, stubs Triton
+        overhead = json.loads((out / "overhead.json").read_text())
+        assert overhead["mode"] == "stubbed" and set(overhead["ops"]) == {"weight_only_w4g128", "w8a8", "w4a4"}
+        assert f"| weight_only_w4g128 | {overhead['ops']['weight_only_w4g128']['median_us']} |" in doc
     # the real doc is untouched by a dry run
     assert "## GPU check: dry run" not in (ROOT / "docs" / "benchmarks.md").read_text()
 

@@ -1,4 +1,4 @@
-"""The group-major scales and zero points the Triton GEMMs read (``weight_only.group_major_qparams``).
+"""The group-major scales and zero points the Triton GEMMs read (``layouts.group_major_qparams``).
 
 Made once per weight and held beside it: float32 scales and int32 zero points stored ``[..., groups, N]``
 (N contiguous, which Triton's pipeliner can copy ahead of the K loop), seen in the checkpoint's
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdlm_export.kernels.weight_only import group_major_nbytes, group_major_qparams
+from qdlm_export.kernels.layouts import group_major_nbytes, group_major_qparams
 from tests.kernel_inputs import DEV, needs_triton, random_packed_weight
 
 

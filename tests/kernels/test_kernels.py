@@ -669,8 +669,13 @@ def test_packed_w8a8_runs_the_tuned_int8_gemm_on_the_codes(gen, monkeypatch):
     import qdlm_export.kernels.int8_triton as it
 
     calls = []
-    real = it._launch_int8_gemm
-    monkeypatch.setattr(it, "_launch_int8_gemm", lambda *a, **kw: calls.append(a[2].dtype) or real(*a, **kw))
+    real = it._int8_gemm_kernel
+
+    class Spy:  # the kernel launched, and the dtype of its weight operand
+        def __getitem__(self, grid):
+            return lambda *a, **kw: calls.append(a[1].dtype) or real[grid](*a, **kw)
+
+    monkeypatch.setattr(it, "_int8_gemm_kernel", Spy())
     for k in (100, 256):
         codes, packed, scale, zero, x_q, x_s = packed_case(gen, 19, k, 40, 8, -1, True, 8)
         y = it.packed_int_linear_triton(*on_dev(x_q, x_s, packed, scale, zero), 8, -1, k, None, torch.float32)

@@ -93,7 +93,7 @@ def test_weight_only_k_loops_wait_on_no_load(hopper_rows):
     """Every load of the weight-only GEMMs' K loops (activations, codes, the group's scales and zero
     points) is copied ahead by the pipeliner. Read from the checkpoint's [N, groups] rows (2 bytes a
     thread, strided), the scales stayed a synchronous load in all 40 grouped kernels' loops, which held
-    201 registers (median) against 110 now (weight_only.group_major_qparams)."""
+    201 registers (median) against 110 now (layouts.group_major_qparams)."""
     gemms = [r for r in hopper_rows if r["kernel"] in ("_wo_gemm_kernel", "_grouped_gemm_kernel")
              and "default" in r["origins"]]
     assert len(gemms) >= 30 and any(not r["constexprs"]["PER_CHANNEL"] for r in gemms)
