@@ -24,9 +24,8 @@ import triton.language as tl
 from ._triton import cdiv, next_power_of_2
 
 from .int8 import qmax_for, triton_packed_unsupported_reason
-from .tuned import generation as tuned_generation
 from .tuned import tile_config
-from .layouts import LaunchPlans, capturing, group_major_qparams, tensors_key
+from .layouts import LaunchPlans, group_major_qparams
 from .weight_only import triton_block_k
 from .unpack_triton import unpack_code_rows
 from .weight_only_triton import tile_offsets
@@ -228,40 +227,27 @@ def int8_gemm_triton(
     y2 = y.view(-1, N)
     if M == 0 or N == 0:
         return y
-    _launch_int8_gemm(a2, a_scale, b_q, b_scale, bias, y2, K, False, config)
+    _int8_gemm_plan(M, N, K, b_scale, bias, False, a_q.device, config)(a2, a_scale.reshape(-1).contiguous(), b_q, y2)
     return y
 
 
-def _launch_int8_gemm(a2: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                      bias: torch.Tensor | None, y2: torch.Tensor, K: int, b_codes: bool, config: dict | None) -> None:
-    """The int8 GEMM kernel on ``a2 [M, K]`` and the weight rows ``b`` (int8 values, or with ``b_codes``
-    a symmetric weight's uint8 codes ``q``; ``b``'s first K columns are used) into ``y2 [M, N]``."""
-    M, N = a2.shape[0], b.shape[0]
-    a_s = a_scale.reshape(-1).contiguous()
+def _int8_gemm_plan(M: int, N: int, K: int, b_scale: torch.Tensor, bias: torch.Tensor | None, b_codes: bool,
+                    device: torch.device, config: dict | None):
+    """``launch(a2, a_s, b, y2)``: the int8 GEMM kernel on ``a2 [M, K]`` (row scales ``a_s [M]``) and the
+    weight rows ``b`` (int8 values, or with ``b_codes`` a symmetric weight's uint8 codes ``q``; ``b``'s
+    first K columns are used) into ``y2 [M, N]``, its tiles and the weight's scales fixed."""
     b_s = b_scale.reshape(-1).contiguous()
     # config: tuning only; else the one measured fastest for this shape on this GPU model (tuned.py)
-    cfg = dict(config) if config else tile_config("int8", M, N, K, a2.device) or _gemm_config(M, N)
+    cfg = dict(config) if config else tile_config("int8", M, N, K, device) or _gemm_config(M, N)
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
-        a2,
-        b,
-        a_s,
-        b_s,
-        bias if bias is not None else b_s,
-        y2,
-        M,
-        N,
-        K,
-        a2.stride(0),
-        a2.stride(1),
-        b.stride(0),
-        b.stride(1),
-        y2.stride(0),
-        y2.stride(1),
-        HAS_BIAS=bias is not None,
-        B_CODES=b_codes,
-        **cfg,
-    )
+    bias_arg = bias if bias is not None else b_s
+
+    def launch(a2: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, y2: torch.Tensor) -> None:
+        _int8_gemm_kernel[grid](a2, b, a_s, b_s, bias_arg, y2, M, N, K, a2.stride(0), a2.stride(1), b.stride(0),
+                                b.stride(1), y2.stride(0), y2.stride(1), HAS_BIAS=bias is not None, B_CODES=b_codes,
+                                **cfg)
+
+    return launch
 
 
 @triton.jit
@@ -352,16 +338,10 @@ def _packed_plan(M: int, weight_packed: torch.Tensor, weight_scale: torch.Tensor
     if bits == 8 and weight_zero_point is None and groups == 1:
         # W8A8 as a checkpoint holds it: byte k of a row is code k, so the tuned int8 GEMM reads the
         # codes themselves (top bit flipped in registers) instead of the unpack-per-tile kernel below
-        b_s = weight_scale.reshape(-1).contiguous()
-        cfg = dict(config) if config else tile_config("int8", M, N, in_features, device) or _gemm_config(M, N)
-        grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-        bias_arg = bias if bias is not None else b_s
+        gemm = _int8_gemm_plan(M, N, in_features, weight_scale, bias, True, device, config)
 
         def launch_int8(x2: torch.Tensor, xs: torch.Tensor, y2: torch.Tensor, weight: torch.Tensor) -> None:
-            codes = weight.contiguous().view(torch.uint8)
-            _int8_gemm_kernel[grid](x2, codes, xs, b_s, bias_arg, y2, M, N, in_features, x2.stride(0), x2.stride(1),
-                                    codes.stride(0), codes.stride(1), y2.stride(0), y2.stride(1),
-                                    HAS_BIAS=bias is not None, B_CODES=True, **cfg)
+            gemm(x2, xs, weight.contiguous().view(torch.uint8), y2)
 
         return launch_int8
     scale, zero = group_major_qparams(weight_packed, weight_scale, weight_zero_point)  # read ahead of the K loop
@@ -413,18 +393,13 @@ def packed_int_linear_triton(
         raise ValueError(f"x_q has {x_q.shape[-1]} features, the weight expects {in_features}")
     x2 = x_q.reshape(-1, in_features)
     M = x2.shape[0]
-    if config:
-        launch = _packed_plan(M, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features,
-                              bias, x_q.device, config)
-    else:
-        key = (tensors_key(weight_packed, weight_scale, weight_zero_point, bias), bits, group_size, in_features,
-               tuned_generation())
-        launch = _PLANS.find(weight_packed, key, (M,))
-        if launch is None:
-            launch = _packed_plan(M, weight_packed, weight_scale, weight_zero_point, bits, group_size,
-                                  in_features, bias, x_q.device, None)
-            if not capturing(x2):
-                _PLANS.hold(weight_packed, key, (M,), launch)
+
+    def make():
+        return _packed_plan(M, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias,
+                            x_q.device, config)
+
+    launch = make() if config else _PLANS.get(weight_packed, (weight_scale, weight_zero_point, bias),
+                                              (bits, group_size, in_features), (M,), make)
     N = weight_packed.shape[0]
     y = _output(x_q.shape[:-1], N, out_dtype, x_q.device, out)
     if M == 0 or N == 0:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any, Callable
 
 import torch
+
+from .tuned import generation as tuned_generation
 
 
 def tensors_key(*tensors: torch.Tensor | None) -> tuple:
@@ -75,7 +78,7 @@ class LayoutCache:
 
 
 class _Plans:
-    nbytes = 0  # plans point at the weight and at what other caches hold beside it
+    nbytes = 0  # plans point at the module's scales and bias and at the group-major copies held above
 
     def __init__(self, key: tuple) -> None:
         self.key, self.by_call = key, {}
@@ -83,28 +86,34 @@ class _Plans:
 
 class LaunchPlans:
     """What a Triton launcher computes for a weight and one kind of call (token count, activation
-    dtype): grid, tile configuration, the weight's arguments and strides. At 16 tokens a GPU computes
+    dtype): grid, tile configuration, the scales' arguments and strides. At 16 tokens a GPU computes
     a 4096 x 4096 layer in less time than the Python around its launch took, so the launchers make
-    this once and keep it beside the weight (a :class:`LayoutCache` entry), under a ``key`` naming
-    what it was made from (:func:`tensors_key` of the weight's tensors and the tuned tables'
-    generation): an edited or swapped tensor, or a table read again, makes new plans. A weight keeps
-    the plans of at most ``limit`` kinds of call (a sampler's few block lengths), then starts over."""
+    this once and keep it beside the weight (a :class:`LayoutCache` entry), under a key naming what it
+    was made from (:func:`tensors_key` of the weight's tensors, the launcher's facts and the tuned
+    tables' generation): an edited or swapped tensor, or a table read again, makes new plans. A weight
+    keeps the plans of at most ``limit`` kinds of call (a sampler's few block lengths), then starts
+    over. A plan must not hold the packed weight or a view of it: held beside that tensor, it would
+    keep it alive for good."""
 
     def __init__(self, limit: int = 64) -> None:
         self.limit = limit
         self._held = LayoutCache()
 
-    def find(self, weight_packed: torch.Tensor, key: tuple, call: tuple):
+    def get(self, weight_packed: torch.Tensor, tensors: tuple, facts: tuple, call: tuple, make: Callable[[], Any]):
+        """The plan for ``call`` against ``weight_packed`` and the other ``tensors`` it is computed with:
+        the held one, or ``make()``'s, held unless made during CUDA-graph capture."""
+        key = (tensors_key(weight_packed, *tensors), facts, tuned_generation())
         plans = self._held.current(weight_packed, key)
-        return plans.by_call.get(call) if plans is not None else None
-
-    def hold(self, weight_packed: torch.Tensor, key: tuple, call: tuple, plan) -> None:
-        plans = self._held.current(weight_packed, key)
-        if plans is None:
-            plans = self._held.put(weight_packed, _Plans(key))
-        if len(plans.by_call) >= self.limit:
-            plans.by_call.clear()
-        plans.by_call[call] = plan
+        plan = plans.by_call.get(call) if plans is not None else None
+        if plan is None:
+            plan = make()
+            if not capturing(weight_packed):
+                if plans is None:
+                    plans = self._held.put(weight_packed, _Plans(key))
+                if len(plans.by_call) >= self.limit:
+                    plans.by_call.clear()
+                plans.by_call[call] = plan
+        return plan
 
     def held(self, weight_packed: torch.Tensor) -> int:
         """How many plans ``weight_packed`` holds (tests)."""

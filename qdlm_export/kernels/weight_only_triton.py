@@ -58,10 +58,9 @@ import triton
 import triton.language as tl
 
 from ._triton import cdiv, cuda_arch, datacenter_hopper_or_blackwell, dot_upcast
-from .tuned import generation as tuned_generation
 from .tuned import tile_config
 from .unpack_triton import unpack_code_rows
-from .layouts import LaunchPlans, capturing, group_major_qparams, tensors_key
+from .layouts import LaunchPlans, group_major_qparams
 from .weight_only import scale_groups, triton_block_k, triton_unsupported_reason
 
 
@@ -377,23 +376,6 @@ def _make_plan(x2: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torc
     )
 
 
-def launch_plan(x2: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
-                weight_zero_point: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                bias: torch.Tensor | None = None) -> _LaunchPlan:
-    """The plan for ``x2 [M, in]`` against this weight (``layouts.LaunchPlans``; keyed by the
-    weight, its scales, zero points and bias). One made inside CUDA-graph capture is not held (nor is
-    the group-major copy it points to)."""
-    key = (tensors_key(weight_packed, weight_scale, weight_zero_point, bias), bits, group_size, in_features,
-           tuned_generation())
-    call = (x2.shape[0], x2.dtype)
-    plan = _PLANS.find(weight_packed, key, call)
-    if plan is None:
-        plan = _make_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, None)
-        if not capturing(x2):
-            _PLANS.hold(weight_packed, key, call, plan)
-    return plan
-
-
 def weight_only_linear_triton(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -409,13 +391,16 @@ def weight_only_linear_triton(
     """Triton dequantize-GEMM. ``x`` ``[..., in]`` -> ``[..., out]`` in ``x.dtype`` (or into ``out``).
 
     ``config`` (a tile configuration, for tuning) is used for this call only; without it the call runs
-    the weight's held :func:`launch_plan`."""
+    the plan held beside the weight for its token count and dtype (``layouts.LaunchPlans``)."""
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     x2 = x.reshape(-1, in_features)
-    plan = (_make_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, config)
-            if config else launch_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size,
-                                       in_features, bias))
+
+    def make() -> _LaunchPlan:
+        return _make_plan(x2, weight_packed, weight_scale, weight_zero_point, bits, group_size, in_features, bias, config)
+
+    plan = make() if config else _PLANS.get(weight_packed, (weight_scale, weight_zero_point, bias),
+                                            (bits, group_size, in_features), (x2.shape[0], x2.dtype), make)
     M, n_out = plan.sizes[0], plan.sizes[1]
     lead = x.shape[:-1]
     y = out if out is not None else torch.empty(*lead, n_out, dtype=x.dtype, device=x.device)
