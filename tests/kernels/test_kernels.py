@@ -149,6 +149,27 @@ def test_torch_paths_dequantize_large_weights_in_row_blocks(gen, monkeypatch, bi
     assert_close(y, *ref, RTOL[torch.float32], "blocked torch packed int")
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), ((8, True), (4, True), (4, False), (2, True)))
+def test_torch_integer_path_turns_weights_into_int8_in_row_blocks(gen, monkeypatch, bits, symmetric):
+    """Per-channel integer GEMMs on the CPU turn a block of weight rows into int8 at a time, into one
+    reused buffer (the last block shorter): each block must meet its own rows' codes, scales, zero
+    points and bias, whatever an earlier block left in the buffer."""
+    from qdlm_export.kernels import int8 as int8_ops
+
+    monkeypatch.setattr(int8_ops, "INT_BLOCK_MIN_ROWS", 1)
+    monkeypatch.setattr(int8_ops, "INT_BLOCK_BYTES", 48 * 192)  # 48 rows a block
+    k, n_out = 192, 150
+    assert [r.stop - r.start for r in int8_ops.int_row_blocks(n_out, k, torch.device("cpu"))] == [48, 48, 48, 6]
+    codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, -1, symmetric, torch.float32)
+    bias = torch.randn(n_out, generator=gen)
+    x_q = torch.randint(-127, 128, (2, 7, k), generator=gen, dtype=torch.int8)
+    x_s = torch.rand(2, 7, 1, generator=gen) * 0.1 + 0.01
+    y = packed_int_linear_torch(x_q, x_s, packed, scale, zero, bits, -1, k, bias, torch.float32)
+    assert y.shape == (2, 7, n_out)
+    ref = ref_linear(x_q.double() * x_s.double(), ref_weight(codes, scale, zero, bits, -1), bias)
+    assert_close(y, *ref, RTOL[torch.float32], "blocked torch integer path")
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton weight-only GEMM (interpreter)
 # ---------------------------------------------------------------------------------------------
