@@ -104,11 +104,12 @@ def _bf16_w_hat(codes, scales, group, k):
 @needs_native
 @pytest.mark.parametrize("unit", ["avx512", "amx"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("k,n,group", [(1152, 272, 128), (1536, 48, 1536)])
+@pytest.mark.parametrize("k,n,group", [(1152, 784, 128), (1536, 48, 1536)])
 def test_blocked_kernel_is_x_times_bf16_w_hat(gen, monkeypatch, unit, threads, k, n, group):
     """Against float64 x @ bf16(W_hat).T the blocked kernel differs by float32 summation and the output
-    rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 272 (one
-    thread: a 256-output block, then a one-tile panel; two: shares of 128 and 144 outputs), one group
+    rounding only, across its block edges: K = 1152 (slabs of 512, 512 and 128 inputs), N = 784 (one
+    thread: a 768-output block, then a one-tile panel; two: shares of 384 and 400 outputs; on AMX tiles
+    blocks of 256 outputs), one group
     spanning three slabs (per channel, K = 1536), M up to 200 (more than one chunk of token blocks,
     blocks of unequal size), and rows 64 bytes wider than K/2. On the AVX-512 loop and, where the CPU
     has it, on AMX tiles (M = 15 and 200: a zero-padded last block of 32 tokens)."""

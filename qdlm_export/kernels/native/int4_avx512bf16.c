@@ -111,10 +111,16 @@ static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
     }
 }
 
-/* Outputs n0..n0+15 of tokens 0..tm-1 of one token block. */
+/* Outputs n0..n0+15 of tokens 0..tm-1 of one token block. The next tile's codes (next_rows of them
+ * from n0 + 16) are fetched into L2 at the pace this tile reads its own: 16 rows 2 KiB and more apart
+ * are more streams than the hardware prefetchers follow, and read on demand from memory they took
+ * longer than the dot products. AMD EPYC Zen 5, 16 tokens, weight out of the caches, time / dense
+ * bf16: 4096 x 4096 0.74 -> 0.60-0.64, 12288 x 4096 0.75 -> 0.73; two tiles ahead (or 64 KiB ahead)
+ * was no better at 4096 and worse at 12288 (0.83-0.88). */
 static inline __attribute__((always_inline)) void gemm_tile(
     const int32_t *xpairs, const float *xsum, int64_t K, int64_t G, const uint8_t *codes, int64_t row_stride,
-    int64_t N, int64_t n0, const float *s, const float *zs, int64_t group, uint16_t *y, const int tm) {
+    int64_t N, int64_t n0, const float *s, const float *zs, int64_t group, uint16_t *y, const int tm,
+    const int64_t next_rows) {
     const uint8_t *tile_codes = codes + n0 * row_stride;
     __m512 out[TILE_M], acc[TILE_M];
     for (int t = 0; t < tm; t++) out[t] = acc[t] = _mm512_setzero_ps();
@@ -123,6 +129,8 @@ static inline __attribute__((always_inline)) void gemm_tile(
          * k0 + 8c .. k0 + 8c + 7 of all 16 rows */
         __m512i chunk[16];
         for (int j = 0; j < 16; j++) chunk[j] = _mm512_loadu_si512(tile_codes + j * row_stride + k0 / 2);
+        for (int64_t j = 0; j < next_rows; j++)
+            _mm_prefetch((const char *)tile_codes + (16 + j) * row_stride + k0 / 2, _MM_HINT_T1);
         transpose16(chunk);
         for (int c = 0; c < 16; c++) {
             for (int j = 0; j < 4; j++) { /* inputs 8c + j and 8c + 4 + j: pair (k0 + 8c) / 2 + j in nibble order */
@@ -148,7 +156,7 @@ static inline __attribute__((always_inline)) void gemm_tile(
 }
 
 #define TILE_CASE(T) \
-    case T: gemm_tile(xp, xs, K, G, codes, row_stride, N, n0, s, zs, group, yb, T); break;
+    case T: gemm_tile(xp, xs, K, G, codes, row_stride, N, n0, s, zs, group, yb, T, next_rows); break;
 
 /* y[:, 16 tile_start : 16 tile_stop] of y = x @ W_hat.T, from qdlm_int4_prepare_x's buffers.
  * Needs N % 16 == 0, K % 128 == 0, group % 8 == 0 and group dividing 128 or a multiple of it. */
@@ -163,6 +171,7 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
         uint16_t *yb = y + m0 * N;
         for (int64_t tile = tile_start; tile < tile_stop; tile++) {
             const int64_t n0 = tile * TILE_N;
+            const int64_t next_rows = tile + 1 < tile_stop ? TILE_N : 0; /* the caller's share only */
             switch (tm) {
                 TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
                 TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
@@ -179,14 +188,14 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
  * dequantized once per call, into a panel that stays in cache while every token block runs over it
  * (the loop order of a Goto-style GEMM):
  *
- *   for each block of NC outputs (the caller's share, NC at a time):
+ *   for each block of BLOCKED_NC outputs (the caller's share, BLOCKED_NC at a time):
  *     for each slab of KC inputs:
- *       panels = bf16 W_hat[outputs, slab] as [panel][KC/2][32 dwords]        (L2: NC * KC * 2 bytes)
+ *       panels = bf16 W_hat[outputs, slab] as [panel][KC/2][32 dwords]        (L2: BLOCKED_NC * KC * 2 bytes)
  *       for each chunk of MC_BLOCKS token blocks:                             (L2: 168 * KC * 2 bytes of x)
  *         for each panel of PANEL_N = 32 outputs:                             (L1/L2: KC * 64 bytes)
  *           for each block of <= MR tokens:  acc[MR][2] (+)= x[tokens, slab] . panel     (registers)
  *
- * Float32 sums carry across slabs in `cbuf` ([M][NC]); the last slab writes bf16 y. W_hat is rounded
+ * Float32 sums carry across slabs in `cbuf` ([M][BLOCKED_NC]); the last slab writes bf16 y. W_hat is rounded
  * to bf16 once (the float32 q * s - zs, rounded to nearest even), so this path equals x @ bf16(W_hat).T
  * up to the order of float32 additions. x comes from qdlm_bf16_pairs (blocks of up to MR tokens). */
 
@@ -196,7 +205,15 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
 #define KC 512       /* inputs per slab: a 32-output panel is 32 KiB, a block of x 14 KiB */
 #endif
 #ifndef NC
-#define NC 256       /* outputs per block: 256 KiB of panels per slab, in L2 */
+#define NC 256       /* outputs per block of the AMX kernels: 256 KiB of bf16 panels per slab, in L2 */
+#endif
+#ifndef BLOCKED_NC
+/* outputs per block of the AVX-512 kernel: 768 KiB of panels per slab, in a 1 MiB L2. Every block
+ * reads all of x once, so wider blocks read it fewer times; at 1024 tokens x no longer stays in L3
+ * when K is 12288 (24 MiB of bf16 beside the weight's stream). AMD EPYC Zen 5, 1 thread, 1024 x
+ * 12288 -> 4096: 256 outputs ran at 1.17x the dense bf16 time, 512 at 1.05-1.08x, 768 at 1.04x,
+ * 1024 (panels spilling L2) at 1.04x with 256 tokens 1.07x slower; 256 tokens unchanged at 768. */
+#define BLOCKED_NC 768
 #endif
 #ifndef MC_BLOCKS
 #define MC_BLOCKS 12 /* token blocks run over all of a slab's panels in turn: 168 x KC bf16 of x, in L2 */
@@ -205,7 +222,7 @@ void qdlm_int4_gemm_tiles(const int32_t *xpairs, const float *xsum, int64_t M, i
 /* The blocked kernel's sizes, asked for by the caller rather than copied: tokens per block of
  * qdlm_bf16_pairs, and the scratch bytes of one thread (cbuf, then wbuf). */
 int64_t qdlm_int4_blocked_mr(void) { return MR; }
-int64_t qdlm_int4_blocked_scratch(int64_t M) { return M * NC * 4 + NC * KC * 2; }
+int64_t qdlm_int4_blocked_scratch(int64_t M) { return M * BLOCKED_NC * 4 + BLOCKED_NC * KC * 2; }
 
 /* The blocked kernel's token blocks: ceil(M / MR) of them, block b holding tokens
  * [block_start(b), block_start(b + 1)), sizes differing by at most one (256 tokens: 13s and 14s, not
@@ -299,7 +316,7 @@ static inline void prefetch_next_slab(const uint8_t *codes, int64_t row_stride, 
 void qdlm_int4_gemm_blocked(const int32_t *xpairs, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride,
                             int64_t N, const float *s, const float *zs, int64_t group, uint16_t *y,
                             int64_t n_start, int64_t n_stop, void *scratch) {
-    const int64_t nc = NC;
+    const int64_t nc = BLOCKED_NC;
     float *cbuf = (float *)scratch;
     int32_t *wbuf = (int32_t *)((char *)scratch + M * nc * 4);
     for (int64_t nb = n_start; nb < n_stop; nb += nc) {
