@@ -1,5 +1,7 @@
 """Integer-activation kernels in C for the CPU: the int8 GEMM of ``int8_gemm`` on Intel AMX tiles
-(``TDPBSSD``), and the per-token quantization of bf16 activations (AVX-512).
+(``TDPBSSD``); on CPUs without AMX, W8A8 with few tokens on AVX512-VNNI (``VPDPBUSD``, the stored
+8-bit codes as unsigned bytes, :func:`packed_int_linear_vnni`); and the per-token quantization of bf16
+activations (AVX-512).
 
     y = (a_q @ b_q.T) * a_scale * b_scale.T + bias      (int32 sums, exact; scales in float32)
 
@@ -173,3 +175,68 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tu
     elif x2.shape[0]:
         scale.zero_()
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+# -- W8A8 with few tokens on AVX512-VNNI (no AMX): qdlm_uint8_gemm_vnni reads the stored 8-bit codes --
+
+
+@functools.cache
+def _vnni_unit() -> bool:
+    return bool(library().qdlm_vnni_ready())
+
+
+def vnni_unsupported_reason(*, bits: int | None = None, group_size: int | None = None, K: int | None = None,
+                            symmetric: bool | None = None, device=None, **_: object) -> str | None:
+    """None when :func:`packed_int_linear_vnni` takes this problem, else why not."""
+    if device is not None and torch.device(device).type != "cpu":
+        return "the VNNI int8 GEMM needs CPU tensors"
+    if bits is not None and bits != 8:
+        return f"{bits}-bit weights: the VNNI path takes 8-bit codes"
+    if symmetric is False:
+        return "asymmetric 8-bit weights: the VNNI path takes symmetric ones (zero point 128)"
+    if group_size not in (None, -1) and group_size != K:
+        return f"group_size {group_size}: the VNNI path takes per-channel weights (-1)"
+    reason = native_unavailable_reason()
+    if reason:
+        return reason
+    return None if _vnni_unit() else "this CPU lacks AVX512-VNNI"
+
+
+def packed_int_linear_vnni(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Arguments as ``int8.packed_int_linear_torch``, symmetric per-channel 8-bit weights: the same
+    outputs bit for bit, from the stored codes (no int8 copy of the weight)."""
+    if x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be int8, got {x_q.dtype}")
+    k, n = in_features, weight_packed.shape[0]
+    reason = vnni_unsupported_reason(bits=bits, group_size=group_size, K=k, symmetric=weight_zero_point is None,
+                                     device=x_q.device)
+    if reason:
+        raise ValueError(reason)
+    if x_q.shape[-1] != k:
+        raise ValueError(f"x_q has {x_q.shape[-1]} inputs a row, the weight {k}")
+    codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+    lead = x_q.shape[:-1]
+    a2 = x_q.reshape(-1, k).contiguous()
+    m = a2.shape[0]
+    a_s = x_scale.reshape(-1).to(torch.float32).contiguous()
+    b_s = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        gemm = library().qdlm_uint8_gemm_vnni
+        args = (a2.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
+        units = -(-n // TILE_N)
+        _run_split(lambda lo, hi: gemm(*args, lo * TILE_N, min(n, hi * TILE_N)), units, _threads(units, 2))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype).view(*lead, n)

@@ -154,12 +154,12 @@ def test_torch_integer_path_turns_weights_into_int8_in_row_blocks(gen, monkeypat
     """Per-channel integer GEMMs on the CPU turn a block of weight rows into int8 at a time, into one
     reused buffer (the last block shorter): each block must meet its own rows' codes, scales, zero
     points and bias, whatever an earlier block left in the buffer."""
-    from qdlm_export.kernels import int8 as int8_ops
+    from qdlm_export.kernels import weight_only
 
-    monkeypatch.setattr(int8_ops, "INT_BLOCK_MIN_ROWS", 1)
-    monkeypatch.setattr(int8_ops, "INT_BLOCK_BYTES", 48 * 192)  # 48 rows a block
+    monkeypatch.setattr(weight_only, "INT_BLOCK_MIN_ROWS", 1)
+    monkeypatch.setattr(weight_only, "INT_BLOCK_BYTES", 48 * 192)  # 48 rows a block
     k, n_out = 192, 150
-    assert [r.stop - r.start for r in int8_ops.int_row_blocks(n_out, k, torch.device("cpu"))] == [48, 48, 48, 6]
+    assert [r.stop - r.start for r in weight_only.int_row_blocks(n_out, k, torch.device("cpu"))] == [48, 48, 48, 6]
     codes, packed, scale, zero = random_packed_weight(gen, n_out, k, bits, -1, symmetric, torch.float32)
     bias = torch.randn(n_out, generator=gen)
     x_q = torch.randint(-127, 128, (2, 7, k), generator=gen, dtype=torch.int8)

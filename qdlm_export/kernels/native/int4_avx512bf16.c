@@ -445,6 +445,88 @@ void qdlm_fwht_rows_f32(float *x, int64_t rows, int64_t p) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * W8A8 with few tokens on AVX512-VNNI (CPUs without AMX: AMD EPYC Zen 4/5, Xeons before Sapphire
+ * Rapids), from the checkpoint's symmetric per-channel 8-bit codes as they are stored:
+ *
+ *   y[m, n] = float(sum_k a[m, k] * (q[n, k] - 128)) * a_scale[m] * b_scale[n]
+ *
+ * VPDPBUSD multiplies unsigned bytes by signed bytes, four products into each int32 lane, so the codes
+ * go in as they are: sum_k a * q, then minus 128 * sum_k a (once per token). Both sums wrap modulo 2^32
+ * and their difference is exact, since |sum a * (q - 128)| <= 127 * 128 * K < 2^31 for K < 132 000;
+ * the float32 products are the torch backend's, in its order, so the outputs agree bit for bit.
+ * Each weight row is read once per call, 64 bytes at a time, with no layout made: a block of VNNI_NR
+ * rows stays in L1 while every block of VNNI_MB tokens runs over it, and each of the
+ * VNNI_NR x VNNI_MB sums is added across its 16 lanes at the end of the row. With hundreds of tokens
+ * torch._int_mm (oneDNN) is faster; the caller picks.
+ * ------------------------------------------------------------------------------------------- */
+#define VNNI_NR 4   /* weight rows a block: 4 x 6 sums + 4 rows + 1 token = 29 zmm */
+#define VNNI_MB 6   /* tokens a block */
+#define VNNI_MAX_M 64 /* tokens a pass over the weight (the token sums live on the stack) */
+
+int qdlm_vnni_ready(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+}
+
+/* Sums of rows[r] . xs[t] for r < VNNI_NR, t < mb over K bytes (the last step masked). */
+__attribute__((target("avx512vnni,avx512bw"))) static inline __attribute__((always_inline)) void vnni_block(
+    const uint8_t *const rows[VNNI_NR], const int8_t *const xs[VNNI_MB], int64_t K, int32_t sums[VNNI_MB][VNNI_NR],
+    const int mb) {
+    __m512i acc[VNNI_MB][VNNI_NR];
+    for (int t = 0; t < mb; t++)
+        for (int r = 0; r < VNNI_NR; r++) acc[t][r] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (~(__mmask64)0) >> (64 - (K - k));
+        __m512i w[VNNI_NR];
+        for (int r = 0; r < VNNI_NR; r++) w[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + k);
+        for (int t = 0; t < mb; t++) {
+            const __m512i xv = _mm512_maskz_loadu_epi8(mask, xs[t] + k);
+            for (int r = 0; r < VNNI_NR; r++) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], w[r], xv);
+        }
+    }
+    for (int t = 0; t < mb; t++)
+        for (int r = 0; r < VNNI_NR; r++) sums[t][r] = _mm512_reduce_add_epi32(acc[t][r]);
+}
+
+#define VNNI_CASE(T) case T: vnni_block(rows, xs, K, sums, T); break;
+
+/* y[:, n_start : n_stop] (float32 [M, N]) as above; a int8 [M, K], codes uint8 rows row_stride bytes
+ * apart, a_scale [M], b_scale [N]. A last block of fewer rows runs on a repeated row, not stored; a
+ * last block of fewer tokens runs as a narrower block. */
+__attribute__((target("avx512vnni,avx512bw"))) void qdlm_uint8_gemm_vnni(
+    const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, int64_t N,
+    const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop) {
+    for (int64_t p0 = 0; p0 < M; p0 += VNNI_MAX_M) {
+        const int64_t pm = M - p0 < VNNI_MAX_M ? M - p0 : VNNI_MAX_M;
+        uint32_t asum[VNNI_MAX_M];
+        for (int64_t t = 0; t < pm; t++) {
+            int64_t s = 0;
+            for (int64_t k = 0; k < K; k++) s += a[(p0 + t) * K + k];
+            asum[t] = (uint32_t)s;
+        }
+        for (int64_t n0 = n_start; n0 < n_stop; n0 += VNNI_NR) {
+            const uint8_t *rows[VNNI_NR];
+            for (int r = 0; r < VNNI_NR; r++) rows[r] = codes + (n0 + r < n_stop ? n0 + r : n0) * row_stride;
+            if (n0 + VNNI_NR < n_stop) /* the next block's rows, into L2 while this one runs */
+                for (int r = 0; r < VNNI_NR; r++)
+                    for (int64_t k = 0; k < K; k += 64) _mm_prefetch((const char *)rows[r] + VNNI_NR * row_stride + k, _MM_HINT_T1);
+            for (int64_t m0 = 0; m0 < pm; m0 += VNNI_MB) {
+                const int mb = (int)(pm - m0 < VNNI_MB ? pm - m0 : VNNI_MB);
+                const int8_t *xs[VNNI_MB];
+                for (int t = 0; t < mb; t++) xs[t] = a + (p0 + m0 + t) * K;
+                int32_t sums[VNNI_MB][VNNI_NR];
+                switch (mb) { VNNI_CASE(1) VNNI_CASE(2) VNNI_CASE(3) VNNI_CASE(4) VNNI_CASE(5) VNNI_CASE(6) }
+                for (int t = 0; t < mb; t++)
+                    for (int r = 0; r < VNNI_NR && n0 + r < n_stop; r++) {
+                        const int32_t exact = (int32_t)((uint32_t)sums[t][r] - 128u * asum[m0 + t]);
+                        y[(p0 + m0 + t) * N + n0 + r] = (float)exact * a_scale[p0 + m0 + t] * b_scale[n0 + r];
+                    }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * The blocked GEMM on AMX (Intel Xeon since Sapphire Rapids): the same bf16 panels, multiplied by the
  * tile unit (TDPBF16PS: a 16 x 32 bf16 block of x times a 32 x 16 block of W_hat.T per instruction)
  * instead of vdpbf16ps. On such CPUs the dense bf16 GEMM (oneDNN) runs on AMX, 3-8 times faster than
