@@ -1,6 +1,6 @@
 """Integer-activation kernels in C for the CPU: the int8 GEMM of ``int8_gemm`` on Intel AMX tiles
-(``TDPBSSD``); on CPUs without AMX, W8A8 with few tokens on AVX512-VNNI (``VPDPBUSD``, the stored
-8-bit codes as unsigned bytes, :func:`packed_int_linear_vnni`); and the per-token quantization of bf16
+(``TDPBSSD``); on CPUs without AMX, W8A8 and W4A4 with few tokens on AVX512-VNNI (``VPDPBUSD``, the
+stored codes as unsigned bytes, :func:`packed_int_linear_vnni`); and the per-token quantization of bf16
 activations (AVX-512).
 
     y = (a_q @ b_q.T) * a_scale * b_scale.T + bias      (int32 sums, exact; scales in float32)
@@ -177,7 +177,7 @@ def quantize_rows(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> tu
     return q.view(x.shape), scale.view(*x.shape[:-1], 1)
 
 
-# -- W8A8 with few tokens on AVX512-VNNI (no AMX): qdlm_uint8_gemm_vnni reads the stored 8-bit codes --
+# -- W8A8 and W4A4 with few tokens on AVX512-VNNI (no AMX): qdlm_int_gemm_vnni reads the stored codes --
 
 
 @functools.cache
@@ -190,16 +190,25 @@ def vnni_unsupported_reason(*, bits: int | None = None, group_size: int | None =
     """None when :func:`packed_int_linear_vnni` takes this problem, else why not."""
     if device is not None and torch.device(device).type != "cpu":
         return "the VNNI int8 GEMM needs CPU tensors"
-    if bits is not None and bits != 8:
-        return f"{bits}-bit weights: the VNNI path takes 8-bit codes"
-    if symmetric is False:
-        return "asymmetric 8-bit weights: the VNNI path takes symmetric ones (zero point 128)"
+    if bits is not None and bits not in (4, 8):
+        return f"{bits}-bit weights: the VNNI path takes 4- and 8-bit codes"
+    if bits == 8 and symmetric is False:
+        return "asymmetric 8-bit weights: q - z does not fit int8 (the VNNI path takes symmetric ones)"
     if group_size not in (None, -1) and group_size != K:
         return f"group_size {group_size}: the VNNI path takes per-channel weights (-1)"
     reason = native_unavailable_reason()
     if reason:
         return reason
     return None if _vnni_unit() else "this CPU lacks AVX512-VNNI"
+
+
+def _nibble_order(a2: torch.Tensor) -> torch.Tensor:
+    """int8 ``[M, K]`` -> ``[M, K rounded up to 128]``: each 128 inputs as their 64 even ones, then
+    their 64 odd ones (the order of a byte's low and high nibbles), zero past K."""
+    m, k = a2.shape
+    padded = a2.new_zeros(m, -(-k // 128) * 128)
+    padded[:, :k] = a2
+    return padded.view(m, -1, 64, 2).transpose(-1, -2).contiguous().view(m, -1)
 
 
 def packed_int_linear_vnni(
@@ -214,7 +223,7 @@ def packed_int_linear_vnni(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """Arguments as ``int8.packed_int_linear_torch``, symmetric per-channel 8-bit weights: the same
+    """Arguments as ``int8.packed_int_linear_torch``, per channel, 8 bits symmetric or 4 bits: the same
     outputs bit for bit, from the stored codes (no int8 copy of the weight)."""
     if x_q.dtype != torch.int8:
         raise ValueError(f"x_q must be int8, got {x_q.dtype}")
@@ -226,15 +235,19 @@ def packed_int_linear_vnni(
     if x_q.shape[-1] != k:
         raise ValueError(f"x_q has {x_q.shape[-1]} inputs a row, the weight {k}")
     codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+    zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
     lead = x_q.shape[:-1]
     a2 = x_q.reshape(-1, k).contiguous()
+    if bits == 4:
+        a2 = _nibble_order(a2)
     m = a2.shape[0]
     a_s = x_scale.reshape(-1).to(torch.float32).contiguous()
     b_s = weight_scale.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        gemm = library().qdlm_uint8_gemm_vnni
-        args = (a2.data_ptr(), m, k, codes.data_ptr(), codes.stride(0), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
+        gemm = library().qdlm_int_gemm_vnni
+        args = (a2.data_ptr(), m, k, a2.shape[1], codes.data_ptr(), codes.stride(0), bits,
+                None if zeros is None else zeros.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         units = -(-n // TILE_N)
         _run_split(lambda lo, hi: gemm(*args, lo * TILE_N, min(n, hi * TILE_N)), units, _threads(units, 2))
     if bias is not None:

@@ -384,13 +384,15 @@ def _packed_int_linear_cpu_vnni(*args: object, **kwargs: object) -> torch.Tensor
     return packed_int_linear_vnni(*args, **kwargs)
 
 
-# Few tokens without AMX. AMD EPYC Zen 5, cold weights, with the activation quantization, time / dense
-# bf16 at 4096 x 4096 (12288 x 4096): 0.40 (0.48) against torch._int_mm's 0.58 (0.52) at M = 1, 0.71
-# (0.66) against 1.60 (1.46) at 16, 0.72 (0.79) against 0.79 (0.81) at 128; at 256 torch._int_mm wins.
+# Without AMX, up to the token count where it stops winning. AMD EPYC Zen 5, cold weights, with the
+# activation quantization, time / dense bf16 at 4096 x 4096 (12288 x 4096), against the torch path's:
+# W8A8 0.41 (0.40) / 0.49 (0.51) at M = 1, 0.58 (0.63) / 1.57 (1.45) at 16, 0.65 (0.77) / 0.76 (0.81)
+# at 128, 0.66 (0.83) / 0.66 (0.70) at 256; W4A4 0.36 (0.29) / 4.07 (3.73) at 1, 0.53 (0.44) / 3.97
+# (3.67) at 16, 0.67 (0.70) / 1.06 (1.07) at 256, 0.64 (0.77) / 0.64 (0.71) at 1024.
 register_backend(
     "packed_int_linear", "cpu_vnni", _packed_int_linear_cpu_vnni, family="cpu_native", priority=34,
-    unsupported=_packed_cpu_vnni_unsupported, auto=lambda p: p.M is not None and p.M <= 128,
-    summary="8-bit symmetric per channel, few tokens: the stored codes times int8 activations (C, AVX512-VNNI)",
+    unsupported=_packed_cpu_vnni_unsupported, auto=lambda p: p.M is not None and p.M <= (256 if p.bits == 4 else 128),
+    summary="per channel, 4 bits or 8 bits symmetric: the stored codes times int8 activations (C, AVX512-VNNI)",
 )
 register_backend(
     "packed_int_linear", "torch", packed_int_linear_torch, family="torch", priority=0,

@@ -47,8 +47,8 @@ SIGNATURES = {
     "qdlm_int8_gemm_amx": ("piipipppiip", ""),
     "qdlm_int4a_gemm_amx": ("piipipipppiip", ""),
     "qdlm_uint8_gemm_amx": ("piipiipppiip", ""),
-    "qdlm_vnni_ready": ("", "c"),  # cpu_int8.py: W8A8 with few tokens on AVX512-VNNI
-    "qdlm_uint8_gemm_vnni": ("piipiipppii", ""),
+    "qdlm_vnni_ready": ("", "c"),  # cpu_int8.py: W8A8 and W4A4 with few tokens on AVX512-VNNI
+    "qdlm_int_gemm_vnni": ("piiipiipipppii", ""),
     "qdlm_quantize_rows_bf16": ("piiffpp", ""),
     "qdlm_quantize_rows_f32": ("piiffpp", ""),
     "qdlm_evict": ("pi", ""),  # bench: cold-weight timing

@@ -1,7 +1,7 @@
-"""W8A8 with few tokens on AVX512-VNNI (kernels/cpu_int8.py, ``qdlm_uint8_gemm_vnni``): the stored
-8-bit codes times int8 activations, bit for bit the torch backend's result (exact int32 sums of
-(q - 128) * x_q, then the same two float32 scales), which is checked against float64 here as well.
-Runs where the CPU has AVX512-VNNI; the refusals are tested everywhere."""
+"""W8A8 and W4A4 with few tokens on AVX512-VNNI (kernels/cpu_int8.py, ``qdlm_int_gemm_vnni``): the
+stored per-channel codes times int8 activations, bit for bit the torch backend's result (exact int32
+sums of (q - z) * x_q, then the same two float32 scales), which is checked against float64 here as
+well. Runs where the CPU has AVX512-VNNI; the refusals are tested everywhere."""
 
 from __future__ import annotations
 
@@ -19,29 +19,32 @@ needs_vnni = pytest.mark.skipif(VNNI_REASON is not None, reason=str(VNNI_REASON)
 
 @needs_vnni
 @pytest.mark.parametrize("threads", [1, 2])
-def test_vnni_path_is_the_torch_backend_bit_for_bit(gen, threads):
-    """K not a multiple of 64 (a masked last step) and over 64; N not a multiple of the 4-row block or
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, True), (4, True), (4, False)])
+def test_vnni_path_is_the_torch_backend_bit_for_bit(gen, threads, bits, symmetric):
+    """8-bit codes (zero 128) and 4-bit ones (zero 8, or one per row); K not a multiple of 64 or 128
+    (masked last steps, activations zero-padded) and over them; N not a multiple of the 4-row block or
     of the 16-row thread share; M = 1 ... 70 (token blocks of 6 with narrower last ones, and a second
     pass over the weight above 64 tokens); rows wider than their codes; bias; bf16 and float32 out."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m, k, n in [(1, 64, 16), (5, 100, 37), (16, 1088, 50), (13, 4096, 20), (70, 320, 66)]:
-            _, wp, scale, _ = random_packed_weight(gen, n, k, 8, -1, True)
-            words = k // 4
+        for m, k, n in [(1, 64, 16), (5, 104, 37), (16, 1088, 50), (13, 4096, 20), (70, 328, 66)]:
+            codes, wp, scale, zp = random_packed_weight(gen, n, k, bits, -1, symmetric)
+            words = wp.shape[1]
             wide = torch.randint(-2**31, 2**31 - 1, (n, words + 8), generator=gen, dtype=torch.int32)
             wide[:, :words] = wp
             x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
-            x_q, x_s = kernels.quantize_per_token(x, 8)
+            x_q, x_s = kernels.quantize_per_token(x, bits)
             bias = torch.randn(n, generator=gen)
             for out_dtype in (torch.float32, torch.bfloat16):
-                want = packed_int_linear_torch(x_q, x_s, wp, scale, None, 8, -1, k, bias, out_dtype)
-                got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wide[:, :words], scale, None, 8, -1, k, bias, out_dtype)
+                want = packed_int_linear_torch(x_q, x_s, wp, scale, zp, bits, -1, k, bias, out_dtype)
+                got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wide[:, :words], scale, zp, bits, -1, k, bias, out_dtype)
                 assert got.dtype == out_dtype and got.shape == (2, m, n)
                 assert torch.equal(got, want), (m, k, n, out_dtype, (got.double() - want.double()).abs().max())
-            codes = wp.view(torch.uint8).double() - 128  # [n, k]: q - 128
-            exact = (x_q.double() @ codes.T) * x_s.double() * scale.double().view(1, 1, n) + bias.double()
-            got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wp, scale, None, 8, -1, k, bias, torch.float32)
+            zero = 2 ** (bits - 1) if zp is None else zp.double().view(n, 1)
+            w = codes.double() - zero  # [n, k]: q - z
+            exact = (x_q.double() @ w.T) * x_s.double() * scale.double().view(1, 1, n) + bias.double()
+            got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wp, scale, zp, bits, -1, k, bias, torch.float32)
             assert torch.all((got.double() - exact).abs() <= 2**-21 * (exact.abs() + bias.double().abs()) + 1e-30)
     finally:
         torch.set_num_threads(before)
@@ -70,6 +73,8 @@ def test_auto_runs_vnni_for_few_tokens_where_there_is_no_amx(gen):
     few = "cpu_amx" if cpu_int8.unavailable_reason() is None else "cpu_vnni"
     assert pick() == pick(M=1) == pick(M=128) == few
     assert pick(M=129) == pick(M=4096) == ("cpu_amx" if few == "cpu_amx" else "torch")
+    assert pick(bits=4) == pick(bits=4, M=256) == pick(bits=4, symmetric=False) == few  # W4A4 wins up to 256
+    assert pick(bits=4, M=257) == ("cpu_amx" if few == "cpu_amx" else "torch")
     assert kernels.select_backend("packed_int_linear", "cpu", "cpu_vnni", M=4096, K=4096, N=4096, bits=8,
                                   group_size=-1, symmetric=True).name == "cpu_vnni"  # asked for: runs at any M
     _, wp, scale, _ = random_packed_weight(gen, 48, 256, 8, -1, True)
@@ -80,7 +85,7 @@ def test_auto_runs_vnni_for_few_tokens_where_there_is_no_amx(gen):
 
 
 def test_what_the_vnni_path_does_not_take_is_refused_with_the_reason():
-    assert "4-bit" in cpu_int8.vnni_unsupported_reason(bits=4, symmetric=True, device="cpu")
+    assert "3-bit" in cpu_int8.vnni_unsupported_reason(bits=3, symmetric=True, device="cpu")
     assert "asymmetric" in cpu_int8.vnni_unsupported_reason(bits=8, symmetric=False, device="cpu")
     assert "per-channel" in cpu_int8.vnni_unsupported_reason(bits=8, group_size=128, K=4096, device="cpu")
     assert "CPU tensors" in cpu_int8.vnni_unsupported_reason(bits=8, device="meta")

@@ -445,15 +445,18 @@ void qdlm_fwht_rows_f32(float *x, int64_t rows, int64_t p) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * W8A8 with few tokens on AVX512-VNNI (CPUs without AMX: AMD EPYC Zen 4/5, Xeons before Sapphire
- * Rapids), from the checkpoint's symmetric per-channel 8-bit codes as they are stored:
+ * W8A8 and W4A4 with few tokens on AVX512-VNNI (CPUs without AMX: AMD EPYC Zen 4/5, Xeons before
+ * Sapphire Rapids), from the checkpoint's per-channel codes as they are stored:
  *
- *   y[m, n] = float(sum_k a[m, k] * (q[n, k] - 128)) * a_scale[m] * b_scale[n]
+ *   y[m, n] = float(sum_k a[m, k] * (q[n, k] - z[n])) * a_scale[m] * b_scale[n]
  *
  * VPDPBUSD multiplies unsigned bytes by signed bytes, four products into each int32 lane, so the codes
- * go in as they are: sum_k a * q, then minus 128 * sum_k a (once per token). Both sums wrap modulo 2^32
- * and their difference is exact, since |sum a * (q - 128)| <= 127 * 128 * K < 2^31 for K < 132 000;
+ * go in as they are: sum_k a * q, then minus z[n] * sum_k a (once per token). Both sums wrap modulo
+ * 2^32 and their difference is exact, since |sum a * (q - z)| <= 127 * 128 * K < 2^31 for K < 132 000;
  * the float32 products are the torch backend's, in its order, so the outputs agree bit for bit.
+ * 8-bit codes are bytes (z = 128 for a symmetric weight). A byte of 4-bit codes holds inputs 2j (low
+ * nibble) and 2j + 1 (high); a, prepared by the caller, holds each 128 inputs as their 64 even ones
+ * then their 64 odd ones, so one mask (and one shift) gives the codes in a's order.
  * Each weight row is read once per call, 64 bytes at a time, with no layout made: a block of VNNI_NR
  * rows stays in L1 while every block of VNNI_MB tokens runs over it, and each of the
  * VNNI_NR x VNNI_MB sums is added across its 16 lanes at the end of the row. With hundreds of tokens
@@ -468,40 +471,58 @@ int qdlm_vnni_ready(void) {
     return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
 }
 
-/* Sums of rows[r] . xs[t] for r < VNNI_NR, t < mb over K bytes (the last step masked). */
+/* The 64 bytes of a row from byte `at` (masked to the row's `bytes`). */
+__attribute__((target("avx512vnni,avx512bw"))) static inline __attribute__((always_inline)) __m512i
+row_bytes(const uint8_t *row, int64_t at, int64_t bytes) {
+    const __mmask64 mask = bytes - at >= 64 ? ~(__mmask64)0 : (~(__mmask64)0) >> (64 - (bytes - at));
+    return _mm512_maskz_loadu_epi8(mask, row + at);
+}
+
+/* Sums of rows[r] . xs[t] for r < VNNI_NR, t < mb: 8-bit codes over K inputs, or 4-bit codes over
+ * K inputs in steps of 128 (a's rows hold a multiple of 128, zero past K). */
 __attribute__((target("avx512vnni,avx512bw"))) static inline __attribute__((always_inline)) void vnni_block(
-    const uint8_t *const rows[VNNI_NR], const int8_t *const xs[VNNI_MB], int64_t K, int32_t sums[VNNI_MB][VNNI_NR],
-    const int mb) {
+    const uint8_t *const rows[VNNI_NR], const int8_t *const xs[VNNI_MB], int64_t K, const int bits,
+    int32_t sums[VNNI_MB][VNNI_NR], const int mb) {
     __m512i acc[VNNI_MB][VNNI_NR];
     for (int t = 0; t < mb; t++)
         for (int r = 0; r < VNNI_NR; r++) acc[t][r] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 64) {
-        const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (~(__mmask64)0) >> (64 - (K - k));
-        __m512i w[VNNI_NR];
-        for (int r = 0; r < VNNI_NR; r++) w[r] = _mm512_maskz_loadu_epi8(mask, rows[r] + k);
-        for (int t = 0; t < mb; t++) {
-            const __m512i xv = _mm512_maskz_loadu_epi8(mask, xs[t] + k);
-            for (int r = 0; r < VNNI_NR; r++) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], w[r], xv);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const int64_t step = bits == 8 ? 64 : 128, row_len = bits == 8 ? K : (K + 1) / 2;
+    for (int64_t k = 0; k < K; k += step)
+        for (int half = 0; half < (bits == 8 ? 1 : 2); half++) { /* 4 bits: even inputs, then odd */
+            __m512i w[VNNI_NR];
+            for (int r = 0; r < VNNI_NR; r++) {
+                const __m512i b = row_bytes(rows[r], bits == 8 ? k : k / 2, row_len);
+                w[r] = bits == 8 ? b : _mm512_and_si512(half ? _mm512_srli_epi16(b, 4) : b, nibble);
+            }
+            for (int t = 0; t < mb; t++) {
+                const __m512i xv = bits == 8 ? row_bytes((const uint8_t *)xs[t], k, K)
+                                             : _mm512_loadu_si512(xs[t] + k + 64 * half);
+                for (int r = 0; r < VNNI_NR; r++) acc[t][r] = _mm512_dpbusd_epi32(acc[t][r], w[r], xv);
+            }
         }
-    }
     for (int t = 0; t < mb; t++)
         for (int r = 0; r < VNNI_NR; r++) sums[t][r] = _mm512_reduce_add_epi32(acc[t][r]);
 }
 
-#define VNNI_CASE(T) case T: vnni_block(rows, xs, K, sums, T); break;
+#define VNNI_CASE(T) case T: \
+    if (bits == 8) vnni_block(rows, xs, K, 8, sums, T); else vnni_block(rows, xs, K, 4, sums, T); break;
 
-/* y[:, n_start : n_stop] (float32 [M, N]) as above; a int8 [M, K], codes uint8 rows row_stride bytes
- * apart, a_scale [M], b_scale [N]. A last block of fewer rows runs on a repeated row, not stored; a
- * last block of fewer tokens runs as a narrower block. */
-__attribute__((target("avx512vnni,avx512bw"))) void qdlm_uint8_gemm_vnni(
-    const int8_t *a, int64_t M, int64_t K, const uint8_t *codes, int64_t row_stride, int64_t N,
-    const float *a_scale, const float *b_scale, float *y, int64_t n_start, int64_t n_stop) {
+/* y[:, n_start : n_stop] (float32 [M, N]) as above. a: int8 [M, lda] (8 bits: lda = K; 4 bits: K
+ * rounded up to 128, in the order above); codes: rows row_stride bytes apart; zeros: int8 [N], or NULL
+ * for a symmetric weight; a_scale [M], b_scale [N]. A last block of fewer rows runs on a repeated row,
+ * not stored; a last block of fewer tokens runs as a narrower block. */
+__attribute__((target("avx512vnni,avx512bw"))) void qdlm_int_gemm_vnni(
+    const int8_t *a, int64_t M, int64_t K, int64_t lda, const uint8_t *codes, int64_t row_stride, int64_t bits,
+    const int8_t *zeros, int64_t N, const float *a_scale, const float *b_scale, float *y, int64_t n_start,
+    int64_t n_stop) {
+    const uint32_t symmetric_zero = bits == 8 ? 128u : 8u;
     for (int64_t p0 = 0; p0 < M; p0 += VNNI_MAX_M) {
         const int64_t pm = M - p0 < VNNI_MAX_M ? M - p0 : VNNI_MAX_M;
         uint32_t asum[VNNI_MAX_M];
         for (int64_t t = 0; t < pm; t++) {
             int64_t s = 0;
-            for (int64_t k = 0; k < K; k++) s += a[(p0 + t) * K + k];
+            for (int64_t k = 0; k < lda; k++) s += a[(p0 + t) * lda + k];
             asum[t] = (uint32_t)s;
         }
         for (int64_t n0 = n_start; n0 < n_stop; n0 += VNNI_NR) {
@@ -509,16 +530,18 @@ __attribute__((target("avx512vnni,avx512bw"))) void qdlm_uint8_gemm_vnni(
             for (int r = 0; r < VNNI_NR; r++) rows[r] = codes + (n0 + r < n_stop ? n0 + r : n0) * row_stride;
             if (n0 + VNNI_NR < n_stop) /* the next block's rows, into L2 while this one runs */
                 for (int r = 0; r < VNNI_NR; r++)
-                    for (int64_t k = 0; k < K; k += 64) _mm_prefetch((const char *)rows[r] + VNNI_NR * row_stride + k, _MM_HINT_T1);
+                    for (int64_t k = 0; k < K * bits / 8; k += 64)
+                        _mm_prefetch((const char *)rows[r] + VNNI_NR * row_stride + k, _MM_HINT_T1);
             for (int64_t m0 = 0; m0 < pm; m0 += VNNI_MB) {
                 const int mb = (int)(pm - m0 < VNNI_MB ? pm - m0 : VNNI_MB);
                 const int8_t *xs[VNNI_MB];
-                for (int t = 0; t < mb; t++) xs[t] = a + (p0 + m0 + t) * K;
+                for (int t = 0; t < mb; t++) xs[t] = a + (p0 + m0 + t) * lda;
                 int32_t sums[VNNI_MB][VNNI_NR];
                 switch (mb) { VNNI_CASE(1) VNNI_CASE(2) VNNI_CASE(3) VNNI_CASE(4) VNNI_CASE(5) VNNI_CASE(6) }
                 for (int t = 0; t < mb; t++)
                     for (int r = 0; r < VNNI_NR && n0 + r < n_stop; r++) {
-                        const int32_t exact = (int32_t)((uint32_t)sums[t][r] - 128u * asum[m0 + t]);
+                        const uint32_t z = zeros ? (uint32_t)(int32_t)zeros[n0 + r] : symmetric_zero;
+                        const int32_t exact = (int32_t)((uint32_t)sums[t][r] - z * asum[m0 + t]);
                         y[(p0 + m0 + t) * N + n0 + r] = (float)exact * a_scale[p0 + m0 + t] * b_scale[n0 + r];
                     }
             }
