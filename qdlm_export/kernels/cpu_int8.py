@@ -206,9 +206,10 @@ def _nibble_order(a2: torch.Tensor) -> torch.Tensor:
     """int8 ``[M, K]`` -> ``[M, K rounded up to 128]``: each 128 inputs as their 64 even ones, then
     their 64 odd ones (the order of a byte's low and high nibbles), zero past K."""
     m, k = a2.shape
-    padded = a2.new_zeros(m, -(-k // 128) * 128)
+    steps = -(-k // 128)
+    padded = a2.new_zeros(m, steps * 128)
     padded[:, :k] = a2
-    return padded.view(m, -1, 64, 2).transpose(-1, -2).contiguous().view(m, -1)
+    return padded.view(m, steps, 64, 2).transpose(-1, -2).contiguous().view(m, steps * 128)
 
 
 def packed_int_linear_vnni(
@@ -234,6 +235,14 @@ def packed_int_linear_vnni(
         raise ValueError(reason)
     if x_q.shape[-1] != k:
         raise ValueError(f"x_q has {x_q.shape[-1]} inputs a row, the weight {k}")
+    # the C function reads these as they are: a short one would be read past its end
+    if weight_packed.dtype != torch.int32 or weight_packed.dim() != 2 or 4 * weight_packed.shape[1] < -(-k * bits // 8):
+        raise ValueError(f"weight_packed must be int32 [out, words] holding {k} codes of {bits} bits a row, "
+                         f"got {weight_packed.dtype} {tuple(weight_packed.shape)}")
+    for name, t, want in (("x_scale", x_scale, x_q.numel() // max(k, 1)), ("weight_scale", weight_scale, n),
+                          ("weight_zero_point", weight_zero_point, n)):
+        if t is not None and t.numel() != want:
+            raise ValueError(f"{name} has {t.numel()} elements; the VNNI path takes one per {'token' if name == 'x_scale' else 'output row'} ({want})")
     codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
     zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
     lead = x_q.shape[:-1]

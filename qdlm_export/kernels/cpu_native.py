@@ -12,7 +12,7 @@ directly, so a model holds no second layout of its codes.
 * ``blocked_gemm`` (many tokens): a cache-blocked GEMM. Each weight element is dequantized to bf16
   once per call, into panels small enough to stay in cache while every block of tokens runs over
   them, with the same dot products, or on CPUs with AMX (Intel Xeon since Sapphire Rapids) on the
-  tile unit. Its scratch is about 256 KiB plus 1 KiB per token per thread.
+  tile unit. Its scratch is about 768 KiB plus 3 KiB per token per thread (AMX: 256 KiB plus 1 KiB).
 * ``amx_codes_gemm`` (few tokens, AMX): the codes themselves, as exact bf16 ``128 + q``, are the tile
   products' weight operand and each group's scale is applied to the tile sums, so nothing is
   dequantized per weight; 0.4-0.5x the dense bf16 GEMM's time at 1-16 tokens on a Xeon, where the

@@ -193,7 +193,8 @@ def packed_int_linear_torch(
     if per_channel and not (bits == 8 and weight_zero_point is not None):
         y = torch.empty(x2.shape[0], n_out, dtype=out_dtype, device=x2.device)
         blocks = int_row_blocks(n_out, in_features, x2.device)
-        scratch = torch.empty(blocks[0].stop, in_features, dtype=torch.uint8, device=x2.device)
+        symmetric = weight_zero_point is None  # the one case that fills a reused buffer
+        scratch = torch.empty(blocks[0].stop, in_features, dtype=torch.uint8, device=x2.device) if symmetric else None
         for rows, packed, scale, zero in weight_row_blocks(weight_packed, weight_scale, weight_zero_point, blocks):
             w = int_weight_codes(packed, zero, bits, group_size, in_features, out=scratch)
             b = None if bias is None else bias[rows]
@@ -232,10 +233,10 @@ def triton_packed_unsupported_reason(
 #   int8_gemm           cpu_amx (CPU with AMX) > torch._int_mm (where it applies natively;
 #                       on CUDA auto only without Triton)
 #                       > triton (CUDA) > torch (padded/float64)
-#   packed_int_linear   cpu_amx (CPU with AMX; per channel, 4 bits or 8 bits symmetric)
-#   (what loaded W8A8    > triton (CUDA; 8 bits symmetric per channel on the int8 GEMM kernel, reading
-#    and W4A4 models       the codes themselves; else the unpack-per-tile kernel) > torch
-#    run)
+#   packed_int_linear   cpu_amx (CPU with AMX; per channel, 4 bits or 8 bits symmetric) > cpu_vnni (the
+#   (what loaded W8A8     same, CPU with AVX512-VNNI; auto up to 128 or 256 tokens) > triton (CUDA; 8 bits
+#    and W4A4 models      symmetric per channel on the int8 GEMM kernel, reading the codes themselves;
+#    run)                 else the unpack-per-tile kernel) > torch
 # The Triton module is imported on first use (see _triton.py).
 # ---------------------------------------------------------------------------------------------
 

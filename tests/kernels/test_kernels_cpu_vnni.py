@@ -24,26 +24,28 @@ def test_vnni_path_is_the_torch_backend_bit_for_bit(gen, threads, bits, symmetri
     """8-bit codes (zero 128) and 4-bit ones (zero 8, or one per row); K not a multiple of 64 or 128
     (masked last steps, activations zero-padded) and over them; N not a multiple of the 4-row block or
     of the 16-row thread share; M = 1 ... 70 (token blocks of 6 with narrower last ones, and a second
-    pass over the weight above 64 tokens); rows wider than their codes; bias; bf16 and float32 out."""
+    pass over the weight above 64 tokens), as one batch or two; rows wider than their codes; bias; bf16
+    and float32 out."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for m, k, n in [(1, 64, 16), (5, 104, 37), (16, 1088, 50), (13, 4096, 20), (70, 328, 66)]:
+        for m, k, n in [(1, 64, 16), (5, 104, 37), (16, 1088, 50), (13, 4096, 20), (140, 328, 66), (3, 200, 24)]:
             codes, wp, scale, zp = random_packed_weight(gen, n, k, bits, -1, symmetric)
             words = wp.shape[1]
             wide = torch.randint(-2**31, 2**31 - 1, (n, words + 8), generator=gen, dtype=torch.int32)
             wide[:, :words] = wp
-            x = torch.randn(2, m, k, generator=gen).to(torch.bfloat16)
+            lead = (m,) if m % 2 else (2, m // 2)  # M = m either way
+            x = torch.randn(*lead, k, generator=gen).to(torch.bfloat16)
             x_q, x_s = kernels.quantize_per_token(x, bits)
             bias = torch.randn(n, generator=gen)
             for out_dtype in (torch.float32, torch.bfloat16):
                 want = packed_int_linear_torch(x_q, x_s, wp, scale, zp, bits, -1, k, bias, out_dtype)
                 got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wide[:, :words], scale, zp, bits, -1, k, bias, out_dtype)
-                assert got.dtype == out_dtype and got.shape == (2, m, n)
+                assert got.dtype == out_dtype and got.shape == (*lead, n)
                 assert torch.equal(got, want), (m, k, n, out_dtype, (got.double() - want.double()).abs().max())
             zero = 2 ** (bits - 1) if zp is None else zp.double().view(n, 1)
             w = codes.double() - zero  # [n, k]: q - z
-            exact = (x_q.double() @ w.T) * x_s.double() * scale.double().view(1, 1, n) + bias.double()
+            exact = (x_q.double() @ w.T) * x_s.double() * scale.double().view(n) + bias.double()
             got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wp, scale, zp, bits, -1, k, bias, torch.float32)
             assert torch.all((got.double() - exact).abs() <= 2**-21 * (exact.abs() + bias.double().abs()) + 1e-30)
     finally:
@@ -52,9 +54,10 @@ def test_vnni_path_is_the_torch_backend_bit_for_bit(gen, threads, bits, symmetri
 
 @needs_vnni
 def test_extreme_codes_and_activations_stay_exact(gen):
-    """Every product at its largest magnitude (q = 0 against x_q = -127, and q = 255): the int32 sums
-    wrap around on the way and must still come out exact."""
-    k, n = 16384, 8
+    """Every product at its largest magnitude (q = 0 against x_q = -127, and q = 255), over K = 98304
+    inputs: sum(x_q * q) reaches 127 * 255 * K > 2^31 and wraps around in int32, and the result
+    sum(x_q * (q - 128)), which fits, must still come out exact."""
+    k, n = 98304, 8
     wp = torch.zeros(n, k // 4, dtype=torch.int32)
     wp.view(torch.uint8)[:4] = 0
     wp.view(torch.uint8)[4:] = 255
@@ -96,3 +99,29 @@ def test_what_the_vnni_path_does_not_take_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="x_q must be int8"):
         cpu_int8.packed_int_linear_vnni(x_q.float(), torch.ones(2, 1), torch.zeros(4, 16, dtype=torch.int32),
                                         torch.ones(4), None, 8, -1, 64)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("bits", "symmetric"), [(8, True), (4, True), (4, False)])
+def test_no_tokens_give_an_empty_output(gen, bits, symmetric):
+    _, wp, scale, zp = random_packed_weight(gen, 24, 256, bits, -1, symmetric)
+    x_q, x_s = torch.zeros(0, 256, dtype=torch.int8), torch.ones(0, 1)
+    got = cpu_int8.packed_int_linear_vnni(x_q, x_s, wp, scale, zp, bits, -1, 256)
+    assert got.shape == (0, 24) and got.dtype == torch.bfloat16
+
+
+@needs_vnni
+def test_tensors_the_c_function_would_read_past_are_refused(gen):
+    """A per-tensor scale, a zero point per group or a weight shorter than in_features would be read
+    past its end by the C function: each is refused with what it should be."""
+    _, wp, scale, _ = random_packed_weight(gen, 24, 256, 8, -1, True)
+    x_q, x_s = torch.randint(-127, 128, (3, 256), generator=gen, dtype=torch.int8), torch.rand(3, 1, generator=gen)
+    with pytest.raises(ValueError, match="x_scale has 1 elements"):
+        cpu_int8.packed_int_linear_vnni(x_q, x_s[:1], wp, scale, None, 8, -1, 256)
+    with pytest.raises(ValueError, match="weight_scale has 1 elements"):
+        cpu_int8.packed_int_linear_vnni(x_q, x_s, wp, scale[:1], None, 8, -1, 256)
+    with pytest.raises(ValueError, match="weight_packed must be int32"):
+        cpu_int8.packed_int_linear_vnni(x_q, x_s, wp[:, :32], scale, None, 8, -1, 256)
+    _, wp4, scale4, zp4 = random_packed_weight(gen, 24, 256, 4, -1, False)
+    with pytest.raises(ValueError, match="weight_zero_point has 48 elements"):
+        cpu_int8.packed_int_linear_vnni(x_q.clamp(-7, 7), x_s, wp4, scale4, zp4.repeat(1, 2), 4, -1, 256)

@@ -528,7 +528,7 @@ __attribute__((target("avx512vnni,avx512bw"))) void qdlm_int_gemm_vnni(
         for (int64_t n0 = n_start; n0 < n_stop; n0 += VNNI_NR) {
             const uint8_t *rows[VNNI_NR];
             for (int r = 0; r < VNNI_NR; r++) rows[r] = codes + (n0 + r < n_stop ? n0 + r : n0) * row_stride;
-            if (n0 + VNNI_NR < n_stop) /* the next block's rows, into L2 while this one runs */
+            if (n0 + 2 * VNNI_NR <= n_stop) /* the next block's rows, into L2 while this one runs */
                 for (int r = 0; r < VNNI_NR; r++)
                     for (int64_t k = 0; k < K * bits / 8; k += 64)
                         _mm_prefetch((const char *)rows[r] + VNNI_NR * row_stride + k, _MM_HINT_T1);
