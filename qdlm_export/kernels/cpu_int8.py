@@ -80,40 +80,69 @@ def int8_gemm_amx(
     return _amx_gemm("qdlm_int8_gemm_amx", a_q, a_scale, (b.data_ptr(),), b_scale, k, n, bias, out_dtype)
 
 
-def _amx_gemm(c_function: str, a_q: torch.Tensor, a_scale: torch.Tensor, weight_args: tuple, b_scale: torch.Tensor,
-              k: int, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """What the int8 and W4A4 GEMMs share: activations and scales in the C layout, the C function over
-    thread shares of whole 32-output panels, then the bias in float32 and the output dtype.
-    ``weight_args``: the C function's weight arguments between K and N (the caller keeps the tensors)."""
+def _c_int_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor, k: int, n: int,
+                bias: torch.Tensor | None, out_dtype: torch.dtype, run) -> torch.Tensor:
+    """What the C integer GEMMs share: activations ``[M, K]`` and both scales in the C layout, a float32
+    output that ``run(a2, a_scale, b_scale, y)`` fills when there is work, then the bias in float32 and
+    the output dtype (the torch backend's order, so the outputs agree bit for bit)."""
     lead = a_q.shape[:-1]
     a2 = a_q.reshape(-1, k).contiguous()
-    m = a2.shape[0]
     a_s = a_scale.reshape(-1).to(torch.float32).contiguous()
     b_s = b_scale.reshape(-1).to(torch.float32).contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m:
-        lib = library()
+    y = torch.empty(a2.shape[0], n, dtype=torch.float32)
+    if a2.shape[0] and n:
+        run(a2, a_s, b_s, y)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype).view(*lead, n)
+
+
+def _amx_gemm(c_function: str, a_q: torch.Tensor, a_scale: torch.Tensor, weight_args: tuple, b_scale: torch.Tensor,
+              k: int, n: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The AMX GEMMs in :func:`_c_int_gemm`: the C function over thread shares of whole 32-output
+    panels. ``weight_args``: its weight arguments between K and N (the caller keeps the tensors)."""
+    def run(a2: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, y: torch.Tensor) -> None:
+        lib, m = library(), a2.shape[0]
         gemm = getattr(lib, c_function)
         nbytes = lib.qdlm_int8_amx_scratch(m, k)
         args = (a2.data_ptr(), m, k, *weight_args, n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         unit = 32 if n % 32 == 0 else TILE_N
         _run_split(lambda lo, hi: gemm(*args, lo * unit, hi * unit, _scratch_bytes(nbytes).data_ptr()),
                    n // unit, _threads(n // unit, 2))
-    if bias is not None:
-        y.add_(bias.float())
-    return y.to(out_dtype).view(*lead, n)
+
+    return _c_int_gemm(a_q, a_scale, b_scale, k, n, bias, out_dtype, run)
+
+
+def _packed_scheme_reason(path: str, bits: int | None, group_size: int | None, K: int | None,
+                          symmetric: bool | None) -> str | None:
+    """Why the C packed paths (AMX, VNNI) cannot take this weight scheme, or None: per-channel 4-bit
+    codes, or symmetric 8-bit ones, whose q - z fits int8."""
+    if bits is not None and bits not in (4, 8):
+        return f"{bits}-bit weights: the {path} takes 4- and 8-bit codes"
+    if bits == 8 and symmetric is False:
+        return f"asymmetric 8-bit weights: q - z does not fit int8 (the {path} takes symmetric ones)"
+    if group_size not in (None, -1) and group_size != K:
+        return f"group_size {group_size}: the {path} takes per-channel weights (-1)"
+    return None
+
+
+def _stored_codes(weight_packed: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's int32 words as the bytes they are stored in (4 bits: byte j of a row = codes
+    2j | 2j+1 << 4; 8 bits: byte j = code j). Rows may lie further apart than their codes' bytes (a
+    row slice)."""
+    return (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+
+
+def _row_zeros(weight_zero_point: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Per-channel zero points as the C functions read them: int8 ``[N]``, or None (symmetric)."""
+    return None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
 
 
 def packed_unsupported_reason(*, bits: int | None = None, group_size: int | None = None, K: int | None = None,
                               N: int | None = None, symmetric: bool | None = None, device=None, **_: object) -> str | None:
     """None when :func:`packed_int_linear_amx` takes this problem, else why not."""
-    if bits is not None and bits not in (4, 8):
-        return f"{bits}-bit weights: the AMX packed path takes 4- and 8-bit codes"
-    if bits == 8 and symmetric is False:
-        return "asymmetric 8-bit weights: q - z does not fit int8 (the AMX packed path takes symmetric ones)"
-    if group_size not in (None, -1) and group_size != K:
-        return f"group_size {group_size}: the AMX packed path takes per-channel weights (-1)"
-    return unsupported_reason(K=K, N=N, device=device)
+    return (_packed_scheme_reason("AMX packed path", bits, group_size, K, symmetric)
+            or unsupported_reason(K=K, N=N, device=device))
 
 
 def packed_int_linear_amx(
@@ -138,13 +167,11 @@ def packed_int_linear_amx(
                                        symmetric=weight_zero_point is None, device=x_q.device)
     if reason:
         raise ValueError(reason)
-    # 4 bits: byte j of a row = codes 2j | 2j+1 << 4; 8 bits: byte j = code j. Rows may lie further apart
-    # than their codes' bytes (a row slice).
-    codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
+    codes = _stored_codes(weight_packed)
     if bits == 8:
         weight_args = (codes.data_ptr(), codes.stride(0))
         return _amx_gemm("qdlm_uint8_gemm_amx", x_q, x_scale, weight_args, weight_scale, k, n, bias, out_dtype)
-    zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
+    zeros = _row_zeros(weight_zero_point, n)
     weight_args = (codes.data_ptr(), codes.stride(0), None if zeros is None else zeros.data_ptr())
     return _amx_gemm("qdlm_int4a_gemm_amx", x_q, x_scale, weight_args, weight_scale, k, n, bias, out_dtype)
 
@@ -190,13 +217,7 @@ def vnni_unsupported_reason(*, bits: int | None = None, group_size: int | None =
     """None when :func:`packed_int_linear_vnni` takes this problem, else why not."""
     if device is not None and torch.device(device).type != "cpu":
         return "the VNNI int8 GEMM needs CPU tensors"
-    if bits is not None and bits not in (4, 8):
-        return f"{bits}-bit weights: the VNNI path takes 4- and 8-bit codes"
-    if bits == 8 and symmetric is False:
-        return "asymmetric 8-bit weights: q - z does not fit int8 (the VNNI path takes symmetric ones)"
-    if group_size not in (None, -1) and group_size != K:
-        return f"group_size {group_size}: the VNNI path takes per-channel weights (-1)"
-    reason = native_unavailable_reason()
+    reason = _packed_scheme_reason("VNNI path", bits, group_size, K, symmetric) or native_unavailable_reason()
     if reason:
         return reason
     return None if _vnni_unit() else "this CPU lacks AVX512-VNNI"
@@ -243,22 +264,14 @@ def packed_int_linear_vnni(
                           ("weight_zero_point", weight_zero_point, n)):
         if t is not None and t.numel() != want:
             raise ValueError(f"{name} has {t.numel()} elements; the VNNI path takes one per {'token' if name == 'x_scale' else 'output row'} ({want})")
-    codes = (weight_packed if weight_packed.stride(-1) == 1 else weight_packed.contiguous()).view(torch.uint8)
-    zeros = None if weight_zero_point is None else weight_zero_point.reshape(n).to(torch.int8).contiguous()
-    lead = x_q.shape[:-1]
-    a2 = x_q.reshape(-1, k).contiguous()
-    if bits == 4:
-        a2 = _nibble_order(a2)
-    m = a2.shape[0]
-    a_s = x_scale.reshape(-1).to(torch.float32).contiguous()
-    b_s = weight_scale.reshape(-1).to(torch.float32).contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    if m and n:
+    codes, zeros = _stored_codes(weight_packed), _row_zeros(weight_zero_point, n)
+
+    def run(a2: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, y: torch.Tensor) -> None:
+        a = _nibble_order(a2) if bits == 4 else a2
         gemm = library().qdlm_int_gemm_vnni
-        args = (a2.data_ptr(), m, k, a2.shape[1], codes.data_ptr(), codes.stride(0), bits,
+        args = (a.data_ptr(), a.shape[0], k, a.shape[1], codes.data_ptr(), codes.stride(0), bits,
                 None if zeros is None else zeros.data_ptr(), n, a_s.data_ptr(), b_s.data_ptr(), y.data_ptr())
         units = -(-n // TILE_N)
         _run_split(lambda lo, hi: gemm(*args, lo * TILE_N, min(n, hi * TILE_N)), units, _threads(units, 2))
-    if bias is not None:
-        y.add_(bias.float())
-    return y.to(out_dtype).view(*lead, n)
+
+    return _c_int_gemm(x_q, x_scale, weight_scale, k, n, bias, out_dtype, run)

@@ -151,8 +151,7 @@ def cpu_row_blocks(out_features: int, in_features: int, device: torch.device) ->
     """Slices of output rows to dequantize one at a time: one slice off the CPU or for small weights."""
     if torch.device(device).type != "cpu" or out_features * in_features <= CPU_DEQUANT_BLOCK_ELEMENTS:
         return [slice(0, out_features)]
-    rows = max(1, CPU_DEQUANT_BLOCK_ELEMENTS // max(in_features, 1))
-    return [slice(start, min(out_features, start + rows)) for start in range(0, out_features, rows)]
+    return _row_slices(out_features, max(1, CPU_DEQUANT_BLOCK_ELEMENTS // max(in_features, 1)))
 
 
 # The CPU integer path turns one block of weight rows into int8 at a time, into one reused buffer:
@@ -167,7 +166,11 @@ def int_row_blocks(out_features: int, in_features: int, device: torch.device) ->
     """Slices of output rows to turn into int8 codes one at a time (one slice off the CPU)."""
     if torch.device(device).type != "cpu":
         return [slice(0, out_features)]
-    rows = max(INT_BLOCK_MIN_ROWS, INT_BLOCK_BYTES // max(in_features, 1))
+    return _row_slices(out_features, max(INT_BLOCK_MIN_ROWS, INT_BLOCK_BYTES // max(in_features, 1)))
+
+
+def _row_slices(out_features: int, rows: int) -> list[slice]:
+    """``[0, out_features)`` in slices of ``rows`` (the last shorter); one empty slice for no rows."""
     return [slice(start, min(out_features, start + rows)) for start in range(0, max(out_features, 1), rows)]
 
 
